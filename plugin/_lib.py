@@ -1,0 +1,92 @@
+"""Point llama-cpp-python at our libllama and bind the llama_fastgen_* C functions with cffi."""
+from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+_LIB_NAME = "libllama.dylib" if sys.platform == "darwin" else "libllama.so"
+
+_CDEF = """
+const char * llama_fastgen_version(void);
+const char * llama_fastgen_llama_commit(void);
+const char * llama_fastgen_backends(void);
+"""
+
+
+class LibraryError(ImportError):
+    """The libllama in use is not the one llama-fastgen built."""
+
+
+def lib_dir() -> Path:
+    """Directory holding our libllama and its ggml libraries."""
+    d = Path(__file__).resolve().parent / "lib"
+    if not (d / _LIB_NAME).is_file():
+        raise LibraryError(
+            f"llama-fastgen's native library is missing ({d / _LIB_NAME}); the package was not "
+            "built. Install it with scripts/test.sh or `pip install .` from the repository.")
+    return d
+
+
+def _import_llama_cpp():
+    ours = lib_dir()
+    already = "llama_cpp" in sys.modules
+    env = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if not already:
+        if env and Path(env).resolve() != ours:
+            raise LibraryError(
+                f"LLAMA_CPP_LIB_PATH={env} points at another libllama; llama-fastgen needs its own "
+                f"({ours}). Unset LLAMA_CPP_LIB_PATH before importing llama_fastgen.")
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(ours)
+    import llama_cpp  # noqa: E402  (must follow the environment change)
+
+    loaded = Path(llama_cpp.llama_cpp._lib._name).resolve()
+    if loaded.parent != ours:
+        raise LibraryError(
+            f"llama_cpp was imported before llama_fastgen and loaded {loaded}, not llama-fastgen's "
+            f"{ours / _LIB_NAME}. Import llama_fastgen first (in a fresh process).")
+    return llama_cpp
+
+
+llama_cpp = _import_llama_cpp()
+
+
+@lru_cache(maxsize=None)
+def _ffi_lib():
+    import cffi
+
+    ffi = cffi.FFI()
+    ffi.cdef(_CDEF)
+    # dlopen of the path ctypes already opened returns the same handle: same library, same state.
+    lib = ffi.dlopen(llama_cpp.llama_cpp._lib._name)
+    return ffi, lib
+
+
+class _Native:
+    """Thin Python face of the llama_fastgen_* C API."""
+
+    @property
+    def ffi(self):
+        return _ffi_lib()[0]
+
+    @property
+    def lib(self):
+        return _ffi_lib()[1]
+
+    def _str(self, ptr) -> str:
+        return self.ffi.string(ptr).decode()
+
+    def version(self) -> str:
+        return self._str(self.lib.llama_fastgen_version())
+
+    def llama_commit(self) -> str:
+        return self._str(self.lib.llama_fastgen_llama_commit())
+
+    def backends(self) -> list[str]:
+        llama_cpp.llama_backend_init()  # registers the backends compiled into ggml
+        s = self._str(self.lib.llama_fastgen_backends())
+        return [b for b in s.split(",") if b]
+
+
+native = _Native()
