@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Convert a Hugging Face model to GGUF; with --profile, give every KV head a FastGen policy.
+
+    convert.py MODEL_DIR --outfile OUT.gguf                      # exactly the pinned converter
+    convert.py --profile MODEL_DIR --outfile OUT.gguf [--threshold 0.95] [--calibration FILE_OR_DIR]
+
+With --profile:
+  1. load the model in PyTorch with eager attention (CUDA when present),
+  2. measure per head the attention each rung of the ladder keeps on calibration prompts,
+  3. choose per KV head the cheapest rung reaching T (worst query head of the group, low quantile
+     over prompts),
+  4. permute heads inside each layer so each policy class is contiguous,
+  5. write the GGUF with the pinned convert_hf_to_gguf.py plus fastgen.* metadata,
+  6. write OUT.fastgen.json and OUT.fastgen.png: policies, stability, expected KV bytes and the
+     quality of the PyTorch reference against the full cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (python converter/convert.py): use the installed package
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]  # no shadowing by siblings
+    from llama_fastgen.converter.convert import main as _installed_main
+
+    sys.exit(_installed_main())
+
+from . import gguf_export
+
+log = logging.getLogger("llama-fastgen.convert")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="llama-fastgen-convert", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path, metavar="MODEL_DIR", help="Hugging Face model directory")
+    ap.add_argument("--outfile", type=Path, required=True, help="GGUF to write")
+    ap.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0", "auto"],
+                    help="weight type of the GGUF (default: f16)")
+    ap.add_argument("--profile", action="store_true", help="profile attention and write fastgen policies")
+    g = ap.add_argument_group("profiling")
+    g.add_argument("--threshold", "-T", type=float, default=0.95,
+                   help="recovery threshold T in (0, 1]: share of attention a policy must keep (default 0.95)")
+    g.add_argument("--calibration", type=Path,
+                   help="a .txt file or a directory of .txt files (default: the bundled varied set)")
+    g.add_argument("--max-tokens", type=int, default=1024, help="tokens per calibration prompt (default 1024)")
+    g.add_argument("--n-sink", type=int, default=4, help="attention sinks kept by compressed heads (default 4)")
+    g.add_argument("--max-window", type=int, default=4096, help="largest local window tried (default 4096)")
+    g.add_argument("--robust-quantile", type=float, default=0.1,
+                   help="quantile over prompts of the kept mass that must reach T (default 0.1)")
+    g.add_argument("--no-quality", action="store_true", help="skip the reference KL/top-1 estimate")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap.parse_args(argv)
+
+
+def check_args(a) -> None:
+    if not a.model.is_dir():
+        raise UsageError(f"{a.model} is not a directory; pass a Hugging Face model directory")
+    if not (a.model / "config.json").is_file():
+        raise UsageError(f"{a.model} has no config.json: not a Hugging Face model directory")
+    if not 0.0 < a.threshold <= 1.0:
+        raise UsageError(f"--threshold must be in (0, 1], got {a.threshold}")
+    if not 0.0 <= a.robust_quantile <= 1.0:
+        raise UsageError(f"--robust-quantile must be in [0, 1], got {a.robust_quantile}")
+    if a.max_tokens < 32 or a.n_sink < 0:
+        raise UsageError("--max-tokens must be >= 32 and --n-sink >= 0")
+    out_dir = a.outfile.resolve().parent
+    if not out_dir.is_dir():
+        raise UsageError(f"output directory {out_dir} does not exist")
+    probe = out_dir / f".{a.outfile.name}.probe"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        raise UsageError(f"cannot write into {out_dir}") from None
+
+
+def profile_and_convert(a) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import calibration, metadata, reference, report, tokens
+    from .architectures import UnsupportedModel, check, permute_heads, shape
+    from .profiling import profile, select, token_context
+
+    config = AutoConfig.from_pretrained(a.model)
+    check(config)
+    n_layer, n_head, n_kv, head_dim = shape(config)
+    try:
+        texts = calibration.load_texts(a.calibration)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = AutoTokenizer.from_pretrained(a.model)
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="eager")
+    model.to(device).eval()
+    log.info("loaded %s (%d layers, %d query / %d KV heads, head_dim %d) on %s in %.1f s",
+             config.architectures[0], n_layer, n_head, n_kv, head_dim, device, time.time() - t0)
+
+    special, punct = tokens.special_ids(tok), tokens.punct_ids(tok)
+    prompts = [(n, calibration.to_token_ids(tok, n, t, a.max_tokens)) for n, t in texts]
+    res = profile(model, prompts, set(special), set(punct), n_sink=a.n_sink, max_window=a.max_window,
+                  progress=True)
+    sel = select(res, a.threshold, n_kv, a.robust_quantile)
+
+    quality = None
+    if not a.no_quality:
+        quality = {}
+        for name, ids in prompts:
+            ctx = token_context(ids, set(special), set(punct), a.n_sink)
+            full = reference.logits(model, ids, None, None)
+            comp = reference.logits(model, ids, sel.policies, ctx)
+            quality[name] = reference.compare(full, comp, start=len(ids) // 2)
+
+    meta = metadata.FastgenMetadata(
+        threshold=a.threshold, n_sink=a.n_sink, classes=sel.classes,
+        layer_class_heads=sel.layer_class_heads, head_perm=sel.perms,
+        special_token_ids=special, punct_token_ids=punct, protected_frac=res.protected_frac,
+        calibration={"prompts": res.prompt_names, "tokens": res.n_tokens,
+                     "robust_quantile": a.robust_quantile, "stability": sel.stability()["same_as_offline"]})
+
+    with tempfile.TemporaryDirectory(prefix="fastgen-permuted-") as tmp:
+        permute_heads(model, sel.perms)
+        model.to("cpu").save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for extra in a.model.glob("*.model"):  # SentencePiece files the converter may want
+            shutil.copy(extra, tmp)
+        gguf_export.convert(Path(tmp), a.outfile, a.outtype, extra_kv=meta.to_kv(), verbose=a.verbose)
+
+    rep = report.build(sel, res, meta, head_dim, quality, a.outfile)
+    stem = a.outfile.with_suffix("")
+    report.write(rep, sel, Path(f"{stem}.fastgen.json"), Path(f"{stem}.fastgen.png"))
+    return rep
+
+
+def summary(rep: dict) -> str:
+    lines = [f"policies (T = {rep['threshold']}): " +
+             ", ".join(f"{k} {v}" for k, v in sorted(rep["policy_counts"].items(), key=lambda kv: -kv[1]))]
+    for m in rep["expected_kv"]:
+        lines.append(f"  KV at n_ctx {m['n_ctx']:>6}: {m['fastgen_bytes'] / 2**20:8.1f} MiB vs full "
+                     f"{m['full_bytes'] / 2**20:8.1f} MiB ({m['ratio']:.0%})")
+    st = rep["stability"]
+    lines.append(f"cross-prompt stability: per-prompt choice equals the offline one for "
+                 f"{st['same_as_offline']:.0%} of (prompt, head) pairs; cheaper {st['per_prompt_cheaper']:.0%}, "
+                 f"dearer {st['per_prompt_dearer']:.0%}")
+    if rep["reference_quality"]:
+        for name, q in rep["reference_quality"].items():
+            lines.append(f"  reference vs full on '{name}': KL {q['kl_mean']:.4f}, top-1 {q['top1']:.1%} "
+                         f"({q['n']} positions)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s")
+    from .architectures import UnsupportedModel
+
+    try:
+        check_args(a)
+        if not a.profile:
+            gguf_export.convert_stock(a.model, a.outfile, a.outtype)
+            print(f"wrote {a.outfile} (stock conversion, no fastgen metadata)")
+            return 0
+        rep = profile_and_convert(a)
+    except (UsageError, UnsupportedModel, gguf_export.ExportError) as e:
+        print(f"llama-fastgen-convert: error: {e}", file=sys.stderr)
+        return 2
+    print(summary(rep))
+    print(f"wrote {a.outfile}, {a.outfile.with_suffix('')}.fastgen.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""GGUF writing through the pinned llama.cpp converter (installed with the package).
+
+The pinned convert_hf_to_gguf.py runs in a subprocess: it puts its own gguf-py first on
+sys.path, which must not clash with a gguf already imported here. Extra fastgen.* keys are added
+to its writer just before the header is written. The result appears under the final name only
+when complete.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+_RUNNER = r"""
+import json, sys
+tree, kv_json = sys.argv[1], sys.argv[2]
+sys.argv = [tree + "/convert_hf_to_gguf.py"] + sys.argv[3:]
+sys.path.insert(0, tree)
+import convert_hf_to_gguf as C
+gguf = C.gguf
+T = gguf.GGUFValueType
+types = {"u32": T.UINT32, "f32": T.FLOAT32, "str": T.STRING}
+extra = json.loads(open(kv_json).read()) if kv_json != "-" else {}
+orig = gguf.GGUFWriter.write_header_to_file
+def write_header_to_file(self, *a, **k):
+    for key, (typ, val) in extra.items():
+        if typ == "i32[]":
+            self.add_key_value(key, [int(v) for v in val], T.ARRAY, sub_type=T.INT32)
+        else:
+            self.add_key_value(key, val, types[typ])
+    return orig(self, *a, **k)
+gguf.GGUFWriter.write_header_to_file = write_header_to_file
+C.main()
+"""
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def pinned_tree() -> Path:
+    spec = importlib.util.find_spec("llama_fastgen")
+    if spec is None or not spec.submodule_search_locations:
+        raise ExportError("llama_fastgen is not installed; run scripts/test.sh or `pip install .`")
+    tree = Path(list(spec.submodule_search_locations)[0]) / "llama_cpp_convert"
+    if not (tree / "convert_hf_to_gguf.py").is_file():
+        raise ExportError(f"the pinned converter is missing from {tree}; reinstall llama-fastgen")
+    return tree
+
+
+@lru_cache(maxsize=None)
+def pinned_gguf():
+    """The pinned tree's gguf-py, imported under its own name without touching sys.path order."""
+    init = pinned_tree() / "gguf-py" / "gguf" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("_fastgen_pinned_gguf", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def convert(model_dir: Path, outfile: Path, outtype: str = "f16",
+            extra_kv: dict | None = None, verbose: bool = False) -> Path:
+    """Run the pinned converter on an HF directory; add `extra_kv` ({key: (type, value)})."""
+    outfile = Path(outfile)
+    outdir = outfile.resolve().parent
+    if not outdir.is_dir() or not os.access(outdir, os.W_OK):
+        raise ExportError(f"cannot write {outfile}: {outdir} is not a writable directory")
+    fd, tmp = tempfile.mkstemp(dir=outdir, prefix=f".{outfile.name}.", suffix=".partial")
+    os.close(fd)
+    kv_file = None
+    try:
+        if extra_kv:
+            kv_file = tmp + ".kv.json"
+            Path(kv_file).write_text(json.dumps(extra_kv))
+        cmd = [sys.executable, "-c", _RUNNER, str(pinned_tree()), kv_file or "-", str(model_dir),
+               "--outfile", tmp, "--outtype", outtype]
+        r = subprocess.run(cmd, capture_output=not verbose, text=True)
+        if r.returncode != 0:
+            tail = "\n".join((r.stderr or "").strip().splitlines()[-8:]) if not verbose else ""
+            raise ExportError(f"the pinned convert_hf_to_gguf.py failed on {model_dir}:\n{tail}")
+        os.replace(tmp, outfile)
+    finally:
+        for f in (tmp, kv_file):
+            if f and os.path.exists(f):
+                os.unlink(f)
+    return outfile
+
+
+def convert_stock(model_dir: Path, outfile: Path, outtype: str = "f16") -> Path:
+    """Exactly the pinned convert_hf_to_gguf.py, no fastgen metadata."""
+    return convert(model_dir, outfile, outtype)

@@ -1,0 +1,140 @@
+"""The fastgen.* GGUF metadata schema (version 1): build it, write it, read and validate it.
+
+Keys (heads already permuted so that each layer's classes are contiguous, in class order):
+  fastgen.version              u32    schema version (1)
+  fastgen.threshold            f32    recovery threshold T used to choose policies
+  fastgen.n_sink               u32    attention sinks (first positions) kept by every compressed class
+  fastgen.class.kind           i32[C] 0 full, 1 special, 2 special+punct, 3 special+punct+local
+  fastgen.class.window         i32[C] recent window in positions (0 for full, 1 = the query itself)
+  fastgen.layer_class_heads    i32[L*C] KV heads of class c in layer l, at [l*C + c]
+  fastgen.head_perm            i32[L*H_kv] original KV head at new position h of layer l
+  fastgen.special_token_ids    i32[]  protected by every compressed class
+  fastgen.punct_token_ids      i32[]  protected by special+punct classes
+  fastgen.protected_frac       f32    share of calibration tokens that are special or punctuation
+  fastgen.calibration          str    JSON summary of the calibration run
+Unknown keys are ignored by stock llama.cpp, so a fastgen GGUF still loads there.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .policies import HeadPolicy, Kind
+
+SCHEMA_VERSION = 1
+PREFIX = "fastgen."
+
+
+class MetadataError(ValueError):
+    pass
+
+
+@dataclass
+class FastgenMetadata:
+    threshold: float
+    n_sink: int
+    classes: list[HeadPolicy]                 # class order: full first, then by shrinking window
+    layer_class_heads: list[list[int]]        # [L][C]
+    head_perm: list[list[int]]                # [L][H_kv]
+    special_token_ids: list[int]
+    punct_token_ids: list[int]
+    protected_frac: float
+    calibration: dict = field(default_factory=dict)
+    version: int = SCHEMA_VERSION
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layer_class_heads)
+
+    def head_policies(self) -> list[list[HeadPolicy]]:
+        """Per layer, the policy of each KV head in permuted (stored) order."""
+        out = []
+        for counts in self.layer_class_heads:
+            row: list[HeadPolicy] = []
+            for cls, n in zip(self.classes, counts):
+                row += [cls] * n
+            out.append(row)
+        return out
+
+    def to_kv(self) -> dict[str, tuple[str, object]]:
+        """{key: (type, value)} with type in u32/f32/str/i32[] (what gguf_export writes)."""
+        return {
+            PREFIX + "version": ("u32", self.version),
+            PREFIX + "threshold": ("f32", float(self.threshold)),
+            PREFIX + "n_sink": ("u32", int(self.n_sink)),
+            PREFIX + "class.kind": ("i32[]", [int(c.kind) for c in self.classes]),
+            PREFIX + "class.window": ("i32[]", [int(c.window) for c in self.classes]),
+            PREFIX + "layer_class_heads": ("i32[]", [n for row in self.layer_class_heads for n in row]),
+            PREFIX + "head_perm": ("i32[]", [h for row in self.head_perm for h in row]),
+            PREFIX + "special_token_ids": ("i32[]", [int(t) for t in self.special_token_ids]),
+            PREFIX + "punct_token_ids": ("i32[]", [int(t) for t in self.punct_token_ids]),
+            PREFIX + "protected_frac": ("f32", float(self.protected_frac)),
+            PREFIX + "calibration": ("str", json.dumps(self.calibration, sort_keys=True)),
+        }
+
+
+def read(path: str | Path, gguf_module=None) -> FastgenMetadata | None:
+    """Read and validate fastgen.* keys of a GGUF; None when it has none."""
+    if gguf_module is None:
+        from . import gguf_export
+        gguf_module = gguf_export.pinned_gguf()
+    r = gguf_module.GGUFReader(str(path))
+    fields = {k: f for k, f in r.fields.items() if k.startswith(PREFIX)}
+    if not fields:
+        return None
+
+    def get(key, required=True):
+        f = fields.get(PREFIX + key)
+        if f is None:
+            if required:
+                raise MetadataError(f"{path}: missing key {PREFIX + key}")
+            return None
+        return f.contents()
+
+    version = get("version")
+    if version != SCHEMA_VERSION:
+        raise MetadataError(f"{path}: {PREFIX}version is {version}, this llama-fastgen reads "
+                            f"version {SCHEMA_VERSION}; re-run convert.py --profile")
+    kinds, windows = get("class.kind"), get("class.window")
+    if len(kinds) != len(windows):
+        raise MetadataError(f"{path}: {PREFIX}class.kind and class.window differ in length")
+    try:
+        classes = [HeadPolicy(Kind(k), int(w)) for k, w in zip(kinds, windows)]
+    except ValueError as e:
+        raise MetadataError(f"{path}: {PREFIX}class.kind holds an unknown class id ({e})") from None
+    n_layer = _arch_int(r, "block_count")
+    n_head_kv = _arch_int(r, "attention.head_count_kv")
+    lch, perm = get("layer_class_heads"), get("head_perm")
+    C = len(classes)
+    if len(lch) != n_layer * C:
+        raise MetadataError(f"{path}: {PREFIX}layer_class_heads has {len(lch)} entries, "
+                            f"expected n_layer*n_class = {n_layer}*{C}")
+    rows = [list(lch[l * C:(l + 1) * C]) for l in range(n_layer)]
+    for l, row in enumerate(rows):
+        if sum(row) != n_head_kv or min(row) < 0:
+            raise MetadataError(f"{path}: {PREFIX}layer_class_heads of layer {l} sums to {sum(row)}, "
+                                f"the model has {n_head_kv} KV heads")
+    if len(perm) != n_layer * n_head_kv:
+        raise MetadataError(f"{path}: {PREFIX}head_perm has {len(perm)} entries, expected {n_layer * n_head_kv}")
+    return FastgenMetadata(
+        threshold=float(get("threshold")), n_sink=int(get("n_sink")), classes=classes,
+        layer_class_heads=rows,
+        head_perm=[list(perm[l * n_head_kv:(l + 1) * n_head_kv]) for l in range(n_layer)],
+        special_token_ids=list(get("special_token_ids", False) or []),
+        punct_token_ids=list(get("punct_token_ids", False) or []),
+        protected_frac=float(get("protected_frac")),
+        calibration=json.loads(get("calibration", False) or "{}"), version=version)
+
+
+def _arch_int(reader, suffix: str) -> int:
+    arch = reader.fields["general.architecture"].contents()
+    f = reader.fields.get(f"{arch}.{suffix}")
+    if f is None:
+        raise MetadataError(f"GGUF has no {arch}.{suffix}")
+    v = f.contents()
+    if isinstance(v, list):  # per-layer arrays: every layer must agree for now
+        if len(set(v)) != 1:
+            raise MetadataError(f"{arch}.{suffix} varies per layer; not supported")
+        v = v[0]
+    return int(v)
