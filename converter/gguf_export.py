@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 _RUNNER = r"""
@@ -51,18 +50,6 @@ def pinned_tree() -> Path:
     if not (tree / "convert_hf_to_gguf.py").is_file():
         raise ExportError(f"the pinned converter is missing from {tree}; reinstall llama-fastgen")
     return tree
-
-
-@lru_cache(maxsize=None)
-def pinned_gguf():
-    """The pinned tree's gguf-py, imported under its own name without touching sys.path order."""
-    init = pinned_tree() / "gguf-py" / "gguf" / "__init__.py"
-    spec = importlib.util.spec_from_file_location("_fastgen_pinned_gguf", init,
-                                                  submodule_search_locations=[str(init.parent)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def convert(model_dir: Path, outfile: Path, outtype: str = "f16",

@@ -74,12 +74,11 @@ class FastgenMetadata:
         }
 
 
-def read(path: str | Path, gguf_module=None) -> FastgenMetadata | None:
+def read(path: str | Path) -> FastgenMetadata | None:
     """Read and validate fastgen.* keys of a GGUF; None when it has none."""
-    if gguf_module is None:
-        from . import gguf_export
-        gguf_module = gguf_export.pinned_gguf()
-    r = gguf_module.GGUFReader(str(path))
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
     fields = {k: f for k, f in r.fields.items() if k.startswith(PREFIX)}
     if not fields:
         return None

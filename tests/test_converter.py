@@ -1,0 +1,169 @@
+"""Converter: permutation is lossless, metadata round-trips, thresholds behave, reference is exact."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import llama_logits
+from llama_fastgen.converter import convert, gguf_export, metadata, reference
+from llama_fastgen.converter.architectures import permute_heads
+from llama_fastgen.converter.calibration import load_texts, to_token_ids
+from llama_fastgen.converter.policies import Full, HeadPolicy, Kind
+from llama_fastgen.converter.profiling import profile, select, token_context
+from llama_fastgen.converter.tokens import punct_ids, special_ids
+
+PERMS = [[1, 0], [0, 1], [1, 0], [1, 0]]
+
+
+def _load(d):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def _ids(model_dir, n=200):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    name, text = load_texts()[0]
+    return to_token_ids(tok, name, text, n)
+
+
+def test_permutation_preserves_hf_logits(tiny_model_dir):
+    ids = _ids(tiny_model_dir)
+    m = _load(tiny_model_dir)
+    with torch.no_grad():
+        before = m(torch.tensor([ids])).logits
+        permute_heads(m, PERMS)
+        after = m(torch.tensor([ids])).logits
+    assert (before - after).abs().max() < 1e-4
+    assert not torch.equal(m.model.layers[0].self_attn.k_proj.weight, _load(tiny_model_dir).model.layers[0].self_attn.k_proj.weight)
+
+
+def test_permuted_gguf_gives_the_same_llama_cpp_logits(tiny_model_dir, tmp_path):
+    ids = _ids(tiny_model_dir)
+    m = _load(tiny_model_dir)
+    permute_heads(m, PERMS)
+    permuted = tmp_path / "permuted"
+    m.save_pretrained(permuted)
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(permuted)
+    a = gguf_export.convert_stock(tiny_model_dir, tmp_path / "a.gguf", "f32")
+    b = gguf_export.convert_stock(permuted, tmp_path / "b.gguf", "f32")
+    la, lb = llama_logits(a, ids), llama_logits(b, ids)
+    assert np.abs(la - lb).max() < 1e-4  # measured 1.3e-6 on a tiny GQA Llama (research notes)
+
+
+@pytest.fixture(scope="module")
+def tiny_profiled(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fg") / "tiny-fg.gguf"
+    rc = convert.main([str(tiny_model_dir), "--profile", "--outfile", str(out), "--outtype", "f32",
+                       "--threshold", "0.6", "--max-tokens", "256"])
+    assert rc == 0
+    return out
+
+
+def test_metadata_round_trips_and_matches_the_report(tiny_profiled):
+    meta = metadata.read(tiny_profiled)
+    rep = json.loads(Path(str(tiny_profiled.with_suffix("")) + ".fastgen.json").read_text())
+    assert meta.version == metadata.SCHEMA_VERSION and meta.threshold == pytest.approx(0.6)
+    assert [c.label for c in meta.classes] == rep["classes"]
+    assert meta.head_perm == rep["head_perm"]
+    # stored (permuted) order: heads of layer l are the report's policies taken through head_perm
+    for l, row in enumerate(meta.head_policies()):
+        assert [p.label for p in row] == [rep["policies"][l][h] for h in meta.head_perm[l]]
+        assert [p.kind for p in row] == sorted([p.kind for p in row], key=lambda k: (k != Kind.FULL))
+    assert len(meta.special_token_ids) >= 1 and len(meta.punct_token_ids) > 10
+    assert Path(str(tiny_profiled.with_suffix("")) + ".fastgen.png").stat().st_size > 1000
+
+
+def test_profiled_gguf_computes_like_the_unpermuted_model(tiny_model_dir, tiny_profiled, tmp_path):
+    """Without a fastgen runtime the profiled GGUF is just the permuted model: same logits."""
+    ids = _ids(tiny_model_dir)
+    stock = gguf_export.convert_stock(tiny_model_dir, tmp_path / "stock.gguf", "f32")
+    assert np.abs(llama_logits(stock, ids) - llama_logits(tiny_profiled, ids)).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def real_profile(model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [(n, to_token_ids(tok, n, t, 384)) for n, t in load_texts()[:2]]
+    res = profile(_load(model_dir), prompts, set(special_ids(tok)), set(punct_ids(tok)), progress=False)
+    return res
+
+
+def test_threshold_one_keeps_every_head_full(real_profile):
+    sel = select(real_profile, 1.0, n_head_kv=3)
+    assert all(p.kind == Kind.FULL for row in sel.policies for p in row)
+
+
+def test_lower_thresholds_compress_more(real_profile):
+    kinds = {}
+    for t in (0.98, 0.9, 0.7):
+        sel = select(real_profile, t, n_head_kv=3)
+        kinds[t] = sum(p.kind != Kind.FULL for row in sel.policies for p in row)
+    assert 0 < kinds[0.9] and kinds[0.98] <= kinds[0.9] <= kinds[0.7]
+    # masses are probabilities and the ladder is monotone (each rung keeps a superset)
+    m = real_profile.mass
+    assert m.min() >= 0 and m.max() <= 1 + 1e-5
+    assert np.all(np.diff(m, axis=-1) >= -1e-5)
+
+
+def test_reference_with_all_full_equals_plain_hf_exactly(model_dir):
+    m = _load(model_dir)
+    ids = _ids(model_dir, 128)
+    with torch.no_grad():
+        plain = m(torch.tensor([ids])).logits[0]
+    full = [[HeadPolicy(Kind.FULL)] * 3 for _ in range(30)]
+    ctx = token_context(ids, set(), set(), 4)
+    assert torch.equal(reference.logits(m, ids, full, ctx), plain)
+    assert torch.equal(reference.logits(m, ids, None, None), plain)
+    assert Full().keep(ctx).sum() == len(ids) * (len(ids) + 1) // 2
+
+
+def test_reference_window_policy_hides_old_tokens(model_dir):
+    """A 16-token window with no protected tokens must change predictions far from the sinks."""
+    m = _load(model_dir)
+    ids = _ids(model_dir, 256)
+    ctx = token_context(ids, set(), set(), 4)
+    pol = [[HeadPolicy(Kind.SPECIAL_PUNCT_LOCAL, 16)] * 3 for _ in range(30)]
+    q = reference.compare(reference.logits(m, ids, None, None), reference.logits(m, ids, pol, ctx), 128)
+    assert q["kl_mean"] > 0.05 and q["top1"] < 0.95
+    q0 = reference.compare(reference.logits(m, ids, None, None), reference.logits(m, ids, pol, ctx), 0)
+    assert q0["n"] == 256
+
+
+@pytest.mark.parametrize("case", ["missing", "not_hf", "unsupported", "threshold", "empty_calib", "unwritable"])
+def test_bad_input_is_one_clear_error_and_no_output(case, tmp_path, tiny_model_dir, capsys):
+    model, out = tiny_model_dir, tmp_path / "out.gguf"
+    extra = []
+    expect = {"missing": "is not a directory", "not_hf": "no config.json", "unsupported": "not supported",
+              "threshold": "--threshold must be in (0, 1]", "empty_calib": "holds no text",
+              "unwritable": "does not exist"}[case]
+    if case == "missing":
+        model = tmp_path / "nope"
+    elif case == "not_hf":
+        model = tmp_path / "plain"
+        model.mkdir()
+    elif case == "unsupported":
+        model = tmp_path / "bloom"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"architectures": ["BloomForCausalLM"], "model_type": "bloom"}))
+    elif case == "threshold":
+        extra = ["--threshold", "1.5"]
+    elif case == "empty_calib":
+        (tmp_path / "calib").mkdir()
+        extra = ["--calibration", str(tmp_path / "calib")]
+    elif case == "unwritable":
+        out = tmp_path / "no" / "such" / "dir" / "out.gguf"
+    rc = convert.main([str(model), "--profile", "--outfile", str(out)] + extra)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert expect in err and err.count("error:") == 1
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
