@@ -92,7 +92,9 @@ def profile_and_convert(a) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from . import calibration, metadata, reference, report, tokens
+    from llama_fastgen import schema as metadata
+
+    from . import calibration, reference, report, tokens
     from .architectures import UnsupportedModel, check, permute_heads, shape
     from .profiling import profile, select, token_context
 

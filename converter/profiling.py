@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .architectures import shape
-from .policies import Frequent, HeadPolicy, Kind, Local, Punct, Special, TokenContext, ladder
+from .policies import Frequent, HeadPolicy, Kind, Local, Punct, Special, TokenContext, ladder, to_policy
 
 
 @dataclass
@@ -97,7 +97,7 @@ def profile(model, prompts: list[tuple[str, list[int]]], special: set[int], punc
             ctx = token_context(ids, special, punct, n_sink)
             n = ctx.n
             q0 = n // 2
-            keep = torch.stack([r.policy().keep(ctx) for r in rungs])       # [R, T, T]
+            keep = torch.stack([to_policy(r).keep(ctx) for r in rungs])       # [R, T, T]
             state["masks"] = keep[:, q0:, :].to(device, torch.float32)
             sp = (Special() | Punct()).keep(ctx)[q0:, :]
             state["sp"] = sp.to(device)

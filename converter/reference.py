@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .architectures import shape
-from .policies import HeadPolicy, TokenContext
+from .policies import HeadPolicy, TokenContext, to_policy
 
 _NAME = "fastgen_reference"
 _STATE: dict = {"masks": None}
@@ -54,7 +54,7 @@ def keep_masks(policies: list[list[HeadPolicy]], ctx: TokenContext, n_head: int)
     for row in policies:
         g = n_head // len(row)
         cache: dict = {}
-        per_kv = [cache.setdefault(p, p.policy().keep(ctx)) for p in row]
+        per_kv = [cache.setdefault(p, to_policy(p).keep(ctx)) for p in row]
         out.append(torch.stack(per_kv).repeat_interleave(g, dim=0))
     return out
 

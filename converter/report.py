@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .policies import HeadPolicy
+from llama_fastgen.schema import HeadPolicy
 
 CONTEXTS = (1024, 4096, 8192, 32768)
 

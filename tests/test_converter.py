@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from helpers import llama_logits
-from llama_fastgen.converter import convert, gguf_export, metadata, reference
+from llama_fastgen import schema as metadata
+from llama_fastgen.converter import convert, gguf_export, reference
 from llama_fastgen.converter.architectures import permute_heads
 from llama_fastgen.converter.calibration import load_texts, to_token_ids
 from llama_fastgen.converter.policies import Full, HeadPolicy, Kind

@@ -11,7 +11,7 @@ from .full import Full
 from .local import Local
 from .punct import Punct
 from .special import Special
-from .ladder import KIND_NAMES, Kind, HeadPolicy, ladder
+from .ladder import HeadPolicy, Kind, ladder, to_policy
 
 __all__ = ["Policy", "TokenContext", "Union", "Frequent", "Full", "Local", "Punct", "Special",
-           "KIND_NAMES", "Kind", "HeadPolicy", "ladder"]
+           "Kind", "HeadPolicy", "ladder", "to_policy"]

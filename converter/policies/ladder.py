@@ -8,8 +8,7 @@ native heavy-hitter store exists: a policy the runtime cannot execute must not b
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import IntEnum
+from llama_fastgen.schema import HeadPolicy, Kind
 
 from .full import Full
 from .local import Local
@@ -17,47 +16,15 @@ from .punct import Punct
 from .special import Special
 
 
-class Kind(IntEnum):
-    """Stored in GGUF as fastgen.class.kind (schema version 1)."""
-
-    FULL = 0
-    SPECIAL = 1          # sinks + special tokens (+ the query itself)
-    SPECIAL_PUNCT = 2    # ... + punctuation
-    SPECIAL_PUNCT_LOCAL = 3  # ... + a recent window
-
-
-KIND_NAMES = {Kind.FULL: "full", Kind.SPECIAL: "special", Kind.SPECIAL_PUNCT: "special+punct",
-              Kind.SPECIAL_PUNCT_LOCAL: "special+punct+local"}
-
-
-@dataclass(frozen=True, order=True)
-class HeadPolicy:
-    """What one KV head keeps. `window` is 1 for special and special+punct (the query itself)."""
-
-    kind: Kind
-    window: int = 0
-
-    def policy(self):
-        if self.kind == Kind.FULL:
-            return Full()
-        if self.kind == Kind.SPECIAL:
-            return Special()
-        if self.kind == Kind.SPECIAL_PUNCT:
-            return Special() | Punct()
-        return Special() | Punct() | Local(self.window)
-
-    @property
-    def label(self) -> str:
-        if self.kind == Kind.SPECIAL_PUNCT_LOCAL:
-            return f"{KIND_NAMES[self.kind]}{self.window}"
-        return KIND_NAMES[self.kind]
-
-    def cost(self, n_ctx: int, protected_frac: float, n_sink: int) -> float:
-        """Expected cached tokens at context n_ctx (protected_frac: share of special+punct tokens)."""
-        if self.kind == Kind.FULL:
-            return float(n_ctx)
-        protected = protected_frac * n_ctx if self.kind != Kind.SPECIAL else 0.0
-        return min(float(n_ctx), n_sink + protected + self.window)
+def to_policy(hp: HeadPolicy):
+    """The keep-set rule of a stored head policy."""
+    if hp.kind == Kind.FULL:
+        return Full()
+    if hp.kind == Kind.SPECIAL:
+        return Special()
+    if hp.kind == Kind.SPECIAL_PUNCT:
+        return Special() | Punct()
+    return Special() | Punct() | Local(hp.window)
 
 
 def ladder(max_window: int, min_window: int = 16) -> list[HeadPolicy]:

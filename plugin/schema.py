@@ -1,4 +1,6 @@
-"""The fastgen.* GGUF metadata schema (version 1): build it, write it, read and validate it.
+"""The fastgen.* GGUF metadata schema (version 1): the policy types, writing, reading, validation.
+
+Torch-free: the runtime (inspect, chat) reads it without the converter's dependencies.
 
 Keys (heads already permuted so that each layer's classes are contiguous, in class order):
   fastgen.version              u32    schema version (1)
@@ -20,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .policies import HeadPolicy, Kind
+from enum import IntEnum
 
 SCHEMA_VERSION = 1
 PREFIX = "fastgen."
@@ -28,6 +30,40 @@ PREFIX = "fastgen."
 
 class MetadataError(ValueError):
     pass
+
+
+class Kind(IntEnum):
+    """fastgen.class.kind values."""
+
+    FULL = 0
+    SPECIAL = 1              # sinks + special tokens (+ the query itself)
+    SPECIAL_PUNCT = 2        # ... + punctuation
+    SPECIAL_PUNCT_LOCAL = 3  # ... + a recent window
+
+
+KIND_NAMES = {Kind.FULL: "full", Kind.SPECIAL: "special", Kind.SPECIAL_PUNCT: "special+punct",
+              Kind.SPECIAL_PUNCT_LOCAL: "special+punct+local"}
+
+
+@dataclass(frozen=True, order=True)
+class HeadPolicy:
+    """What one KV head keeps. `window` is 1 for special and special+punct (the query itself)."""
+
+    kind: Kind
+    window: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.kind == Kind.SPECIAL_PUNCT_LOCAL:
+            return f"{KIND_NAMES[self.kind]}{self.window}"
+        return KIND_NAMES[self.kind]
+
+    def cost(self, n_ctx: int, protected_frac: float, n_sink: int) -> float:
+        """Expected cached tokens at context n_ctx (protected_frac: share of special+punct tokens)."""
+        if self.kind == Kind.FULL:
+            return float(n_ctx)
+        protected = protected_frac * n_ctx if self.kind != Kind.SPECIAL else 0.0
+        return min(float(n_ctx), n_sink + protected + self.window)
 
 
 @dataclass

@@ -1,0 +1,58 @@
+"""`llama-fastgen chat`: talk to a GGUF through plain llama_cpp.Llama, streaming."""
+from __future__ import annotations
+
+import sys
+import time
+
+SCRIPTED = [
+    "What is the capital of France? Answer in one sentence.",
+    "Give me two short tips for keeping bread fresh.",
+]
+
+
+def load(model_path: str, n_ctx: int):
+    from . import llama_cpp  # our libllama
+
+    return llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, flash_attn=True, verbose=False)
+
+
+def reply(llm, messages: list[dict], max_tokens: int, out=sys.stdout) -> str:
+    text, t0, n = [], time.time(), 0
+    for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0,
+                                            stream=True):
+        piece = chunk["choices"][0]["delta"].get("content") or ""
+        if piece:
+            out.write(piece)
+            out.flush()
+            text.append(piece)
+            n += 1
+    dt = time.time() - t0
+    out.write(f"\n   [{n} tokens, {n / max(dt, 1e-9):.1f} tok/s]\n")
+    return "".join(text)
+
+
+def run(model_path: str, prompts: list[str] | None, n_ctx: int, max_tokens: int) -> int:
+    llm = load(model_path, n_ctx)
+    messages: list[dict] = []
+    interactive = prompts is None and sys.stdin.isatty()
+    todo = iter(prompts or SCRIPTED) if not interactive else None
+    if interactive:
+        print("chat with the model; an empty line or Ctrl-D ends")
+    while True:
+        if interactive:
+            try:
+                user = input("you> ").strip()
+            except EOFError:
+                break
+            if not user:
+                break
+        else:
+            user = next(todo, None)
+            if user is None:
+                break
+            print(f"you> {user}")
+        messages.append({"role": "user", "content": user})
+        sys.stdout.write("model> ")
+        messages.append({"role": "assistant", "content": reply(llm, messages, max_tokens)})
+    llm.close()
+    return 0

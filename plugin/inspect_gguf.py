@@ -1,0 +1,42 @@
+"""`llama-fastgen inspect`: the policy table of a fastgen GGUF and its KV footprint."""
+from __future__ import annotations
+
+import json
+
+from . import schema
+
+CONTEXTS = (4096, 8192, 32768)
+
+
+def table(path: str, n_ctx: int | None, as_json: bool) -> str:
+    import gguf
+
+    meta = schema.read(path)
+    if meta is None:
+        return f"{path}: no fastgen metadata (a plain GGUF: runs with the full cache)"
+    r = gguf.GGUFReader(path)
+    arch = r.fields["general.architecture"].contents()
+    n_embd = int(r.fields[f"{arch}.embedding_length"].contents())
+    n_head = int(r.fields[f"{arch}.attention.head_count"].contents())
+    head_dim = int(r.fields[f"{arch}.attention.key_length"].contents()) \
+        if f"{arch}.attention.key_length" in r.fields else n_embd // n_head
+    per_token = 2 * head_dim * 2  # K and V, f16
+    ctxs = (n_ctx,) if n_ctx else CONTEXTS
+    mem = []
+    for n in ctxs:
+        full = sum(map(sum, meta.layer_class_heads)) * n * per_token
+        fg = sum(p.cost(n, meta.protected_frac, meta.n_sink) for row in meta.head_policies() for p in row) * per_token
+        mem.append({"n_ctx": n, "policy_bytes": fg, "full_bytes": full, "ratio": fg / full})
+    if as_json:
+        return json.dumps({"gguf": path, "threshold": meta.threshold, "n_sink": meta.n_sink,
+                           "classes": [c.label for c in meta.classes],
+                           "layer_class_heads": meta.layer_class_heads, "kv": mem}, indent=1)
+    lines = [f"{path}: fastgen schema v{meta.version}, T = {meta.threshold:g}, {meta.n_sink} sinks, "
+             f"{len(meta.special_token_ids)} special + {len(meta.punct_token_ids)} punctuation ids protected",
+             "layer  " + "  ".join(f"{c.label:>22}" for c in meta.classes)]
+    for l, row in enumerate(meta.layer_class_heads):
+        lines.append(f"{l:>5}  " + "  ".join(f"{n:>22}" for n in row))
+    for m in mem:
+        lines.append(f"KV (f16) at n_ctx {m['n_ctx']:>6}: policy footprint {m['policy_bytes'] / 2**20:8.1f} MiB "
+                     f"vs full {m['full_bytes'] / 2**20:8.1f} MiB ({m['ratio']:.0%})")
+    return "\n".join(lines)
