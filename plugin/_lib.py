@@ -12,6 +12,7 @@ _CDEF = """
 const char * llama_fastgen_version(void);
 const char * llama_fastgen_llama_commit(void);
 const char * llama_fastgen_backends(void);
+int32_t llama_fastgen_ctx_n_class(const void * ctx);
 """
 
 

@@ -17,6 +17,32 @@ LLAMA_API const char * llama_fastgen_llama_commit(void);
 // Comma-separated names of the ggml backends registered in this process, e.g. "CPU" or "CUDA,CPU".
 LLAMA_API const char * llama_fastgen_backends(void);
 
+// Message of the last fastgen policy error (why a fastgen GGUF failed to load), "" if none.
+LLAMA_API const char * llama_fastgen_last_error(void);
+
+// Number of policy classes in the model's fastgen metadata, 0 if it has none.
+LLAMA_API int32_t llama_fastgen_model_n_class(const struct llama_model * model);
+
+// Use the fastgen cache (true) or the ordinary full cache (false) for contexts created from now
+// on: A/B comparisons in one process. Returns false if the model has no fastgen policy.
+LLAMA_API bool llama_fastgen_model_set_enabled(struct llama_model * model, bool enabled);
+
+// Label of class c, e.g. "full" or "special+punct+local256" ("" if out of range).
+LLAMA_API const char * llama_fastgen_model_class_name(const struct llama_model * model, int32_t c);
+
+// Number of classes of the context's cache: 0 when it is an ordinary cache.
+LLAMA_API int32_t llama_fastgen_ctx_n_class(const struct llama_context * ctx);
+
+// Per class c of a fastgen context: allocated K+V bytes, capacity in cells, occupied cells.
+LLAMA_API size_t   llama_fastgen_ctx_class_bytes(const struct llama_context * ctx, int32_t c);
+LLAMA_API uint32_t llama_fastgen_ctx_class_cells(const struct llama_context * ctx, int32_t c);
+LLAMA_API uint32_t llama_fastgen_ctx_class_used (const struct llama_context * ctx, int32_t c);
+
+// K+V bytes allocated by the context's cache (any cache type), and what an ordinary full cache
+// of the same n_ctx and types takes (equal for an ordinary cache).
+LLAMA_API size_t llama_fastgen_ctx_kv_bytes  (const struct llama_context * ctx);
+LLAMA_API size_t llama_fastgen_ctx_full_bytes(const struct llama_context * ctx);
+
 #ifdef __cplusplus
 }
 #endif

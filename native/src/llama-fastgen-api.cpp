@@ -32,3 +32,78 @@ const char * llama_fastgen_backends(void) {
     }
     return names.c_str();
 }
+
+//
+// policy and cache statistics
+//
+
+#include "llama-context.h"
+#include "llama-fastgen-model.h"
+#include "llama-fastgen-policy.h"
+#include "llama-kv-cache-fastgen.h"
+#include "llama-model.h"
+
+const char * llama_fastgen_last_error(void) {
+    return llama_fastgen_last_error_str().c_str();
+}
+
+int32_t llama_fastgen_model_n_class(const llama_model * model) {
+    return model && model->fastgen ? (int32_t) model->fastgen->classes.size() : 0;
+}
+
+bool llama_fastgen_model_set_enabled(llama_model * model, bool enabled) {
+    if (!model || !model->fastgen) {
+        return false;
+    }
+    model->fastgen->enabled = enabled;
+    return true;
+}
+
+const char * llama_fastgen_model_class_name(const llama_model * model, int32_t c) {
+    static std::string name;
+    name.clear();
+    if (model && model->fastgen && c >= 0 && (size_t) c < model->fastgen->classes.size()) {
+        name = model->fastgen->describe_class(c);
+    }
+    return name.c_str();
+}
+
+static const llama_kv_cache_fastgen * fastgen_cache(const llama_context * ctx) {
+    return ctx ? dynamic_cast<const llama_kv_cache_fastgen *>(llama_get_memory(ctx)) : nullptr;
+}
+
+int32_t llama_fastgen_ctx_n_class(const llama_context * ctx) {
+    const auto * kv = fastgen_cache(ctx);
+    return kv ? (int32_t) kv->n_class() : 0;
+}
+
+size_t llama_fastgen_ctx_class_bytes(const llama_context * ctx, int32_t c) {
+    const auto * kv = fastgen_cache(ctx);
+    return kv && c >= 0 && (size_t) c < kv->n_class() ? kv->slice_bytes(c) : 0;
+}
+
+uint32_t llama_fastgen_ctx_class_cells(const llama_context * ctx, int32_t c) {
+    const auto * kv = fastgen_cache(ctx);
+    return kv && c >= 0 && (size_t) c < kv->n_class() && kv->slice(c) ? kv->slice(c)->get_size() : 0;
+}
+
+uint32_t llama_fastgen_ctx_class_used(const llama_context * ctx, int32_t c) {
+    const auto * kv = fastgen_cache(ctx);
+    return kv && c >= 0 && (size_t) c < kv->n_class() && kv->slice(c) ? kv->slice(c)->n_used_cells() : 0;
+}
+
+size_t llama_fastgen_ctx_kv_bytes(const llama_context * ctx) {
+    const llama_memory_i * mem = ctx ? llama_get_memory(ctx) : nullptr;
+    size_t n = 0;
+    if (mem) {
+        for (const auto & [_, size] : mem->memory_breakdown()) {
+            n += size;
+        }
+    }
+    return n;
+}
+
+size_t llama_fastgen_ctx_full_bytes(const llama_context * ctx) {
+    const auto * kv = fastgen_cache(ctx);
+    return kv ? kv->full_bytes() : llama_fastgen_ctx_kv_bytes(ctx);
+}

@@ -1,0 +1,75 @@
+#include "llama-fastgen-model.h"
+
+#include "llama-cparams.h"
+#include "llama-fastgen-policy.h"
+#include "llama-impl.h"
+#include "llama-kv-cache-fastgen.h"
+#include "llama-model-loader.h"
+#include "llama-model.h"
+
+#include <cstdlib>
+#include <stdexcept>
+
+static std::string g_last_error;
+
+const std::string & llama_fastgen_last_error_str() {
+    return g_last_error;
+}
+
+static bool arch_supported(llm_arch arch) {
+    // architectures whose graphs go through build_attn_inp_kv + build_attn and whose heads the
+    // converter knows how to permute
+    return arch == LLM_ARCH_LLAMA || arch == LLM_ARCH_QWEN2 || arch == LLM_ARCH_QWEN3 || arch == LLM_ARCH_MISTRAL3;
+}
+
+std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_loader & ml, const llama_model & model) {
+    g_last_error.clear();
+    try {
+        auto policy = llama_fastgen_policy::load(ml.metadata, model.hparams, model.vocab.n_tokens());
+        if (!policy) {
+            return nullptr;
+        }
+        if (!arch_supported(model.arch)) {
+            throw std::runtime_error(format("fastgen: architecture %s is not supported by the fastgen cache "
+                    "(supported: llama, qwen2, qwen3, mistral3)", llm_arch_name(model.arch)));
+        }
+        if (model.hparams.is_swa_any()) {
+            throw std::runtime_error("fastgen: models with sliding-window layers are not supported");
+        }
+        auto it = ml.kv_overrides.find("fastgen.enable");
+        if (it != ml.kv_overrides.end() && it->second.tag == LLAMA_KV_OVERRIDE_TYPE_BOOL && !it->second.val_bool) {
+            policy->enabled = false;
+        }
+        const char * env = std::getenv("LLAMA_FASTGEN_DISABLE");
+        if (env && *env && std::string(env) != "0") {
+            policy->enabled = false;
+        }
+        LLAMA_LOG_INFO("%s: fastgen policy: %zu classes, T = %.2f, %u sinks%s\n", __func__, policy->classes.size(),
+                policy->threshold, policy->n_sink, policy->enabled ? "" : " (disabled: full cache)");
+        return policy;
+    } catch (const std::exception & e) {
+        g_last_error = e.what();
+        throw;
+    }
+}
+
+static bool active(const llama_model & model) {
+    return model.fastgen && model.fastgen->enabled && model.fastgen->has_compressed();
+}
+
+void llama_fastgen_adjust_cparams(const llama_model & model, llama_cparams & cparams) {
+    if (active(model) && !cparams.flash_attn) {
+        LLAMA_LOG_INFO("%s: fastgen: enabling flash attention (per-class V slices would be padded without it)\n", __func__);
+        cparams.flash_attn = true;
+        cparams.auto_fa    = false;
+    }
+}
+
+llama_memory_i * llama_fastgen_create_memory(const llama_model & model, const llama_memory_params & params,
+                                             const llama_cparams & cparams) {
+    if (!active(model)) {
+        return nullptr;
+    }
+    return new llama_kv_cache_fastgen(model, model.fastgen, params.type_k, params.type_v, !cparams.flash_attn,
+            cparams.offload_kqv, cparams.kv_unified, cparams.n_ctx_seq, cparams.n_seq_max, cparams.n_ubatch);
+}

@@ -1,0 +1,25 @@
+// llama-fastgen: the three hooks llama.cpp calls (native/patches): load the policy with the model,
+// force flash attention for contexts of fastgen models, create the per-class cache.
+#pragma once
+
+#include <memory>
+#include <string>
+
+struct llama_model;
+struct llama_cparams;
+struct llama_memory_params;
+struct llama_model_loader;
+struct llama_fastgen_policy;
+struct llama_memory_i;
+
+// nullptr when the GGUF has no fastgen.* keys; throws (model load fails) when they are invalid
+std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_loader & ml, const llama_model & model);
+
+void llama_fastgen_adjust_cparams(const llama_model & model, llama_cparams & cparams);
+
+// nullptr: build the ordinary cache
+llama_memory_i * llama_fastgen_create_memory(const llama_model & model, const llama_memory_params & params,
+                                             const llama_cparams & cparams);
+
+// message of the last policy error (empty if none), for llama_fastgen_last_error()
+const std::string & llama_fastgen_last_error_str();

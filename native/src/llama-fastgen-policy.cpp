@@ -1,0 +1,156 @@
+#include "llama-fastgen-policy.h"
+
+#include "gguf.h"
+#include "llama-impl.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+static std::vector<int32_t> get_i32_arr(const gguf_context * ctx, const char * key, bool required) {
+    const int64_t kid = gguf_find_key(ctx, key);
+    if (kid < 0) {
+        if (required) {
+            throw std::runtime_error(format("fastgen: missing key %s; re-run convert.py --profile", key));
+        }
+        return {};
+    }
+    if (gguf_get_kv_type(ctx, kid) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ctx, kid) != GGUF_TYPE_INT32) {
+        throw std::runtime_error(format("fastgen: key %s must be an int32 array", key));
+    }
+    const size_t n = gguf_get_arr_n(ctx, kid);
+    const auto * data = (const int32_t *) gguf_get_arr_data(ctx, kid);
+    return std::vector<int32_t>(data, data + n);
+}
+
+static int64_t get_scalar_key(const gguf_context * ctx, const char * key, gguf_type type) {
+    const int64_t kid = gguf_find_key(ctx, key);
+    if (kid < 0) {
+        throw std::runtime_error(format("fastgen: missing key %s; re-run convert.py --profile", key));
+    }
+    if (gguf_get_kv_type(ctx, kid) != type) {
+        throw std::runtime_error(format("fastgen: key %s has type %s, expected %s", key,
+                gguf_type_name(gguf_get_kv_type(ctx, kid)), gguf_type_name(type)));
+    }
+    return kid;
+}
+
+std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
+        const gguf_context * ctx, const llama_hparams & hparams, uint32_t n_vocab) {
+    if (gguf_find_key(ctx, "fastgen.version") < 0) {
+        return nullptr;
+    }
+    auto p = std::make_shared<llama_fastgen_policy>();
+
+    const uint32_t version = gguf_get_val_u32(ctx, get_scalar_key(ctx, "fastgen.version", GGUF_TYPE_UINT32));
+    if (version != SCHEMA_VERSION) {
+        throw std::runtime_error(format("fastgen: fastgen.version is %u but this build reads version %u; "
+                "re-run convert.py --profile with this llama-fastgen", version, SCHEMA_VERSION));
+    }
+    p->threshold      = gguf_get_val_f32(ctx, get_scalar_key(ctx, "fastgen.threshold", GGUF_TYPE_FLOAT32));
+    p->n_sink         = gguf_get_val_u32(ctx, get_scalar_key(ctx, "fastgen.n_sink", GGUF_TYPE_UINT32));
+    p->protected_frac = gguf_get_val_f32(ctx, get_scalar_key(ctx, "fastgen.protected_frac", GGUF_TYPE_FLOAT32));
+    if (!(p->protected_frac >= 0.0f && p->protected_frac <= 1.0f)) {
+        throw std::runtime_error("fastgen: fastgen.protected_frac must be in [0, 1]");
+    }
+
+    const auto kinds   = get_i32_arr(ctx, "fastgen.class.kind", true);
+    const auto windows = get_i32_arr(ctx, "fastgen.class.window", true);
+    if (kinds.empty() || kinds.size() != windows.size()) {
+        throw std::runtime_error(format("fastgen: fastgen.class.kind (%zu) and fastgen.class.window (%zu) must "
+                "have the same, non-zero length", kinds.size(), windows.size()));
+    }
+    for (size_t c = 0; c < kinds.size(); ++c) {
+        if (kinds[c] < LLAMA_FASTGEN_FULL || kinds[c] > LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL) {
+            throw std::runtime_error(format("fastgen: fastgen.class.kind[%zu] = %d is not a known class id "
+                    "(0 full, 1 special, 2 special+punct, 3 special+punct+local)", c, kinds[c]));
+        }
+        const bool full = kinds[c] == LLAMA_FASTGEN_FULL;
+        if ((full && windows[c] != 0) || (!full && windows[c] < 1)) {
+            throw std::runtime_error(format("fastgen: fastgen.class.window[%zu] = %d is invalid for class kind %d",
+                    c, windows[c], kinds[c]));
+        }
+        p->classes.push_back({ (llama_fastgen_kind) kinds[c], windows[c] });
+    }
+
+    const size_t n_class = p->classes.size();
+    const auto lch = get_i32_arr(ctx, "fastgen.layer_class_heads", true);
+    if (lch.size() != hparams.n_layer() * n_class) {
+        throw std::runtime_error(format("fastgen: fastgen.layer_class_heads has %zu entries, expected "
+                "n_layer * n_class = %u * %zu", lch.size(), hparams.n_layer(), n_class));
+    }
+    for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
+        std::vector<int32_t> row(lch.begin() + il*n_class, lch.begin() + (il + 1)*n_class);
+        int32_t sum = 0;
+        for (int32_t n : row) {
+            if (n < 0) {
+                throw std::runtime_error(format("fastgen: negative head count in fastgen.layer_class_heads, layer %u", il));
+            }
+            sum += n;
+        }
+        if ((uint32_t) sum != hparams.n_head_kv(il)) {
+            throw std::runtime_error(format("fastgen: fastgen.layer_class_heads gives layer %u %d KV heads, the "
+                    "model has %u: the metadata does not belong to this model", il, sum, hparams.n_head_kv(il)));
+        }
+        p->layer_class_heads.push_back(std::move(row));
+    }
+
+    p->special_tok.assign(n_vocab, false);
+    p->punct_tok.assign(n_vocab, false);
+    for (const char * key : { "fastgen.special_token_ids", "fastgen.punct_token_ids" }) {
+        auto & dst = key[8] == 's' ? p->special_tok : p->punct_tok;
+        for (int32_t id : get_i32_arr(ctx, key, false)) {
+            if (id < 0 || (uint32_t) id >= n_vocab) {
+                throw std::runtime_error(format("fastgen: %s holds token id %d outside the vocabulary (%u)", key, id, n_vocab));
+            }
+            dst[id] = true;
+        }
+    }
+    return p;
+}
+
+bool llama_fastgen_policy::has_compressed() const {
+    for (const auto & c : classes) {
+        if (c.kind != LLAMA_FASTGEN_FULL) {
+            return true;
+        }
+    }
+    return false;
+}
+
+int32_t llama_fastgen_policy::head_offset(int il, int c) const {
+    int32_t off = 0;
+    for (int i = 0; i < c; ++i) {
+        off += layer_class_heads[il][i];
+    }
+    return off;
+}
+
+uint32_t llama_fastgen_policy::capacity(int c, uint32_t n_ctx, uint32_t n_ubatch) const {
+    const auto & cls = classes[c];
+    if (cls.kind == LLAMA_FASTGEN_FULL) {
+        return n_ctx;
+    }
+    // Retained protected tokens grow with the context: budget their observed share with a margin.
+    // Special tokens alone are rare (chat control tokens): 2% of the context plus 32.
+    const double share = cls.kind == LLAMA_FASTGEN_SPECIAL ? 0.02 : std::min(1.0, 1.5*protected_frac + 0.02);
+    const uint64_t need = (uint64_t) n_sink + cls.window + n_ubatch + 32 + (uint64_t) std::ceil(share*n_ctx);
+    return (uint32_t) std::min<uint64_t>(n_ctx, need);
+}
+
+std::vector<bool> llama_fastgen_policy::protected_tokens(int c) const {
+    std::vector<bool> res = special_tok;
+    if (classes[c].kind >= LLAMA_FASTGEN_SPECIAL_PUNCT) {
+        for (size_t i = 0; i < res.size(); ++i) {
+            res[i] = res[i] || punct_tok[i];
+        }
+    }
+    return res;
+}
+
+std::string llama_fastgen_policy::describe_class(int c) const {
+    static const char * names[] = { "full", "special", "special+punct", "special+punct+local" };
+    const auto & cls = classes[c];
+    return cls.kind == LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL ? format("%s%d", names[cls.kind], cls.window)
+                                                         : std::string(names[cls.kind]);
+}

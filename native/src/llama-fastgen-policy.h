@@ -1,0 +1,59 @@
+// llama-fastgen: the per-KV-head policy table read from a GGUF's fastgen.* keys (schema v1,
+// documented in plugin/schema.py). Heads are already permuted so each layer's classes are
+// contiguous in class order.
+#pragma once
+
+#include "llama-hparams.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct gguf_context;
+
+enum llama_fastgen_kind : int32_t {
+    LLAMA_FASTGEN_FULL                = 0,
+    LLAMA_FASTGEN_SPECIAL             = 1,
+    LLAMA_FASTGEN_SPECIAL_PUNCT       = 2,
+    LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL = 3,
+};
+
+struct llama_fastgen_class {
+    llama_fastgen_kind kind;
+    int32_t            window; // positions kept behind the query (1 = the query itself); 0 for full
+};
+
+struct llama_fastgen_policy {
+    static constexpr uint32_t SCHEMA_VERSION = 1;
+
+    float    threshold      = 0.0f;
+    uint32_t n_sink         = 0;
+    float    protected_frac = 0.0f;
+
+    std::vector<llama_fastgen_class>  classes;
+    std::vector<std::vector<int32_t>> layer_class_heads; // [n_layer][n_class]
+    std::vector<bool>                 special_tok;       // by token id
+    std::vector<bool>                 punct_tok;         // by token id (special ∪ punct for class kinds >= 2)
+
+    // false: contexts get the ordinary full cache (A/B in one process, or fastgen.enable=false)
+    bool enabled = true;
+
+    bool has_compressed() const;
+
+    // heads of class c in layer il and the index of its first head
+    int32_t n_heads(int il, int c) const { return layer_class_heads[il][c]; }
+    int32_t head_offset(int il, int c) const;
+
+    // cells a class needs at context n_ctx with ubatches of n_ubatch tokens (before padding)
+    uint32_t capacity(int c, uint32_t n_ctx, uint32_t n_ubatch) const;
+
+    // protected token ids of class c (by id)
+    std::vector<bool> protected_tokens(int c) const;
+
+    std::string describe_class(int c) const;
+
+    // nullptr when the GGUF has no fastgen keys; throws std::runtime_error naming the key otherwise
+    static std::shared_ptr<llama_fastgen_policy> load(const gguf_context * ctx, const llama_hparams & hparams,
+                                                      uint32_t n_vocab);
+};

@@ -1,0 +1,142 @@
+#include "llama-graph-fastgen.h"
+
+#include "llama-kv-cache-fastgen.h"
+
+#include <stdexcept>
+
+static ggml_tensor * new_kq_mask(ggml_context * ctx, const llama_kv_cache_context * mctx,
+                                 const llama_ubatch & ubatch, const llama_cparams & cparams) {
+    const auto n_stream = cparams.kv_unified ? 1 : ubatch.n_seqs_unq;
+    ggml_tensor * res = ggml_new_tensor_4d(ctx, cparams.flash_attn ? GGML_TYPE_F16 : GGML_TYPE_F32,
+            mctx->get_n_kv(), ubatch.n_tokens/n_stream, 1, n_stream);
+    ggml_set_input(res);
+    ggml_set_name(res, "attn_inp_kq_mask_fastgen");
+    return res;
+}
+
+static const llama_kv_cache_context * first_ctx(const llama_kv_cache_fastgen_context * m) {
+    for (size_t c = 0; c < m->get_cache()->n_class(); ++c) {
+        if (m->get((int) c)) {
+            return m->get((int) c);
+        }
+    }
+    throw std::runtime_error("fastgen: cache without any class");
+}
+
+llm_graph_input_attn_kv_fastgen::llm_graph_input_attn_kv_fastgen(
+        const llama_hparams & hparams, const llama_cparams & cparams, const llama_kv_cache_fastgen_context * mctx) :
+    llm_graph_input_attn_kv(hparams, cparams, first_ctx(mctx)), mctx_fg(mctx) {
+}
+
+void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
+    for (size_t c = 0; c < cls.size(); ++c) {
+        const auto * m = mctx_fg->get((int) c);
+        if (!m) {
+            continue;
+        }
+        m->set_input_k_idxs(cls[c].k_idxs, ubatch);
+        m->set_input_v_idxs(cls[c].v_idxs, ubatch);
+        m->set_input_kq_mask(cls[c].kq_mask, ubatch, cparams.causal_attn);
+    }
+}
+
+bool llm_graph_input_attn_kv_fastgen::can_reuse(const llm_graph_params & params) {
+    mctx_fg = dynamic_cast<const llama_kv_cache_fastgen_context *>(params.mctx);
+    if (!mctx_fg) {
+        return false;
+    }
+    this->mctx = first_ctx(mctx_fg);
+    const auto n_stream = params.cparams.kv_unified ? 1 : params.ubatch.n_seqs_unq;
+    bool res = true;
+    for (size_t c = 0; c < cls.size(); ++c) {
+        const auto * m = mctx_fg->get((int) c);
+        if (!m) {
+            continue;
+        }
+        const ggml_tensor * mask = cls[c].kq_mask;
+        res &= cls[c].k_idxs->ne[0] == params.ubatch.n_tokens;
+        res &= mask->ne[0] == m->get_n_kv();
+        res &= mask->ne[1] == params.ubatch.n_tokens/n_stream;
+        res &= mask->ne[3] == n_stream;
+    }
+    return res;
+}
+
+llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context & g) {
+    const auto * m = dynamic_cast<const llama_kv_cache_fastgen_context *>(g.mctx);
+    if (!m) {
+        return nullptr;
+    }
+    auto inp = std::make_unique<llm_graph_input_attn_kv_fastgen>(g.hparams, g.cparams, m);
+    inp->cls.resize(m->get_cache()->n_class());
+    for (size_t c = 0; c < inp->cls.size(); ++c) {
+        const auto * mc = m->get((int) c);
+        if (!mc) {
+            continue;
+        }
+        inp->cls[c].k_idxs  = mc->build_input_k_idxs(g.ctx0, g.ubatch);
+        inp->cls[c].v_idxs  = mc->build_input_v_idxs(g.ctx0, g.ubatch);
+        inp->cls[c].kq_mask = new_kq_mask(g.ctx0, mc, g.ubatch, g.cparams);
+    }
+    return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
+}
+
+// contiguous range of heads [h0, h0+n) of a [d, n_head, n_tokens] tensor, without a copy
+static ggml_tensor * head_range(ggml_context * ctx, ggml_tensor * t, int64_t h0, int64_t n) {
+    return ggml_view_3d(ctx, t, t->ne[0], n, t->ne[2], t->nb[1], t->nb[2], h0*t->nb[1]);
+}
+
+ggml_tensor * llama_fastgen_build_attn(
+        const llm_graph_context & g,
+        llm_graph_input_attn_kv_fastgen * inp,
+        ggml_tensor * wo,
+        ggml_tensor * wo_b,
+        ggml_tensor * wo_s,
+        ggml_tensor * q_cur,
+        ggml_tensor * k_cur,
+        ggml_tensor * v_cur,
+        ggml_tensor * kq_b,
+        ggml_tensor * sinks,
+        float         kq_scale,
+        int           il) {
+    GGML_ASSERT(kq_b == nullptr && sinks == nullptr && "fastgen: attention bias/sinks are not supported");
+    GGML_ASSERT(!g.cparams.training);
+
+    ggml_context * ctx0 = g.ctx0;
+    ggml_build_forward_expand(g.gf, q_cur);
+    ggml_build_forward_expand(g.gf, v_cur);
+    ggml_build_forward_expand(g.gf, k_cur);
+
+    const auto & policy = inp->mctx_fg->get_cache()->get_policy();
+    const int64_t n_group = q_cur->ne[1] / k_cur->ne[1];
+
+    ggml_tensor * cur = nullptr;
+    for (size_t c = 0; c < inp->cls.size(); ++c) {
+        const int64_t n = policy.n_heads(il, (int) c);
+        if (n == 0) {
+            continue;
+        }
+        const int64_t h0 = policy.head_offset(il, (int) c);
+        const auto * mc = inp->mctx_fg->get((int) c);
+
+        ggml_tensor * q = head_range(ctx0, q_cur, h0*n_group, n*n_group);
+        ggml_tensor * k = head_range(ctx0, k_cur, h0, n);
+        ggml_tensor * v = head_range(ctx0, v_cur, h0, n);
+
+        ggml_build_forward_expand(g.gf, mc->cpy_k(ctx0, k, inp->cls[c].k_idxs, il));
+        ggml_build_forward_expand(g.gf, mc->cpy_v(ctx0, v, inp->cls[c].v_idxs, il));
+
+        ggml_tensor * out = g.build_attn_mha(q, mc->get_k(ctx0, il), mc->get_v(ctx0, il), nullptr,
+                inp->cls[c].kq_mask, nullptr, nullptr, 0, kq_scale, il);
+        cur = cur ? ggml_concat(ctx0, cur, out, 0) : out;
+    }
+    g.cb(cur, "kqv_out", il);
+
+    if (wo) {
+        cur = g.build_lora_mm(wo, cur, wo_s);
+    }
+    if (wo_b) {
+        cur = ggml_add(ctx0, cur, wo_b);
+    }
+    return cur;
+}

@@ -1,0 +1,45 @@
+// llama-fastgen: graph side of the per-class cache. One input (indices + mask) per class; per
+// layer, attention runs once per class on its contiguous head range and the outputs are
+// concatenated before the output projection (heads are in class order thanks to the converter).
+#pragma once
+
+#include "llama-graph.h"
+
+#include <vector>
+
+class llama_kv_cache_fastgen_context;
+
+class llm_graph_input_attn_kv_fastgen : public llm_graph_input_attn_kv {
+public:
+    llm_graph_input_attn_kv_fastgen(const llama_hparams & hparams, const llama_cparams & cparams,
+                                    const llama_kv_cache_fastgen_context * mctx);
+
+    void set_input(const llama_ubatch * ubatch) override;
+    bool can_reuse(const llm_graph_params & params) override;
+
+    struct per_class {
+        ggml_tensor * k_idxs  = nullptr;
+        ggml_tensor * v_idxs  = nullptr;
+        ggml_tensor * kq_mask = nullptr; // [n_kv_c, n_tokens/n_stream, 1, n_stream]
+    };
+    std::vector<per_class> cls;
+
+    const llama_kv_cache_fastgen_context * mctx_fg;
+};
+
+// hooks called from llm_graph_context (native/patches): nullptr when mctx is not a fastgen cache
+llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context & g);
+
+ggml_tensor * llama_fastgen_build_attn(
+        const llm_graph_context & g,
+        llm_graph_input_attn_kv_fastgen * inp,
+        ggml_tensor * wo,
+        ggml_tensor * wo_b,
+        ggml_tensor * wo_s,
+        ggml_tensor * q_cur,
+        ggml_tensor * k_cur,
+        ggml_tensor * v_cur,
+        ggml_tensor * kq_b,
+        ggml_tensor * sinks,
+        float         kq_scale,
+        int           il);

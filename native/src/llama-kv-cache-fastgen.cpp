@@ -1,0 +1,345 @@
+#include "llama-kv-cache-fastgen.h"
+
+#include "llama-batch.h"
+#include "llama-impl.h"
+#include "llama-model.h"
+
+#include <algorithm>
+#include <cassert>
+#include <climits>
+
+//
+// llama_kv_cache_fastgen
+//
+
+llama_kv_cache_fastgen::llama_kv_cache_fastgen(
+        const llama_model & model,
+        std::shared_ptr<const llama_fastgen_policy> policy_,
+                ggml_type   type_k,
+                ggml_type   type_v,
+                     bool   v_trans,
+                     bool   offload,
+                     bool   unified,
+                 uint32_t   kv_size,
+                 uint32_t   n_seq_max,
+                 uint32_t   n_ubatch) : policy(std::move(policy_)), unified(unified) {
+    const auto & hp = model.hparams;
+    const int n_layer = (int) hp.n_layer();
+    tags.reserve(policy->classes.size()); // c_str()s handed to the slices stay valid
+
+    for (size_t c = 0; c < policy->classes.size(); ++c) {
+        auto hc = std::make_unique<llama_hparams>(hp);
+        bool any = false;
+        for (int il = 0; il < n_layer; ++il) {
+            hc->n_head_kv_arr[il] = (uint32_t) policy->n_heads(il, (int) c);
+            any = any || hc->n_head_kv_arr[il] > 0;
+        }
+        if (!any) {
+            hparams_c.push_back(nullptr);
+            slices.push_back(nullptr);
+            continue;
+        }
+        const auto & cls = policy->classes[c];
+        const bool full  = cls.kind == LLAMA_FASTGEN_FULL;
+        // pad to 256 like the iSWA cache: CUDA FA kernels want K->ne[1] % 256 == 0
+        const uint32_t size = full ? kv_size : std::min(kv_size, (uint32_t) GGML_PAD(policy->capacity((int) c, kv_size, n_ubatch), 256));
+
+        const llama_hparams * hcp = hc.get();
+        llama_kv_cache::layer_filter_cb filter = [hcp](int32_t il) { return hcp->n_head_kv_arr[il] > 0; };
+
+        auto kv = std::make_unique<llama_kv_cache>(
+                model, *hc, type_k, type_v, v_trans, offload, unified, size, n_seq_max, 1,
+                full ? 0 : (uint32_t) cls.window, full ? LLAMA_SWA_TYPE_NONE : LLAMA_SWA_TYPE_STANDARD,
+                nullptr, filter, nullptr, nullptr, tags.emplace_back("_fg" + std::to_string(c)).c_str());
+        if (!full) {
+            kv->set_retention(policy->n_sink, policy->protected_tokens((int) c));
+        }
+        hparams_c.push_back(std::move(hc));
+        slices.push_back(std::move(kv));
+    }
+
+    // what an ordinary cache would take: every head at n_ctx cells
+    for (int il = 0; il < n_layer; ++il) {
+        bytes_full += (size_t) kv_size * (ggml_row_size(type_k, hp.n_embd_k_gqa(il)) + ggml_row_size(type_v, hp.n_embd_v_gqa(il)));
+    }
+    bytes_full *= unified ? 1 : n_seq_max;
+
+    size_t total = 0;
+    for (size_t c = 0; c < slices.size(); ++c) {
+        if (!slices[c]) {
+            continue;
+        }
+        int heads = 0;
+        for (int il = 0; il < n_layer; ++il) {
+            heads += policy->n_heads(il, (int) c);
+        }
+        total += slice_bytes((int) c);
+        LLAMA_LOG_INFO("%s: class %zu %-24s %3d heads, %6u cells, %8.2f MiB\n", __func__, c,
+                policy->describe_class((int) c).c_str(), heads, slices[c]->get_size(), slice_bytes((int) c) / 1048576.0);
+    }
+    LLAMA_LOG_INFO("%s: KV cache %.2f MiB instead of %.2f MiB for the full cache (%.1f%%, %.2f MiB saved)\n", __func__,
+            total / 1048576.0, bytes_full / 1048576.0, 100.0 * total / std::max<size_t>(bytes_full, 1),
+            (double) (bytes_full - std::min(total, bytes_full)) / 1048576.0);
+}
+
+size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
+    size_t n = 0;
+    if (slices[c]) {
+        for (const auto & [_, size] : slices[c]->memory_breakdown()) {
+            n += size;
+        }
+    }
+    return n;
+}
+
+void llama_kv_cache_fastgen::clear(bool data) {
+    for (auto & s : slices) {
+        if (s) {
+            s->clear(data);
+        }
+    }
+}
+
+bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    // A compressed slice has already evicted positions behind its window: removing a suffix that
+    // starts inside the history would leave new tokens without their window. Refuse (llama-cpp-python
+    // then clears the cache and re-evaluates the prompt) unless the whole history or nothing goes.
+    if (p0 < 0) {
+        p0 = 0;
+    }
+    const llama_pos pmax = seq_pos_max(seq_id);
+    const bool everything = p0 == 0 && (p1 < 0 || p1 > pmax);
+    const bool nothing    = p0 > pmax;
+    if (!everything && !nothing && policy->has_compressed()) {
+        LLAMA_LOG_DEBUG("%s: refusing to remove positions [%d, %d) of a compressed cache\n", __func__, p0, p1);
+        return false;
+    }
+    bool res = true;
+    for (auto & s : slices) {
+        if (s) {
+            res = s->seq_rm(seq_id, p0, p1) && res;
+        }
+    }
+    return res;
+}
+
+void llama_kv_cache_fastgen::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) {
+    for (auto & s : slices) {
+        if (s) {
+            s->seq_cp(seq_id_src, seq_id_dst, p0, p1);
+        }
+    }
+}
+
+void llama_kv_cache_fastgen::seq_keep(llama_seq_id seq_id) {
+    for (auto & s : slices) {
+        if (s) {
+            s->seq_keep(seq_id);
+        }
+    }
+}
+
+void llama_kv_cache_fastgen::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
+    for (auto & s : slices) {
+        if (s) {
+            s->seq_add(seq_id, p0, p1, shift);
+        }
+    }
+}
+
+void llama_kv_cache_fastgen::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
+    for (auto & s : slices) {
+        if (s) {
+            s->seq_div(seq_id, p0, p1, d);
+        }
+    }
+}
+
+llama_pos llama_kv_cache_fastgen::seq_pos_min(llama_seq_id seq_id) const {
+    llama_pos res = -1;
+    for (const auto & s : slices) {
+        if (s) {
+            const llama_pos p = s->seq_pos_min(seq_id);
+            res = res < 0 ? p : std::min(res, p);
+        }
+    }
+    return res;
+}
+
+llama_pos llama_kv_cache_fastgen::seq_pos_max(llama_seq_id seq_id) const {
+    llama_pos res = -1;
+    for (const auto & s : slices) {
+        if (s) {
+            res = std::max(res, s->seq_pos_max(seq_id));
+        }
+    }
+    return res;
+}
+
+std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_fastgen::memory_breakdown() const {
+    std::map<ggml_backend_buffer_type_t, size_t> mb;
+    for (const auto & s : slices) {
+        if (s) {
+            for (const auto & [buft, size] : s->memory_breakdown()) {
+                mb[buft] += size;
+            }
+        }
+    }
+    return mb;
+}
+
+llama_memory_context_ptr llama_kv_cache_fastgen::init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {
+    GGML_UNUSED(embd_all);
+
+    // as llama_kv_cache_iswa: try a simple split, then an equal split; every slice must fit
+    for (int attempt = 0; attempt < 2; ++attempt) {
+        if (attempt == 0 && !unified) {
+            continue; // requires equal splits
+        }
+        balloc.split_reset();
+        std::vector<llama_ubatch> ubatches;
+        while (true) {
+            auto ubatch = attempt == 0 ? balloc.split_simple(n_ubatch) : balloc.split_equal(n_ubatch, !unified, 0);
+            if (ubatch.n_tokens == 0) {
+                break;
+            }
+            ubatches.push_back(std::move(ubatch)); // NOLINT
+        }
+        if (balloc.get_n_used() < balloc.get_n_tokens()) {
+            continue;
+        }
+        std::vector<llama_kv_cache::slot_info_vec_t> sinfos(slices.size());
+        bool ok = true;
+        for (size_t c = 0; c < slices.size() && ok; ++c) {
+            if (!slices[c]) {
+                continue;
+            }
+            sinfos[c] = slices[c]->prepare(ubatches);
+            if (sinfos[c].empty()) {
+                if (attempt == 1 && policy->classes[c].kind != LLAMA_FASTGEN_FULL) {
+                    LLAMA_LOG_ERROR("%s: fastgen class %s (%u cells) has no room: its retained sinks and protected "
+                            "tokens fill it. Use a larger n_ctx or load the model with fastgen disabled "
+                            "(kv_overrides={'fastgen.enable': False})\n", __func__,
+                            policy->describe_class((int) c).c_str(), slices[c]->get_size());
+                }
+                ok = false;
+            }
+        }
+        if (ok) {
+            return std::make_unique<llama_kv_cache_fastgen_context>(this, std::move(sinfos), std::move(ubatches));
+        }
+    }
+    return std::make_unique<llama_kv_cache_fastgen_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
+}
+
+llama_memory_context_ptr llama_kv_cache_fastgen::init_full() {
+    return std::make_unique<llama_kv_cache_fastgen_context>(this);
+}
+
+llama_memory_context_ptr llama_kv_cache_fastgen::init_update(llama_context * lctx, bool optimize) {
+    return std::make_unique<llama_kv_cache_fastgen_context>(this, lctx, optimize);
+}
+
+bool llama_kv_cache_fastgen::get_can_shift() const {
+    // a K-shift would move retained and windowed cells of different slices inconsistently
+    return !policy->has_compressed();
+}
+
+void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
+    for (const auto & s : slices) {
+        if (s) {
+            s->state_write(io, seq_id, flags);
+        }
+    }
+}
+
+void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
+    for (auto & s : slices) {
+        if (s) {
+            s->state_read(io, seq_id, flags);
+        }
+    }
+}
+
+//
+// llama_kv_cache_fastgen_context
+//
+
+llama_kv_cache_fastgen_context::llama_kv_cache_fastgen_context(llama_memory_status status) : status(status) {}
+
+static llama_memory_status combine(const std::vector<llama_memory_context_ptr> & ctxs) {
+    llama_memory_status st = LLAMA_MEMORY_STATUS_NO_UPDATE;
+    for (const auto & c : ctxs) {
+        if (c) {
+            st = llama_memory_status_combine(st, c->get_status());
+        }
+    }
+    return st;
+}
+
+static std::vector<llama_memory_context_ptr> make_ctxs(llama_kv_cache_fastgen * kv,
+        const std::function<llama_memory_context_ptr(llama_kv_cache *, size_t)> & make) {
+    std::vector<llama_memory_context_ptr> res(kv->n_class());
+    for (size_t c = 0; c < kv->n_class(); ++c) {
+        if (kv->slice((int) c)) {
+            res[c] = make(kv->slice((int) c), c);
+        }
+    }
+    return res;
+}
+
+llama_kv_cache_fastgen_context::llama_kv_cache_fastgen_context(llama_kv_cache_fastgen * kv) :
+    kv(kv),
+    ctxs(make_ctxs(kv, [](llama_kv_cache * s, size_t) { return s->init_full(); })),
+    status(combine(ctxs)) {
+}
+
+llama_kv_cache_fastgen_context::llama_kv_cache_fastgen_context(llama_kv_cache_fastgen * kv, llama_context * lctx, bool optimize) :
+    kv(kv),
+    ctxs(make_ctxs(kv, [&](llama_kv_cache * s, size_t) { return s->init_update(lctx, optimize); })),
+    status(combine(ctxs)) {
+}
+
+llama_kv_cache_fastgen_context::llama_kv_cache_fastgen_context(llama_kv_cache_fastgen * kv,
+        std::vector<slot_info_vec_t> sinfos, std::vector<llama_ubatch> ubatches_) :
+    kv(kv),
+    ubatches(std::move(ubatches_)),
+    ctxs(make_ctxs(kv, [&](llama_kv_cache * s, size_t c) -> llama_memory_context_ptr {
+        return std::make_unique<llama_kv_cache_context>(s, std::move(sinfos[c]), this->ubatches);
+    })),
+    status(combine(ctxs)) {
+}
+
+bool llama_kv_cache_fastgen_context::next() {
+    assert(status == LLAMA_MEMORY_STATUS_SUCCESS);
+    for (auto & c : ctxs) {
+        if (c) {
+            c->next();
+        }
+    }
+    return ++i_next < ubatches.size();
+}
+
+bool llama_kv_cache_fastgen_context::apply() {
+    assert(!llama_memory_status_is_fail(status));
+    bool res = true;
+    for (auto & c : ctxs) {
+        if (c) {
+            res = c->apply() && res;
+        }
+    }
+    return res;
+}
+
+llama_memory_status llama_kv_cache_fastgen_context::get_status() const {
+    return status;
+}
+
+const llama_ubatch & llama_kv_cache_fastgen_context::get_ubatch() const {
+    assert(status == LLAMA_MEMORY_STATUS_SUCCESS);
+    return ubatches[i_next];
+}
+
+const llama_kv_cache_context * llama_kv_cache_fastgen_context::get(int c) const {
+    return static_cast<const llama_kv_cache_context *>(ctxs[c].get());
+}

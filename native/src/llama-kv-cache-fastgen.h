@@ -1,0 +1,105 @@
+// llama-fastgen: a KV cache made of one ordinary llama_kv_cache "slice" per policy class.
+//
+// Every slice is built from a private hparams copy whose n_head_kv_arr[il] is the number of KV
+// heads of that class in layer il (the trick DSA/MSA use), so its tensors hold only those heads
+// and only as many cells as the class needs: full -> n_ctx, compressed -> sinks + window +
+// protected budget + n_ubatch. Compressed slices evict lazily like llama.cpp's SWA cache
+// (n_swa = window) and retain sinks and protected token ids (llama_kv_cache::set_retention).
+// Sequence bookkeeping follows llama_kv_cache_iswa, generalised to N children.
+#pragma once
+
+#include "llama-fastgen-policy.h"
+#include "llama-kv-cache.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+class llama_kv_cache_fastgen : public llama_memory_i {
+public:
+    llama_kv_cache_fastgen(
+            const llama_model & model,
+            std::shared_ptr<const llama_fastgen_policy> policy,
+                    ggml_type   type_k,
+                    ggml_type   type_v,
+                         bool   v_trans,
+                         bool   offload,
+                         bool   unified,
+                     uint32_t   kv_size,
+                     uint32_t   n_seq_max,
+                     uint32_t   n_ubatch);
+
+    ~llama_kv_cache_fastgen() = default;
+
+    llama_memory_context_ptr init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) override;
+    llama_memory_context_ptr init_full() override;
+    llama_memory_context_ptr init_update(llama_context * lctx, bool optimize) override;
+
+    bool get_can_shift() const override;
+
+    void clear(bool data) override;
+
+    bool seq_rm  (llama_seq_id seq_id,                              llama_pos p0, llama_pos p1) override;
+    void seq_cp  (llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) override;
+    void seq_keep(llama_seq_id seq_id)                                                          override;
+    void seq_add (llama_seq_id seq_id,                              llama_pos p0, llama_pos p1, llama_pos shift) override;
+    void seq_div (llama_seq_id seq_id,                              llama_pos p0, llama_pos p1, int d) override;
+
+    llama_pos seq_pos_min(llama_seq_id seq_id) const override;
+    llama_pos seq_pos_max(llama_seq_id seq_id) const override;
+
+    std::map<ggml_backend_buffer_type_t, size_t> memory_breakdown() const override;
+
+    void state_write(llama_io_write_i & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) const override;
+    void state_read (llama_io_read_i  & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) override;
+
+    // per class: nullptr when no layer has a head of that class
+    size_t           n_class()   const { return slices.size(); }
+    llama_kv_cache * slice(int c) const { return slices[c].get(); }
+    size_t           slice_bytes(int c) const;
+    // bytes an ordinary cache of the same types would allocate for n_ctx = kv_size
+    size_t           full_bytes() const { return bytes_full; }
+
+    const llama_fastgen_policy & get_policy() const { return *policy; }
+
+private:
+    std::shared_ptr<const llama_fastgen_policy> policy;
+
+    std::vector<std::unique_ptr<llama_hparams>>  hparams_c; // referenced by the slices: stable addresses
+    std::vector<std::unique_ptr<llama_kv_cache>> slices;
+    std::vector<std::string>                     tags;      // tensor name suffix per class
+
+    size_t bytes_full = 0;
+    bool   unified;
+};
+
+class llama_kv_cache_fastgen_context : public llama_memory_context_i {
+public:
+    using slot_info_vec_t = llama_kv_cache::slot_info_vec_t;
+
+    explicit llama_kv_cache_fastgen_context(llama_memory_status status);
+    explicit llama_kv_cache_fastgen_context(llama_kv_cache_fastgen * kv);                                  // full
+    llama_kv_cache_fastgen_context(llama_kv_cache_fastgen * kv, llama_context * lctx, bool optimize);     // update
+    llama_kv_cache_fastgen_context(llama_kv_cache_fastgen * kv, std::vector<slot_info_vec_t> sinfos,
+                                   std::vector<llama_ubatch> ubatches);                                   // batch
+
+    bool next()  override;
+    bool apply() override;
+
+    llama_memory_status  get_status() const override;
+    const llama_ubatch & get_ubatch() const override;
+
+    // context of class c, nullptr when the class has no slice
+    const llama_kv_cache_context * get(int c) const;
+    const llama_kv_cache_fastgen * get_cache() const { return kv; }
+
+private:
+    llama_kv_cache_fastgen * kv = nullptr;
+
+    size_t i_next = 0;
+    std::vector<llama_ubatch> ubatches;
+
+    std::vector<llama_memory_context_ptr> ctxs; // one per class, nullptr where no slice
+
+    const llama_memory_status status;
+};
