@@ -12,7 +12,16 @@ _CDEF = """
 const char * llama_fastgen_version(void);
 const char * llama_fastgen_llama_commit(void);
 const char * llama_fastgen_backends(void);
-int32_t llama_fastgen_ctx_n_class(const void * ctx);
+const char * llama_fastgen_last_error(void);
+int32_t  llama_fastgen_model_n_class(const void * model);
+bool     llama_fastgen_model_set_enabled(void * model, bool enabled);
+const char * llama_fastgen_model_class_name(const void * model, int32_t c);
+int32_t  llama_fastgen_ctx_n_class(const void * ctx);
+size_t   llama_fastgen_ctx_class_bytes(const void * ctx, int32_t c);
+uint32_t llama_fastgen_ctx_class_cells(const void * ctx, int32_t c);
+uint32_t llama_fastgen_ctx_class_used(const void * ctx, int32_t c);
+size_t   llama_fastgen_ctx_kv_bytes(const void * ctx);
+size_t   llama_fastgen_ctx_full_bytes(const void * ctx);
 """
 
 
@@ -53,6 +62,26 @@ def _import_llama_cpp():
 llama_cpp = _import_llama_cpp()
 
 
+def _explain_load_errors() -> None:
+    """llama-cpp-python only says "Failed to load model"; add why a fastgen policy was refused."""
+    model_cls = llama_cpp._internals.LlamaModel
+    if getattr(model_cls.__init__, "_fastgen", False):
+        return
+    orig = model_cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        try:
+            orig(self, *args, **kwargs)
+        except ValueError as e:
+            why = native.last_error()
+            if why:
+                raise ValueError(f"{e}: {why}") from None
+            raise
+
+    __init__._fastgen = True
+    model_cls.__init__ = __init__
+
+
 @lru_cache(maxsize=None)
 def _ffi_lib():
     import cffi
@@ -84,6 +113,31 @@ class _Native:
     def llama_commit(self) -> str:
         return self._str(self.lib.llama_fastgen_llama_commit())
 
+    def last_error(self) -> str:
+        return self._str(self.lib.llama_fastgen_last_error())
+
+    def cache_stats(self, llm) -> dict:
+        """What the cache of a llama_cpp.Llama holds: per class bytes/cells/used, totals."""
+        ctx = self.ffi.cast("void *", llm._ctx.ctx)
+        model = self.ffi.cast("void *", llm._model.model)
+        lib = self.lib
+        classes = []
+        for c in range(lib.llama_fastgen_ctx_n_class(ctx)):
+            if lib.llama_fastgen_ctx_class_cells(ctx, c) == 0:
+                continue  # class without heads in any layer
+            classes.append({"class": self._str(lib.llama_fastgen_model_class_name(model, c)),
+                            "bytes": int(lib.llama_fastgen_ctx_class_bytes(ctx, c)),
+                            "cells": int(lib.llama_fastgen_ctx_class_cells(ctx, c)),
+                            "used": int(lib.llama_fastgen_ctx_class_used(ctx, c))})
+        return {"fastgen": bool(classes), "classes": classes,
+                "kv_bytes": int(lib.llama_fastgen_ctx_kv_bytes(ctx)),
+                "full_bytes": int(lib.llama_fastgen_ctx_full_bytes(ctx))}
+
+    def set_enabled(self, llm_or_model, enabled: bool) -> bool:
+        """Use the fastgen cache (or the full one) for contexts created afterwards from this model."""
+        model = getattr(llm_or_model, "_model", llm_or_model)
+        return bool(self.lib.llama_fastgen_model_set_enabled(self.ffi.cast("void *", model.model), enabled))
+
     def backends(self) -> list[str]:
         llama_cpp.llama_backend_init()  # registers the backends compiled into ggml
         s = self._str(self.lib.llama_fastgen_backends())
@@ -91,3 +145,6 @@ class _Native:
 
 
 native = _Native()
+
+
+_explain_load_errors()

@@ -173,3 +173,32 @@ def _arch_int(reader, suffix: str) -> int:
             raise MetadataError(f"{arch}.{suffix} varies per layer; not supported")
         v = v[0]
     return int(v)
+
+
+def class_capacity(meta: FastgenMetadata, c: int, n_ctx: int, n_ubatch: int) -> int:
+    """Cells the native cache allocates for class c (mirror of llama_fastgen_policy::capacity,
+    then padded to 256 like llama.cpp's SWA cache). Compressed classes: sinks + window + n_ubatch +
+    32 + a protected-token budget of (1.5 * protected_frac + 0.02) * n_ctx (special only: 0.02)."""
+    import math
+
+    cls = meta.classes[c]
+    if cls.kind == Kind.FULL:
+        return n_ctx
+    share = 0.02 if cls.kind == Kind.SPECIAL else min(1.0, 1.5 * _f32(meta.protected_frac) + 0.02)
+    need = min(n_ctx, meta.n_sink + cls.window + n_ubatch + 32 + math.ceil(share * n_ctx))
+    return min(n_ctx, (need + 255) // 256 * 256)
+
+
+def _f32(x: float) -> float:
+    import struct
+
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def kv_bytes(meta: FastgenMetadata, head_dim: int, n_ctx: int, n_ubatch: int, bytes_per_elem: int = 2) -> list[int]:
+    """Allocated K+V bytes per class (f16 by default): cells x heads over layers x head_dim x 2."""
+    out = []
+    for c in range(len(meta.classes)):
+        heads = sum(row[c] for row in meta.layer_class_heads)
+        out.append(class_capacity(meta, c, n_ctx, n_ubatch) * heads * head_dim * 2 * bytes_per_elem if heads else 0)
+    return out

@@ -53,8 +53,10 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_load
     }
 }
 
+// Also with every head full: the composite then runs one slice holding all heads, which is
+// what the "all full == fastgen off" oracle checks.
 static bool active(const llama_model & model) {
-    return model.fastgen && model.fastgen->enabled && model.fastgen->has_compressed();
+    return model.fastgen && model.fastgen->enabled;
 }
 
 void llama_fastgen_adjust_cparams(const llama_model & model, llama_cparams & cparams) {
