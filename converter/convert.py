@@ -135,13 +135,14 @@ def profile_and_convert(a) -> dict:
         calibration={"prompts": res.prompt_names, "tokens": res.n_tokens,
                      "robust_quantile": a.robust_quantile, "stability": sel.stability()["same_as_offline"]})
 
-    with tempfile.TemporaryDirectory(prefix="fastgen-permuted-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fastgen-permuted-") as tmpdir:
+        tmp = Path(tmpdir) / a.model.resolve().name  # the converter names the model after its folder
         permute_heads(model, sel.perms)
         model.to("cpu").save_pretrained(tmp)
         tok.save_pretrained(tmp)
         for extra in a.model.glob("*.model"):  # SentencePiece files the converter may want
             shutil.copy(extra, tmp)
-        gguf_export.convert(Path(tmp), a.outfile, a.outtype, extra_kv=meta.to_kv(), verbose=a.verbose)
+        gguf_export.convert(tmp, a.outfile, a.outtype, extra_kv=meta.to_kv(), verbose=a.verbose)
 
     rep = report.build(sel, res, meta, head_dim, quality, a.outfile)
     stem = a.outfile.with_suffix("")

@@ -145,13 +145,12 @@ def prepare(sdist: Path | None = None) -> Path:
     """Return the patched tree, creating or updating it incrementally."""
     if shutil.which("patch") is None:
         raise TreeError("the 'patch' program is missing; install it (Debian: apt-get install patch)")
-    sdist = fetch(sdist)
     root = cache_dir()
     pristine = root / f"pristine-{LLAMA_CPP_COMMIT}"
     patched = root / f"patched-{LLAMA_CPP_COMMIT}"
     stamp = patched / ".fastgen-patches.json"
-    if not pristine.is_dir():
-        _extract_pristine(sdist, pristine)
+    if not pristine.is_dir():  # (a carried pristine tree needs no sdist: the GPU machine has no registry)
+        _extract_pristine(fetch(sdist), pristine)
     want = {p.name: sha256(p) for p in _patches()}
     if not patched.is_dir() or not stamp.is_file():
         shutil.rmtree(patched, ignore_errors=True)

@@ -27,12 +27,25 @@ def reply(llm, messages: list[dict], max_tokens: int, out=sys.stdout) -> str:
             text.append(piece)
             n += 1
     dt = time.time() - t0
-    out.write(f"\n   [{n} tokens, {n / max(dt, 1e-9):.1f} tok/s]\n")
+    from . import native
+
+    held = sum(c["used"] for c in native.cache_stats(llm)["classes"])
+    extra = f", {held} cells held over all classes" if held else ""
+    out.write(f"\n   [{n} tokens, {n / max(dt, 1e-9):.1f} tok/s{extra}]\n")
     return "".join(text)
 
 
 def run(model_path: str, prompts: list[str] | None, n_ctx: int, max_tokens: int) -> int:
+    from . import native
+
     llm = load(model_path, n_ctx)
+    st = native.cache_stats(llm)
+    if st["fastgen"]:
+        print(f"KV cache: {st['kv_bytes'] / 2**20:.1f} MiB allocated instead of {st['full_bytes'] / 2**20:.1f} MiB "
+              f"({1 - st['kv_bytes'] / st['full_bytes']:.0%} saved) at n_ctx {n_ctx}, "
+              f"{len(st['classes'])} head classes")
+    else:
+        print(f"KV cache: full ({st['kv_bytes'] / 2**20:.1f} MiB at n_ctx {n_ctx}; no fastgen policy in this GGUF)")
     messages: list[dict] = []
     interactive = prompts is None and sys.stdin.isatty()
     todo = iter(prompts or SCRIPTED) if not interactive else None

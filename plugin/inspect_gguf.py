@@ -8,6 +8,17 @@ from . import schema
 CONTEXTS = (4096, 8192, 32768)
 
 
+def allocated(path: str, n_ctx: int, n_ubatch: int = 512) -> dict:
+    """Create a real context and read what its cache allocated (C API), not a formula."""
+    from . import llama_cpp, native
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_ubatch=n_ubatch, verbose=False)
+    try:
+        return native.cache_stats(llm)
+    finally:
+        llm.close()
+
+
 def table(path: str, n_ctx: int | None, as_json: bool) -> str:
     import gguf
 
@@ -26,7 +37,10 @@ def table(path: str, n_ctx: int | None, as_json: bool) -> str:
     for n in ctxs:
         full = sum(map(sum, meta.layer_class_heads)) * n * per_token
         fg = sum(p.cost(n, meta.protected_frac, meta.n_sink) for row in meta.head_policies() for p in row) * per_token
-        mem.append({"n_ctx": n, "policy_bytes": fg, "full_bytes": full, "ratio": fg / full})
+        alloc = allocated(path, n)
+        mem.append({"n_ctx": n, "policy_bytes": fg, "full_bytes": full, "ratio": fg / full,
+                    "allocated_bytes": alloc["kv_bytes"], "allocated_ratio": alloc["kv_bytes"] / alloc["full_bytes"],
+                    "classes": alloc["classes"]})
     if as_json:
         return json.dumps({"gguf": path, "threshold": meta.threshold, "n_sink": meta.n_sink,
                            "classes": [c.label for c in meta.classes],
@@ -37,6 +51,7 @@ def table(path: str, n_ctx: int | None, as_json: bool) -> str:
     for l, row in enumerate(meta.layer_class_heads):
         lines.append(f"{l:>5}  " + "  ".join(f"{n:>22}" for n in row))
     for m in mem:
-        lines.append(f"KV (f16) at n_ctx {m['n_ctx']:>6}: policy footprint {m['policy_bytes'] / 2**20:8.1f} MiB "
-                     f"vs full {m['full_bytes'] / 2**20:8.1f} MiB ({m['ratio']:.0%})")
+        lines.append(f"KV (f16) at n_ctx {m['n_ctx']:>6}: allocated {m['allocated_bytes'] / 2**20:8.1f} MiB vs full "
+                     f"{m['full_bytes'] / 2**20:8.1f} MiB ({m['allocated_ratio']:.0%}); tokens the policy keeps: "
+                     f"{m['policy_bytes'] / 2**20:.1f} MiB ({m['ratio']:.0%})")
     return "\n".join(lines)

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""GPU checks and benchmarks of the fastgen cache (run by scripts/gpu_run.sh on the GPU machine).
+
+  correctness  random-weight 'small' model, same tokens on CPU (CUDA hidden) and on CUDA:
+               fastgen logits CPU vs CUDA, and the stock full cache CPU vs CUDA as the noise floor
+  kv           KV bytes allocated at several n_ctx: fastgen, full f16, full q8_0 (C API)
+  speed        llama-bench decode tokens/s at depths and prefill tokens/s: fastgen vs full f16 vs q8_0
+
+Prints tables and writes JSON (--json). Numbers are measured, never typed in.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def logits(gguf: str, ids: list[int], gpu: bool, fastgen: bool, n_ctx: int = 2048) -> np.ndarray:
+    import llama_fastgen  # noqa: F401
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=n_ctx, n_batch=64, n_ubatch=64, logits_all=True, verbose=False,
+                flash_attn=True, n_gpu_layers=99 if gpu else 0,
+                kv_overrides=None if fastgen else {"fastgen.enable": False})
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+def child(args) -> int:
+    ids = [int(i) for i in np.random.default_rng(1).integers(100, 100000, args.n_tokens)]
+    np.save(args.save, logits(args.model, ids, args.gpu, args.fastgen).astype(np.float16))
+    return 0
+
+
+def run_child(model, n, gpu, fastgen, path):
+    env = dict(os.environ)
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, __file__, "child", "--model", model, "--n-tokens", str(n), "--save", path]
+    cmd += ["--gpu"] if gpu else []
+    cmd += ["--fastgen"] if fastgen else []
+    subprocess.run(cmd, check=True, env=env)
+    return np.load(path).astype(np.float32)
+
+
+def correctness(args) -> dict:
+    res = {}
+    for fg in (True, False):
+        cpu = run_child(args.small, args.n_tokens, False, fg, "/tmp/cpu.npy")
+        gpu = run_child(args.small, args.n_tokens, True, fg, "/tmp/gpu.npy")
+        s = 600  # past every window of the policy mix
+        d = np.abs(cpu[s:] - gpu[s:])
+        res["fastgen" if fg else "full"] = {
+            "positions": int(len(d)), "top1_agreement": float((cpu[s:].argmax(-1) == gpu[s:].argmax(-1)).mean()),
+            "max_abs": float(d.max()), "mean_abs": float(d.mean()),
+            "max_rel": float(d.max() / np.abs(cpu[s:]).max())}
+    print("CPU vs CUDA (random-weight small model, %d tokens, compared from position 600)" % args.n_tokens)
+    for k, v in res.items():
+        print(f"  {k:8s} top-1 {v['top1_agreement']:.4f}  max|diff| {v['max_abs']:.4f}  mean|diff| {v['mean_abs']:.5f}  max rel {v['max_rel']:.2e}")
+    return res
+
+
+def kv(args) -> list:
+    import llama_fastgen
+    from llama_cpp import Llama
+
+    rows = []
+    for n_ctx in args.kv_ctx:
+        for name, kw in (("fastgen f16", {}), ("full f16", {"kv_overrides": {"fastgen.enable": False}}),
+                         ("full q8_0", {"kv_overrides": {"fastgen.enable": False}, "type_k": 8, "type_v": 8})):
+            llm = Llama(model_path=args.model, n_ctx=n_ctx, n_gpu_layers=99, flash_attn=True, verbose=False, **kw)
+            st = llama_fastgen.native.cache_stats(llm)
+            llm.close()
+            rows.append({"config": name, "n_ctx": n_ctx, "kv_bytes": st["kv_bytes"], "full_f16_bytes": st["full_bytes"]})
+    full = {r["n_ctx"]: r["kv_bytes"] for r in rows if r["config"] == "full f16"}
+    print("KV bytes allocated (8B shape)")
+    for r in rows:
+        print(f"  n_ctx {r['n_ctx']:>6} {r['config']:12s} {r['kv_bytes'] / 2**30:7.3f} GiB  ({r['kv_bytes'] / full[r['n_ctx']]:.1%} of full f16)")
+    return rows
+
+
+def bench(bin_, model, extra, env_extra) -> list:
+    env = dict(os.environ, **env_extra)
+    cmd = [bin_, "-m", model, "-ngl", "99", "-fa", "1", "-o", "json", "-r", str(2)] + extra
+    out = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def speed(args) -> list:
+    configs = [("fastgen f16", [], {}), ("full f16", [], {"LLAMA_FASTGEN_DISABLE": "1"}),
+               ("full q8_0", ["-ctk", "q8_0", "-ctv", "q8_0"], {"LLAMA_FASTGEN_DISABLE": "1"})]
+    rows = []
+    depths = ",".join(str(d) for d in args.depths)
+    for name, extra, env in configs:
+        t0 = time.time()
+        for r in bench(args.llama_bench, args.model, ["-p", "0", "-n", "64", "-d", depths] + extra, env):
+            rows.append({"config": name, "test": "tg64", "depth": r["n_depth"], "tps": r["avg_ts"], "stddev": r["stddev_ts"]})
+        for r in bench(args.llama_bench, args.model, ["-p", "8192", "-n", "0"] + extra, env):
+            rows.append({"config": name, "test": "pp8192", "depth": 0, "tps": r["avg_ts"], "stddev": r["stddev_ts"]})
+        print(f"  ({name}: {time.time() - t0:.0f} s)", flush=True)
+    print("llama-bench tokens/s (8B shape, Q4_0 random weights, FA on)")
+    tests = sorted({(r["test"], r["depth"]) for r in rows}, key=lambda t: (t[0] != "tg64", t[1]))
+    print("  " + f"{'test':>16}" + "".join(f"{c:>14}" for c, _, _ in configs) + "   fastgen/full")
+    for t in tests:
+        vals = {r["config"]: r["tps"] for r in rows if (r["test"], r["depth"]) == t}
+        print("  " + f"{t[0] + ' @ d' + str(t[1]):>16}" + "".join(f"{vals.get(c, float('nan')):14.1f}" for c, _, _ in configs)
+              + f"   {vals['fastgen f16'] / vals['full f16']:.2f}x")
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["all", "correctness", "kv", "speed", "child"])
+    ap.add_argument("--model", help="8B-shape fastgen GGUF (kv, speed)")
+    ap.add_argument("--small", help="small random fastgen GGUF (correctness)")
+    ap.add_argument("--llama-bench", default="llama-bench")
+    ap.add_argument("--n-tokens", type=int, default=1600)
+    ap.add_argument("--depths", type=int, nargs="+", default=[0, 8192, 32768, 65536])
+    ap.add_argument("--kv-ctx", type=int, nargs="+", default=[8192, 32768, 65536])
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--fastgen", action="store_true")
+    ap.add_argument("--save")
+    args = ap.parse_args()
+    if args.what == "child":
+        return child(args)
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        gpu = "no GPU"
+    out = {"machine": gpu}
+    for step in ("correctness", "kv", "speed"):
+        if args.what in (step, "all"):
+            out[step] = globals()[step](args)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

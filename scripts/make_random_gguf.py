@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Write a random-weight llama GGUF of a real shape, with fastgen metadata taken from a real profile.
+
+Random weights are enough for speed, memory and CPU-vs-CUDA agreement (quality needs real
+weights). The policy mix comes from a converter report (OUT.fastgen.json): its per-head kept
+masses are re-thresholded at --threshold and mapped onto the target's layers (nearest layer) and
+KV heads (head h takes source head h mod n_src), so the share of each class follows the profile.
+
+    python scripts/make_random_gguf.py --shape llama3-8b --profile REPORT.json --threshold 0.95 --out M.gguf
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {
+    # n_layer, n_embd, n_head, n_head_kv, n_ff
+    "llama3-8b": (32, 4096, 32, 8, 14336),
+    "small": (8, 1024, 16, 4, 2816),
+}
+KINDS = {"full": 0, "special": 1, "special+punct": 2, "special+punct+local": 3}
+
+
+def parse_label(label: str) -> tuple[int, int]:
+    """'special+punct+local256' -> (3, 256); 'full' -> (0, 0); 'special' -> (1, 1)."""
+    if label.startswith("special+punct+local"):
+        return 3, int(label[len("special+punct+local"):])
+    return KINDS[label], 0 if label == "full" else 1
+
+
+def policy_from_report(report: dict, threshold: float, n_layer: int, n_kv: int):
+    stat = np.array(report["kept_mass_stat"])       # [L_src, H_src, R]
+    rungs = report["rungs"]
+    L_src, H_src, _ = stat.shape
+    ok = stat >= threshold - 1e-6
+    ok[..., -1] = True
+    chosen = ok.argmax(-1)
+    heads = []
+    for l in range(n_layer):
+        ls = round(l * (L_src - 1) / max(n_layer - 1, 1))
+        heads.append([parse_label(rungs[chosen[ls, h % H_src]]) for h in range(n_kv)])
+    classes = sorted({c for row in heads for c in row}, key=lambda c: (c[0] != 0, -c[1], -c[0]))
+    counts = [[row.count(c) for c in classes] for row in heads]
+    return classes, counts
+
+
+def q4_0(rows: int, cols: int, rng) -> np.ndarray:
+    """Random Q4_0 blocks: an f16 scale so values have std ~ 1/sqrt(cols), then random nibbles."""
+    nb = cols // 32
+    data = rng.integers(0, 256, size=(rows, nb, 18), dtype=np.uint8)
+    d = np.float16(1.0 / (4.6 * math.sqrt(cols)))
+    data[:, :, 0:2] = np.frombuffer(d.tobytes(), dtype=np.uint8)
+    return data.reshape(rows, nb * 18)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    ap.add_argument("--profile", type=Path, help="converter report JSON (none: no fastgen metadata)")
+    ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--tree", type=Path, required=True, help="pinned llama.cpp tree (gguf-py, vocab)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    sys.path.insert(0, str(a.tree / "gguf-py"))
+    import gguf
+
+    n_layer, n_embd, n_head, n_kv, n_ff = SHAPES[a.shape]
+    hd = n_embd // n_head
+    vocab = gguf.GGUFReader(str(a.tree / "models" / "ggml-vocab-llama-bpe.gguf"))
+    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].contents())
+    w = gguf.GGUFWriter(str(a.out), "llama")
+    w.add_name(f"random {a.shape}")
+    w.add_block_count(n_layer)
+    w.add_context_length(131072)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hd)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    for key, field in vocab.fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            if vtype == gguf.GGUFValueType.ARRAY:
+                w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+            else:
+                w.add_key_value(key, field.contents(), vtype)
+    if a.profile:
+        classes, counts = policy_from_report(json.loads(a.profile.read_text()), a.threshold, n_layer, n_kv)
+        T = gguf.GGUFValueType
+        w.add_uint32("fastgen.version", 1)
+        w.add_float32("fastgen.threshold", a.threshold)
+        w.add_uint32("fastgen.n_sink", 4)
+        w.add_float32("fastgen.protected_frac", float(json.loads(a.profile.read_text())["protected_frac"]))
+        w.add_key_value("fastgen.class.kind", [k for k, _ in classes], T.ARRAY, sub_type=T.INT32)
+        w.add_key_value("fastgen.class.window", [win for _, win in classes], T.ARRAY, sub_type=T.INT32)
+        w.add_key_value("fastgen.layer_class_heads", [n for row in counts for n in row], T.ARRAY, sub_type=T.INT32)
+        w.add_key_value("fastgen.head_perm", list(range(n_kv)) * n_layer, T.ARRAY, sub_type=T.INT32)
+        w.add_string("fastgen.calibration", json.dumps({"random_weights": True, "profile": str(a.profile)}))
+    rng = np.random.default_rng(a.seed)
+    Q = gguf.GGMLQuantizationType.Q4_0
+
+    def add_q(name, rows, cols):
+        w.add_tensor(name, q4_0(rows, cols, rng), raw_dtype=Q)  # byte shape: gguf-py derives (rows, cols)
+
+    add_q("token_embd.weight", n_vocab, n_embd)
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    add_q("output.weight", n_vocab, n_embd)
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        add_q(p + "attn_q.weight", n_embd, n_embd)
+        add_q(p + "attn_k.weight", n_kv * hd, n_embd)
+        add_q(p + "attn_v.weight", n_kv * hd, n_embd)
+        add_q(p + "attn_output.weight", n_embd, n_embd)
+        add_q(p + "ffn_gate.weight", n_ff, n_embd)
+        add_q(p + "ffn_up.weight", n_ff, n_embd)
+        add_q(p + "ffn_down.weight", n_embd, n_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
