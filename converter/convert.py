@@ -17,7 +17,6 @@ With --profile:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -95,7 +94,7 @@ def profile_and_convert(a) -> dict:
     from llama_fastgen import schema as metadata
 
     from . import calibration, reference, report, tokens
-    from .architectures import UnsupportedModel, check, permute_heads, shape
+    from .architectures import check, permute_heads, shape
     from .profiling import profile, select, token_context
 
     config = AutoConfig.from_pretrained(a.model)

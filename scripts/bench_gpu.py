@@ -17,15 +17,21 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+# llama_fastgen (libllama + ggml-cuda) before numpy: on the GPU machine, loading numpy first made
+# libllama resolve libstdc++ template symbols into libggml-cuda and crash in llama.cpp's print_info
+import llama_fastgen  # noqa: F401,E402
+import numpy as np  # noqa: E402
 
 
 def logits(gguf: str, ids: list[int], gpu: bool, fastgen: bool, n_ctx: int = 2048) -> np.ndarray:
-    import llama_fastgen  # noqa: F401
     from llama_cpp import Llama
 
-    llm = Llama(model_path=gguf, n_ctx=n_ctx, n_batch=64, n_ubatch=64, logits_all=True, verbose=False,
-                flash_attn=True, n_gpu_layers=99 if gpu else 0,
+    # CPU: no layer, no KV and no op offloaded, in the same CUDA build (hiding the GPU with
+    # CUDA_VISIBLE_DEVICES="" made this build crash at load)
+    # verbose=True: on the GPU machine's CUDA build, llama-cpp-python's verbose=False (stdout/stderr
+    # redirection) crashed inside llama.cpp's own model print_info; the logs go to the caller's stderr
+    llm = Llama(model_path=gguf, n_ctx=n_ctx, n_batch=64, n_ubatch=64, logits_all=True, verbose=True,
+                flash_attn=True, n_gpu_layers=99 if gpu else 0, offload_kqv=gpu, op_offload=gpu,
                 kv_overrides=None if fastgen else {"fastgen.enable": False})
     llm.eval(ids)
     out = np.array(llm.scores[: len(ids)], dtype=np.float32)
@@ -41,12 +47,10 @@ def child(args) -> int:
 
 def run_child(model, n, gpu, fastgen, path):
     env = dict(os.environ)
-    if not gpu:
-        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, __file__, "child", "--model", model, "--n-tokens", str(n), "--save", path]
     cmd += ["--gpu"] if gpu else []
     cmd += ["--fastgen"] if fastgen else []
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(cmd, check=True, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     return np.load(path).astype(np.float32)
 
 
@@ -68,14 +72,13 @@ def correctness(args) -> dict:
 
 
 def kv(args) -> list:
-    import llama_fastgen
     from llama_cpp import Llama
 
     rows = []
     for n_ctx in args.kv_ctx:
         for name, kw in (("fastgen f16", {}), ("full f16", {"kv_overrides": {"fastgen.enable": False}}),
                          ("full q8_0", {"kv_overrides": {"fastgen.enable": False}, "type_k": 8, "type_v": 8})):
-            llm = Llama(model_path=args.model, n_ctx=n_ctx, n_gpu_layers=99, flash_attn=True, verbose=False, **kw)
+            llm = Llama(model_path=args.model, n_ctx=n_ctx, n_gpu_layers=99, flash_attn=True, verbose=True, **kw)
             st = llama_fastgen.native.cache_stats(llm)
             llm.close()
             rows.append({"config": name, "n_ctx": n_ctx, "kv_bytes": st["kv_bytes"], "full_f16_bytes": st["full_bytes"]})

@@ -6,10 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 export LLAMA_FASTGEN_CACHE=/tmp/fgcache
-mkdir -p $LLAMA_FASTGEN_CACHE && tar -C $LLAMA_FASTGEN_CACHE -xJf .gpu/tree.tar.xz
+[ -d $LLAMA_FASTGEN_CACHE/pristine-0c1e57098 ] || { mkdir -p $LLAMA_FASTGEN_CACHE && tar -C $LLAMA_FASTGEN_CACHE -xJf .gpu/tree.tar.xz; }
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl
 export PYTHONPATH=/tmp/site
 t0=$(date +%s)
+# a warm machine keeps /tmp: reuse its build and models (ninja rebuilds only what changed)
 cmake -S . -B /tmp/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
       -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON > "$OUT/build.log" 2>&1
 cmake --build /tmp/build -j 16 --target llama llama-bench >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
@@ -21,8 +22,10 @@ find /tmp/build -name 'lib*.so*' -exec cp -P {} /tmp/site/llama_fastgen/lib/ \;
 python3 -m llama_fastgen --version
 TREE=$LLAMA_FASTGEN_CACHE/pristine-0c1e57098
 t0=$(date +%s)
-python3 scripts/make_random_gguf.py --shape small --profile .gpu/profile.json --threshold "${FASTGEN_T:-0.95}" --tree $TREE --out /tmp/small.gguf
-python3 scripts/make_random_gguf.py --shape llama3-8b --profile .gpu/profile.json --threshold "${FASTGEN_T:-0.95}" --tree $TREE --out /tmp/8b.gguf
+for shape in small llama3-8b; do
+    [ -f /tmp/$shape.gguf ] || python3 scripts/make_random_gguf.py --shape $shape --profile .gpu/profile.json \
+        --threshold "${FASTGEN_T:-0.95}" --tree $TREE --out /tmp/$shape.gguf
+done
 echo "random GGUFs: $(( $(date +%s) - t0 )) s"
-PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py "$@" --small /tmp/small.gguf --model /tmp/8b.gguf \
-    --llama-bench "$(find /tmp/build -name llama-bench -type f | head -1)" --json "$OUT/bench_gpu.json"
+PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py "$@" --small /tmp/small.gguf --model /tmp/llama3-8b.gguf \
+    --llama-bench "$(find /tmp/build -name llama-bench -type f | head -1)" --json "$OUT/bench_gpu.json" 2> "$OUT/bench.log" || { tail -20 "$OUT/bench.log"; exit 1; }
