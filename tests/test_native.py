@@ -179,3 +179,21 @@ def test_state_save_and_load_resumes_exactly(real_fastgen_gguf, long_ids):
         llm.close()
     assert (first.argmax(-1) == again.argmax(-1)).all()
     assert np.abs(first - again).max() < 0.02, np.abs(first - again).max()
+
+
+def test_a_full_protected_budget_drops_the_oldest_protected_tokens(real_fastgen_gguf):
+    """Text that is nothing but punctuation outgrows every compressed class's protected budget
+    (sized from the calibration share): decoding goes on, the oldest protected tokens go."""
+    llm = Llama(model_path=str(real_fastgen_gguf), n_ctx=2048, n_batch=64, verbose=False)
+    try:
+        ids = llm.tokenize(b"!?.,;:" * 1000, add_bos=False)[:1800]
+        small = [c for c in llama_fastgen.native.cache_stats(llm)["classes"] if c["class"] != "full"]
+        assert small and max(c["cells"] for c in small) < len(ids)
+        llm.eval(ids)
+        st = llama_fastgen.native.cache_stats(llm)
+        assert llm.n_tokens == len(ids)
+        for c in st["classes"]:
+            assert c["used"] <= c["cells"]
+        assert np.isfinite(np.array(llm.scores)).all()  # the last batch's logits
+    finally:
+        llm.close()

@@ -22,7 +22,7 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
                      bool   unified,
                  uint32_t   kv_size,
                  uint32_t   n_seq_max,
-                 uint32_t   n_ubatch) : policy(std::move(policy_)), unified(unified) {
+                 uint32_t   n_ubatch) : policy(std::move(policy_)), unified(unified), n_seq_max(n_seq_max) {
     const auto & hp = model.hparams;
     const int n_layer = (int) hp.n_layer();
     tags.reserve(policy->classes.size()); // c_str()s handed to the slices stay valid
@@ -57,6 +57,8 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
         hparams_c.push_back(std::move(hc));
         slices.push_back(std::move(kv));
     }
+
+    evicted_upto.assign(slices.size(), {});
 
     // what an ordinary cache would take: every head at n_ctx cells
     for (int il = 0; il < n_layer; ++il) {
@@ -93,6 +95,7 @@ size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
 }
 
 void llama_kv_cache_fastgen::clear(bool data) {
+    evicted_upto.assign(slices.size(), {});
     for (auto & s : slices) {
         if (s) {
             s->clear(data);
@@ -107,12 +110,20 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
     if (p0 < 0) {
         p0 = 0;
     }
-    const llama_pos pmax = seq_pos_max(seq_id);
+    llama_pos pmax = -1; // seq_id < 0: every sequence
+    for (llama_seq_id s = seq_id < 0 ? 0 : seq_id; s < (seq_id < 0 ? (llama_seq_id) n_seq_max : seq_id + 1); ++s) {
+        pmax = std::max(pmax, seq_pos_max(s));
+    }
     const bool everything = p0 == 0 && (p1 < 0 || p1 > pmax);
     const bool nothing    = p0 > pmax;
     if (!everything && !nothing && policy->has_compressed()) {
         LLAMA_LOG_DEBUG("%s: refusing to remove positions [%d, %d) of a compressed cache\n", __func__, p0, p1);
         return false;
+    }
+    if (everything) {
+        for (auto & m : evicted_upto) {
+            seq_id < 0 ? m.clear() : (void) m.erase(seq_id);
+        }
     }
     bool res = true;
     for (auto & s : slices) {
@@ -215,11 +226,14 @@ llama_memory_context_ptr llama_kv_cache_fastgen::init_batch(llama_batch_allocr &
                 continue;
             }
             sinfos[c] = slices[c]->prepare(ubatches);
+            // protected budget full: drop the oldest protected tokens (a quarter of them at a time)
+            for (int i = 0; i < 8 && sinfos[c].empty() && evict_oldest_protected((int) c); ++i) {
+                sinfos[c] = slices[c]->prepare(ubatches);
+            }
             if (sinfos[c].empty()) {
                 if (attempt == 1 && policy->classes[c].kind != LLAMA_FASTGEN_FULL) {
-                    LLAMA_LOG_ERROR("%s: fastgen class %s (%u cells) has no room: its retained sinks and protected "
-                            "tokens fill it. Use a larger n_ctx or load the model with fastgen disabled "
-                            "(kv_overrides={'fastgen.enable': False})\n", __func__,
+                    LLAMA_LOG_ERROR("%s: fastgen class %s (%u cells) has no room for this batch even after "
+                            "dropping protected tokens; use a larger n_ctx or a smaller n_ubatch\n", __func__,
                             policy->describe_class((int) c).c_str(), slices[c]->get_size());
                 }
                 ok = false;
@@ -230,6 +244,34 @@ llama_memory_context_ptr llama_kv_cache_fastgen::init_batch(llama_batch_allocr &
         }
     }
     return std::make_unique<llama_kv_cache_fastgen_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
+}
+
+bool llama_kv_cache_fastgen::evict_oldest_protected(int c) {
+    const auto & cls = policy->classes[c];
+    if (cls.kind == LLAMA_FASTGEN_FULL) {
+        return false;
+    }
+    bool evicted = false;
+    for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
+        const llama_pos pmax = slices[c]->seq_pos_max(s);
+        if (pmax < 0) {
+            continue;
+        }
+        // below the window only retained cells remain; sinks stay; evicted_upto skips what is gone
+        auto & upto = evicted_upto[c][s];
+        const llama_pos lo = std::max<llama_pos>(upto, (llama_pos) policy->n_sink);
+        const llama_pos hi = pmax + 1 - cls.window;
+        if (hi <= lo) {
+            continue;
+        }
+        const llama_pos cut = lo + std::max<llama_pos>(1, (hi - lo)/4);
+        LLAMA_LOG_WARN("%s: class %s is full: dropping protected tokens at positions [%d, %d) of sequence %d\n",
+                __func__, policy->describe_class(c).c_str(), lo, cut, s);
+        slices[c]->seq_rm(s, lo, cut);
+        upto    = cut;
+        evicted = true;
+    }
+    return evicted;
 }
 
 llama_memory_context_ptr llama_kv_cache_fastgen::init_full() {

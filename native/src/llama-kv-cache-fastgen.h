@@ -11,6 +11,7 @@
 #include "llama-fastgen-policy.h"
 #include "llama-kv-cache.h"
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -63,14 +64,19 @@ public:
     const llama_fastgen_policy & get_policy() const { return *policy; }
 
 private:
+    // when retained tokens fill a compressed class: drop its oldest protected tokens (not sinks)
+    bool evict_oldest_protected(int c);
+
     std::shared_ptr<const llama_fastgen_policy> policy;
 
     std::vector<std::unique_ptr<llama_hparams>>  hparams_c; // referenced by the slices: stable addresses
     std::vector<std::unique_ptr<llama_kv_cache>> slices;
     std::vector<std::string>                     tags;      // tensor name suffix per class
+    std::vector<std::map<llama_seq_id, llama_pos>> evicted_upto; // per class: protected tokens dropped below this
 
-    size_t bytes_full = 0;
-    bool   unified;
+    size_t   bytes_full = 0;
+    bool     unified;
+    uint32_t n_seq_max;
 };
 
 class llama_kv_cache_fastgen_context : public llama_memory_context_i {
