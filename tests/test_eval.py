@@ -1,0 +1,43 @@
+"""Evaluation harness: its numbers come from real runs (full vs itself is exact, a tiny window is worse)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from llama_fastgen.converter import gguf_export
+
+spec = importlib.util.spec_from_file_location("fastgen_eval", Path(__file__).resolve().parent.parent / "scripts" / "eval.py")
+ev = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ev)
+
+
+@pytest.fixture(scope="module")
+def tiny_ids(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)(ev.held_out_text())["input_ids"][:500]
+
+
+def test_full_cache_scores_kl_zero_and_full_agreement(tiny_model_dir, tiny_ids, tmp_path):
+    g = gguf_export.convert_stock(tiny_model_dir, tmp_path / "tiny.gguf", "f32")
+    a, st = ev.run_config(g, tiny_ids, 512, fastgen=False, kv_q8=False)
+    b, _ = ev.run_config(g, tiny_ids, 512, fastgen=False, kv_q8=False)
+    r = ev.compare(a, b, tiny_ids, 100)
+    assert r["kl_mean"] == 0.0 and r["top1"] == 1.0 and r["positions"] == 399
+    assert st["kv_bytes"] == st["full_bytes"] == 4 * 2 * 8 * 2 * 2 * 512  # layers x kv heads x head_dim x K,V x f16
+
+
+def test_a_four_token_window_scores_visibly_worse(model_dir, tmp_path):
+    """On the real default model (a random tiny model attends almost uniformly, so it cannot tell)."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(ev.held_out_text())["input_ids"][:500]
+    g = gguf_export.convert_stock(model_dir, tmp_path / "smol.gguf", "f32")
+    full, _ = ev.run_config(g, ids, 512, fastgen=False, kv_q8=False)
+    bad = ev.uniform_gguf(model_dir, 4, 0.0, tmp_path / "w4.gguf")
+    logits, st = ev.run_config(bad, ids, 512, fastgen=True, kv_q8=False)
+    r = ev.compare(full, logits, ids, 100)
+    assert st["fastgen"] and st["kv_bytes"] < st["full_bytes"]
+    assert r["kl_mean"] > 0.01 and r["top1"] < 0.95
