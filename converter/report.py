@@ -6,21 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_fastgen.schema import HeadPolicy
+from llama_fastgen.schema import footprint_bytes
 
 CONTEXTS = (1024, 4096, 8192, 32768)
-
-
-def kv_bytes(policies: list[list[HeadPolicy]], head_dim: int, n_ctx: int, protected_frac: float,
-             n_sink: int, bytes_per_elem: int = 2) -> tuple[float, float]:
-    """(fastgen, full) KV bytes for tokens actually kept (f16 by default, K and V).
-
-    The native cache adds n_ubatch cells per windowed class and pads to 256; `llama-fastgen
-    inspect` reports those allocated bytes, this is the policy's own footprint."""
-    per_token = 2 * head_dim * bytes_per_elem
-    full = sum(len(row) for row in policies) * n_ctx * per_token
-    fg = sum(p.cost(n_ctx, protected_frac, n_sink) for row in policies for p in row) * per_token
-    return fg, full
 
 
 def build(sel, res, meta, head_dim: int, quality: dict | None, gguf: Path) -> dict:
@@ -30,7 +18,7 @@ def build(sel, res, meta, head_dim: int, quality: dict | None, gguf: Path) -> di
             counts[p.label] = counts.get(p.label, 0) + 1
     mem = []
     for n in CONTEXTS:
-        fg, full = kv_bytes(sel.policies, head_dim, n, res.protected_frac, res.n_sink)
+        fg, full = footprint_bytes(sel.policies, head_dim, n, res.protected_frac, res.n_sink)
         mem.append({"n_ctx": n, "fastgen_bytes": fg, "full_bytes": full, "ratio": fg / full})
     return {
         "gguf": str(gguf),

@@ -31,12 +31,10 @@ def table(path: str, n_ctx: int | None, as_json: bool) -> str:
     n_head = int(r.fields[f"{arch}.attention.head_count"].contents())
     head_dim = int(r.fields[f"{arch}.attention.key_length"].contents()) \
         if f"{arch}.attention.key_length" in r.fields else n_embd // n_head
-    per_token = 2 * head_dim * 2  # K and V, f16
     ctxs = (n_ctx,) if n_ctx else CONTEXTS
     mem = []
     for n in ctxs:
-        full = sum(map(sum, meta.layer_class_heads)) * n * per_token
-        fg = sum(p.cost(n, meta.protected_frac, meta.n_sink) for row in meta.head_policies() for p in row) * per_token
+        fg, full = schema.footprint_bytes(meta.head_policies(), head_dim, n, meta.protected_frac, meta.n_sink)
         alloc = allocated(path, n)
         mem.append({"n_ctx": n, "policy_bytes": fg, "full_bytes": full, "ratio": fg / full,
                     "allocated_bytes": alloc["kv_bytes"], "allocated_ratio": alloc["kv_bytes"] / alloc["full_bytes"],

@@ -202,3 +202,13 @@ def kv_bytes(meta: FastgenMetadata, head_dim: int, n_ctx: int, n_ubatch: int, by
         heads = sum(row[c] for row in meta.layer_class_heads)
         out.append(class_capacity(meta, c, n_ctx, n_ubatch) * heads * head_dim * 2 * bytes_per_elem if heads else 0)
     return out
+
+
+def footprint_bytes(policies: list[list[HeadPolicy]], head_dim: int, n_ctx: int, protected_frac: float,
+                    n_sink: int, bytes_per_elem: int = 2) -> tuple[float, float]:
+    """(kept, full) K+V bytes for the tokens the policies keep at n_ctx (f16 by default): the
+    policy's own footprint, before the native cache adds n_ubatch cells and pads to 256."""
+    per_token = 2 * head_dim * bytes_per_elem
+    full = sum(len(row) for row in policies) * n_ctx * per_token
+    kept = sum(p.cost(n_ctx, protected_frac, n_sink) for row in policies for p in row) * per_token
+    return kept, full

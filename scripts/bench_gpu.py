@@ -24,19 +24,14 @@ import numpy as np  # noqa: E402
 
 
 def logits(gguf: str, ids: list[int], gpu: bool, fastgen: bool, n_ctx: int = 2048) -> np.ndarray:
-    from llama_cpp import Llama
+    from llama_fastgen.logits import teacher_forced
 
     # CPU: no layer, no KV and no op offloaded, in the same CUDA build (hiding the GPU with
-    # CUDA_VISIBLE_DEVICES="" made this build crash at load)
-    # verbose=True: on the GPU machine's CUDA build, llama-cpp-python's verbose=False (stdout/stderr
-    # redirection) crashed inside llama.cpp's own model print_info; the logs go to the caller's stderr
-    llm = Llama(model_path=gguf, n_ctx=n_ctx, n_batch=64, n_ubatch=64, logits_all=True, verbose=True,
-                flash_attn=True, n_gpu_layers=99 if gpu else 0, offload_kqv=gpu, op_offload=gpu,
-                kv_overrides=None if fastgen else {"fastgen.enable": False})
-    llm.eval(ids)
-    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    llm.close()
-    return out
+    # CUDA_VISIBLE_DEVICES="" made this build crash at load). verbose=True: on the GPU machine's
+    # CUDA build, llama-cpp-python's stdout/stderr redirection crashed in llama.cpp's print_info.
+    return teacher_forced(gguf, ids, n_ctx=n_ctx, n_batch=64, verbose=True, flash_attn=True,
+                          n_gpu_layers=99 if gpu else 0, offload_kqv=gpu, op_offload=gpu,
+                          kv_overrides=None if fastgen else {"fastgen.enable": False})[0]
 
 
 def child(args) -> int:

@@ -38,19 +38,12 @@ def held_out_text(n_chars: int = 40000) -> str:
 
 
 def run_config(gguf: Path, ids: list[int], n_ctx: int, fastgen: bool, kv_q8: bool) -> tuple[np.ndarray, dict]:
-    import llama_fastgen
-    from llama_cpp import Llama
+    from llama_fastgen.logits import teacher_forced
 
     kw = {} if fastgen else {"kv_overrides": {"fastgen.enable": False}}
     if kv_q8:
         kw.update(type_k=Q8_0, type_v=Q8_0)
-    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=64, n_ubatch=64, logits_all=True, flash_attn=True,
-                verbose=False, **kw)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32), llama_fastgen.native.cache_stats(llm)
-    finally:
-        llm.close()
+    return teacher_forced(gguf, ids, n_ctx=n_ctx, n_batch=64, flash_attn=True, **kw)
 
 
 def compare(full: np.ndarray, other: np.ndarray, ids: list[int], start: int) -> dict:

@@ -6,16 +6,9 @@ import numpy as np
 
 def llama_logits(gguf, ids: list[int], n_ctx: int = 2048, n_batch: int = 64, flash_attn: bool = False,
                  **kw) -> np.ndarray:
-    import llama_fastgen  # noqa: F401  (selects our libllama)
-    from llama_cpp import Llama
+    from llama_fastgen.logits import teacher_forced
 
-    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=True,
-                verbose=False, flash_attn=flash_attn, **kw)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
+    return teacher_forced(gguf, ids, n_ctx=n_ctx, n_batch=n_batch, flash_attn=flash_attn, **kw)[0]
 
 
 def hf_logits(model_dir, ids: list[int]) -> np.ndarray:
