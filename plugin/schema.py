@@ -93,6 +93,16 @@ class FastgenMetadata:
             out.append(row)
         return out
 
+    def original_head_policies(self) -> list[list[HeadPolicy]]:
+        """Per layer, the policy of each KV head in the original (unpermuted HF) order."""
+        out = []
+        for perm, row in zip(self.head_perm, self.head_policies()):
+            orig: list[HeadPolicy] = [row[0]] * len(row)
+            for h, p in enumerate(row):
+                orig[perm[h]] = p
+            out.append(orig)
+        return out
+
     def to_kv(self) -> dict[str, tuple[str, object]]:
         """{key: (type, value)} with type in u32/f32/str/i32[] (what gguf_export writes)."""
         return {

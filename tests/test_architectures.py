@@ -44,15 +44,9 @@ def test_native_cache_matches_reference(arch, model_dir, tmp_path):
     meta = schema.read(g)
     assert any(c.kind != schema.Kind.FULL for c in meta.classes)
     ids = tok("\n\n".join(t for _, t in load_texts()))["input_ids"][:700]
-    pols = []
-    for l, row in enumerate(meta.head_policies()):
-        orig = [None] * len(row)
-        for h, p in enumerate(row):
-            orig[meta.head_perm[l][h]] = p
-        pols.append(orig)
     m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
     ctx = token_context(ids, set(meta.special_token_ids), set(meta.punct_token_ids), meta.n_sink)
-    ref = reference.logits(m, ids, pols, ctx).numpy()[300:]
+    ref = reference.logits(m, ids, meta.original_head_policies(), ctx).numpy()[300:]
     nat = llama_logits(g, ids, n_ctx=1024)[300:]
     assert (nat.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
     assert np.abs(nat - ref).mean() < 0.01

@@ -33,17 +33,6 @@ def long_ids(model_dir):
     return ids
 
 
-def original_order(meta):
-    """Per layer, each original KV head's policy (the reference runs the unpermuted HF model)."""
-    out = []
-    for l, row in enumerate(meta.head_policies()):
-        orig = [None] * len(row)
-        for h, p in enumerate(row):
-            orig[meta.head_perm[l][h]] = p
-        out.append(orig)
-    return out
-
-
 def test_all_full_policy_equals_fastgen_off(tiny_model_dir, tmp_path, long_ids):
     out = tmp_path / "tiny-full.gguf"
     assert convert.main([str(tiny_model_dir), "--profile", "--outfile", str(out), "--outtype", "f32",
@@ -67,7 +56,7 @@ def test_native_cache_matches_pytorch_reference(real_fastgen_gguf, model_dir, lo
     assert len(long_ids) - start >= 1000
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     ctx = token_context(long_ids, set(meta.special_token_ids), set(meta.punct_token_ids), meta.n_sink)
-    ref = reference.logits(m, long_ids, original_order(meta), ctx).numpy()[start:]
+    ref = reference.logits(m, long_ids, meta.original_head_policies(), ctx).numpy()[start:]
     full = reference.logits(m, long_ids, None, None).numpy()[start:]
     nat = llama_logits(real_fastgen_gguf, long_ids, n_ctx=2048, n_batch=64)[start:]
     top1 = (nat.argmax(-1) == ref.argmax(-1)).mean()
