@@ -57,6 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-tokens", type=int, default=1024, help="tokens per calibration prompt (default 1024)")
     g.add_argument("--n-sink", type=int, default=4, help="attention sinks kept by compressed heads (default 4)")
     g.add_argument("--max-window", type=int, default=4096, help="largest local window tried (default 4096)")
+    g.add_argument("--ctx", type=int, default=8192,
+                   help="context length at which rung costs are compared (default 8192): the punct "
+                        "rungs grow with the text, the frequent rung is a fixed budget")
+    g.add_argument("--no-frequent", action="store_true",
+                   help="leave the heavy-hitter (frequent) rungs out of the ladder")
+    g.add_argument("--ubatch", type=int, default=64,
+                   help="ubatch size the reference quality estimate replays frequent heads with (default 64)")
     g.add_argument("--robust-quantile", type=float, default=0.1,
                    help="quantile over prompts of the kept mass that must reach T (default 0.1)")
     g.add_argument("--no-quality", action="store_true", help="skip the reference KL/top-1 estimate")
@@ -76,6 +83,8 @@ def check_args(a) -> None:
         raise UsageError(f"--robust-quantile must be in [0, 1], got {a.robust_quantile}")
     if a.max_tokens < 32 or a.n_sink < 0:
         raise UsageError("--max-tokens must be >= 32 and --n-sink >= 0")
+    if a.ctx < 256 or a.ubatch < 1:
+        raise UsageError("--ctx must be >= 256 and --ubatch >= 1")
     out_dir = a.outfile.resolve().parent
     if not out_dir.is_dir():
         raise UsageError(f"output directory {out_dir} does not exist")
@@ -116,7 +125,7 @@ def profile_and_convert(a) -> dict:
     prompts = [(n, calibration.to_token_ids(tok, n, t, a.max_tokens)) for n, t in texts]
     res = profile(model, prompts, set(special), set(punct), n_sink=a.n_sink, max_window=a.max_window,
                   progress=True)
-    sel = select(res, a.threshold, n_kv, a.robust_quantile)
+    sel = select(res, a.threshold, n_kv, a.robust_quantile, n_ctx=a.ctx, frequent=not a.no_frequent)
 
     quality = None
     if not a.no_quality:
@@ -124,7 +133,7 @@ def profile_and_convert(a) -> dict:
         for name, ids in prompts:
             ctx = token_context(ids, set(special), set(punct), a.n_sink)
             full = reference.logits(model, ids, None, None)
-            comp = reference.logits(model, ids, sel.policies, ctx)
+            comp = reference.logits(model, ids, sel.policies, ctx, chunks=a.ubatch)
             quality[name] = reference.compare(full, comp, start=len(ids) // 2)
 
     meta = metadata.FastgenMetadata(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .architectures import shape
-from .policies import Frequent, HeadPolicy, Kind, Local, Punct, Special, TokenContext, ladder, to_policy
+from .policies import Frequent, HeadPolicy, Kind, TokenContext, ladder, to_policy
 
 
 @dataclass
@@ -27,10 +27,8 @@ class ProfileResult:
     prompt_names: list[str]
     n_tokens: list[int]
     mass: np.ndarray            # [P, L, Hq, R] kept attention mass per rung
-    frequent_mass: np.ndarray   # [P, L, Hq, 2]: special+punct+frequent, ...+local(r*T) (measured only)
     protected_frac: float       # share of special/punct tokens in the calibration prompts
     n_sink: int
-    frequent_ratio: float
 
 
 @dataclass
@@ -41,13 +39,14 @@ class Selection:
     chosen: np.ndarray                      # [L, H_kv] rung index chosen offline
     threshold: float
     quantile: float
+    rank: np.ndarray = None                 # [R] position of each rung in cost order
     classes: list[HeadPolicy] = field(default_factory=list)
     perms: list[list[int]] = field(default_factory=list)
     layer_class_heads: list[list[int]] = field(default_factory=list)
 
     def stability(self) -> dict:
         same = (self.per_prompt == self.chosen[None]).mean()
-        cheaper = (self.per_prompt < self.chosen[None]).mean()
+        cheaper = (self.rank[self.per_prompt] < self.rank[self.chosen][None]).mean()
         return {"same_as_offline": float(same), "per_prompt_cheaper": float(cheaper),
                 "per_prompt_dearer": float(1.0 - same - cheaper),
                 "per_head_same": (self.per_prompt == self.chosen[None]).mean(axis=0).round(3).tolist()}
@@ -61,13 +60,14 @@ def token_context(ids: list[int], special: set[int], punct: set[int], n_sink: in
 
 @torch.no_grad()
 def profile(model, prompts: list[tuple[str, list[int]]], special: set[int], punct: set[int], *,
-            n_sink: int = 4, max_window: int = 4096, frequent_ratio: float = 0.3,
-            progress: bool = True) -> ProfileResult:
-    n_layer, n_head, _, _ = shape(model.config)
+            n_sink: int = 4, max_window: int = 4096, progress: bool = True) -> ProfileResult:
+    n_layer, n_head, n_kv, _ = shape(model.config)
     longest = max(len(ids) for _, ids in prompts)
     rungs = ladder(max_window=min(max_window, max(16, longest // 2)))
+    static = [i for i, r in enumerate(rungs) if r.kind != Kind.FREQUENT]
+    frequent = [i for i, r in enumerate(rungs) if r.kind == Kind.FREQUENT]
     device = next(model.parameters()).device
-    masses, fmasses, names, lens = [], [], [], []
+    masses, names, lens = [], [], []
     protected = total = 0
     state: dict = {}
 
@@ -78,13 +78,15 @@ def profile(model, prompts: list[tuple[str, list[int]]], special: set[int], punc
         a = w[0].float()                                   # [Hq, T, T]
         q0 = a.shape[1] // 2
         aq = a[:, q0:, :]                                  # queries of the second half
-        m = state["masks"]                                 # [R, q, T]
-        mass = torch.einsum("hqt,rqt->hr", aq, m) / aq.shape[1]
-        freq = Frequent(frequent_ratio).keep(state["ctx"], a.cpu()).to(a.device)[:, q0:, :]
-        sp = state["sp"]
-        f1 = (aq * (freq | sp[None])).sum(-1).mean(-1)
-        f2 = (aq * (freq | sp[None] | state["loc"][None])).sum(-1).mean(-1)
-        state["out"][module.layer_idx] = (mass.cpu(), torch.stack([f1, f2], -1).cpu())
+        mass = torch.zeros(a.shape[0], len(rungs), device=a.device)
+        mass[:, static] = torch.einsum("hqt,rqt->hr", aq, state["masks"]) / aq.shape[1]
+        if frequent:  # heavy hitters are ranked per KV head: attention summed over the group
+            akv = a.reshape(n_kv, a.shape[0] // n_kv, *a.shape[1:]).sum(1).cpu()
+            for r in frequent:
+                keep = to_policy(rungs[r]).keep_rows(state["ctx"], akv, q0).to(a.device)
+                keep = keep.repeat_interleave(a.shape[0] // n_kv, dim=0)
+                mass[:, r] = (aq * keep).sum(-1).mean(-1)
+        state["out"][module.layer_idx] = mass.cpu()
         return (output[0], None) + tuple(output[2:])       # drop the map right away
 
     handles = [layer.self_attn.register_forward_hook(hook) for layer in model.model.layers]
@@ -97,16 +99,12 @@ def profile(model, prompts: list[tuple[str, list[int]]], special: set[int], punc
             ctx = token_context(ids, special, punct, n_sink)
             n = ctx.n
             q0 = n // 2
-            keep = torch.stack([to_policy(r).keep(ctx) for r in rungs])       # [R, T, T]
+            keep = torch.stack([to_policy(rungs[r]).keep(ctx) for r in static])  # [R_static, T, T]
             state["masks"] = keep[:, q0:, :].to(device, torch.float32)
-            sp = (Special() | Punct()).keep(ctx)[q0:, :]
-            state["sp"] = sp.to(device)
-            state["loc"] = Local(max(1, int(np.ceil(frequent_ratio * n)))).keep(ctx)[q0:, :].to(device)
             state["ctx"] = ctx
             state["out"] = {}
             model(torch.tensor([ids], device=device), use_cache=False)
-            masses.append(torch.stack([state["out"][l][0] for l in range(n_layer)]).numpy())
-            fmasses.append(torch.stack([state["out"][l][1] for l in range(n_layer)]).numpy())
+            masses.append(torch.stack([state["out"][l] for l in range(n_layer)]).numpy())
             names.append(name)
             lens.append(n)
             protected += int((ctx.special | ctx.punct).sum())
@@ -115,33 +113,41 @@ def profile(model, prompts: list[tuple[str, list[int]]], special: set[int], punc
         for h in handles:
             h.remove()
     return ProfileResult(rungs=rungs, prompt_names=names, n_tokens=lens, mass=np.stack(masses),
-                         frequent_mass=np.stack(fmasses), protected_frac=protected / max(total, 1),
-                         n_sink=n_sink, frequent_ratio=frequent_ratio)
+                         protected_frac=protected / max(total, 1), n_sink=n_sink)
 
 
-def select(res: ProfileResult, threshold: float, n_head_kv: int, quantile: float = 0.1) -> Selection:
-    """Cheapest rung per KV head whose robust kept mass reaches the threshold."""
+def select(res: ProfileResult, threshold: float, n_head_kv: int, quantile: float = 0.1, *,
+           n_ctx: int = 8192, frequent: bool = True) -> Selection:
+    """Cheapest rung per KV head whose robust kept mass reaches the threshold. Costs are the cells
+    a rung holds at context n_ctx; frequent=False leaves the heavy-hitter rungs out (ablation)."""
     P, L, Hq, R = res.mass.shape
     g = Hq // n_head_kv
     kv = res.mass.reshape(P, L, n_head_kv, g, R).min(axis=3)          # worst query head of the group
     stat = np.quantile(kv, quantile, axis=0) if P > 1 else kv[0]
+    usable = [r for r in range(R) if frequent or res.rungs[r].kind != Kind.FREQUENT]
+    order = np.array(sorted(usable, key=lambda r: (res.rungs[r].cost(n_ctx, res.protected_frac, res.n_sink), r)))
+    full = int(order[-1])
+    assert res.rungs[full].kind == Kind.FULL
     eps = 1e-6  # the full rung has mass 1 up to rounding
-    ok = stat >= threshold - eps
-    ok[..., -1] = True
-    chosen = ok.argmax(axis=-1)
-    okp = kv >= threshold - eps
-    okp[..., -1] = True
-    per_prompt = okp.argmax(axis=-1)
+
+    def cheapest(m):
+        ok = m[..., order] >= threshold - eps
+        ok[..., -1] = True
+        return order[ok.argmax(axis=-1)]
+
+    chosen, per_prompt = cheapest(stat), cheapest(kv)
     policies = [[res.rungs[chosen[l, h]] for h in range(n_head_kv)] for l in range(L)]
+    rank = np.full(R, R)
+    rank[order] = np.arange(len(order))
     sel = Selection(policies=policies, stat=stat, per_prompt=per_prompt, chosen=chosen,
-                    threshold=threshold, quantile=quantile)
+                    threshold=threshold, quantile=quantile, rank=rank)
     arrange(sel)
     return sel
 
 
 def class_order(p: HeadPolicy):
     """Full first, then shrinking windows: the order of classes in the GGUF and of heads in a layer."""
-    return (p.kind != Kind.FULL, -p.window, -int(p.kind))
+    return (p.kind != Kind.FULL, p.kind == Kind.FREQUENT, -p.window, -p.budget, -int(p.kind))
 
 
 def arrange(sel: Selection) -> None:

@@ -1,10 +1,17 @@
-"""PyTorch reference of the compressed cache: HF attention restricted to each head's keep-set.
+"""PyTorch reference of the compressed cache: HF attention restricted to what each head keeps.
 
-For the position/token policies (special, punct, local, full) the keep-set of query i depends
-only on the tokens up to i, and an evicted key never returns. So teacher-forced decoding through
-the compressed cache, token by token, equals ONE forward pass where every head's attention is
-masked with its keep-set ("strict" semantics: the policy applies inside a ubatch too). This is
-the oracle for the native cache and the first quality estimate in the profile report.
+Position/token policies (special, punct, local, full): the keep-set of query i depends only on
+the tokens up to i and an evicted key never returns, so decoding through the compressed cache
+equals one forward pass where every head's attention is masked with its keep-set ("strict"
+semantics: the policy applies inside a ubatch too).
+
+Frequent (heavy-hitter) heads depend on attention history: the run goes chunk by chunk with the
+native ubatch sizes and replays the native store's rule (llama-kv-cache-fastgen-hh.h): before a
+chunk of n tokens a head holding more than budget + EVICT_BATCH cells (counting the new ones)
+drops back to `budget`, removing the lowest mean score (attention received, summed over the
+group's query heads, divided by the queries that saw it; ties: older first); sinks and the
+window stay, special tokens go last. Scores accumulate from this run's own softmax.
+This is the oracle for the native cache and the quality estimate in the profile report.
 """
 from __future__ import annotations
 
@@ -13,15 +20,69 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from llama_fastgen.schema import FREQUENT_EVICT_BATCH, Kind
+
 from .architectures import shape
 from .policies import HeadPolicy, TokenContext, to_policy
 
 _NAME = "fastgen_reference"
-_STATE: dict = {"masks": None}
+_STATE: dict = {"replay": None}
+
+
+class Replay:
+    """Per layer: static keep-sets per KV head, and the heavy-hitter cells of frequent heads."""
+
+    def __init__(self, policies: list[list[HeadPolicy]], ctx: TokenContext):
+        self.ctx = ctx
+        n = ctx.n
+        self.static, self.hh = [], []
+        for row in policies:
+            cache: dict = {}
+            self.static.append(torch.stack([
+                ctx.causal() if p.kind == Kind.FREQUENT else cache.setdefault(p, to_policy(p).keep(ctx)) for p in row]))
+            self.hh.append([(h, p) for h, p in enumerate(row) if p.kind == Kind.FREQUENT])
+        self.alive = [torch.zeros(len(row), n, dtype=torch.bool) for row in policies]
+        self.score = [torch.zeros(len(row), n, dtype=torch.float32) for row in policies]
+        self.special = ctx.special.numpy()
+        self.p0 = self.n = 0
+
+    def begin(self, p0: int, n: int) -> None:
+        """Evict where the native store would before a ubatch at p0 of n tokens, then place it."""
+        self.p0, self.n = p0, n
+        pos = np.arange(p0)
+        for l, heads in enumerate(self.hh):
+            for h, p in heads:
+                alive = self.alive[l][h]
+                used = int(alive.sum())
+                if used + n > p.budget + FREQUENT_EVICT_BATCH and used > p.budget:
+                    a = alive[:p0].numpy()
+                    cand = a & (pos >= self.ctx.n_sink) & (p0 - pos >= p.window)
+                    idx = np.nonzero(cand)[0]
+                    mean = self.score[l][h, idx].numpy() / (p0 - idx).astype(np.float32)
+                    mean = np.where(np.isnan(mean), -np.inf, mean)
+                    order = np.lexsort((idx, mean, self.special[idx]))
+                    alive[idx[order[: min(len(idx), used - p.budget)]]] = False
+                alive[p0:p0 + n] = True
+                self.score[l][h, p0:p0 + n] = 0.0
+
+    def mask(self, l: int, n_kv_total: int) -> torch.Tensor:
+        """bool [Hkv, n, P] for the current chunk's queries over keys 0..P-1."""
+        p0, n = self.p0, self.n
+        P = p0 + n
+        m = self.static[l][:, p0:P, :P].clone()
+        for h, _ in self.hh[l]:
+            m[h] = self.alive[l][h, :P][None, :] & self.ctx.causal()[p0:P, :P]
+        return m
+
+    def accumulate(self, l: int, w: torch.Tensor, g: int) -> None:
+        """w [Hq, n, P] probabilities of the chunk: add each key's attention to its head's score."""
+        P = w.shape[-1]
+        for h, _ in self.hh[l]:
+            self.score[l][h, :P] += w[h * g:(h + 1) * g].float().sum(dim=(0, 1)).cpu()
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Eager attention plus a per-head keep mask; same math as transformers' eager path."""
+    """Eager attention plus the replayed keep masks; same math as transformers' eager path."""
     g = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(g, dim=1)
     value = value.repeat_interleave(g, dim=1)
@@ -29,10 +90,13 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     if attention_mask is not None:
         m = attention_mask[:, :, :, : key.shape[-2]]
         w = w.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else w + m
-    masks = _STATE["masks"]
-    if masks is not None and masks[module.layer_idx] is not None:
-        w = w.masked_fill(~masks[module.layer_idx][None].to(w.device), float("-inf"))
+    replay = _STATE["replay"]
+    if replay is not None:
+        keep = replay.mask(module.layer_idx, key.shape[1] // g).repeat_interleave(g, dim=0)
+        w = w.masked_fill(~keep[None].to(w.device), float("-inf"))
     w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    if replay is not None:
+        replay.accumulate(module.layer_idx, w[0], g)
     out = torch.matmul(w, value).transpose(1, 2).contiguous()
     return out, w
 
@@ -48,39 +112,57 @@ def _register():
         pass
 
 
-def keep_masks(policies: list[list[HeadPolicy]], ctx: TokenContext, n_head: int) -> list[torch.Tensor]:
-    """Per layer, bool [Hq, T, T]: the KV head's keep-set repeated for its query group."""
-    out = []
-    for row in policies:
-        g = n_head // len(row)
-        cache: dict = {}
-        per_kv = [cache.setdefault(p, to_policy(p).keep(ctx)) for p in row]
-        out.append(torch.stack(per_kv).repeat_interleave(g, dim=0))
-    return out
-
-
 @contextmanager
-def compressed(model, masks: list[torch.Tensor] | None):
-    """Run `model` with attention restricted to `masks` (None: plain attention, same kernel)."""
+def compressed(model, replay: Replay | None):
+    """Run `model` with attention restricted by `replay` (None: plain attention, same kernel)."""
     _register()
     old = model.config._attn_implementation
     model.set_attn_implementation(_NAME)
-    _STATE["masks"] = masks
+    _STATE["replay"] = replay
     try:
         yield model
     finally:
-        _STATE["masks"] = None
+        _STATE["replay"] = None
         model.set_attn_implementation(old)
 
 
+def has_frequent(policies) -> bool:
+    return policies is not None and any(p.kind == Kind.FREQUENT for row in policies for p in row)
+
+
 @torch.no_grad()
-def logits(model, ids: list[int], policies, ctx: TokenContext | None) -> torch.Tensor:
-    """Logits [T, V] with the given per-KV-head policies (None: full cache)."""
-    n_head = shape(model.config)[1]
-    masks = keep_masks(policies, ctx, n_head) if policies is not None else None
-    with compressed(model, masks):
-        dev = next(model.parameters()).device
-        return model(torch.tensor([ids], device=dev), use_cache=False).logits[0].float().cpu()
+def logits(model, ids: list[int], policies, ctx: TokenContext | None, chunks: list[int] | int | None = None) -> torch.Tensor:
+    """Logits [T, V] with the given per-KV-head policies (None: full cache).
+
+    chunks: the ubatch sizes of the native run (an int: that size repeated). Static policies give
+    the same result for any chunking; frequent policies need the native run's."""
+    dev = next(model.parameters()).device
+    replay = Replay(policies, ctx) if policies is not None else None
+    if chunks is None:
+        if has_frequent(policies):
+            raise ValueError("frequent policies depend on the ubatch sizes: pass the native run's chunks")
+        chunks = [len(ids)]
+    elif isinstance(chunks, int):
+        chunks = [chunks] * -(-len(ids) // chunks)
+    out, p0 = [], 0
+    cache = None
+    with compressed(model, replay):
+        for n in chunks:
+            n = min(n, len(ids) - p0)
+            if n <= 0:
+                break
+            if replay is not None:
+                replay.begin(p0, n)
+            if len(chunks) == 1:
+                r = model(torch.tensor([ids], device=dev), use_cache=False)
+            else:
+                from transformers import DynamicCache
+
+                cache = cache if cache is not None else DynamicCache()
+                r = model(torch.tensor([ids[p0:p0 + n]], device=dev), past_key_values=cache, use_cache=True)
+            out.append(r.logits[0].float().cpu())
+            p0 += n
+    return torch.cat(out)
 
 
 def compare(full: torch.Tensor, comp: torch.Tensor, start: int = 0) -> dict:

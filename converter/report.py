@@ -35,7 +35,6 @@ def build(sel, res, meta, head_dim: int, quality: dict | None, gguf: Path) -> di
         "head_perm": sel.perms,
         "rungs": [r.label for r in res.rungs],
         "kept_mass_stat": np.round(sel.stat, 4).tolist(),
-        "frequent_mass_mean": np.round(res.frequent_mass.mean(axis=0), 4).tolist(),
         "stability": sel.stability(),
         "expected_kv": mem,
         "reference_quality": quality,

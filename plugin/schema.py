@@ -6,8 +6,11 @@ Keys (heads already permuted so that each layer's classes are contiguous, in cla
   fastgen.version              u32    schema version (1)
   fastgen.threshold            f32    recovery threshold T used to choose policies
   fastgen.n_sink               u32    attention sinks (first positions) kept by every compressed class
-  fastgen.class.kind           i32[C] 0 full, 1 special, 2 special+punct, 3 special+punct+local
+  fastgen.class.kind           i32[C] 0 full, 1 special, 2 special+punct, 3 special+punct+local,
+                                      4 frequent (special + heavy hitters + window, fixed budget)
   fastgen.class.window         i32[C] recent window in positions (0 for full, 1 = the query itself)
+  fastgen.class.budget         i32[C] frequent: cells per head between evictions (> n_sink + window);
+                                      0 for other kinds; optional when no class is frequent
   fastgen.layer_class_heads    i32[L*C] KV heads of class c in layer l, at [l*C + c]
   fastgen.head_perm            i32[L*H_kv] original KV head at new position h of layer l
   fastgen.special_token_ids    i32[]  protected by every compressed class
@@ -39,29 +42,39 @@ class Kind(IntEnum):
     SPECIAL = 1              # sinks + special tokens (+ the query itself)
     SPECIAL_PUNCT = 2        # ... + punctuation
     SPECIAL_PUNCT_LOCAL = 3  # ... + a recent window
+    FREQUENT = 4             # sinks + special + window + heavy hitters, `budget` cells per head
 
 
 KIND_NAMES = {Kind.FULL: "full", Kind.SPECIAL: "special", Kind.SPECIAL_PUNCT: "special+punct",
-              Kind.SPECIAL_PUNCT_LOCAL: "special+punct+local"}
+              Kind.SPECIAL_PUNCT_LOCAL: "special+punct+local", Kind.FREQUENT: "special+frequent"}
+
+# a frequent class evicts once it holds budget + this many cells (llama_fastgen_policy::FREQUENT_EVICT_BATCH)
+FREQUENT_EVICT_BATCH = 32
 
 
 @dataclass(frozen=True, order=True)
 class HeadPolicy:
-    """What one KV head keeps. `window` is 1 for special and special+punct (the query itself)."""
+    """What one KV head keeps. `window` is 1 for special and special+punct (the query itself);
+    `budget` is the frequent kind's cells per head (sinks, special tokens, window, heavy hitters)."""
 
     kind: Kind
     window: int = 0
+    budget: int = 0
 
     @property
     def label(self) -> str:
         if self.kind == Kind.SPECIAL_PUNCT_LOCAL:
             return f"{KIND_NAMES[self.kind]}{self.window}"
+        if self.kind == Kind.FREQUENT:
+            return f"{KIND_NAMES[self.kind]}{self.budget}+local{self.window}"
         return KIND_NAMES[self.kind]
 
     def cost(self, n_ctx: int, protected_frac: float, n_sink: int) -> float:
         """Expected cached tokens at context n_ctx (protected_frac: share of special+punct tokens)."""
         if self.kind == Kind.FULL:
             return float(n_ctx)
+        if self.kind == Kind.FREQUENT:
+            return float(min(n_ctx, self.budget))
         protected = protected_frac * n_ctx if self.kind != Kind.SPECIAL else 0.0
         return min(float(n_ctx), n_sink + protected + self.window)
 
@@ -111,6 +124,7 @@ class FastgenMetadata:
             PREFIX + "n_sink": ("u32", int(self.n_sink)),
             PREFIX + "class.kind": ("i32[]", [int(c.kind) for c in self.classes]),
             PREFIX + "class.window": ("i32[]", [int(c.window) for c in self.classes]),
+            PREFIX + "class.budget": ("i32[]", [int(c.budget) for c in self.classes]),
             PREFIX + "layer_class_heads": ("i32[]", [n for row in self.layer_class_heads for n in row]),
             PREFIX + "head_perm": ("i32[]", [h for row in self.head_perm for h in row]),
             PREFIX + "special_token_ids": ("i32[]", [int(t) for t in self.special_token_ids]),
@@ -142,12 +156,20 @@ def read(path: str | Path) -> FastgenMetadata | None:
         raise MetadataError(f"{path}: {PREFIX}version is {version}, this llama-fastgen reads "
                             f"version {SCHEMA_VERSION}; re-run convert.py --profile")
     kinds, windows = get("class.kind"), get("class.window")
-    if len(kinds) != len(windows):
-        raise MetadataError(f"{path}: {PREFIX}class.kind and class.window differ in length")
+    budgets = get("class.budget", False) or [0] * len(kinds)
+    if not len(kinds) == len(windows) == len(budgets):
+        raise MetadataError(f"{path}: {PREFIX}class.kind, class.window and class.budget differ in length")
     try:
-        classes = [HeadPolicy(Kind(k), int(w)) for k, w in zip(kinds, windows)]
+        classes = [HeadPolicy(Kind(k), int(w), int(b)) for k, w, b in zip(kinds, windows, budgets)]
     except ValueError as e:
         raise MetadataError(f"{path}: {PREFIX}class.kind holds an unknown class id ({e})") from None
+    n_sink = int(get("n_sink"))
+    for c in classes:
+        if c.kind == Kind.FREQUENT and c.budget <= n_sink + c.window:
+            raise MetadataError(f"{path}: frequent class budget {c.budget} must exceed n_sink + window = "
+                                f"{n_sink + c.window}; re-run convert.py --profile")
+        if c.kind != Kind.FREQUENT and c.budget:
+            raise MetadataError(f"{path}: class {c.label} has a budget; only frequent classes have one")
     n_layer = _arch_int(r, "block_count")
     n_head_kv = _arch_int(r, "attention.head_count_kv")
     lch, perm = get("layer_class_heads"), get("head_perm")
@@ -163,7 +185,7 @@ def read(path: str | Path) -> FastgenMetadata | None:
     if len(perm) != n_layer * n_head_kv:
         raise MetadataError(f"{path}: {PREFIX}head_perm has {len(perm)} entries, expected {n_layer * n_head_kv}")
     return FastgenMetadata(
-        threshold=float(get("threshold")), n_sink=int(get("n_sink")), classes=classes,
+        threshold=float(get("threshold")), n_sink=n_sink, classes=classes,
         layer_class_heads=rows,
         head_perm=[list(perm[l * n_head_kv:(l + 1) * n_head_kv]) for l in range(n_layer)],
         special_token_ids=list(get("special_token_ids", False) or []),
@@ -188,12 +210,15 @@ def _arch_int(reader, suffix: str) -> int:
 def class_capacity(meta: FastgenMetadata, c: int, n_ctx: int, n_ubatch: int) -> int:
     """Cells the native cache allocates for class c (mirror of llama_fastgen_policy::capacity,
     then padded to 256 like llama.cpp's SWA cache). Compressed classes: sinks + window + n_ubatch +
-    32 + a protected-token budget of (1.5 * protected_frac + 0.02) * n_ctx (special only: 0.02)."""
+    32 + a protected-token budget of (1.5 * protected_frac + 0.02) * n_ctx (special only: 0.02).
+    Frequent classes: budget + max(n_ubatch, FREQUENT_EVICT_BATCH), per head, unpadded."""
     import math
 
     cls = meta.classes[c]
     if cls.kind == Kind.FULL:
         return n_ctx
+    if cls.kind == Kind.FREQUENT:
+        return min(n_ctx, cls.budget + max(n_ubatch, FREQUENT_EVICT_BATCH))
     share = 0.02 if cls.kind == Kind.SPECIAL else min(1.0, 1.5 * _f32(meta.protected_frac) + 0.02)
     need = min(n_ctx, meta.n_sink + cls.window + n_ubatch + 32 + math.ceil(share * n_ctx))
     return min(n_ctx, (need + 255) // 256 * 256)
@@ -206,11 +231,16 @@ def _f32(x: float) -> float:
 
 
 def kv_bytes(meta: FastgenMetadata, head_dim: int, n_ctx: int, n_ubatch: int, bytes_per_elem: int = 2) -> list[int]:
-    """Allocated K+V bytes per class (f16 by default): cells x heads over layers x head_dim x 2."""
+    """Allocated bytes per class (f16 by default): cells x heads over layers x head_dim x 2 (K and V);
+    frequent classes add an F32 score per cell and head, and keep f16 K/V under a quantized cache."""
     out = []
-    for c in range(len(meta.classes)):
+    for c, cls in enumerate(meta.classes):
         heads = sum(row[c] for row in meta.layer_class_heads)
-        out.append(class_capacity(meta, c, n_ctx, n_ubatch) * heads * head_dim * 2 * bytes_per_elem if heads else 0)
+        cells = class_capacity(meta, c, n_ctx, n_ubatch) * heads
+        if cls.kind == Kind.FREQUENT:
+            out.append(cells * (head_dim * 2 * max(bytes_per_elem, 2) + 4))
+        else:
+            out.append(cells * head_dim * 2 * bytes_per_elem)
     return out
 
 

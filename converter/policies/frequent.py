@@ -1,30 +1,41 @@
-import math
-
 import torch
 
 from .base import Policy
 
 
 class Frequent(Policy):
-    """Heavy hitters: the ceil(ratio * T) keys with the largest accumulated attention (FastGen / H2O).
+    """Heavy hitters in a fixed budget per KV head (FastGen's C_frequent, H2O): the first n_sink
+    positions, special tokens, the last `window` positions and the tokens with the highest mean
+    attention received, `budget` cells in all.
 
-    Profiling form (as FastGen and Cold Compress do at the end of prefill): a key's score is its
-    column sum of attention divided by the number of queries that can see it, and the top keys are
-    kept for every query of the prompt. Needs the head's attention [H, T, T]; returns [H, T, T].
-    Decode-time eviction by running scores belongs to the native store (not yet built).
+    Which tokens survive depends on the attention history, so there is no static keep-set: the
+    native store evicts at decode time and `reference.py` replays that rule exactly. `keep_rows`
+    is the profiling estimate: for query i a key's score is the mean attention it received from
+    the queries <= i (summed over the KV head's query group), and the top
+    budget - n_sink - window candidates outside the sinks and the window are kept.
     """
 
-    def __init__(self, ratio: float = 0.3):
-        self.ratio = ratio
-        self.name = "frequent"
+    def __init__(self, budget: int, window: int):
+        if window < 1 or budget <= window:
+            raise ValueError(f"frequent needs budget > window >= 1, got budget {budget}, window {window}")
+        self.budget, self.window = budget, window
+        self.name = f"frequent{budget}+local{window}"
 
     def keep(self, ctx, attn=None):
         if attn is None:
-            raise ValueError("the frequent policy needs attention probabilities")
+            raise ValueError("the frequent policy depends on attention; use reference.logits for its exact rule")
+        return self.keep_rows(ctx, attn, 0)
+
+    def keep_rows(self, ctx, attn: torch.Tensor, q0: int) -> torch.Tensor:
+        """attn [H, T, T] (per KV head) -> bool [H, T - q0, T] for the queries q0..T-1."""
         n = ctx.n
-        seen_by = torch.arange(n, 0, -1, dtype=attn.dtype)  # key j is visible to n - j queries
-        score = attn.sum(dim=-2) / seen_by                     # [H, T]
-        k = max(1, math.ceil(self.ratio * n))
-        top = score.topk(k, dim=-1).indices
-        cols = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
-        return ctx.causal()[None] & cols[:, None, :]
+        d = ctx.distance()[q0:]                                     # [q, T]
+        j = torch.arange(n)[None, :]
+        seen = d.clamp(min=0) + 1
+        score = attn.cumsum(dim=-2)[:, q0:, :] / seen.to(attn.dtype)
+        base = (d >= 0) & ((j < ctx.n_sink) | ctx.special[None, :] | (d < self.window))
+        cand = (d >= 0) & ~base
+        k = min(n, max(0, self.budget - ctx.n_sink - self.window))
+        top = score.masked_fill(~cand[None], float("-inf")).topk(k, dim=-1)
+        hit = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, top.values > float("-inf"))
+        return base[None] | hit

@@ -33,7 +33,8 @@ LLAMA_API const char * llama_fastgen_model_class_name(const struct llama_model *
 // Number of classes of the context's cache: 0 when it is an ordinary cache.
 LLAMA_API int32_t llama_fastgen_ctx_n_class(const struct llama_context * ctx);
 
-// Per class c of a fastgen context: allocated K+V bytes, capacity in cells, occupied cells.
+// Per class c of a fastgen context: allocated K+V bytes (frequent classes: + F32 scores), capacity in
+// cells, occupied cells (frequent classes: per head, the most any (layer, head) holds).
 LLAMA_API size_t   llama_fastgen_ctx_class_bytes(const struct llama_context * ctx, int32_t c);
 LLAMA_API uint32_t llama_fastgen_ctx_class_cells(const struct llama_context * ctx, int32_t c);
 LLAMA_API uint32_t llama_fastgen_ctx_class_used (const struct llama_context * ctx, int32_t c);

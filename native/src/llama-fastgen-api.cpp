@@ -84,12 +84,12 @@ size_t llama_fastgen_ctx_class_bytes(const llama_context * ctx, int32_t c) {
 
 uint32_t llama_fastgen_ctx_class_cells(const llama_context * ctx, int32_t c) {
     const auto * kv = fastgen_cache(ctx);
-    return kv && c >= 0 && (size_t) c < kv->n_class() && kv->slice(c) ? kv->slice(c)->get_size() : 0;
+    return kv && c >= 0 && (size_t) c < kv->n_class() ? kv->class_cells(c) : 0;
 }
 
 uint32_t llama_fastgen_ctx_class_used(const llama_context * ctx, int32_t c) {
     const auto * kv = fastgen_cache(ctx);
-    return kv && c >= 0 && (size_t) c < kv->n_class() && kv->slice(c) ? kv->slice(c)->n_used_cells() : 0;
+    return kv && c >= 0 && (size_t) c < kv->n_class() ? kv->class_used(c) : 0;
 }
 
 size_t llama_fastgen_ctx_kv_bytes(const llama_context * ctx) {

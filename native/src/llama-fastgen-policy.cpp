@@ -60,17 +60,35 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
         throw std::runtime_error(format("fastgen: fastgen.class.kind (%zu) and fastgen.class.window (%zu) must "
                 "have the same, non-zero length", kinds.size(), windows.size()));
     }
+    auto budgets = get_i32_arr(ctx, "fastgen.class.budget", false); // only needed with frequent classes
+    if (budgets.empty()) {
+        budgets.assign(kinds.size(), 0);
+    }
+    if (budgets.size() != kinds.size()) {
+        throw std::runtime_error(format("fastgen: fastgen.class.budget has %zu entries, fastgen.class.kind %zu",
+                budgets.size(), kinds.size()));
+    }
     for (size_t c = 0; c < kinds.size(); ++c) {
-        if (kinds[c] < LLAMA_FASTGEN_FULL || kinds[c] > LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL) {
+        if (kinds[c] < LLAMA_FASTGEN_FULL || kinds[c] > LLAMA_FASTGEN_FREQUENT) {
             throw std::runtime_error(format("fastgen: fastgen.class.kind[%zu] = %d is not a known class id "
-                    "(0 full, 1 special, 2 special+punct, 3 special+punct+local)", c, kinds[c]));
+                    "(0 full, 1 special, 2 special+punct, 3 special+punct+local, 4 frequent)", c, kinds[c]));
         }
         const bool full = kinds[c] == LLAMA_FASTGEN_FULL;
         if ((full && windows[c] != 0) || (!full && windows[c] < 1)) {
             throw std::runtime_error(format("fastgen: fastgen.class.window[%zu] = %d is invalid for class kind %d",
                     c, windows[c], kinds[c]));
         }
-        p->classes.push_back({ (llama_fastgen_kind) kinds[c], windows[c] });
+        if (kinds[c] == LLAMA_FASTGEN_FREQUENT) {
+            // the budget must hold what is never evicted (sinks, window) and leave room for heavy hitters
+            if (budgets[c] <= (int64_t) p->n_sink + windows[c]) {
+                throw std::runtime_error(format("fastgen: fastgen.class.budget[%zu] = %d must exceed n_sink + window = %d "
+                        "for a frequent class; re-run convert.py --profile", c, budgets[c], (int) p->n_sink + windows[c]));
+            }
+        } else if (budgets[c] != 0) {
+            throw std::runtime_error(format("fastgen: fastgen.class.budget[%zu] = %d is set for class kind %d, "
+                    "only frequent classes have a budget", c, budgets[c], kinds[c]));
+        }
+        p->classes.push_back({ (llama_fastgen_kind) kinds[c], windows[c], budgets[c] });
     }
 
     const size_t n_class = p->classes.size();
@@ -109,6 +127,15 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
     return p;
 }
 
+bool llama_fastgen_policy::has_frequent() const {
+    for (const auto & c : classes) {
+        if (c.kind == LLAMA_FASTGEN_FREQUENT) {
+            return true;
+        }
+    }
+    return false;
+}
+
 bool llama_fastgen_policy::has_compressed() const {
     for (const auto & c : classes) {
         if (c.kind != LLAMA_FASTGEN_FULL) {
@@ -131,6 +158,10 @@ uint32_t llama_fastgen_policy::capacity(int c, uint32_t n_ctx, uint32_t n_ubatch
     if (cls.kind == LLAMA_FASTGEN_FULL) {
         return n_ctx;
     }
+    if (cls.kind == LLAMA_FASTGEN_FREQUENT) {
+        // budget + room for one ubatch (or one eviction batch of decoded tokens)
+        return (uint32_t) std::min<uint64_t>(n_ctx, (uint64_t) cls.budget + std::max(n_ubatch, FREQUENT_EVICT_BATCH));
+    }
     // Retained protected tokens grow with the context: budget their observed share with a margin.
     // Special tokens alone are rare (chat control tokens): 2% of the context plus 32.
     const double share = cls.kind == LLAMA_FASTGEN_SPECIAL ? 0.02 : std::min(1.0, 1.5*protected_frac + 0.02);
@@ -140,7 +171,8 @@ uint32_t llama_fastgen_policy::capacity(int c, uint32_t n_ctx, uint32_t n_ubatch
 
 std::vector<bool> llama_fastgen_policy::protected_tokens(int c) const {
     std::vector<bool> res = special_tok;
-    if (classes[c].kind >= LLAMA_FASTGEN_SPECIAL_PUNCT) {
+    // frequent classes protect special tokens only: punctuation competes by score within the budget
+    if (classes[c].kind == LLAMA_FASTGEN_SPECIAL_PUNCT || classes[c].kind == LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL) {
         for (size_t i = 0; i < res.size(); ++i) {
             res[i] = res[i] || punct_tok[i];
         }
@@ -151,6 +183,9 @@ std::vector<bool> llama_fastgen_policy::protected_tokens(int c) const {
 std::string llama_fastgen_policy::describe_class(int c) const {
     static const char * names[] = { "full", "special", "special+punct", "special+punct+local" };
     const auto & cls = classes[c];
+    if (cls.kind == LLAMA_FASTGEN_FREQUENT) {
+        return format("special+frequent%d+local%d", cls.budget, cls.window);
+    }
     return cls.kind == LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL ? format("%s%d", names[cls.kind], cls.window)
                                                          : std::string(names[cls.kind]);
 }

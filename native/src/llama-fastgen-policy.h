@@ -17,15 +17,22 @@ enum llama_fastgen_kind : int32_t {
     LLAMA_FASTGEN_SPECIAL             = 1,
     LLAMA_FASTGEN_SPECIAL_PUNCT       = 2,
     LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL = 3,
+    // heavy hitters: a fixed budget of cells per (layer, head) holding sinks, special tokens, the
+    // recent window and the tokens with the highest mean attention received (llama-kv-cache-fastgen-hh)
+    LLAMA_FASTGEN_FREQUENT            = 4,
 };
 
 struct llama_fastgen_class {
     llama_fastgen_kind kind;
     int32_t            window; // positions kept behind the query (1 = the query itself); 0 for full
+    int32_t            budget; // frequent: cells kept per head between evictions; 0 otherwise
 };
 
 struct llama_fastgen_policy {
     static constexpr uint32_t SCHEMA_VERSION = 1;
+    // a frequent class evicts when it holds more than budget + this many cells: decoding pays
+    // for one score read-back and selection every FREQUENT_EVICT_BATCH tokens, not every token
+    static constexpr uint32_t FREQUENT_EVICT_BATCH = 32;
 
     float    threshold      = 0.0f;
     uint32_t n_sink         = 0;
@@ -40,6 +47,7 @@ struct llama_fastgen_policy {
     bool enabled = true;
 
     bool has_compressed() const;
+    bool has_frequent() const;
 
     // heads of class c in layer il and the index of its first head
     int32_t n_heads(int il, int c) const { return layer_class_heads[il][c]; }

@@ -24,6 +24,14 @@ public:
     };
     std::vector<per_class> cls;
 
+    // frequent classes: per layer of the class's heavy-hitter store
+    struct per_hh_layer {
+        ggml_tensor * idxs = nullptr; // I64 [n_tokens, n_head]: cell of each new token per head
+        ggml_tensor * mask = nullptr; // F16 [cap, n_tokens, 1, n_head]
+        ggml_tensor * keep = nullptr; // F32 [cap, n_head]: 0 resets the score of a free or reused cell
+    };
+    std::vector<std::vector<per_hh_layer>> hh; // [class][layer index in the store]
+
     const llama_kv_cache_fastgen_context * mctx_fg;
 };
 

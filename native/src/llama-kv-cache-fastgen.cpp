@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cassert>
 #include <climits>
+#include <stdexcept>
 
 //
 // llama_kv_cache_fastgen
@@ -34,12 +35,25 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
             hc->n_head_kv_arr[il] = (uint32_t) policy->n_heads(il, (int) c);
             any = any || hc->n_head_kv_arr[il] > 0;
         }
+        const auto & cls = policy->classes[c];
+        hh.push_back(nullptr);
+        if (any && cls.kind == LLAMA_FASTGEN_FREQUENT) {
+            if (n_seq_max > 1) {
+                throw std::runtime_error("fastgen: heavy-hitter (frequent) heads keep one sequence; create the context "
+                        "with n_seq_max = 1, or disable fastgen (kv_overrides fastgen.enable=false)");
+            }
+            if ((uint32_t) cls.budget >= kv_size) {
+                LLAMA_LOG_WARN("%s: class %s: budget %d >= n_ctx %u, it never evicts (behaves as full)\n", __func__,
+                        policy->describe_class((int) c).c_str(), cls.budget, kv_size);
+            }
+            hh.back() = std::make_unique<llama_fastgen_hh_store>(model, *policy, (int) c, type_k, type_v, offload, kv_size, n_ubatch);
+            any = false; // no ordinary slice
+        }
         if (!any) {
             hparams_c.push_back(nullptr);
             slices.push_back(nullptr);
             continue;
         }
-        const auto & cls = policy->classes[c];
         const bool full  = cls.kind == LLAMA_FASTGEN_FULL;
         // pad to 256 like the iSWA cache: CUDA FA kernels want K->ne[1] % 256 == 0
         const uint32_t size = full ? kv_size : std::min(kv_size, (uint32_t) GGML_PAD(policy->capacity((int) c, kv_size, n_ubatch), 256));
@@ -68,7 +82,7 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
 
     size_t total = 0;
     for (size_t c = 0; c < slices.size(); ++c) {
-        if (!slices[c]) {
+        if (!slices[c] && !hh[c]) {
             continue;
         }
         int heads = 0;
@@ -77,14 +91,25 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
         }
         total += slice_bytes((int) c);
         LLAMA_LOG_INFO("%s: class %zu %-24s %3d heads, %6u cells, %8.2f MiB\n", __func__, c,
-                policy->describe_class((int) c).c_str(), heads, slices[c]->get_size(), slice_bytes((int) c) / 1048576.0);
+                policy->describe_class((int) c).c_str(), heads, class_cells((int) c), slice_bytes((int) c) / 1048576.0);
     }
     LLAMA_LOG_INFO("%s: KV cache %.2f MiB instead of %.2f MiB for the full cache (%.1f%%, %.2f MiB saved)\n", __func__,
             total / 1048576.0, bytes_full / 1048576.0, 100.0 * total / std::max<size_t>(bytes_full, 1),
             (double) (bytes_full - std::min(total, bytes_full)) / 1048576.0);
 }
 
+uint32_t llama_kv_cache_fastgen::class_cells(int c) const {
+    return slices[c] ? slices[c]->get_size() : hh[c] ? hh[c]->get_size() : 0;
+}
+
+uint32_t llama_kv_cache_fastgen::class_used(int c) const {
+    return slices[c] ? slices[c]->n_used_cells() : hh[c] ? hh[c]->max_used() : 0;
+}
+
 size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
+    if (hh[c]) {
+        return hh[c]->total_bytes();
+    }
     size_t n = 0;
     if (slices[c]) {
         for (const auto & [_, size] : slices[c]->memory_breakdown()) {
@@ -96,6 +121,11 @@ size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
 
 void llama_kv_cache_fastgen::clear(bool data) {
     evicted_upto.assign(slices.size(), {});
+    for (auto & h : hh) {
+        if (h) {
+            h->clear();
+        }
+    }
     for (auto & s : slices) {
         if (s) {
             s->clear(data);
@@ -124,6 +154,11 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
         for (auto & m : evicted_upto) {
             seq_id < 0 ? m.clear() : (void) m.erase(seq_id);
         }
+        for (auto & h : hh) {
+            if (h) {
+                h->clear(); // one sequence only
+            }
+        }
     }
     bool res = true;
     for (auto & s : slices) {
@@ -151,6 +186,10 @@ void llama_kv_cache_fastgen::seq_keep(llama_seq_id seq_id) {
 }
 
 void llama_kv_cache_fastgen::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
+    if (policy->has_frequent() && shift != 0) {
+        LLAMA_LOG_ERROR("%s: shifting positions is not supported with heavy-hitter heads; positions unchanged\n", __func__);
+        return;
+    }
     for (auto & s : slices) {
         if (s) {
             s->seq_add(seq_id, p0, p1, shift);
@@ -159,6 +198,10 @@ void llama_kv_cache_fastgen::seq_add(llama_seq_id seq_id, llama_pos p0, llama_po
 }
 
 void llama_kv_cache_fastgen::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
+    if (policy->has_frequent() && d != 1) {
+        LLAMA_LOG_ERROR("%s: dividing positions is not supported with heavy-hitter heads; positions unchanged\n", __func__);
+        return;
+    }
     for (auto & s : slices) {
         if (s) {
             s->seq_div(seq_id, p0, p1, d);
@@ -168,6 +211,12 @@ void llama_kv_cache_fastgen::seq_div(llama_seq_id seq_id, llama_pos p0, llama_po
 
 llama_pos llama_kv_cache_fastgen::seq_pos_min(llama_seq_id seq_id) const {
     llama_pos res = -1;
+    for (const auto & h : hh) {
+        if (h && seq_id <= 0) {
+            const llama_pos p = h->pos_min();
+            res = res < 0 ? p : std::min(res, p);
+        }
+    }
     for (const auto & s : slices) {
         if (s) {
             const llama_pos p = s->seq_pos_min(seq_id);
@@ -179,6 +228,11 @@ llama_pos llama_kv_cache_fastgen::seq_pos_min(llama_seq_id seq_id) const {
 
 llama_pos llama_kv_cache_fastgen::seq_pos_max(llama_seq_id seq_id) const {
     llama_pos res = -1;
+    for (const auto & h : hh) {
+        if (h && seq_id <= 0) {
+            res = std::max(res, h->pos_max());
+        }
+    }
     for (const auto & s : slices) {
         if (s) {
             res = std::max(res, s->seq_pos_max(seq_id));
@@ -189,6 +243,13 @@ llama_pos llama_kv_cache_fastgen::seq_pos_max(llama_seq_id seq_id) const {
 
 std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_fastgen::memory_breakdown() const {
     std::map<ggml_backend_buffer_type_t, size_t> mb;
+    for (const auto & h : hh) {
+        if (h) {
+            for (const auto & [buft, size] : h->memory_breakdown()) {
+                mb[buft] += size;
+            }
+        }
+    }
     for (const auto & s : slices) {
         if (s) {
             for (const auto & [buft, size] : s->memory_breakdown()) {
@@ -222,6 +283,11 @@ llama_memory_context_ptr llama_kv_cache_fastgen::init_batch(llama_batch_allocr &
         std::vector<llama_kv_cache::slot_info_vec_t> sinfos(slices.size());
         bool ok = true;
         for (size_t c = 0; c < slices.size() && ok; ++c) {
+            if (hh[c] && !hh[c]->fits(ubatches)) {
+                LLAMA_LOG_ERROR("%s: fastgen class %s (%u cells) cannot take this batch; use a smaller n_ubatch\n",
+                        __func__, policy->describe_class((int) c).c_str(), hh[c]->get_size());
+                ok = false;
+            }
             if (!slices[c]) {
                 continue;
             }
@@ -279,6 +345,7 @@ llama_memory_context_ptr llama_kv_cache_fastgen::init_full() {
 }
 
 llama_memory_context_ptr llama_kv_cache_fastgen::init_update(llama_context * lctx, bool optimize) {
+    this->lctx = lctx;
     return std::make_unique<llama_kv_cache_fastgen_context>(this, lctx, optimize);
 }
 
@@ -288,6 +355,11 @@ bool llama_kv_cache_fastgen::get_can_shift() const {
 }
 
 void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
+    for (const auto & h : hh) {
+        if (h) {
+            h->state_write(io);
+        }
+    }
     for (const auto & s : slices) {
         if (s) {
             s->state_write(io, seq_id, flags);
@@ -296,6 +368,11 @@ void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq
 }
 
 void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
+    for (auto & h : hh) {
+        if (h) {
+            h->state_read(io);
+        }
+    }
     for (auto & s : slices) {
         if (s) {
             s->state_read(io, seq_id, flags);
@@ -365,6 +442,13 @@ bool llama_kv_cache_fastgen_context::next() {
 bool llama_kv_cache_fastgen_context::apply() {
     assert(!llama_memory_status_is_fail(status));
     bool res = true;
+    if (!ubatches.empty()) { // a batch: heavy-hitter stores evict and place this ubatch
+        for (size_t c = 0; c < kv->n_class(); ++c) {
+            if (auto * h = kv->hh_store((int) c)) {
+                res = h->apply(ubatches[i_next], kv->sched_ctx()) && res;
+            }
+        }
+    }
     for (auto & c : ctxs) {
         if (c) {
             res = c->apply() && res;

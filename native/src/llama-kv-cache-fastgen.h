@@ -9,6 +9,7 @@
 #pragma once
 
 #include "llama-fastgen-policy.h"
+#include "llama-kv-cache-fastgen-hh.h"
 #include "llama-kv-cache.h"
 
 #include <map>
@@ -54,9 +55,15 @@ public:
     void state_write(llama_io_write_i & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) const override;
     void state_read (llama_io_read_i  & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) override;
 
-    // per class: nullptr when no layer has a head of that class
+    // per class: nullptr when no layer has a head of that class (or, for slice(), when it is frequent)
     size_t           n_class()   const { return slices.size(); }
     llama_kv_cache * slice(int c) const { return slices[c].get(); }
+    llama_fastgen_hh_store * hh_store(int c) const { return hh[c].get(); }
+    uint32_t         class_cells(int c) const;
+    uint32_t         class_used(int c) const;
+    // the context whose scheduler computes this cache (captured in init_update, which decode calls
+    // before every batch): heavy-hitter eviction synchronizes it before reading scores
+    llama_context *  sched_ctx() const { return lctx; }
     size_t           slice_bytes(int c) const;
     // bytes an ordinary cache of the same types would allocate for n_ctx = kv_size
     size_t           full_bytes() const { return bytes_full; }
@@ -71,10 +78,12 @@ private:
 
     std::vector<std::unique_ptr<llama_hparams>>  hparams_c; // referenced by the slices: stable addresses
     std::vector<std::unique_ptr<llama_kv_cache>> slices;
+    std::vector<std::unique_ptr<llama_fastgen_hh_store>> hh; // frequent classes
     std::vector<std::string>                     tags;      // tensor name suffix per class
     std::vector<std::map<llama_seq_id, llama_pos>> evicted_upto; // per class: protected tokens dropped below this
 
     size_t   bytes_full = 0;
+    llama_context * lctx = nullptr;
     bool     unified;
     uint32_t n_seq_max;
 };

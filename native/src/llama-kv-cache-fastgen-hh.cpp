@@ -1,0 +1,297 @@
+#include "llama-kv-cache-fastgen-hh.h"
+
+#include "llama-context.h"
+#include "llama-impl.h"
+#include "llama-io.h"
+#include "llama-model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const llama_fastgen_policy & policy, int c,
+        ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch) :
+    cap(policy.capacity(c, n_ctx, n_ubatch)),
+    budget((uint32_t) policy.classes[c].budget),
+    window((uint32_t) policy.classes[c].window),
+    n_sink(policy.n_sink),
+    special(policy.protected_tokens(c)) {
+    const auto & hp = model.hparams;
+    // V is stored transposed and written one element per row: a block-quantized type cannot do
+    // that, so these heads keep f16 (said in the log line of the class)
+    if (ggml_is_quantized(type_k)) {
+        type_k = GGML_TYPE_F16;
+    }
+    if (ggml_is_quantized(type_v)) {
+        type_v = GGML_TYPE_F16;
+    }
+
+    std::map<ggml_backend_buffer_type_t, ggml_context_ptr> ctx_map;
+    auto ctx_for_buft = [&](ggml_backend_buffer_type_t buft) -> ggml_context * {
+        auto it = ctx_map.find(buft);
+        if (it == ctx_map.end()) {
+            ggml_init_params params = { size_t(3u*hp.n_layer()*ggml_tensor_overhead()), nullptr, true };
+            it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(params))).first;
+        }
+        return it->second.get();
+    };
+
+    index.assign(hp.n_layer(), -1);
+    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+        const int32_t n_h = policy.n_heads((int) il, c);
+        if (n_h == 0) {
+            continue;
+        }
+        ggml_backend_buffer_type_t buft = offload ? ggml_backend_dev_buffer_type(model.dev_layer(il)) : ggml_backend_cpu_buffer_type();
+        ggml_context * ctx = ctx_for_buft(buft);
+        layer l;
+        l.il     = (int32_t) il;
+        l.n_head = n_h;
+        l.k = ggml_new_tensor_3d(ctx, type_k, hp.n_embd_head_k(il), cap, n_h);
+        l.v = ggml_new_tensor_3d(ctx, type_v, cap, hp.n_embd_head_v(il), n_h);
+        l.s = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cap, n_h);
+        ggml_format_name(l.k, "cache_fg%d_hh_k_l%u", c, il);
+        ggml_format_name(l.v, "cache_fg%d_hh_v_l%u", c, il);
+        ggml_format_name(l.s, "cache_fg%d_hh_s_l%u", c, il);
+        l.pos.assign(n_h, std::vector<llama_pos>(cap, -1));
+        l.tok.assign(n_h, std::vector<llama_token>(cap, -1));
+        l.n_used.assign(n_h, 0);
+        index[il] = (int32_t) layers.size();
+        layers.push_back(std::move(l));
+    }
+    for (auto & [buft, ctx] : ctx_map) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
+        if (!buf) {
+            throw std::runtime_error("fastgen: failed to allocate the heavy-hitter cache buffer");
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        ctxs_bufs.emplace_back(std::move(ctx), buf);
+    }
+}
+
+uint32_t llama_fastgen_hh_store::max_used() const {
+    uint32_t n = 0;
+    for (const auto & l : layers) {
+        for (uint32_t u : l.n_used) {
+            n = std::max(n, u);
+        }
+    }
+    return n;
+}
+
+size_t llama_fastgen_hh_store::total_bytes() const {
+    size_t n = 0;
+    for (const auto & [_, buf] : ctxs_bufs) {
+        n += ggml_backend_buffer_get_size(buf.get());
+    }
+    return n;
+}
+
+std::map<ggml_backend_buffer_type_t, size_t> llama_fastgen_hh_store::memory_breakdown() const {
+    std::map<ggml_backend_buffer_type_t, size_t> res;
+    for (const auto & [_, buf] : ctxs_bufs) {
+        res[ggml_backend_buffer_get_type(buf.get())] += ggml_backend_buffer_get_size(buf.get());
+    }
+    return res;
+}
+
+bool llama_fastgen_hh_store::fits(const std::vector<llama_ubatch> & ubatches) const {
+    // every head holds the same count unless an eviction ran out of candidates; follow the largest
+    uint32_t used = max_used();
+    for (const auto & ub : ubatches) {
+        if (used + ub.n_tokens > budget + llama_fastgen_policy::FREQUENT_EVICT_BATCH) {
+            used = std::min(used, budget);
+        }
+        used += ub.n_tokens;
+        if (used > cap) {
+            return false;
+        }
+    }
+    return true;
+}
+
+void llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama_pos p0) {
+    auto & pos = l.pos[h];
+    auto & tok = l.tok[h];
+    struct cand { int tier; float score; llama_pos pos; uint32_t cell; };
+    std::vector<cand> cands;
+    for (uint32_t i = 0; i < cap; ++i) {
+        const llama_pos p = pos[i];
+        if (p < 0 || p < (llama_pos) n_sink || p0 - p < (llama_pos) window) {
+            continue; // free, sink, or inside the window of the next query
+        }
+        float s = scores[i] / (float) (p0 - p); // mean over the queries p .. p0-1 that saw it
+        if (std::isnan(s)) {
+            if (!warned_nan) {
+                LLAMA_LOG_WARN("%s: NaN attention scores (non-finite activations?): those cells are evicted first\n", __func__);
+                warned_nan = true;
+            }
+            s = -INFINITY;
+        }
+        const bool sp = tok[i] >= 0 && (size_t) tok[i] < special.size() && special[tok[i]];
+        cands.push_back({ sp ? 1 : 0, s, p, i });
+    }
+    const size_t n_evict = std::min<size_t>(cands.size(), l.n_used[h] - budget);
+    std::partial_sort(cands.begin(), cands.begin() + n_evict, cands.end(), [](const cand & a, const cand & b) {
+        return a.tier != b.tier ? a.tier < b.tier : a.score != b.score ? a.score < b.score : a.pos < b.pos;
+    });
+    for (size_t j = 0; j < n_evict; ++j) {
+        pos[cands[j].cell] = -1;
+        tok[cands[j].cell] = -1;
+    }
+    l.n_used[h] -= (uint32_t) n_evict;
+}
+
+bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx) {
+    const uint32_t n = ub.n_tokens;
+    const llama_pos p0 = ub.pos[0];
+    const uint32_t trigger = budget + llama_fastgen_policy::FREQUENT_EVICT_BATCH;
+
+    std::vector<float> scores(cap);
+    bool synced = false;
+    for (auto & l : layers) {
+        bool need = false;
+        for (uint32_t u : l.n_used) {
+            need = need || (u + n > trigger && u > budget);
+        }
+        if (!need) {
+            continue;
+        }
+        if (!synced && lctx) {
+            // the scores of the previous ubatch may still be computing on an asynchronous backend
+            ggml_backend_sched_synchronize(lctx->get_sched());
+            synced = true;
+        }
+        for (int h = 0; h < l.n_head; ++h) {
+            if (l.n_used[h] + n > trigger && l.n_used[h] > budget) {
+                ggml_backend_tensor_get(l.s, scores.data(), (size_t) h*cap*sizeof(float), cap*sizeof(float));
+                evict(l, h, scores.data(), p0);
+            }
+        }
+    }
+
+    for (auto & l : layers) {
+        l.slots.resize((size_t) l.n_head*n);
+        l.keep.resize((size_t) l.n_head*cap);
+        for (int h = 0; h < l.n_head; ++h) {
+            auto & pos = l.pos[h];
+            for (uint32_t i = 0; i < cap; ++i) {
+                l.keep[(size_t) h*cap + i] = pos[i] >= 0 ? 1.0f : 0.0f;
+            }
+            if (l.n_used[h] + n > cap) {
+                LLAMA_LOG_ERROR("%s: heavy-hitter cache of layer %d head %d is full (%u of %u cells)\n",
+                        __func__, l.il, h, l.n_used[h], cap);
+                return false;
+            }
+            uint32_t cell = 0;
+            for (uint32_t t = 0; t < n; ++t) {
+                while (pos[cell] >= 0) {
+                    ++cell;
+                }
+                pos[cell]   = ub.pos[t];
+                l.tok[h][cell] = ub.token ? ub.token[t] : -1;
+                l.slots[(size_t) h*n + t] = cell;
+                l.keep[(size_t) h*cap + cell] = 0.0f; // a reused cell starts from score 0
+            }
+            l.n_used[h] += n;
+        }
+    }
+    last_pos = std::max(last_pos, ub.pos[n - 1]);
+    return true;
+}
+
+void llama_fastgen_hh_store::set_input_idxs(int32_t li, ggml_tensor * dst) const {
+    const auto & l = layers[li];
+    GGML_ASSERT(ggml_nelements(dst) == (int64_t) l.slots.size());
+    std::memcpy(dst->data, l.slots.data(), l.slots.size()*sizeof(int64_t));
+}
+
+void llama_fastgen_hh_store::set_input_keep(int32_t li, ggml_tensor * dst) const {
+    const auto & l = layers[li];
+    GGML_ASSERT(ggml_nelements(dst) == (int64_t) l.keep.size());
+    std::memcpy(dst->data, l.keep.data(), l.keep.size()*sizeof(float));
+}
+
+void llama_fastgen_hh_store::set_input_mask(int32_t li, ggml_tensor * dst, const llama_ubatch & ub) const {
+    // [cap, n_tokens, 1, n_head]: a query sees the occupied cells at or before its position
+    const auto & l = layers[li];
+    const uint32_t n = ub.n_tokens;
+    GGML_ASSERT(dst->type == GGML_TYPE_F16 && dst->ne[0] == cap && dst->ne[1] == n && dst->ne[3] == l.n_head);
+    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f);
+    const ggml_fp16_t ninf = ggml_fp32_to_fp16(-INFINITY);
+    auto * data = (ggml_fp16_t *) dst->data;
+    for (int h = 0; h < l.n_head; ++h) {
+        const auto & pos = l.pos[h];
+        for (uint32_t t = 0; t < n; ++t) {
+            ggml_fp16_t * row = data + ((size_t) h*n + t)*cap;
+            const llama_pos q = ub.pos[t];
+            for (uint32_t i = 0; i < cap; ++i) {
+                row[i] = pos[i] >= 0 && pos[i] <= q ? zero : ninf;
+            }
+        }
+    }
+}
+
+void llama_fastgen_hh_store::clear() {
+    for (auto & l : layers) {
+        for (int h = 0; h < l.n_head; ++h) {
+            std::fill(l.pos[h].begin(), l.pos[h].end(), -1);
+            std::fill(l.tok[h].begin(), l.tok[h].end(), -1);
+            l.n_used[h] = 0;
+        }
+    }
+    last_pos = -1;
+}
+
+llama_pos llama_fastgen_hh_store::pos_min() const {
+    llama_pos res = -1;
+    for (const auto & l : layers) {
+        for (const auto & pos : l.pos) {
+            for (llama_pos p : pos) {
+                if (p >= 0 && (res < 0 || p < res)) {
+                    res = p;
+                }
+            }
+        }
+    }
+    return res;
+}
+
+void llama_fastgen_hh_store::state_write(llama_io_write_i & io) const {
+    const uint32_t n_layer = layers.size();
+    io.write(&cap, sizeof(cap));
+    io.write(&n_layer, sizeof(n_layer));
+    io.write(&last_pos, sizeof(last_pos));
+    for (const auto & l : layers) {
+        for (int h = 0; h < l.n_head; ++h) {
+            io.write(&l.n_used[h], sizeof(uint32_t));
+            io.write(l.pos[h].data(), cap*sizeof(llama_pos));
+            io.write(l.tok[h].data(), cap*sizeof(llama_token));
+        }
+        for (ggml_tensor * t : { l.k, l.v, l.s }) {
+            io.write_tensor(t, 0, ggml_nbytes(t));
+        }
+    }
+}
+
+void llama_fastgen_hh_store::state_read(llama_io_read_i & io) {
+    uint32_t cap_r = 0, n_layer_r = 0;
+    io.read(&cap_r, sizeof(cap_r));
+    io.read(&n_layer_r, sizeof(n_layer_r));
+    if (cap_r != cap || n_layer_r != layers.size()) {
+        throw std::runtime_error(format("fastgen: saved heavy-hitter state has %u cells x %u layers, this context "
+                "%u x %zu: restore into a context with the same n_ctx and n_ubatch", cap_r, n_layer_r, cap, layers.size()));
+    }
+    io.read(&last_pos, sizeof(last_pos));
+    for (auto & l : layers) {
+        for (int h = 0; h < l.n_head; ++h) {
+            io.read(&l.n_used[h], sizeof(uint32_t));
+            io.read(l.pos[h].data(), cap*sizeof(llama_pos));
+            io.read(l.tok[h].data(), cap*sizeof(llama_token));
+        }
+        for (ggml_tensor * t : { l.k, l.v, l.s }) {
+            io.read_tensor(t, 0, ggml_nbytes(t));
+        }
+    }
+}

@@ -1,0 +1,88 @@
+// llama-fastgen: the heavy-hitter store of one `frequent` class (FastGen's C_frequent, H2O).
+//
+// The kept tokens differ per (layer, head), so cells are per head, not shared like in
+// llama_kv_cache: per layer K [D, cap, n_h], V transposed [cap, D, n_h] (so attention needs no
+// copy) and F32 scores [cap, n_h]. The graph (llama-graph-fastgen.cpp) writes new tokens into the
+// slots chosen here, attends with an explicit softmax (flash attention hides the probabilities)
+// and adds each cell's attention, summed over the ubatch's queries and the head's query group, to
+// its score. Eviction runs on the host before a ubatch, batched: a head holding more than
+// budget + FREQUENT_EVICT_BATCH cells (counting the new ones) drops back to `budget` cells by
+// removing the lowest mean score (score / queries that saw the cell); sinks and the window are
+// never evicted, special tokens only when nothing else is left. One sequence only.
+#pragma once
+
+#include "llama-fastgen-policy.h"
+#include "llama-batch.h"
+
+#include "ggml-cpp.h"
+
+#include <map>
+#include <vector>
+
+struct llama_model;
+struct llama_context;
+class llama_io_write_i;
+class llama_io_read_i;
+
+class llama_fastgen_hh_store {
+public:
+    llama_fastgen_hh_store(const llama_model & model, const llama_fastgen_policy & policy, int c,
+                           ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch);
+
+    struct layer {
+        int32_t       il;
+        int32_t       n_head;
+        ggml_tensor * k; // [D, cap, n_head]
+        ggml_tensor * v; // [cap, D, n_head]
+        ggml_tensor * s; // [cap, n_head] F32
+        std::vector<std::vector<llama_pos>>   pos; // [head][cell], -1 when free
+        std::vector<std::vector<llama_token>> tok; // [head][cell]
+        std::vector<uint32_t>                 n_used;
+        // the current ubatch: slot of each token per head, and 1 for cells that held a token before it
+        std::vector<int64_t> slots; // [n_head][n_tokens]
+        std::vector<float>   keep;  // [n_head][cap]
+    };
+
+    // layer index in `layers` of model layer il, -1 when the class has no head there
+    int32_t       layer_of(int32_t il) const { return il < (int32_t) index.size() ? index[il] : -1; }
+    const layer & get_layer(int32_t li) const { return layers[li]; }
+
+    uint32_t get_size()   const { return cap; }
+    uint32_t get_budget() const { return budget; }
+    uint32_t max_used()   const; // most cells any (layer, head) holds
+    size_t   total_bytes() const;
+    std::map<ggml_backend_buffer_type_t, size_t> memory_breakdown() const;
+
+    // evict if needed, then choose the slots of the ubatch's tokens and commit them (false: no room)
+    bool apply(const llama_ubatch & ubatch, llama_context * lctx);
+    // would a batch of ubatches fit (cells are freed by eviction, never by the batch itself)
+    bool fits(const std::vector<llama_ubatch> & ubatches) const;
+
+    // graph inputs of layer li for the current ubatch
+    void set_input_idxs(int32_t li, ggml_tensor * dst) const;
+    void set_input_mask(int32_t li, ggml_tensor * dst, const llama_ubatch & ubatch) const;
+    void set_input_keep(int32_t li, ggml_tensor * dst) const;
+
+    void clear();
+    llama_pos pos_min() const;
+    llama_pos pos_max() const { return last_pos; }
+
+    void state_write(llama_io_write_i & io) const;
+    void state_read (llama_io_read_i  & io);
+
+private:
+    void evict(layer & l, int h, const float * scores, llama_pos p0);
+
+    uint32_t cap;
+    uint32_t budget;
+    uint32_t window;
+    uint32_t n_sink;
+    std::vector<bool> special; // by token id: evicted only when nothing else is left
+
+    std::vector<layer>   layers;
+    std::vector<int32_t> index;
+    llama_pos            last_pos = -1;
+    bool                 warned_nan = false;
+
+    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
+};
