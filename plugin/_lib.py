@@ -63,12 +63,14 @@ llama_cpp = _import_llama_cpp()
 
 
 def _explain_load_errors() -> None:
-    """llama-cpp-python only says "Failed to load model"; add why a fastgen policy was refused."""
-    model_cls = llama_cpp._internals.LlamaModel
-    if getattr(model_cls.__init__, "_fastgen", False):
-        return
-    orig = model_cls.__init__
+    """llama-cpp-python only says "Failed to load model" / "Failed to create llama_context"; add
+    why a fastgen policy or cache was refused."""
+    for cls in (llama_cpp._internals.LlamaModel, llama_cpp._internals.LlamaContext):
+        if not getattr(cls.__init__, "_fastgen", False):
+            cls.__init__ = _explained(cls.__init__)
 
+
+def _explained(orig):
     def __init__(self, *args, **kwargs):
         try:
             orig(self, *args, **kwargs)
@@ -79,7 +81,7 @@ def _explain_load_errors() -> None:
             raise
 
     __init__._fastgen = True
-    model_cls.__init__ = __init__
+    return __init__
 
 
 @lru_cache(maxsize=None)

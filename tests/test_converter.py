@@ -112,10 +112,47 @@ def test_lower_thresholds_compress_more(real_profile):
         sel = select(real_profile, t, n_head_kv=3)
         kinds[t] = sum(p.kind != Kind.FULL for row in sel.policies for p in row)
     assert 0 < kinds[0.9] and kinds[0.98] <= kinds[0.9] <= kinds[0.7]
-    # masses are probabilities and the ladder is monotone (each rung keeps a superset)
+    # masses are probabilities and each family of rungs is monotone (each rung keeps a superset)
     m = real_profile.mass
     assert m.min() >= 0 and m.max() <= 1 + 1e-5
-    assert np.all(np.diff(m, axis=-1) >= -1e-5)
+    rungs = real_profile.rungs
+    for family in ([i for i, r in enumerate(rungs) if r.kind != Kind.FREQUENT],
+                   [i for i, r in enumerate(rungs) if r.kind in (Kind.FREQUENT, Kind.FULL)]):
+        assert len(family) >= 3 and np.all(np.diff(m[..., family], axis=-1) >= -1e-5)
+
+
+def test_frequent_rungs_are_chosen_by_cost_and_can_be_left_out(real_profile):
+    """At 8K a heavy-hitter budget is cheaper than any punct rung (a quarter of the text is
+    punctuation), so heads that reach T with it take it; --no-frequent removes those rungs."""
+    with_f = select(real_profile, 0.95, n_head_kv=3, n_ctx=8192)
+    without = select(real_profile, 0.95, n_head_kv=3, n_ctx=8192, frequent=False)
+    kinds = [p.kind for row in with_f.policies for p in row]
+    assert Kind.FREQUENT in kinds
+    assert Kind.FREQUENT not in [p.kind for row in without.policies for p in row]
+    cost = lambda sel: sum(p.cost(8192, real_profile.protected_frac, 4) for row in sel.policies for p in row)
+    assert cost(with_f) < cost(without)
+    # every head's choice is the cheapest rung whose statistic reaches T
+    for l, row in enumerate(with_f.policies):
+        for h, p in enumerate(row):
+            c = p.cost(8192, real_profile.protected_frac, 4)
+            ok = [r for i, r in enumerate(real_profile.rungs) if with_f.stat[l, h, i] >= 0.95 - 1e-6]
+            assert all(r.cost(8192, real_profile.protected_frac, 4) >= c for r in ok)
+
+
+def test_reference_replay_of_a_frequent_head_that_never_evicts_is_plain_attention(model_dir):
+    """Budget beyond the text: chunked replay (scores, eviction checks, cache) changes nothing."""
+    m = _load(model_dir)
+    ids = _ids(model_dir, 200)
+    ctx = token_context(ids, set(), set(), 4)
+    with torch.no_grad():
+        plain = m(torch.tensor([ids])).logits[0]
+    hh = [[HeadPolicy(Kind.FREQUENT, 16, 4096)] * 3 for _ in range(30)]
+    assert torch.allclose(reference.logits(m, ids, hh, ctx, chunks=32), plain, atol=1e-3)
+    with pytest.raises(ValueError, match="chunks"):
+        reference.logits(m, ids, hh, ctx)
+    small = [[HeadPolicy(Kind.FREQUENT, 16, 48)] * 3 for _ in range(30)]
+    q = reference.compare(plain, reference.logits(m, ids, small, ctx, chunks=8), 100)
+    assert q["kl_mean"] > 0.01  # a 48-cell budget is a real eviction
 
 
 def test_reference_with_all_full_equals_plain_hf_exactly(model_dir):

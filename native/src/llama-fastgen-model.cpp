@@ -72,6 +72,12 @@ llama_memory_i * llama_fastgen_create_memory(const llama_model & model, const ll
     if (!active(model)) {
         return nullptr;
     }
-    return new llama_kv_cache_fastgen(model, model.fastgen, params.type_k, params.type_v, !cparams.flash_attn,
-            cparams.offload_kqv, cparams.kv_unified, cparams.n_ctx_seq, cparams.n_seq_max, cparams.n_ubatch);
+    g_last_error.clear();
+    try {
+        return new llama_kv_cache_fastgen(model, model.fastgen, params.type_k, params.type_v, !cparams.flash_attn,
+                cparams.offload_kqv, cparams.kv_unified, cparams.n_ctx_seq, cparams.n_seq_max, cparams.n_ubatch);
+    } catch (const std::exception & e) {
+        g_last_error = e.what(); // llama_init_from_model only logs it; Python reads it back
+        throw;
+    }
 }

@@ -386,14 +386,18 @@ void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_i
 
 llama_kv_cache_fastgen_context::llama_kv_cache_fastgen_context(llama_memory_status status) : status(status) {}
 
-static llama_memory_status combine(const std::vector<llama_memory_context_ptr> & ctxs) {
+// `none`: the status when no class has an ordinary slice (every class frequent)
+static llama_memory_status combine(const std::vector<llama_memory_context_ptr> & ctxs,
+                                   llama_memory_status none = LLAMA_MEMORY_STATUS_SUCCESS) {
     llama_memory_status st = LLAMA_MEMORY_STATUS_NO_UPDATE;
+    bool any = false;
     for (const auto & c : ctxs) {
         if (c) {
-            st = llama_memory_status_combine(st, c->get_status());
+            st  = llama_memory_status_combine(st, c->get_status());
+            any = true;
         }
     }
-    return st;
+    return any ? st : none;
 }
 
 static std::vector<llama_memory_context_ptr> make_ctxs(llama_kv_cache_fastgen * kv,
@@ -416,7 +420,7 @@ llama_kv_cache_fastgen_context::llama_kv_cache_fastgen_context(llama_kv_cache_fa
 llama_kv_cache_fastgen_context::llama_kv_cache_fastgen_context(llama_kv_cache_fastgen * kv, llama_context * lctx, bool optimize) :
     kv(kv),
     ctxs(make_ctxs(kv, [&](llama_kv_cache * s, size_t) { return s->init_update(lctx, optimize); })),
-    status(combine(ctxs)) {
+    status(combine(ctxs, LLAMA_MEMORY_STATUS_NO_UPDATE)) {
 }
 
 llama_kv_cache_fastgen_context::llama_kv_cache_fastgen_context(llama_kv_cache_fastgen * kv,
