@@ -4,7 +4,8 @@
   correctness  random-weight 'small' model, same tokens on CPU (CUDA hidden) and on CUDA:
                fastgen logits CPU vs CUDA, and the stock full cache CPU vs CUDA as the noise floor
   kv           KV bytes allocated at several n_ctx: fastgen, full f16, full q8_0 (C API)
-  speed        llama-bench decode tokens/s at depths and prefill tokens/s: fastgen vs full f16 vs q8_0
+  speed        llama-bench decode tokens/s at depths and prefill tokens/s: fastgen vs the same mix
+               with its heavy-hitter heads full (--model-nohh) vs full f16 vs q8_0
 
 Prints tables and writes JSON (--json). Numbers are measured, never typed in.
 """
@@ -92,23 +93,25 @@ def bench(bin_, model, extra, env_extra) -> list:
 
 
 def speed(args) -> list:
-    configs = [("fastgen f16", [], {}), ("full f16", [], {"LLAMA_FASTGEN_DISABLE": "1"}),
-               ("full q8_0", ["-ctk", "q8_0", "-ctv", "q8_0"], {"LLAMA_FASTGEN_DISABLE": "1"})]
+    configs = [("fastgen f16", args.model, [], {}), ("fastgen hh->full", args.model_nohh, [], {}),
+               ("full f16", args.model, [], {"LLAMA_FASTGEN_DISABLE": "1"}),
+               ("full q8_0", args.model, ["-ctk", "q8_0", "-ctv", "q8_0"], {"LLAMA_FASTGEN_DISABLE": "1"})]
+    configs = [c for c in configs if c[1]]
     rows = []
     depths = ",".join(str(d) for d in args.depths)
-    for name, extra, env in configs:
+    for name, model, extra, env in configs:
         t0 = time.time()
-        for r in bench(args.llama_bench, args.model, ["-p", "0", "-n", "64", "-d", depths] + extra, env):
+        for r in bench(args.llama_bench, model, ["-p", "0", "-n", "64", "-d", depths] + extra, env):
             rows.append({"config": name, "test": "tg64", "depth": r["n_depth"], "tps": r["avg_ts"], "stddev": r["stddev_ts"]})
-        for r in bench(args.llama_bench, args.model, ["-p", "8192", "-n", "0"] + extra, env):
+        for r in bench(args.llama_bench, model, ["-p", "8192", "-n", "0"] + extra, env):
             rows.append({"config": name, "test": "pp8192", "depth": 0, "tps": r["avg_ts"], "stddev": r["stddev_ts"]})
         print(f"  ({name}: {time.time() - t0:.0f} s)", flush=True)
     print("llama-bench tokens/s (8B shape, Q4_0 random weights, FA on)")
     tests = sorted({(r["test"], r["depth"]) for r in rows}, key=lambda t: (t[0] != "tg64", t[1]))
-    print("  " + f"{'test':>16}" + "".join(f"{c:>14}" for c, _, _ in configs) + "   fastgen/full")
+    print("  " + f"{'test':>16}" + "".join(f"{c:>18}" for c, _, _, _ in configs) + "   fastgen/full")
     for t in tests:
         vals = {r["config"]: r["tps"] for r in rows if (r["test"], r["depth"]) == t}
-        print("  " + f"{t[0] + ' @ d' + str(t[1]):>16}" + "".join(f"{vals.get(c, float('nan')):14.1f}" for c, _, _ in configs)
+        print("  " + f"{t[0] + ' @ d' + str(t[1]):>16}" + "".join(f"{vals.get(c, float('nan')):18.1f}" for c, _, _, _ in configs)
               + f"   {vals['fastgen f16'] / vals['full f16']:.2f}x")
     return rows
 
@@ -118,6 +121,7 @@ def main() -> int:
     ap.add_argument("what", choices=["all", "correctness", "kv", "speed", "child"])
     ap.add_argument("--model", help="8B-shape fastgen GGUF (kv, speed)")
     ap.add_argument("--small", help="small random fastgen GGUF (correctness)")
+    ap.add_argument("--model-nohh", help="the --model mix with its frequent heads full (speed baseline)")
     ap.add_argument("--llama-bench", default="llama-bench")
     ap.add_argument("--n-tokens", type=int, default=1600)
     ap.add_argument("--depths", type=int, nargs="+", default=[0, 8192, 32768, 65536])

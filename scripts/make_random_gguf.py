@@ -2,17 +2,19 @@
 """Write a random-weight llama GGUF of a real shape, with fastgen metadata taken from a real profile.
 
 Random weights are enough for speed, memory and CPU-vs-CUDA agreement (quality needs real
-weights). The policy mix comes from a converter report (OUT.fastgen.json): its per-head kept
-masses are re-thresholded at --threshold and mapped onto the target's layers (nearest layer) and
-KV heads (head h takes source head h mod n_src), so the share of each class follows the profile.
+weights). The policy mix comes from a converter report (OUT.fastgen.json): its per-head policies
+are mapped onto the target's layers (nearest layer) and KV heads (head h takes source head
+h mod n_src), so the share of each class follows the profile. --frequent-as-full writes the same
+mix with the heavy-hitter heads full: the baseline that isolates what those heads cost or save.
 
-    python scripts/make_random_gguf.py --shape llama3-8b --profile REPORT.json --threshold 0.95 --out M.gguf
+    python scripts/make_random_gguf.py --shape llama3-8b --profile REPORT.json --tree TREE --out M.gguf
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -23,28 +25,29 @@ SHAPES = {
     "llama3-8b": (32, 4096, 32, 8, 14336),
     "small": (8, 1024, 16, 4, 2816),
 }
-KINDS = {"full": 0, "special": 1, "special+punct": 2, "special+punct+local": 3}
 
 
-def parse_label(label: str) -> tuple[int, int]:
-    """'special+punct+local256' -> (3, 256); 'full' -> (0, 0); 'special' -> (1, 1)."""
+def parse_label(label: str) -> tuple[int, int, int]:
+    """A policy label -> (kind, window, budget): 'special+punct+local256' -> (3, 256, 0),
+    'special+frequent256+local64' -> (4, 64, 256), 'full' -> (0, 0, 0), 'special' -> (1, 1, 0)."""
+    m = re.fullmatch(r"special\+frequent(\d+)\+local(\d+)", label)
+    if m:
+        return 4, int(m.group(2)), int(m.group(1))
     if label.startswith("special+punct+local"):
-        return 3, int(label[len("special+punct+local"):])
-    return KINDS[label], 0 if label == "full" else 1
+        return 3, int(label[len("special+punct+local"):]), 0
+    return {"full": 0, "special": 1, "special+punct": 2}[label], 0 if label == "full" else 1, 0
 
 
-def policy_from_report(report: dict, threshold: float, n_layer: int, n_kv: int):
-    stat = np.array(report["kept_mass_stat"])       # [L_src, H_src, R]
-    rungs = report["rungs"]
-    L_src, H_src, _ = stat.shape
-    ok = stat >= threshold - 1e-6
-    ok[..., -1] = True
-    chosen = ok.argmax(-1)
+def policy_from_report(report: dict, n_layer: int, n_kv: int, frequent_as_full: bool = False):
+    """The report's per-head policies stretched over n_layer x n_kv heads."""
+    src = report["policies"]                         # [L_src][H_src] labels, original head order
+    L_src, H_src = len(src), len(src[0])
     heads = []
     for l in range(n_layer):
         ls = round(l * (L_src - 1) / max(n_layer - 1, 1))
-        heads.append([parse_label(rungs[chosen[ls, h % H_src]]) for h in range(n_kv)])
-    classes = sorted({c for row in heads for c in row}, key=lambda c: (c[0] != 0, -c[1], -c[0]))
+        row = [parse_label(src[ls][h % H_src]) for h in range(n_kv)]
+        heads.append([(0, 0, 0) if frequent_as_full and c[0] == 4 else c for c in row])
+    classes = sorted({c for row in heads for c in row}, key=lambda c: (c[0] != 0, c[0] == 4, -c[1], -c[2], -c[0]))
     counts = [[row.count(c) for c in classes] for row in heads]
     return classes, counts
 
@@ -62,7 +65,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     ap.add_argument("--profile", type=Path, help="converter report JSON (none: no fastgen metadata)")
-    ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--frequent-as-full", action="store_true",
+                    help="same mix with every frequent head full (the speed baseline for heavy hitters)")
     ap.add_argument("--tree", type=Path, required=True, help="pinned llama.cpp tree (gguf-py, vocab)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
@@ -95,14 +99,16 @@ def main() -> int:
             else:
                 w.add_key_value(key, field.contents(), vtype)
     if a.profile:
-        classes, counts = policy_from_report(json.loads(a.profile.read_text()), a.threshold, n_layer, n_kv)
+        report = json.loads(a.profile.read_text())
+        classes, counts = policy_from_report(report, n_layer, n_kv, a.frequent_as_full)
         T = gguf.GGUFValueType
         w.add_uint32("fastgen.version", 1)
-        w.add_float32("fastgen.threshold", a.threshold)
+        w.add_float32("fastgen.threshold", float(report["threshold"]))
         w.add_uint32("fastgen.n_sink", 4)
-        w.add_float32("fastgen.protected_frac", float(json.loads(a.profile.read_text())["protected_frac"]))
-        w.add_key_value("fastgen.class.kind", [k for k, _ in classes], T.ARRAY, sub_type=T.INT32)
-        w.add_key_value("fastgen.class.window", [win for _, win in classes], T.ARRAY, sub_type=T.INT32)
+        w.add_float32("fastgen.protected_frac", float(report["protected_frac"]))
+        w.add_key_value("fastgen.class.kind", [k for k, _, _ in classes], T.ARRAY, sub_type=T.INT32)
+        w.add_key_value("fastgen.class.window", [win for _, win, _ in classes], T.ARRAY, sub_type=T.INT32)
+        w.add_key_value("fastgen.class.budget", [b for _, _, b in classes], T.ARRAY, sub_type=T.INT32)
         w.add_key_value("fastgen.layer_class_heads", [n for row in counts for n in row], T.ARRAY, sub_type=T.INT32)
         w.add_key_value("fastgen.head_perm", list(range(n_kv)) * n_layer, T.ARRAY, sub_type=T.INT32)
         w.add_string("fastgen.calibration", json.dumps({"random_weights": True, "profile": str(a.profile)}))
