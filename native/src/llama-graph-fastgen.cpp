@@ -31,11 +31,11 @@ llm_graph_input_attn_kv_fastgen::llm_graph_input_attn_kv_fastgen(
 
 void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
     for (size_t c = 0; c < hh.size(); ++c) {
-        const auto * st = mctx_fg->get_cache()->hh_store((int) c);
-        for (size_t li = 0; st && li < hh[c].size(); ++li) {
-            st->set_input_idxs((int32_t) li, hh[c][li].idxs);
-            st->set_input_mask((int32_t) li, hh[c][li].mask, *ubatch);
-            st->set_input_keep((int32_t) li, hh[c][li].keep);
+        if (const auto * st = mctx_fg->get_cache()->hh_store((int) c)) {
+            st->set_input_idxs(hh[c].idxs);
+            st->set_input_keep(hh[c].keep);
+            st->set_input_cell_pos(hh[c].cell_pos);
+            llama_fastgen_hh_store::set_input_query_pos(hh[c].query_pos, *ubatch);
         }
     }
     for (size_t c = 0; c < cls.size(); ++c) {
@@ -57,10 +57,8 @@ bool llm_graph_input_attn_kv_fastgen::can_reuse(const llm_graph_params & params)
     this->mctx = first_ctx(mctx_fg);
     const auto n_stream = params.cparams.kv_unified ? 1 : params.ubatch.n_seqs_unq;
     bool res = true;
-    for (const auto & layers : hh) {
-        for (const auto & l : layers) {
-            res &= l.idxs->ne[0] == params.ubatch.n_tokens;
-        }
+    for (const auto & in : hh) {
+        res &= !in.idxs || in.idxs->ne[0] == params.ubatch.n_tokens;
     }
     for (size_t c = 0; c < cls.size(); ++c) {
         const auto * m = mctx_fg->get((int) c);
@@ -87,20 +85,22 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
     const int64_t n_tokens = g.ubatch.n_tokens;
     for (size_t c = 0; c < inp->hh.size(); ++c) {
         const auto * st = m->get_cache()->hh_store((int) c);
-        for (int32_t il = 0; st && il < (int32_t) g.hparams.n_layer(); ++il) {
-            if (st->layer_of(il) < 0) {
-                continue; // inputs are pushed in layer order: hh[c][li] belongs to layer_of(il) == li
-            }
-            const int64_t n_h = st->get_layer(st->layer_of(il)).n_head;
-            llm_graph_input_attn_kv_fastgen::per_hh_layer in;
-            in.idxs = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_I64, n_tokens, n_h);
-            in.mask = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F16, st->get_size(), n_tokens, 1, n_h);
-            in.keep = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, st->get_size(), n_h);
-            for (ggml_tensor * t : { in.idxs, in.mask, in.keep }) {
-                ggml_set_input(t);
-            }
-            inp->hh[c].push_back(in);
+        if (!st) {
+            continue;
         }
+        auto & in = inp->hh[c];
+        const int64_t C = st->get_size(), H = st->n_head_total();
+        in.idxs      = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_I64, n_tokens, H);
+        in.keep      = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, C, H);
+        in.cell_pos  = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, C, 1, 1, H);
+        in.query_pos = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, 1, n_tokens, 1, 1);
+        for (ggml_tensor * t : { in.idxs, in.keep, in.cell_pos, in.query_pos }) {
+            ggml_set_input(t);
+        }
+        // mask = log(step(q - (p - 0.5))): 0 where the cell is occupied and not after the query,
+        // -inf elsewhere; built on the device once per ubatch for every layer of the class
+        ggml_tensor * shape = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, C, n_tokens, 1, H);
+        in.mask = ggml_log(g.ctx0, ggml_step(g.ctx0, ggml_sub(g.ctx0, ggml_repeat(g.ctx0, in.query_pos, shape), in.cell_pos)));
     }
     for (size_t c = 0; c < inp->cls.size(); ++c) {
         const auto * mc = m->get((int) c);
@@ -121,32 +121,39 @@ static ggml_tensor * head_range(ggml_context * ctx, ggml_tensor * t, int64_t h0,
 
 // Attention of a frequent class: explicit softmax over the head's own cells (its probabilities
 // feed the scores), then new tokens' K/V and the scores written back into the store.
+// Attention of a frequent class: explicit softmax over the head's own cells (its probabilities
+// feed the scores), then new tokens' K/V and the scores written back into the store.
 static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fastgen_hh_store & st,
-        const llm_graph_input_attn_kv_fastgen::per_hh_layer & in, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
+        const llm_graph_input_attn_kv_fastgen::per_hh_class & in, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
         int64_t n_group, float kq_scale, int il) {
     ggml_context * ctx0 = g.ctx0;
-    const auto & l = st.get_layer(st.layer_of(il));
-    const int64_t D = q->ne[0], Dv = v->ne[0], n = k->ne[1], T = q->ne[2], C = st.get_size();
+    const int32_t li = st.layer_of(il);
+    const auto & l = st.get_layer(li);
+    const int64_t D = q->ne[0], Dv = v->ne[0], n = k->ne[1], T = q->ne[2], C = st.get_size(), h0 = st.head_offset(li);
+
+    // this layer's heads in the class inputs
+    ggml_tensor * idxs = ggml_view_2d(ctx0, in.idxs, T, n, in.idxs->nb[1], h0*in.idxs->nb[1]);
+    ggml_tensor * keep = ggml_view_2d(ctx0, in.keep, C, n, in.keep->nb[1], h0*in.keep->nb[1]);
+    ggml_tensor * mask = ggml_view_4d(ctx0, in.mask, C, T, 1, n, in.mask->nb[1], in.mask->nb[2], in.mask->nb[3], h0*in.mask->nb[3]);
 
     // K rows: store [D, C, n] <- [D, T, n] at slots [T, n]
-    ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, l.k, ggml_permute(ctx0, k, 0, 2, 1, 3), in.idxs));
+    ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, l.k, ggml_permute(ctx0, k, 0, 2, 1, 3), idxs));
     // V transposed, one element per row: store [1, C, Dv, n] <- [1, T, Dv, n] at slots [T, 1, n] (broadcast over Dv)
     ggml_tensor * v4 = ggml_view_4d(ctx0, v, 1, Dv, n, T, v->nb[0], v->nb[1], v->nb[2], 0);
     ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, ggml_reshape_4d(ctx0, l.v, 1, C, Dv, n),
-            ggml_permute(ctx0, v4, 0, 2, 3, 1), ggml_reshape_3d(ctx0, in.idxs, T, 1, n)));
+            ggml_permute(ctx0, v4, 0, 2, 3, 1), ggml_reshape_3d(ctx0, idxs, T, 1, n)));
 
     // queries [D, G*n, T] -> [D, T, G, n]; kq [C, T, G, n]
     ggml_tensor * q4 = ggml_view_4d(ctx0, q, D, n_group, n, T, q->nb[1], n_group*q->nb[1], q->nb[2], 0);
     ggml_tensor * qp = ggml_cont(ctx0, ggml_permute(ctx0, q4, 0, 2, 3, 1));
     ggml_tensor * kq = ggml_mul_mat(ctx0, ggml_reshape_4d(ctx0, l.k, D, C, 1, n), qp);
     ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
-    kq = ggml_soft_max_ext(ctx0, kq, in.mask, kq_scale, 0.0f);
+    kq = ggml_soft_max_ext(ctx0, kq, mask, kq_scale, 0.0f);
     g.cb(kq, "kq_soft_max_hh", il);
 
-    // scores [C, n] = scores * keep + attention summed over the ubatch's queries and the group
+    // scores [C, n] = scores * keep + attention summed over the ubatch's queries and the group, in place
     ggml_tensor * col = ggml_sum_rows(ctx0, ggml_cont(ctx0, ggml_transpose(ctx0, ggml_reshape_3d(ctx0, kq, C, T*n_group, n))));
-    ggml_tensor * s = ggml_add(ctx0, ggml_mul(ctx0, l.s, in.keep), ggml_reshape_2d(ctx0, col, C, n));
-    ggml_build_forward_expand(g.gf, ggml_cpy(ctx0, s, l.s));
+    ggml_build_forward_expand(g.gf, ggml_add_inplace(ctx0, ggml_mul_inplace(ctx0, l.s, keep), ggml_reshape_2d(ctx0, col, C, n)));
 
     // [Dv, T, G, n] -> [Dv*G*n, T], the layout of the other classes' outputs
     ggml_tensor * kqv = ggml_mul_mat(ctx0, ggml_reshape_4d(ctx0, l.v, C, Dv, 1, n), kq);
@@ -191,7 +198,7 @@ ggml_tensor * llama_fastgen_build_attn(
         ggml_tensor * v = head_range(ctx0, v_cur, h0, n);
 
         if (const auto * st = inp->mctx_fg->get_cache()->hh_store((int) c)) {
-            ggml_tensor * out = build_attn_hh(g, *st, inp->hh[c][st->layer_of(il)], q, k, v, n_group, kq_scale, il);
+            ggml_tensor * out = build_attn_hh(g, *st, inp->hh[c], q, k, v, n_group, kq_scale, il);
             cur = cur ? ggml_concat(ctx0, cur, out, 0) : out;
             continue;
         }

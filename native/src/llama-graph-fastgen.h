@@ -24,13 +24,15 @@ public:
     };
     std::vector<per_class> cls;
 
-    // frequent classes: per layer of the class's heavy-hitter store
-    struct per_hh_layer {
-        ggml_tensor * idxs = nullptr; // I64 [n_tokens, n_head]: cell of each new token per head
-        ggml_tensor * mask = nullptr; // F16 [cap, n_tokens, 1, n_head]
-        ggml_tensor * keep = nullptr; // F32 [cap, n_head]: 0 resets the score of a free or reused cell
+    // frequent classes: one set per class, the heads of all its layers side by side
+    struct per_hh_class {
+        ggml_tensor * idxs      = nullptr; // I64 [n_tokens, H]: cell of each new token per head
+        ggml_tensor * keep      = nullptr; // F32 [cap, H]: 0 resets the score of a free or reused cell
+        ggml_tensor * cell_pos  = nullptr; // F32 [cap, H]
+        ggml_tensor * query_pos = nullptr; // F32 [1, n_tokens]
+        ggml_tensor * mask      = nullptr; // F32 [cap, n_tokens, 1, H], computed in the graph
     };
-    std::vector<std::vector<per_hh_layer>> hh; // [class][layer index in the store]
+    std::vector<per_hh_class> hh; // [class], empty members for other classes
 
     const llama_kv_cache_fastgen_context * mctx_fg;
 };

@@ -58,6 +58,8 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         l.tok.assign(n_h, std::vector<llama_token>(cap, -1));
         l.n_used.assign(n_h, 0);
         index[il] = (int32_t) layers.size();
+        offsets.push_back(n_heads_all);
+        n_heads_all += n_h;
         layers.push_back(std::move(l));
     }
     for (auto & [buft, ctx] : ctx_map) {
@@ -201,35 +203,38 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx
     return true;
 }
 
-void llama_fastgen_hh_store::set_input_idxs(int32_t li, ggml_tensor * dst) const {
-    const auto & l = layers[li];
-    GGML_ASSERT(ggml_nelements(dst) == (int64_t) l.slots.size());
-    std::memcpy(dst->data, l.slots.data(), l.slots.size()*sizeof(int64_t));
+void llama_fastgen_hh_store::set_input_idxs(ggml_tensor * dst) const {
+    auto * out = (int64_t *) dst->data;
+    for (const auto & l : layers) {
+        std::memcpy(out, l.slots.data(), l.slots.size()*sizeof(int64_t));
+        out += l.slots.size();
+    }
 }
 
-void llama_fastgen_hh_store::set_input_keep(int32_t li, ggml_tensor * dst) const {
-    const auto & l = layers[li];
-    GGML_ASSERT(ggml_nelements(dst) == (int64_t) l.keep.size());
-    std::memcpy(dst->data, l.keep.data(), l.keep.size()*sizeof(float));
+void llama_fastgen_hh_store::set_input_keep(ggml_tensor * dst) const {
+    auto * out = (float *) dst->data;
+    for (const auto & l : layers) {
+        std::memcpy(out, l.keep.data(), l.keep.size()*sizeof(float));
+        out += l.keep.size();
+    }
 }
 
-void llama_fastgen_hh_store::set_input_mask(int32_t li, ggml_tensor * dst, const llama_ubatch & ub) const {
-    // [cap, n_tokens, 1, n_head]: a query sees the occupied cells at or before its position
-    const auto & l = layers[li];
-    const uint32_t n = ub.n_tokens;
-    GGML_ASSERT(dst->type == GGML_TYPE_F16 && dst->ne[0] == cap && dst->ne[1] == n && dst->ne[3] == l.n_head);
-    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f);
-    const ggml_fp16_t ninf = ggml_fp32_to_fp16(-INFINITY);
-    auto * data = (ggml_fp16_t *) dst->data;
-    for (int h = 0; h < l.n_head; ++h) {
-        const auto & pos = l.pos[h];
-        for (uint32_t t = 0; t < n; ++t) {
-            ggml_fp16_t * row = data + ((size_t) h*n + t)*cap;
-            const llama_pos q = ub.pos[t];
+void llama_fastgen_hh_store::set_input_cell_pos(ggml_tensor * dst) const {
+    // a query at q sees a cell at p iff q - (p - 0.5) > 0: step() then log() gives 0 or -inf
+    auto * out = (float *) dst->data;
+    for (const auto & l : layers) {
+        for (const auto & pos : l.pos) {
             for (uint32_t i = 0; i < cap; ++i) {
-                row[i] = pos[i] >= 0 && pos[i] <= q ? zero : ninf;
+                *out++ = pos[i] >= 0 ? (float) pos[i] - 0.5f : INFINITY;
             }
         }
+    }
+}
+
+void llama_fastgen_hh_store::set_input_query_pos(ggml_tensor * dst, const llama_ubatch & ub) {
+    auto * out = (float *) dst->data;
+    for (uint32_t t = 0; t < ub.n_tokens; ++t) {
+        out[t] = (float) ub.pos[t];
     }
 }
 

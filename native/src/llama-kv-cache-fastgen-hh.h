@@ -46,6 +46,10 @@ public:
     // layer index in `layers` of model layer il, -1 when the class has no head there
     int32_t       layer_of(int32_t il) const { return il < (int32_t) index.size() ? index[il] : -1; }
     const layer & get_layer(int32_t li) const { return layers[li]; }
+    // heads of the class over all layers, and the first of layer li among them (graph inputs are
+    // one tensor per class with the layers' heads side by side: few host-to-device copies)
+    int32_t       n_head_total() const { return n_heads_all; }
+    int32_t       head_offset(int32_t li) const { return offsets[li]; }
 
     uint32_t get_size()   const { return cap; }
     uint32_t get_budget() const { return budget; }
@@ -58,10 +62,13 @@ public:
     // would a batch of ubatches fit (cells are freed by eviction, never by the batch itself)
     bool fits(const std::vector<llama_ubatch> & ubatches) const;
 
-    // graph inputs of layer li for the current ubatch
-    void set_input_idxs(int32_t li, ggml_tensor * dst) const;
-    void set_input_mask(int32_t li, ggml_tensor * dst, const llama_ubatch & ubatch) const;
-    void set_input_keep(int32_t li, ggml_tensor * dst) const;
+    // graph inputs for the current ubatch, all layers: slots I64 [n_tokens, n_head_total],
+    // keep F32 [cap, n_head_total], cell positions F32 [cap, n_head_total] (pos - 0.5, +inf when
+    // free) and query positions F32 [n_tokens]; the graph turns the last two into the mask
+    void set_input_idxs(ggml_tensor * dst) const;
+    void set_input_keep(ggml_tensor * dst) const;
+    void set_input_cell_pos(ggml_tensor * dst) const;
+    static void set_input_query_pos(ggml_tensor * dst, const llama_ubatch & ubatch);
 
     void clear();
     llama_pos pos_min() const;
@@ -81,6 +88,8 @@ private:
 
     std::vector<layer>   layers;
     std::vector<int32_t> index;
+    std::vector<int32_t> offsets;
+    int32_t              n_heads_all = 0;
     llama_pos            last_pos = -1;
     bool                 warned_nan = false;
 
