@@ -211,14 +211,16 @@ def class_capacity(meta: FastgenMetadata, c: int, n_ctx: int, n_ubatch: int) -> 
     """Cells the native cache allocates for class c (mirror of llama_fastgen_policy::capacity,
     then padded to 256 like llama.cpp's SWA cache). Compressed classes: sinks + window + n_ubatch +
     32 + a protected-token budget of (1.5 * protected_frac + 0.02) * n_ctx (special only: 0.02).
-    Frequent classes: budget + max(n_ubatch, FREQUENT_EVICT_BATCH), per head, unpadded."""
+    Frequent classes share one store whose heads all get the largest of their capacities,
+    budget + max(n_ubatch, FREQUENT_EVICT_BATCH), unpadded."""
     import math
 
     cls = meta.classes[c]
     if cls.kind == Kind.FULL:
         return n_ctx
     if cls.kind == Kind.FREQUENT:
-        return min(n_ctx, cls.budget + max(n_ubatch, FREQUENT_EVICT_BATCH))
+        return max(min(n_ctx, f.budget + max(n_ubatch, FREQUENT_EVICT_BATCH))
+                   for f in meta.classes if f.kind == Kind.FREQUENT)
     share = 0.02 if cls.kind == Kind.SPECIAL else min(1.0, 1.5 * _f32(meta.protected_frac) + 0.02)
     need = min(n_ctx, meta.n_sink + cls.window + n_ubatch + 32 + math.ceil(share * n_ctx))
     return min(n_ctx, (need + 255) // 256 * 256)

@@ -30,13 +30,11 @@ llm_graph_input_attn_kv_fastgen::llm_graph_input_attn_kv_fastgen(
 }
 
 void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
-    for (size_t c = 0; c < hh.size(); ++c) {
-        if (const auto * st = mctx_fg->get_cache()->hh_store((int) c)) {
-            st->set_input_idxs(hh[c].idxs);
-            st->set_input_keep(hh[c].keep);
-            st->set_input_cell_pos(hh[c].cell_pos);
-            llama_fastgen_hh_store::set_input_query_pos(hh[c].query_pos, *ubatch);
-        }
+    if (const auto * st = mctx_fg->get_cache()->hh_store()) {
+        st->set_input_idxs(hh.idxs);
+        st->set_input_keep(hh.keep);
+        st->set_input_cell_pos(hh.cell_pos);
+        llama_fastgen_hh_store::set_input_query_pos(hh.query_pos, *ubatch);
     }
     for (size_t c = 0; c < cls.size(); ++c) {
         const auto * m = mctx_fg->get((int) c);
@@ -57,9 +55,7 @@ bool llm_graph_input_attn_kv_fastgen::can_reuse(const llm_graph_params & params)
     this->mctx = first_ctx(mctx_fg);
     const auto n_stream = params.cparams.kv_unified ? 1 : params.ubatch.n_seqs_unq;
     bool res = true;
-    for (const auto & in : hh) {
-        res &= !in.idxs || in.idxs->ne[0] == params.ubatch.n_tokens;
-    }
+    res &= !hh.idxs || hh.idxs->ne[0] == params.ubatch.n_tokens;
     for (size_t c = 0; c < cls.size(); ++c) {
         const auto * m = mctx_fg->get((int) c);
         if (!m) {
@@ -81,14 +77,9 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
     }
     auto inp = std::make_unique<llm_graph_input_attn_kv_fastgen>(g.hparams, g.cparams, m);
     inp->cls.resize(m->get_cache()->n_class());
-    inp->hh.resize(m->get_cache()->n_class());
     const int64_t n_tokens = g.ubatch.n_tokens;
-    for (size_t c = 0; c < inp->hh.size(); ++c) {
-        const auto * st = m->get_cache()->hh_store((int) c);
-        if (!st) {
-            continue;
-        }
-        auto & in = inp->hh[c];
+    if (const auto * st = m->get_cache()->hh_store()) {
+        auto & in = inp->hh;
         const int64_t C = st->get_size(), H = st->n_head_total();
         in.idxs      = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_I64, n_tokens, H);
         in.keep      = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, C, H);
@@ -98,7 +89,7 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
             ggml_set_input(t);
         }
         // mask = log(step(q - (p - 0.5))): 0 where the cell is occupied and not after the query,
-        // -inf elsewhere; built on the device once per ubatch for every layer of the class
+        // -inf elsewhere; built on the device once per ubatch for every layer
         ggml_tensor * shape = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, C, n_tokens, 1, H);
         in.mask = ggml_log(g.ctx0, ggml_step(g.ctx0, ggml_sub(g.ctx0, ggml_repeat(g.ctx0, in.query_pos, shape), in.cell_pos)));
     }
@@ -124,7 +115,7 @@ static ggml_tensor * head_range(ggml_context * ctx, ggml_tensor * t, int64_t h0,
 // Attention of a frequent class: explicit softmax over the head's own cells (its probabilities
 // feed the scores), then new tokens' K/V and the scores written back into the store.
 static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fastgen_hh_store & st,
-        const llm_graph_input_attn_kv_fastgen::per_hh_class & in, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
+        const llm_graph_input_attn_kv_fastgen::per_hh & in, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
         int64_t n_group, float kq_scale, int il) {
     ggml_context * ctx0 = g.ctx0;
     const int32_t li = st.layer_of(il);
@@ -185,8 +176,16 @@ ggml_tensor * llama_fastgen_build_attn(
     const int64_t n_group = q_cur->ne[1] / k_cur->ne[1];
 
     ggml_tensor * cur = nullptr;
+    const auto * st = inp->mctx_fg->get_cache()->hh_store();
     for (size_t c = 0; c < inp->cls.size(); ++c) {
-        const int64_t n = policy.n_heads(il, (int) c);
+        int64_t n = policy.n_heads(il, (int) c);
+        if (policy.classes[c].kind == LLAMA_FASTGEN_FREQUENT) {
+            // the frequent classes are consecutive: their heads form one range, run once at the first
+            if (!st || (int) c != st->first_class() || st->layer_of(il) < 0) {
+                continue;
+            }
+            n = st->get_layer(st->layer_of(il)).n_head;
+        }
         if (n == 0) {
             continue;
         }
@@ -197,8 +196,8 @@ ggml_tensor * llama_fastgen_build_attn(
         ggml_tensor * k = head_range(ctx0, k_cur, h0, n);
         ggml_tensor * v = head_range(ctx0, v_cur, h0, n);
 
-        if (const auto * st = inp->mctx_fg->get_cache()->hh_store((int) c)) {
-            ggml_tensor * out = build_attn_hh(g, *st, inp->hh[c], q, k, v, n_group, kq_scale, il);
+        if (policy.classes[c].kind == LLAMA_FASTGEN_FREQUENT) {
+            ggml_tensor * out = build_attn_hh(g, *st, inp->hh, q, k, v, n_group, kq_scale, il);
             cur = cur ? ggml_concat(ctx0, cur, out, 0) : out;
             continue;
         }

@@ -24,15 +24,15 @@ public:
     };
     std::vector<per_class> cls;
 
-    // frequent classes: one set per class, the heads of all its layers side by side
-    struct per_hh_class {
+    // frequent classes (one shared store): the heads of all layers side by side
+    struct per_hh {
         ggml_tensor * idxs      = nullptr; // I64 [n_tokens, H]: cell of each new token per head
         ggml_tensor * keep      = nullptr; // F32 [cap, H]: 0 resets the score of a free or reused cell
         ggml_tensor * cell_pos  = nullptr; // F32 [cap, H]
         ggml_tensor * query_pos = nullptr; // F32 [1, n_tokens]
         ggml_tensor * mask      = nullptr; // F32 [cap, n_tokens, 1, H], computed in the graph
     };
-    std::vector<per_hh_class> hh; // [class], empty members for other classes
+    per_hh hh; // members stay nullptr without frequent classes
 
     const llama_kv_cache_fastgen_context * mctx_fg;
 };

@@ -10,14 +10,24 @@
 #include <cstring>
 #include <stdexcept>
 
-llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const llama_fastgen_policy & policy, int c,
+llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const llama_fastgen_policy & policy,
         ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch) :
-    cap(policy.capacity(c, n_ctx, n_ubatch)),
-    budget((uint32_t) policy.classes[c].budget),
-    window((uint32_t) policy.classes[c].window),
     n_sink(policy.n_sink),
-    special(policy.protected_tokens(c)) {
+    special(policy.special_tok) {
     const auto & hp = model.hparams;
+    int32_t c_last = -1;
+    for (int c = 0; c < (int) policy.classes.size(); ++c) {
+        if (policy.classes[c].kind != LLAMA_FASTGEN_FREQUENT) {
+            continue;
+        }
+        if (c_last >= 0 && c != c_last + 1) {
+            throw std::runtime_error("fastgen: frequent classes must be consecutive in fastgen.class.kind "
+                    "(their heads share one store); re-run convert.py --profile");
+        }
+        c_first = c_first < 0 ? c : c_first;
+        c_last  = c;
+        cap = std::max(cap, policy.capacity(c, n_ctx, n_ubatch));
+    }
     // V is stored transposed and written one element per row: a block-quantized type cannot do
     // that, so these heads keep f16 (said in the log line of the class)
     if (ggml_is_quantized(type_k)) {
@@ -26,6 +36,7 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     if (ggml_is_quantized(type_v)) {
         type_v = GGML_TYPE_F16;
     }
+    bytes_per_head = (size_t) cap*(ggml_row_size(type_k, hp.n_embd_head_k()) + ggml_row_size(type_v, hp.n_embd_head_v()) + sizeof(float));
 
     std::map<ggml_backend_buffer_type_t, ggml_context_ptr> ctx_map;
     auto ctx_for_buft = [&](ggml_backend_buffer_type_t buft) -> ggml_context * {
@@ -39,7 +50,10 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
 
     index.assign(hp.n_layer(), -1);
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
-        const int32_t n_h = policy.n_heads((int) il, c);
+        int32_t n_h = 0;
+        for (int c = c_first; c >= 0 && c <= c_last; ++c) {
+            n_h += policy.n_heads((int) il, c);
+        }
         if (n_h == 0) {
             continue;
         }
@@ -51,9 +65,16 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         l.k = ggml_new_tensor_3d(ctx, type_k, hp.n_embd_head_k(il), cap, n_h);
         l.v = ggml_new_tensor_3d(ctx, type_v, cap, hp.n_embd_head_v(il), n_h);
         l.s = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cap, n_h);
-        ggml_format_name(l.k, "cache_fg%d_hh_k_l%u", c, il);
-        ggml_format_name(l.v, "cache_fg%d_hh_v_l%u", c, il);
-        ggml_format_name(l.s, "cache_fg%d_hh_s_l%u", c, il);
+        ggml_format_name(l.k, "cache_fg_hh_k_l%u", il);
+        ggml_format_name(l.v, "cache_fg_hh_v_l%u", il);
+        ggml_format_name(l.s, "cache_fg_hh_s_l%u", il);
+        for (int c = c_first; c <= c_last; ++c) {
+            for (int j = 0; j < policy.n_heads((int) il, c); ++j) {
+                l.cls.push_back(c);
+                l.budget.push_back((uint32_t) policy.classes[c].budget);
+                l.window.push_back((uint32_t) policy.classes[c].window);
+            }
+        }
         l.pos.assign(n_h, std::vector<llama_pos>(cap, -1));
         l.tok.assign(n_h, std::vector<llama_token>(cap, -1));
         l.n_used.assign(n_h, 0);
@@ -72,14 +93,26 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     }
 }
 
-uint32_t llama_fastgen_hh_store::max_used() const {
+uint32_t llama_fastgen_hh_store::max_used(int c) const {
     uint32_t n = 0;
     for (const auto & l : layers) {
-        for (uint32_t u : l.n_used) {
-            n = std::max(n, u);
+        for (int h = 0; h < l.n_head; ++h) {
+            n = l.cls[h] == c ? std::max(n, l.n_used[h]) : n;
         }
     }
     return n;
+}
+
+size_t llama_fastgen_hh_store::class_bytes(int c) const {
+    size_t n = 0;
+    for (const auto & l : layers) {
+        n += std::count(l.cls.begin(), l.cls.end(), c);
+    }
+    return n*bytes_per_head;
+}
+
+bool llama_fastgen_hh_store::needs_eviction(const layer & l, int h, uint32_t n) const {
+    return l.n_used[h] + n > l.budget[h] + llama_fastgen_policy::FREQUENT_EVICT_BATCH && l.n_used[h] > l.budget[h];
 }
 
 size_t llama_fastgen_hh_store::total_bytes() const {
@@ -99,15 +132,19 @@ std::map<ggml_backend_buffer_type_t, size_t> llama_fastgen_hh_store::memory_brea
 }
 
 bool llama_fastgen_hh_store::fits(const std::vector<llama_ubatch> & ubatches) const {
-    // every head holds the same count unless an eviction ran out of candidates; follow the largest
-    uint32_t used = max_used();
-    for (const auto & ub : ubatches) {
-        if (used + ub.n_tokens > budget + llama_fastgen_policy::FREQUENT_EVICT_BATCH) {
-            used = std::min(used, budget);
-        }
-        used += ub.n_tokens;
-        if (used > cap) {
-            return false;
+    // replay the eviction trigger per head (eviction itself frees cells, the batch never does)
+    for (const auto & l : layers) {
+        for (int h = 0; h < l.n_head; ++h) {
+            uint32_t used = l.n_used[h];
+            for (const auto & ub : ubatches) {
+                if (used + ub.n_tokens > l.budget[h] + llama_fastgen_policy::FREQUENT_EVICT_BATCH) {
+                    used = std::min(used, l.budget[h]);
+                }
+                used += ub.n_tokens;
+                if (used > cap) {
+                    return false;
+                }
+            }
         }
     }
     return true;
@@ -120,7 +157,7 @@ void llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama
     std::vector<cand> cands;
     for (uint32_t i = 0; i < cap; ++i) {
         const llama_pos p = pos[i];
-        if (p < 0 || p < (llama_pos) n_sink || p0 - p < (llama_pos) window) {
+        if (p < 0 || p < (llama_pos) n_sink || p0 - p < (llama_pos) l.window[h]) {
             continue; // free, sink, or inside the window of the next query
         }
         float s = scores[i] / (float) (p0 - p); // mean over the queries p .. p0-1 that saw it
@@ -134,7 +171,7 @@ void llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama
         const bool sp = tok[i] >= 0 && (size_t) tok[i] < special.size() && special[tok[i]];
         cands.push_back({ sp ? 1 : 0, s, p, i });
     }
-    const size_t n_evict = std::min<size_t>(cands.size(), l.n_used[h] - budget);
+    const size_t n_evict = std::min<size_t>(cands.size(), l.n_used[h] - l.budget[h]);
     std::partial_sort(cands.begin(), cands.begin() + n_evict, cands.end(), [](const cand & a, const cand & b) {
         return a.tier != b.tier ? a.tier < b.tier : a.score != b.score ? a.score < b.score : a.pos < b.pos;
     });
@@ -148,14 +185,13 @@ void llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama
 bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx) {
     const uint32_t n = ub.n_tokens;
     const llama_pos p0 = ub.pos[0];
-    const uint32_t trigger = budget + llama_fastgen_policy::FREQUENT_EVICT_BATCH;
 
     std::vector<float> scores(cap);
     bool synced = false;
     for (auto & l : layers) {
         bool need = false;
-        for (uint32_t u : l.n_used) {
-            need = need || (u + n > trigger && u > budget);
+        for (int h = 0; h < l.n_head; ++h) {
+            need = need || needs_eviction(l, h, n);
         }
         if (!need) {
             continue;
@@ -166,7 +202,7 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx
             synced = true;
         }
         for (int h = 0; h < l.n_head; ++h) {
-            if (l.n_used[h] + n > trigger && l.n_used[h] > budget) {
+            if (needs_eviction(l, h, n)) {
                 ggml_backend_tensor_get(l.s, scores.data(), (size_t) h*cap*sizeof(float), cap*sizeof(float));
                 evict(l, h, scores.data(), p0);
             }

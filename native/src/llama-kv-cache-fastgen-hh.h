@@ -1,4 +1,9 @@
-// llama-fastgen: the heavy-hitter store of one `frequent` class (FastGen's C_frequent, H2O).
+// llama-fastgen: the heavy-hitter store of the `frequent` classes (FastGen's C_frequent, H2O).
+//
+// All frequent classes share one store (they are consecutive in class order, so a layer's frequent
+// heads are one contiguous range): one attention call per layer instead of one per class, at the
+// price of every head getting the largest class's capacity. Each head keeps its own class's
+// budget and window.
 //
 // The kept tokens differ per (layer, head), so cells are per head, not shared like in
 // llama_kv_cache: per layer K [D, cap, n_h], V transposed [cap, D, n_h] (so attention needs no
@@ -26,12 +31,16 @@ class llama_io_read_i;
 
 class llama_fastgen_hh_store {
 public:
-    llama_fastgen_hh_store(const llama_model & model, const llama_fastgen_policy & policy, int c,
+    // throws if the frequent classes are not consecutive in class order
+    llama_fastgen_hh_store(const llama_model & model, const llama_fastgen_policy & policy,
                            ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch);
 
     struct layer {
         int32_t       il;
         int32_t       n_head;
+        std::vector<int32_t>  cls;    // [head] class index
+        std::vector<uint32_t> budget; // [head]
+        std::vector<uint32_t> window; // [head]
         ggml_tensor * k; // [D, cap, n_head]
         ggml_tensor * v; // [cap, D, n_head]
         ggml_tensor * s; // [cap, n_head] F32
@@ -52,8 +61,9 @@ public:
     int32_t       head_offset(int32_t li) const { return offsets[li]; }
 
     uint32_t get_size()   const { return cap; }
-    uint32_t get_budget() const { return budget; }
-    uint32_t max_used()   const; // most cells any (layer, head) holds
+    int32_t  first_class() const { return c_first; } // the class whose slot in the graph runs the store
+    uint32_t max_used(int c) const;    // most cells any (layer, head) of class c holds
+    size_t   class_bytes(int c) const; // K + V + score bytes of class c's heads
     size_t   total_bytes() const;
     std::map<ggml_backend_buffer_type_t, size_t> memory_breakdown() const;
 
@@ -79,11 +89,12 @@ public:
 
 private:
     void evict(layer & l, int h, const float * scores, llama_pos p0);
+    bool needs_eviction(const layer & l, int h, uint32_t n) const;
 
-    uint32_t cap;
-    uint32_t budget;
-    uint32_t window;
+    uint32_t cap = 0;
+    int32_t  c_first = -1;
     uint32_t n_sink;
+    size_t   bytes_per_head = 0;
     std::vector<bool> special; // by token id: evicted only when nothing else is left
 
     std::vector<layer>   layers;

@@ -36,17 +36,18 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
             any = any || hc->n_head_kv_arr[il] > 0;
         }
         const auto & cls = policy->classes[c];
-        hh.push_back(nullptr);
-        if (any && cls.kind == LLAMA_FASTGEN_FREQUENT) {
-            if (n_seq_max > 1) {
-                throw std::runtime_error("fastgen: heavy-hitter (frequent) heads keep one sequence; create the context "
-                        "with n_seq_max = 1, or disable fastgen (kv_overrides fastgen.enable=false)");
+        if (cls.kind == LLAMA_FASTGEN_FREQUENT) {
+            if (any && !hh) {
+                if (n_seq_max > 1) {
+                    throw std::runtime_error("fastgen: heavy-hitter (frequent) heads keep one sequence; create the context "
+                            "with n_seq_max = 1, or disable fastgen (kv_overrides fastgen.enable=false)");
+                }
+                hh = std::make_unique<llama_fastgen_hh_store>(model, *policy, type_k, type_v, offload, kv_size, n_ubatch);
             }
-            if ((uint32_t) cls.budget >= kv_size) {
+            if (any && (uint32_t) cls.budget >= kv_size) {
                 LLAMA_LOG_WARN("%s: class %s: budget %d >= n_ctx %u, it never evicts (behaves as full)\n", __func__,
                         policy->describe_class((int) c).c_str(), cls.budget, kv_size);
             }
-            hh.back() = std::make_unique<llama_fastgen_hh_store>(model, *policy, (int) c, type_k, type_v, offload, kv_size, n_ubatch);
             any = false; // no ordinary slice
         }
         if (!any) {
@@ -82,7 +83,7 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
 
     size_t total = 0;
     for (size_t c = 0; c < slices.size(); ++c) {
-        if (!slices[c] && !hh[c]) {
+        if (!slices[c] && !class_cells((int) c)) {
             continue;
         }
         int heads = 0;
@@ -99,16 +100,17 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
 }
 
 uint32_t llama_kv_cache_fastgen::class_cells(int c) const {
-    return slices[c] ? slices[c]->get_size() : hh[c] ? hh[c]->get_size() : 0;
+    const bool freq = hh && policy->classes[c].kind == LLAMA_FASTGEN_FREQUENT && hh->class_bytes(c) > 0;
+    return slices[c] ? slices[c]->get_size() : freq ? hh->get_size() : 0;
 }
 
 uint32_t llama_kv_cache_fastgen::class_used(int c) const {
-    return slices[c] ? slices[c]->n_used_cells() : hh[c] ? hh[c]->max_used() : 0;
+    return slices[c] ? slices[c]->n_used_cells() : hh ? hh->max_used(c) : 0;
 }
 
 size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
-    if (hh[c]) {
-        return hh[c]->total_bytes();
+    if (hh && policy->classes[c].kind == LLAMA_FASTGEN_FREQUENT) {
+        return hh->class_bytes(c);
     }
     size_t n = 0;
     if (slices[c]) {
@@ -121,10 +123,8 @@ size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
 
 void llama_kv_cache_fastgen::clear(bool data) {
     evicted_upto.assign(slices.size(), {});
-    for (auto & h : hh) {
-        if (h) {
-            h->clear();
-        }
+    if (hh) {
+        hh->clear();
     }
     for (auto & s : slices) {
         if (s) {
@@ -154,10 +154,8 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
         for (auto & m : evicted_upto) {
             seq_id < 0 ? m.clear() : (void) m.erase(seq_id);
         }
-        for (auto & h : hh) {
-            if (h) {
-                h->clear(); // one sequence only
-            }
+        if (hh) {
+            hh->clear(); // one sequence only
         }
     }
     bool res = true;
@@ -211,11 +209,8 @@ void llama_kv_cache_fastgen::seq_div(llama_seq_id seq_id, llama_pos p0, llama_po
 
 llama_pos llama_kv_cache_fastgen::seq_pos_min(llama_seq_id seq_id) const {
     llama_pos res = -1;
-    for (const auto & h : hh) {
-        if (h && seq_id <= 0) {
-            const llama_pos p = h->pos_min();
-            res = res < 0 ? p : std::min(res, p);
-        }
+    if (hh && seq_id <= 0) {
+        res = hh->pos_min();
     }
     for (const auto & s : slices) {
         if (s) {
@@ -228,10 +223,8 @@ llama_pos llama_kv_cache_fastgen::seq_pos_min(llama_seq_id seq_id) const {
 
 llama_pos llama_kv_cache_fastgen::seq_pos_max(llama_seq_id seq_id) const {
     llama_pos res = -1;
-    for (const auto & h : hh) {
-        if (h && seq_id <= 0) {
-            res = std::max(res, h->pos_max());
-        }
+    if (hh && seq_id <= 0) {
+        res = hh->pos_max();
     }
     for (const auto & s : slices) {
         if (s) {
@@ -243,11 +236,9 @@ llama_pos llama_kv_cache_fastgen::seq_pos_max(llama_seq_id seq_id) const {
 
 std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_fastgen::memory_breakdown() const {
     std::map<ggml_backend_buffer_type_t, size_t> mb;
-    for (const auto & h : hh) {
-        if (h) {
-            for (const auto & [buft, size] : h->memory_breakdown()) {
-                mb[buft] += size;
-            }
+    if (hh) {
+        for (const auto & [buft, size] : hh->memory_breakdown()) {
+            mb[buft] += size;
         }
     }
     for (const auto & s : slices) {
@@ -282,12 +273,12 @@ llama_memory_context_ptr llama_kv_cache_fastgen::init_batch(llama_batch_allocr &
         }
         std::vector<llama_kv_cache::slot_info_vec_t> sinfos(slices.size());
         bool ok = true;
+        if (hh && !hh->fits(ubatches)) {
+            LLAMA_LOG_ERROR("%s: the heavy-hitter store (%u cells per head) cannot take this batch; use a smaller n_ubatch\n",
+                    __func__, hh->get_size());
+            ok = false;
+        }
         for (size_t c = 0; c < slices.size() && ok; ++c) {
-            if (hh[c] && !hh[c]->fits(ubatches)) {
-                LLAMA_LOG_ERROR("%s: fastgen class %s (%u cells) cannot take this batch; use a smaller n_ubatch\n",
-                        __func__, policy->describe_class((int) c).c_str(), hh[c]->get_size());
-                ok = false;
-            }
             if (!slices[c]) {
                 continue;
             }
@@ -355,10 +346,8 @@ bool llama_kv_cache_fastgen::get_can_shift() const {
 }
 
 void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
-    for (const auto & h : hh) {
-        if (h) {
-            h->state_write(io);
-        }
+    if (hh) {
+        hh->state_write(io);
     }
     for (const auto & s : slices) {
         if (s) {
@@ -368,10 +357,8 @@ void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq
 }
 
 void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
-    for (auto & h : hh) {
-        if (h) {
-            h->state_read(io);
-        }
+    if (hh) {
+        hh->state_read(io);
     }
     for (auto & s : slices) {
         if (s) {
@@ -447,10 +434,8 @@ bool llama_kv_cache_fastgen_context::apply() {
     assert(!llama_memory_status_is_fail(status));
     bool res = true;
     if (!ubatches.empty()) { // a batch: heavy-hitter stores evict and place this ubatch
-        for (size_t c = 0; c < kv->n_class(); ++c) {
-            if (auto * h = kv->hh_store((int) c)) {
-                res = h->apply(ubatches[i_next], kv->sched_ctx()) && res;
-            }
+        if (auto * h = kv->hh_store()) {
+            res = h->apply(ubatches[i_next], kv->sched_ctx()) && res;
         }
     }
     for (auto & c : ctxs) {

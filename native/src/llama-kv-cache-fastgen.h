@@ -58,7 +58,8 @@ public:
     // per class: nullptr when no layer has a head of that class (or, for slice(), when it is frequent)
     size_t           n_class()   const { return slices.size(); }
     llama_kv_cache * slice(int c) const { return slices[c].get(); }
-    llama_fastgen_hh_store * hh_store(int c) const { return hh[c].get(); }
+    // the heavy-hitter store shared by all frequent classes (nullptr without any)
+    llama_fastgen_hh_store * hh_store() const { return hh.get(); }
     uint32_t         class_cells(int c) const;
     uint32_t         class_used(int c) const;
     // the context whose scheduler computes this cache (captured in init_update, which decode calls
@@ -78,7 +79,7 @@ private:
 
     std::vector<std::unique_ptr<llama_hparams>>  hparams_c; // referenced by the slices: stable addresses
     std::vector<std::unique_ptr<llama_kv_cache>> slices;
-    std::vector<std::unique_ptr<llama_fastgen_hh_store>> hh; // frequent classes
+    std::unique_ptr<llama_fastgen_hh_store>      hh;        // all frequent classes
     std::vector<std::string>                     tags;      // tensor name suffix per class
     std::vector<std::map<llama_seq_id, llama_pos>> evicted_upto; // per class: protected tokens dropped below this
 
