@@ -118,7 +118,7 @@ class FastgenMetadata:
 
     def to_kv(self) -> dict[str, tuple[str, object]]:
         """{key: (type, value)} with type in u32/f32/str/i32[] (what gguf_export writes)."""
-        return {
+        kv = {
             PREFIX + "version": ("u32", self.version),
             PREFIX + "threshold": ("f32", float(self.threshold)),
             PREFIX + "n_sink": ("u32", int(self.n_sink)),
@@ -132,6 +132,8 @@ class FastgenMetadata:
             PREFIX + "protected_frac": ("f32", float(self.protected_frac)),
             PREFIX + "calibration": ("str", json.dumps(self.calibration, sort_keys=True)),
         }
+        # GGUF has no empty arrays: an empty token list is simply left out (the keys are optional)
+        return {k: v for k, v in kv.items() if not (v[0] == "i32[]" and not v[1])}
 
 
 def read(path: str | Path) -> FastgenMetadata | None:

@@ -41,3 +41,24 @@ def test_a_four_token_window_scores_visibly_worse(model_dir, tmp_path):
     r = ev.compare(full, logits, ids, 100)
     assert st["fastgen"] and st["kv_bytes"] < st["full_bytes"]
     assert r["kl_mean"] > 0.01 and r["top1"] < 0.95
+
+
+def test_passkey_task_is_solved_with_the_full_cache_and_lost_without_the_history(model_dir, tmp_path):
+    """The synthetic retrieval task is a real test: the full cache finds the key, a cache that keeps
+    only sinks and 16 recent tokens cannot (the key sits in the middle of the filler)."""
+    import llama_fastgen  # noqa: F401
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    g = gguf_export.convert_stock(model_dir, tmp_path / "smol.gguf", "f32")
+    small = ev.uniform_gguf(model_dir, 16, 0.0, tmp_path / "w16.gguf", punct=False)
+    found = {}
+    for name, path in (("full", g), ("window16", small)):
+        llm = Llama(model_path=str(path), n_ctx=1100, n_batch=512, verbose=False, flash_attn=True)
+        try:
+            found[name] = [key in ev.eval_tasks.answer(llm, ids) for ids, key in
+                           (ev.eval_tasks.passkey(tok, 1000, 0.5, s) for s in range(3))]
+        finally:
+            llm.close()
+    assert all(found["full"]) and not any(found["window16"]), found
