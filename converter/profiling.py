@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .architectures import shape
-from .policies import Frequent, HeadPolicy, Kind, TokenContext, ladder, to_policy
+from .policies import HeadPolicy, Kind, TokenContext, ladder, to_policy
 
 
 @dataclass

@@ -65,7 +65,7 @@ class Replay:
                 alive[p0:p0 + n] = True
                 self.score[l][h, p0:p0 + n] = 0.0
 
-    def mask(self, l: int, n_kv_total: int) -> torch.Tensor:
+    def mask(self, l: int) -> torch.Tensor:
         """bool [Hkv, n, P] for the current chunk's queries over keys 0..P-1."""
         p0, n = self.p0, self.n
         P = p0 + n
@@ -92,7 +92,7 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         w = w.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else w + m
     replay = _STATE["replay"]
     if replay is not None:
-        keep = replay.mask(module.layer_idx, key.shape[1] // g).repeat_interleave(g, dim=0)
+        keep = replay.mask(module.layer_idx).repeat_interleave(g, dim=0)
         w = w.masked_fill(~keep[None].to(w.device), float("-inf"))
     w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
     if replay is not None:

@@ -134,8 +134,7 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, head_dim:
                                family="fastgen" if frequent else "fastgen no-freq"))
     mid = next((c for c in cfgs if c.name == "fastgen T=0.95"), cfgs[0])
     stock = mid.gguf
-    from llama_fastgen.logits import teacher_forced as tf
-    target = tf(mid.gguf, [1, 2, 3], n_ctx=n_ctx, n_batch=64, flash_attn=True)[1]["kv_bytes"]
+    target = teacher_forced(mid, [1, 2, 3], n_ctx)[1]["kv_bytes"]
     sizes = [2 ** k for k in range(4, 15)]
     stream = largest_under(lambda w: schema.HeadPolicy(schema.Kind.SPECIAL_PUNCT_LOCAL, w), sizes, target, head_dim, n_ctx, n_heads)
     h2o = largest_under(frequent_rung, [s for s in sizes if s >= 64], target, head_dim, n_ctx, n_heads)

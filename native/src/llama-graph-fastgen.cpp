@@ -112,8 +112,6 @@ static ggml_tensor * head_range(ggml_context * ctx, ggml_tensor * t, int64_t h0,
 
 // Attention of a frequent class: explicit softmax over the head's own cells (its probabilities
 // feed the scores), then new tokens' K/V and the scores written back into the store.
-// Attention of a frequent class: explicit softmax over the head's own cells (its probabilities
-// feed the scores), then new tokens' K/V and the scores written back into the store.
 static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fastgen_hh_store & st,
         const llm_graph_input_attn_kv_fastgen::per_hh & in, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
         int64_t n_group, float kq_scale, int il) {

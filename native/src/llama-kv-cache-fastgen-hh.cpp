@@ -111,8 +111,9 @@ size_t llama_fastgen_hh_store::class_bytes(int c) const {
     return n*bytes_per_head;
 }
 
-bool llama_fastgen_hh_store::needs_eviction(const layer & l, int h, uint32_t n) const {
-    return l.n_used[h] + n > l.budget[h] + llama_fastgen_policy::FREQUENT_EVICT_BATCH && l.n_used[h] > l.budget[h];
+// the eviction trigger: a head holding `used` cells evicts back to its budget before n new tokens
+static bool evicts(uint32_t used, uint32_t n, uint32_t budget) {
+    return used + n > budget + llama_fastgen_policy::FREQUENT_EVICT_BATCH && used > budget;
 }
 
 size_t llama_fastgen_hh_store::total_bytes() const {
@@ -137,8 +138,8 @@ bool llama_fastgen_hh_store::fits(const std::vector<llama_ubatch> & ubatches) co
         for (int h = 0; h < l.n_head; ++h) {
             uint32_t used = l.n_used[h];
             for (const auto & ub : ubatches) {
-                if (used + ub.n_tokens > l.budget[h] + llama_fastgen_policy::FREQUENT_EVICT_BATCH) {
-                    used = std::min(used, l.budget[h]);
+                if (evicts(used, ub.n_tokens, l.budget[h])) {
+                    used = l.budget[h];
                 }
                 used += ub.n_tokens;
                 if (used > cap) {
@@ -186,12 +187,12 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx
     const uint32_t n = ub.n_tokens;
     const llama_pos p0 = ub.pos[0];
 
-    std::vector<float> scores(cap);
+    std::vector<float> scores;
     bool synced = false;
     for (auto & l : layers) {
         bool need = false;
         for (int h = 0; h < l.n_head; ++h) {
-            need = need || needs_eviction(l, h, n);
+            need = need || evicts(l.n_used[h], n, l.budget[h]);
         }
         if (!need) {
             continue;
@@ -201,10 +202,11 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx
             ggml_backend_sched_synchronize(lctx->get_sched());
             synced = true;
         }
+        scores.resize((size_t) l.n_head*cap); // one read-back per layer, not per head
+        ggml_backend_tensor_get(l.s, scores.data(), 0, scores.size()*sizeof(float));
         for (int h = 0; h < l.n_head; ++h) {
-            if (needs_eviction(l, h, n)) {
-                ggml_backend_tensor_get(l.s, scores.data(), (size_t) h*cap*sizeof(float), cap*sizeof(float));
-                evict(l, h, scores.data(), p0);
+            if (evicts(l.n_used[h], n, l.budget[h])) {
+                evict(l, h, scores.data() + (size_t) h*cap, p0);
             }
         }
     }

@@ -89,7 +89,6 @@ public:
 
 private:
     void evict(layer & l, int h, const float * scores, llama_pos p0);
-    bool needs_eviction(const layer & l, int h, uint32_t n) const;
 
     uint32_t cap = 0;
     int32_t  c_first = -1;
