@@ -121,6 +121,39 @@ def test_frequent_heads_decoded_token_by_token_match_the_reference(real_fastgen_
     _agrees(nat[start:], ref[start:], full[start:])
 
 
+def _logits_in_subprocess(gguf, ids, n_batch, env, tmp_path):
+    """teacher_forced in a fresh process: LLAMA_FASTGEN_HH_FUSED is read once per process."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / f"logits-{n_batch}-{env.get('LLAMA_FASTGEN_HH_FUSED', '1')}.npy"
+    code = ("import sys, numpy as np; from llama_fastgen.logits import teacher_forced; "
+            f"np.save(sys.argv[1], teacher_forced(sys.argv[2], {list(ids)!r}, n_ctx=1024, n_batch={n_batch})[0])")
+    subprocess.run([sys.executable, "-c", code, str(out), str(gguf)], check=True, env={**os.environ, **env})
+    return np.load(out)
+
+
+def test_fused_heavy_hitter_op_equals_the_composed_ggml_path(real_fastgen_gguf, long_ids, tmp_path, model_dir):
+    """GGML_OP_FASTGEN_HH_ATTN (decode-sized ubatches: group x tokens <= 32 query rows per head)
+    against the composed ggml ops it replaces (LLAMA_FASTGEN_HH_FUSED=0), evictions included, and
+    against the PyTorch reference in ubatches of 8 (24 query rows per head on this model)."""
+    meta = schema.read(real_fastgen_gguf)
+    start = 1 + max(c.budget for c in meta.classes) + 64
+    ids = long_ids[: start + 300]
+    fused = _logits_in_subprocess(real_fastgen_gguf, ids, 1, {}, tmp_path)
+    composed = _logits_in_subprocess(real_fastgen_gguf, ids, 1, {"LLAMA_FASTGEN_HH_FUSED": "0"}, tmp_path)
+    # not the same code: the composed mul_mat rounds queries to f16 on the CPU, the fused op does not
+    assert not np.array_equal(fused, composed)
+    assert (fused.argmax(-1) == composed.argmax(-1)).mean() >= 0.99
+    err = np.abs(fused - composed).max(-1)  # measured: mean 0.003, p99 0.035
+    assert np.abs(fused - composed).mean() < 0.01 and np.quantile(err, 0.99) < 0.15
+    # several tokens per ubatch (eviction between ubatches of 8): the reference of the same rule
+    nat = _logits_in_subprocess(real_fastgen_gguf, ids, 8, {}, tmp_path)
+    ref, full = _reference(model_dir, real_fastgen_gguf, ids, 8)
+    _agrees(nat[start:], ref[start:], full[start:])
+
+
 def test_ubatch_size_does_not_change_static_keep_sets(static_fastgen_gguf, long_ids):
     """Strict semantics: a static policy applies inside a ubatch too, so token-by-token decoding and
     batches of 128 see the same keys; what remains is the numeric noise stock llama.cpp shows too.

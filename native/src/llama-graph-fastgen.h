@@ -30,7 +30,7 @@ public:
         ggml_tensor * keep      = nullptr; // F32 [cap, H]: 0 resets the score of a free or reused cell
         ggml_tensor * cell_pos  = nullptr; // F32 [cap, H]
         ggml_tensor * query_pos = nullptr; // F32 [1, n_tokens]
-        ggml_tensor * mask      = nullptr; // F32 [cap, n_tokens, 1, H], computed in the graph
+        ggml_tensor * mask      = nullptr; // F32 [cap, n_tokens, 1, H], computed in the graph (composed path only)
     };
     per_hh hh; // members stay nullptr without frequent classes
 

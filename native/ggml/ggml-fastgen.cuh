@@ -1,0 +1,8 @@
+// llama-fastgen: CUDA implementation of GGML_OP_FASTGEN_HH_ATTN (see ggml-fastgen.h), compiled into
+// ggml-cuda; its reference is ggml_compute_forward_fastgen_hh_attn in ggml-fastgen-cpu.cpp.
+#pragma once
+
+#include "common.cuh"
+
+void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+bool ggml_cuda_fastgen_hh_attn_supported(const ggml_tensor * op);

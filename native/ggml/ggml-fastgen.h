@@ -1,0 +1,47 @@
+// llama-fastgen: GGML_OP_FASTGEN_HH_ATTN, the fused decode step of the heavy-hitter (frequent) store.
+//
+// For each KV head j of one layer's frequent range, in one op instead of ~12 small ones:
+//   1. write the ubatch's new K and V rows into the head's cells idxs[t, j] (K and V rounded to F16);
+//   2. for each query row r = t*G + g: p = softmax(scale * q_r . K[:, c, j]) over the cells c with
+//      query_pos[t] - cell_pos[c, j] > 0 (occupied and not after the query), out_r = sum_c p_c V[c, :, j];
+//   3. S[c, j] = S[c, j] * keep[c, j] + sum over r of p_r[c]  (the accumulated attention, FastGen/H2O).
+// The same function as the composed ggml path of llama-graph-fastgen.cpp (set_rows, mul_mat,
+// soft_max_ext, column sums, mul/add in place), which stays for long ubatches (prefill) and is the
+// reference the fused op is checked against, on the CPU and on CUDA.
+//
+// Sources (F32 unless noted; "view" = any row strides, contiguous rows):
+//   0 q         [D, G*n, T]  view       1 k_cur [D, n, T] view     2 v_cur [Dv, n, T] view
+//   3 idxs      [T, n] I64 view         4 K     [D, C, n] F16      5 V     [C, Dv, n] F16 (transposed)
+//   6 S         [C, n]                  7 keep  [C, n] view        8 cell_pos [C, n] view (pos - 0.5, +inf free)
+//   9 query_pos [T]
+// op_params: float scale. Result: F32 [Dv*G*n, T], heads in q order (kv head j, then group g).
+// K, V and S are updated in place (they live in the cache's buffers, outside the graph allocator).
+#pragma once
+
+#include "ggml.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum ggml_fastgen_hh_src {
+    GGML_FASTGEN_HH_Q, GGML_FASTGEN_HH_K_CUR, GGML_FASTGEN_HH_V_CUR, GGML_FASTGEN_HH_IDXS,
+    GGML_FASTGEN_HH_K, GGML_FASTGEN_HH_V, GGML_FASTGEN_HH_S, GGML_FASTGEN_HH_KEEP,
+    GGML_FASTGEN_HH_CELL_POS, GGML_FASTGEN_HH_QUERY_POS,
+};
+
+// query rows (group size x tokens) per head the fused op takes; longer ubatches use the composed path
+#define GGML_FASTGEN_HH_MAX_ROWS 32
+// head sizes the CUDA kernel takes: multiples of the warp size up to this
+#define GGML_FASTGEN_HH_MAX_D 256
+// cells per head the CUDA kernel takes (its merge step keeps one weight per 64 cells and row in shared memory)
+#define GGML_FASTGEN_HH_MAX_CELLS 24576
+
+struct ggml_compute_params;
+
+// CPU implementation (ggml-cpu), the reference of the CUDA kernel
+void ggml_compute_forward_fastgen_hh_attn(const struct ggml_compute_params * params, struct ggml_tensor * dst);
+
+#ifdef __cplusplus
+}
+#endif
