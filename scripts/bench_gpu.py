@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """GPU checks and benchmarks of the fastgen cache (run by scripts/gpu_run.sh on the GPU machine).
 
-  correctness  random-weight 'small' model, same tokens on CPU (CUDA hidden) and on CUDA:
-               fastgen logits CPU vs CUDA, and the stock full cache CPU vs CUDA as the noise floor
+  correctness  random-weight small models, same tokens on CPU (nothing offloaded) and on CUDA:
+               fastgen logits CPU vs CUDA, and the stock full cache CPU vs CUDA as the noise floor;
+               in ubatches of 64 (composed heavy-hitter path) and then one token per decode (the
+               fused GGML_OP_FASTGEN_HH_ATTN kernel), plus the fused vs composed kernel on CUDA
   kv           KV bytes allocated at several n_ctx: fastgen, full f16, full q8_0 (C API)
-  speed        llama-bench decode tokens/s at depths and prefill tokens/s: fastgen vs the same mix
-               with its heavy-hitter heads full (--model-nohh) vs full f16 vs q8_0
+  speed        llama-bench decode tokens/s at depths and prefill tokens/s: fastgen (fused op), fastgen
+               with the composed ggml path (LLAMA_FASTGEN_HH_FUSED=0), the same mix with its
+               heavy-hitter heads full (--model-nohh), full f16, q8_0
 
 Prints tables and writes JSON (--json). Numbers are measured, never typed in.
 """
@@ -24,46 +27,57 @@ import llama_fastgen  # noqa: F401,E402
 import numpy as np  # noqa: E402
 
 
-def logits(gguf: str, ids: list[int], gpu: bool, fastgen: bool, n_ctx: int = 2048) -> np.ndarray:
+def logits(gguf: str, ids: list[int], gpu: bool, fastgen: bool, n_ctx: int = 2048, decode_from=None) -> np.ndarray:
     from llama_fastgen.logits import teacher_forced
 
     # CPU: no layer, no KV and no op offloaded, in the same CUDA build (hiding the GPU with
     # CUDA_VISIBLE_DEVICES="" made this build crash at load). verbose=True: on the GPU machine's
     # CUDA build, llama-cpp-python's stdout/stderr redirection crashed in llama.cpp's print_info.
-    return teacher_forced(gguf, ids, n_ctx=n_ctx, n_batch=64, verbose=True, flash_attn=True,
+    return teacher_forced(gguf, ids, n_ctx=n_ctx, n_batch=64, decode_from=decode_from, verbose=True, flash_attn=True,
                           n_gpu_layers=99 if gpu else 0, offload_kqv=gpu, op_offload=gpu,
                           kv_overrides=None if fastgen else {"fastgen.enable": False})[0]
 
 
 def child(args) -> int:
     ids = [int(i) for i in np.random.default_rng(1).integers(100, 100000, args.n_tokens)]
-    np.save(args.save, logits(args.model, ids, args.gpu, args.fastgen).astype(np.float16))
+    np.save(args.save, logits(args.model, ids, args.gpu, args.fastgen, decode_from=args.decode_from).astype(np.float16))
     return 0
 
 
-def run_child(model, n, gpu, fastgen, path):
-    env = dict(os.environ)
+def run_child(model, n, gpu, fastgen, path, decode_from=None, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
     cmd = [sys.executable, __file__, "child", "--model", model, "--n-tokens", str(n), "--save", path]
     cmd += ["--gpu"] if gpu else []
     cmd += ["--fastgen"] if fastgen else []
+    cmd += ["--decode-from", str(decode_from)] if decode_from is not None else []
     subprocess.run(cmd, check=True, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     return np.load(path).astype(np.float32)
 
 
+def compare(a, b, s):
+    d = np.abs(a[s:] - b[s:])
+    return {"positions": int(len(d)), "top1_agreement": float((a[s:].argmax(-1) == b[s:].argmax(-1)).mean()),
+            "max_abs": float(d.max()), "mean_abs": float(d.mean()), "max_rel": float(d.max() / np.abs(a[s:]).max())}
+
+
 def correctness(args) -> dict:
+    """Positions compared: from 600 (past every window of the policy mix) in ubatches of 64; the
+    last 400, decoded one token at a time after a prefill, in decode mode."""
     res = {}
-    for fg in (True, False):
-        cpu = run_child(args.small, args.n_tokens, False, fg, "/tmp/cpu.npy")
-        gpu = run_child(args.small, args.n_tokens, True, fg, "/tmp/gpu.npy")
-        s = 600  # past every window of the policy mix
-        d = np.abs(cpu[s:] - gpu[s:])
-        res["fastgen" if fg else "full"] = {
-            "positions": int(len(d)), "top1_agreement": float((cpu[s:].argmax(-1) == gpu[s:].argmax(-1)).mean()),
-            "max_abs": float(d.max()), "mean_abs": float(d.mean()),
-            "max_rel": float(d.max() / np.abs(cpu[s:]).max())}
-    print("CPU vs CUDA (random-weight small model, %d tokens, compared from position 600)" % args.n_tokens)
+    n = args.n_tokens
+    for small in args.small:
+        name = os.path.basename(small)
+        for mode, dec, s in (("ubatch64", None, 600), ("decode", n - 400, n - 400)):
+            for fg in (True, False):
+                cpu = run_child(small, n, False, fg, "/tmp/cpu.npy", dec)
+                gpu = run_child(small, n, True, fg, "/tmp/gpu.npy", dec)
+                res[f"{name} {mode} {'fastgen' if fg else 'full'} CPU vs CUDA"] = compare(cpu, gpu, s)
+                if fg and mode == "decode":
+                    composed = run_child(small, n, True, True, "/tmp/gpu0.npy", dec, {"LLAMA_FASTGEN_HH_FUSED": "0"})
+                    res[f"{name} decode fastgen CUDA composed vs fused"] = compare(composed, gpu, s)
+    print("CPU vs CUDA (random-weight small models, %d tokens)" % n)
     for k, v in res.items():
-        print(f"  {k:8s} top-1 {v['top1_agreement']:.4f}  max|diff| {v['max_abs']:.4f}  mean|diff| {v['mean_abs']:.5f}  max rel {v['max_rel']:.2e}")
+        print(f"  {k:52s} top-1 {v['top1_agreement']:.4f}  max|diff| {v['max_abs']:.4f}  mean|diff| {v['mean_abs']:.5f}  max rel {v['max_rel']:.2e}", flush=True)
     return res
 
 
@@ -93,17 +107,20 @@ def bench(bin_, model, extra, env_extra) -> list:
 
 
 def speed(args) -> list:
-    configs = [("fastgen f16", args.model, [], {}), ("fastgen hh->full", args.model_nohh, [], {}),
+    configs = [("fastgen f16", args.model, [], {}),
+               ("fastgen composed", args.model, [], {"LLAMA_FASTGEN_HH_FUSED": "0"}),
+               ("fastgen hh->full", args.model_nohh, [], {}),
                ("full f16", args.model, [], {"LLAMA_FASTGEN_DISABLE": "1"}),
                ("full q8_0", args.model, ["-ctk", "q8_0", "-ctv", "q8_0"], {"LLAMA_FASTGEN_DISABLE": "1"})]
-    configs = [c for c in configs if c[1]]
+    configs = [c for c in configs if c[1] and (not args.configs or c[0] in args.configs)]
     rows = []
     depths = ",".join(str(d) for d in args.depths)
     for name, model, extra, env in configs:
         t0 = time.time()
         for r in bench(args.llama_bench, model, ["-p", "0", "-n", "64", "-d", depths] + extra, env):
             rows.append({"config": name, "test": "tg64", "depth": r["n_depth"], "tps": r["avg_ts"], "stddev": r["stddev_ts"]})
-        for r in bench(args.llama_bench, model, ["-p", "8192", "-n", "0"] + extra, env):
+            print(f"  {name}: tg64 @ d{r['n_depth']} {r['avg_ts']:.1f} t/s", flush=True)
+        for r in bench(args.llama_bench, model, ["-p", "8192", "-n", "0"] + extra, env) if args.prefill else []:
             rows.append({"config": name, "test": "pp8192", "depth": 0, "tps": r["avg_ts"], "stddev": r["stddev_ts"]})
         print(f"  ({name}: {time.time() - t0:.0f} s)", flush=True)
     print("llama-bench tokens/s (8B shape, Q4_0 random weights, FA on)")
@@ -112,7 +129,7 @@ def speed(args) -> list:
     for t in tests:
         vals = {r["config"]: r["tps"] for r in rows if (r["test"], r["depth"]) == t}
         print("  " + f"{t[0] + ' @ d' + str(t[1]):>16}" + "".join(f"{vals.get(c, float('nan')):18.1f}" for c, _, _, _ in configs)
-              + f"   {vals['fastgen f16'] / vals['full f16']:.2f}x")
+              + f"   {vals.get('fastgen f16', float('nan')) / vals.get('full f16', float('nan')):.2f}x")
     return rows
 
 
@@ -120,7 +137,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["all", "correctness", "kv", "speed", "child"])
     ap.add_argument("--model", help="8B-shape fastgen GGUF (kv, speed)")
-    ap.add_argument("--small", help="small random fastgen GGUF (correctness)")
+    ap.add_argument("--small", nargs="+", default=[], help="small random fastgen GGUFs (correctness)")
     ap.add_argument("--model-nohh", help="the --model mix with its frequent heads full (speed baseline)")
     ap.add_argument("--llama-bench", default="llama-bench")
     ap.add_argument("--n-tokens", type=int, default=1600)
@@ -130,6 +147,9 @@ def main() -> int:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--fastgen", action="store_true")
     ap.add_argument("--save")
+    ap.add_argument("--decode-from", type=int)
+    ap.add_argument("--no-prefill", dest="prefill", action="store_false", help="speed: decode only")
+    ap.add_argument("--configs", nargs="+", help="speed: only these configs (names as printed)")
     args = ap.parse_args()
     if args.what == "child":
         return child(args)

@@ -23,7 +23,8 @@ import numpy as np
 SHAPES = {
     # n_layer, n_embd, n_head, n_head_kv, n_ff
     "llama3-8b": (32, 4096, 32, 8, 14336),
-    "small": (8, 1024, 16, 4, 2816),
+    "small": (8, 1024, 16, 4, 2816),      # head size 64
+    "small-d128": (8, 1024, 8, 2, 2816),  # head size 128, as llama3-8b
 }
 
 
