@@ -16,24 +16,28 @@ void ggml_compute_forward_fastgen_hh_attn(const ggml_compute_params * params, gg
     ggml_tensor       * K    = dst->src[GGML_FASTGEN_HH_K];
     ggml_tensor       * V    = dst->src[GGML_FASTGEN_HH_V];
     ggml_tensor       * S    = dst->src[GGML_FASTGEN_HH_S];
-    const ggml_tensor * keep = dst->src[GGML_FASTGEN_HH_KEEP];
-    const ggml_tensor * cpos = dst->src[GGML_FASTGEN_HH_CELL_POS];
+    ggml_tensor       * P    = dst->src[GGML_FASTGEN_HH_P];
     const ggml_tensor * qpos = dst->src[GGML_FASTGEN_HH_QUERY_POS];
 
     const int64_t D = K->ne[0], C = K->ne[1], n = K->ne[2], Dv = V->ne[1], T = q->ne[2], G = q->ne[1]/n;
     float scale;
     std::memcpy(&scale, dst->op_params, sizeof(float));
 
-    std::vector<float> krow(D), logit(C), colsum(C), out(Dv);
+    std::vector<float> krow(D), logit(C), colsum(C), out(Dv), keep(C);
     for (int64_t j = params->ith; j < n; j += params->nth) {
         ggml_fp16_t * Kj = (ggml_fp16_t *) ((char *) K->data + j*K->nb[2]);
         ggml_fp16_t * Vj = (ggml_fp16_t *) ((char *) V->data + j*V->nb[2]);
-        const float * cp = (const float *) ((const char *) cpos->data + j*cpos->nb[1]);
+        float       * cp = (float *) ((char *) P->data + j*P->nb[1]);
 
-        // 1. the new tokens' K and V into their cells
+        // 1. the new tokens' K, V and positions into their cells; a new or free cell's score restarts
+        for (int64_t c = 0; c < C; ++c) {
+            keep[c] = std::isinf(cp[c]) ? 0.0f : 1.0f;
+        }
         for (int64_t t = 0; t < T; ++t) {
             const int64_t c = ((const int64_t *) ((const char *) idxs->data + j*idxs->nb[1]))[t];
             GGML_ASSERT(c >= 0 && c < C);
+            cp[c]   = ((const float *) qpos->data)[t] - 0.5f;
+            keep[c] = 0.0f;
             ggml_fp32_to_fp16_row((const float *) ((const char *) kc->data + j*kc->nb[1] + t*kc->nb[2]), Kj + c*D, D);
             const float * vr = (const float *) ((const char *) vc->data + j*vc->nb[1] + t*vc->nb[2]);
             for (int64_t d = 0; d < Dv; ++d) {
@@ -82,10 +86,9 @@ void ggml_compute_forward_fastgen_hh_attn(const ggml_compute_params * params, gg
         }
 
         // 3. accumulated attention: reset for free or reused cells, then add this ubatch's
-        float       * s  = (float *) ((char *) S->data + j*S->nb[1]);
-        const float * kp = (const float *) ((const char *) keep->data + j*keep->nb[1]);
+        float * s = (float *) ((char *) S->data + j*S->nb[1]);
         for (int64_t c = 0; c < C; ++c) {
-            s[c] = s[c]*kp[c] + colsum[c];
+            s[c] = keep[c] != 0.0f ? s[c] + colsum[c] : colsum[c]; // a select: a NaN left in a free cell dies here
         }
     }
 }

@@ -1,35 +1,39 @@
 // llama-fastgen: GGML_OP_FASTGEN_HH_ATTN on CUDA (see ggml-fastgen.h for the function).
 //
-// Decoding touches a few hundred cells per head, so the work is split over the cells, flash-decoding
-// style, to give every SM a block: kernel 1, one block per (head, chunk of HH_CHUNK cells), writes the
-// new tokens' K/V (each cell belongs to exactly one block, so no other block reads it before it is
-// written), computes the chunk's logits, its max, sum of exponentials and unnormalized output;
-// kernel 2, one block per head, merges the chunks, writes the output and adds each cell's
-// probability, summed over the query rows, to its score. Logits are kept in a scratch buffer
-// between the two so the probabilities are exact, not re-derived.
+// Decoding touches up to a few thousand cells per head, so the work is split over the cells,
+// flash-decoding style, to give every SM a block. Kernel 1, one block per (head, chunk of
+// HH_CHUNK cells): writes the new tokens' K, V and positions (each cell belongs to exactly one
+// block, so no other block reads it before it is written), computes the chunk's logits (four lanes
+// per cell, no warp-wide reductions), its max and sum of exponentials per query row, and the
+// unnormalized output (one thread per V row: V is stored transposed, so a thread's cells are
+// contiguous). Chunks without a visible cell stop after the logits. Kernel 2, one block per head,
+// merges the chunks, writes the output and adds each cell's probability, summed over the query
+// rows, to its score. Logits stay in a scratch buffer between the two, so the probabilities added
+// to the scores are the ones the output used.
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
 
-#define HH_CHUNK 64 // cells per block of kernel 1
+#define HH_CHUNK 64 // cells per block of kernel 1: 8 warps x 8 cells x 4 lanes
 #define HH_WARPS 8
+#define HH_ROWS  8  // query rows accumulated in registers at a time
 
-template <int DL> // D / 32: K elements per lane
+template <int DL> // D / 32: each of a cell's 4 lanes holds DL x 8 K elements
 static __global__ void hh_attn_chunk(
         const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
         const char * __restrict__ kc, const int64_t kc_nb1, const int64_t kc_nb2,
         const char * __restrict__ vc, const int64_t vc_nb1, const int64_t vc_nb2,
         const int64_t * __restrict__ idxs, const int64_t idxs_s1,
-        half * __restrict__ K, half * __restrict__ V,
-        const float * __restrict__ cpos, const int64_t cpos_s1, const float * __restrict__ qpos,
+        half * __restrict__ K, half * __restrict__ V, float * __restrict__ P, const float * __restrict__ qpos,
         float * __restrict__ logits, float * __restrict__ part_m, float * __restrict__ part_l, float * __restrict__ part_o,
         const int Dv, const int C, const int T, const int G, const float scale) {
     constexpr int D = DL*WARP_SIZE;
     const int j = blockIdx.x, sp = blockIdx.y, ns = gridDim.y, c0 = sp*HH_CHUNK;
-    const int R = G*T, lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    const int R = G*T, RP = (R + HH_ROWS - 1)/HH_ROWS*HH_ROWS;
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
 
     extern __shared__ float smem[];
-    float * q_s = smem;       // [R][D]
-    float * l_s = smem + R*D; // [R][HH_CHUNK]: logits, then weights exp(l - m)
+    float * q_s = smem;        // [R][D]
+    float * w_s = smem + R*D;  // [RP][HH_CHUNK]: logits, then weights exp(l - m) (rows >= R: 0)
     __shared__ int64_t new_c[GGML_FASTGEN_HH_MAX_ROWS];
     __shared__ float   qp_s[GGML_FASTGEN_HH_MAX_ROWS];
 
@@ -37,80 +41,101 @@ static __global__ void hh_attn_chunk(
         const int r = i / D, d = i % D, t = r / G, g = r % G;
         q_s[i] = ((const float *) (q + (int64_t) (j*G + g)*q_nb1 + t*q_nb2))[d];
     }
-    float qp_max = -INFINITY;
-    for (int t = 0; t < T; ++t) {
-        qp_max = fmaxf(qp_max, qpos[t]);
-    }
     if (threadIdx.x < T) {
         new_c[threadIdx.x] = idxs[j*idxs_s1 + threadIdx.x];
         qp_s[threadIdx.x]  = qpos[threadIdx.x];
     }
     __syncthreads();
 
-    half * Kj = K + (int64_t) j*C*D;
-    half * Vj = V + (int64_t) j*C*Dv;
+    half  * Kj = K + (int64_t) j*C*D;
+    half  * Vj = V + (int64_t) j*C*Dv;
+    float * Pj = P + (int64_t) j*C;
 
-    // 1. logits of the chunk's cells, one warp per cell; new tokens are written here first
-    for (int cl = warp; cl < HH_CHUNK; cl += HH_WARPS) {
-        const int c = c0 + cl;
-        const float cp = c < C ? cpos[j*cpos_s1 + c] : INFINITY;
-        int tn = -1;
+    // 1. logits: 4 lanes per cell, lane `sub` holds elements (i*4 + sub)*8 .. +8 (16-byte loads)
+    const int cl = warp*(WARP_SIZE/4) + lane/4, sub = lane % 4, c = c0 + cl;
+    float cp = c < C ? Pj[c] : INFINITY;
+    int tn = -1;
+    for (int t = 0; t < T; ++t) {
+        tn = new_c[t] == c ? t : tn;
+    }
+    float k[DL*8];
+    if (tn >= 0) { // a new token: into the store first (rounded as stored), then attended
+        const float * kr = (const float *) (kc + j*kc_nb1 + tn*kc_nb2);
+#pragma unroll
+        for (int i = 0; i < DL; ++i) {
+            __align__(16) half h[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                h[e] = __float2half(kr[(i*4 + sub)*8 + e]);
+                k[i*8 + e] = __half2float(h[e]);
+            }
+            *(uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8) = *(const uint4 *) h;
+        }
+        const float * vr = (const float *) (vc + j*vc_nb1 + tn*vc_nb2);
+        for (int d = sub; d < Dv; d += 4) {
+            Vj[c + (int64_t) d*C] = __float2half(vr[d]);
+        }
+        cp = qp_s[tn] - 0.5f;
+        if (sub == 0) {
+            Pj[c] = cp;
+        }
+    } else {
+        float qp_max = -INFINITY;
         for (int t = 0; t < T; ++t) {
-            tn = new_c[t] == c ? t : tn;
+            qp_max = fmaxf(qp_max, qp_s[t]);
         }
-        float k[DL];
-        if (tn >= 0) {
-            const float * kr = (const float *) (kc + j*kc_nb1 + tn*kc_nb2);
-            const float * vr = (const float *) (vc + j*vc_nb1 + tn*vc_nb2);
+        const bool any = qp_max - cp > 0.0f; // occupied and before some query
 #pragma unroll
-            for (int i = 0; i < DL; ++i) {
-                const half h = __float2half(kr[lane + i*WARP_SIZE]);
-                Kj[(int64_t) c*D + lane + i*WARP_SIZE] = h;
-                k[i] = __half2float(h);
+        for (int i = 0; i < DL; ++i) {
+            uint4 u = make_uint4(0, 0, 0, 0);
+            if (any) {
+                u = *(const uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8);
             }
-            for (int d = lane; d < Dv; d += WARP_SIZE) {
-                Vj[c + (int64_t) d*C] = __float2half(vr[d]);
-            }
-        } else if (qp_max - cp > 0.0f) {
+            const half * h = (const half *) &u;
 #pragma unroll
-            for (int i = 0; i < DL; ++i) {
-                k[i] = __half2float(Kj[(int64_t) c*D + lane + i*WARP_SIZE]);
-            }
-        } else { // free, past the chunk's end, or after every query
-            for (int r = lane; r < R; r += WARP_SIZE) {
-                l_s[r*HH_CHUNK + cl] = -INFINITY;
-            }
-            continue;
-        }
-        for (int r = 0; r < R; ++r) {
-            float acc = 0.0f;
-#pragma unroll
-            for (int i = 0; i < DL; ++i) {
-                acc += q_s[r*D + lane + i*WARP_SIZE]*k[i];
-            }
-            acc = warp_reduce_sum(acc);
-            if (lane == 0) {
-                l_s[r*HH_CHUNK + cl] = qp_s[r / G] - cp > 0.0f ? acc*scale : -INFINITY;
+            for (int e = 0; e < 8; ++e) {
+                k[i*8 + e] = __half2float(h[e]);
             }
         }
     }
-    __syncthreads();
+    bool visible = false;
+    for (int r = 0; r < R; ++r) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                acc += q_s[r*D + (i*4 + sub)*8 + e]*k[i*8 + e];
+            }
+        }
+        acc += __shfl_xor_sync(0xffffffff, acc, 1);
+        acc += __shfl_xor_sync(0xffffffff, acc, 2);
+        const bool vis = qp_s[r / G] - cp > 0.0f;
+        visible = visible || vis;
+        if (sub == 0) {
+            w_s[r*HH_CHUNK + cl] = vis ? acc*scale : -INFINITY;
+        }
+    }
+    for (int i = threadIdx.x; i < (RP - R)*HH_CHUNK; i += blockDim.x) {
+        w_s[R*HH_CHUNK + i] = 0.0f;
+    }
+    const bool chunk_visible = __syncthreads_or(visible);
 
     // 2. per query row: the chunk's max and sum of exponentials; logits kept for kernel 2
     for (int r = warp; r < R; r += HH_WARPS) {
         float m = -INFINITY;
-        for (int cl = lane; cl < HH_CHUNK; cl += WARP_SIZE) {
-            m = fmaxf(m, l_s[r*HH_CHUNK + cl]);
+        for (int i = lane; i < HH_CHUNK; i += WARP_SIZE) {
+            m = fmaxf(m, w_s[r*HH_CHUNK + i]);
         }
         m = warp_reduce_max(m);
         float s = 0.0f;
-        for (int cl = lane; cl < HH_CHUNK; cl += WARP_SIZE) {
-            const float l = l_s[r*HH_CHUNK + cl];
+        for (int i = lane; i < HH_CHUNK; i += WARP_SIZE) {
+            const float l = w_s[r*HH_CHUNK + i];
             const float w = l == -INFINITY ? 0.0f : expf(l - m);
-            if (c0 + cl < C) {
-                logits[((int64_t) j*R + r)*C + c0 + cl] = l;
+            if (c0 + i < C) {
+                logits[((int64_t) j*R + r)*C + c0 + i] = l;
             }
-            l_s[r*HH_CHUNK + cl] = w;
+            w_s[r*HH_CHUNK + i] = w;
             s += w;
         }
         s = warp_reduce_sum(s);
@@ -119,26 +144,29 @@ static __global__ void hh_attn_chunk(
             part_l[((int64_t) j*ns + sp)*R + r] = s;
         }
     }
+    if (!chunk_visible) {
+        return; // kernel 2 skips this chunk's part_o (its weight is 0)
+    }
     __syncthreads();
 
-    // 3. unnormalized output of the chunk: one warp per V row (V is transposed: cells are contiguous)
-    constexpr int CL = HH_CHUNK / WARP_SIZE;
-    for (int d = warp; d < Dv; d += HH_WARPS) {
-        float v[CL];
+    // 3. unnormalized output: one thread per V row, over the chunk's contiguous cells
+    const int nc = min(HH_CHUNK, C - c0);
+    for (int d = threadIdx.x; d < Dv; d += blockDim.x) {
+        const half2 * vrow = (const half2 *) (Vj + (int64_t) d*C + c0);
+        for (int r0 = 0; r0 < R; r0 += HH_ROWS) {
+            float acc[HH_ROWS] = { 0.0f };
+            for (int i = 0; i < nc/2; ++i) {
+                const float2 v = __half22float2(vrow[i]);
 #pragma unroll
-        for (int i = 0; i < CL; ++i) {
-            const int c = c0 + lane + i*WARP_SIZE;
-            v[i] = c < C ? __half2float(Vj[c + (int64_t) d*C]) : 0.0f;
-        }
-        for (int r = 0; r < R; ++r) {
-            float acc = 0.0f;
-#pragma unroll
-            for (int i = 0; i < CL; ++i) {
-                acc += l_s[r*HH_CHUNK + lane + i*WARP_SIZE]*v[i];
+                for (int rr = 0; rr < HH_ROWS; ++rr) {
+                    acc[rr] += w_s[(r0 + rr)*HH_CHUNK + 2*i]*v.x + w_s[(r0 + rr)*HH_CHUNK + 2*i + 1]*v.y;
+                }
             }
-            acc = warp_reduce_sum(acc);
-            if (lane == 0) {
-                part_o[(((int64_t) j*ns + sp)*R + r)*Dv + d] = acc;
+#pragma unroll
+            for (int rr = 0; rr < HH_ROWS; ++rr) {
+                if (r0 + rr < R) {
+                    part_o[(((int64_t) j*ns + sp)*R + r0 + rr)*Dv + d] = acc[rr];
+                }
             }
         }
     }
@@ -146,8 +174,8 @@ static __global__ void hh_attn_chunk(
 
 static __global__ void hh_attn_merge(
         const float * __restrict__ logits, const float * __restrict__ part_m, const float * __restrict__ part_l,
-        const float * __restrict__ part_o, float * __restrict__ dst, float * __restrict__ S, const int64_t S_s1,
-        const float * __restrict__ keep, const int64_t keep_s1,
+        const float * __restrict__ part_o, float * __restrict__ dst, float * __restrict__ S,
+        const float * __restrict__ P, const int64_t * __restrict__ idxs, const int64_t idxs_s1,
         const int Dv, const int C, const int T, const int G, const int ns) {
     const int j = blockIdx.x, R = G*T, n = gridDim.x;
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
@@ -179,7 +207,10 @@ static __global__ void hh_attn_merge(
         const int r = i / Dv, d = i % Dv, t = r / G, g = r % G;
         float acc = 0.0f;
         for (int s = 0; s < ns; ++s) {
-            acc += f_s[s*R + r]*part_o[(((int64_t) j*ns + s)*R + r)*Dv + d];
+            const float f = f_s[s*R + r];
+            if (f != 0.0f) { // chunks that saw nothing wrote no partial output
+                acc += f*part_o[(((int64_t) j*ns + s)*R + r)*Dv + d];
+            }
         }
         dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = acc*inv_s[r];
     }
@@ -190,7 +221,11 @@ static __global__ void hh_attn_merge(
             const float l = logits[((int64_t) j*R + r)*C + c];
             acc += l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
         }
-        S[j*S_s1 + c] = S[j*S_s1 + c]*keep[j*keep_s1 + c] + acc;
+        bool reset = isinf(P[(int64_t) j*C + c]); // free
+        for (int t = 0; t < T; ++t) {
+            reset = reset || idxs[j*idxs_s1 + t] == c; // reused by a new token
+        }
+        S[(int64_t) j*C + c] = reset ? acc : S[(int64_t) j*C + c] + acc;
     }
 }
 
@@ -200,7 +235,9 @@ bool ggml_cuda_fastgen_hh_attn_supported(const ggml_tensor * op) {
     const ggml_tensor * V = op->src[GGML_FASTGEN_HH_V];
     const int64_t n = K->ne[2];
     return K->type == GGML_TYPE_F16 && V->type == GGML_TYPE_F16 && ggml_is_contiguous(K) && ggml_is_contiguous(V) &&
-           K->ne[0] % WARP_SIZE == 0 && K->ne[0] <= GGML_FASTGEN_HH_MAX_D && K->ne[1] <= GGML_FASTGEN_HH_MAX_CELLS &&
+           ggml_is_contiguous(op->src[GGML_FASTGEN_HH_S]) && ggml_is_contiguous(op->src[GGML_FASTGEN_HH_P]) &&
+           K->ne[0] % WARP_SIZE == 0 && K->ne[0] <= GGML_FASTGEN_HH_MAX_D &&
+           K->ne[1] % 8 == 0 && K->ne[1] <= GGML_FASTGEN_HH_MAX_CELLS &&
            q->ne[1] % n == 0 && (q->ne[1]/n)*q->ne[2] <= GGML_FASTGEN_HH_MAX_ROWS &&
            q->nb[0] == sizeof(float) && op->src[GGML_FASTGEN_HH_K_CUR]->nb[0] == sizeof(float) &&
            op->src[GGML_FASTGEN_HH_V_CUR]->nb[0] == sizeof(float) && ggml_is_contiguous(op);
@@ -214,13 +251,12 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     ggml_tensor       * K    = dst->src[GGML_FASTGEN_HH_K];
     ggml_tensor       * V    = dst->src[GGML_FASTGEN_HH_V];
     ggml_tensor       * S    = dst->src[GGML_FASTGEN_HH_S];
-    const ggml_tensor * keep = dst->src[GGML_FASTGEN_HH_KEEP];
-    const ggml_tensor * cpos = dst->src[GGML_FASTGEN_HH_CELL_POS];
+    ggml_tensor       * P    = dst->src[GGML_FASTGEN_HH_P];
     const ggml_tensor * qpos = dst->src[GGML_FASTGEN_HH_QUERY_POS];
     GGML_ASSERT(ggml_cuda_fastgen_hh_attn_supported(dst));
 
     const int D = K->ne[0], C = K->ne[1], n = K->ne[2], Dv = V->ne[1], T = q->ne[2], G = q->ne[1]/n, R = G*T;
-    const int ns = (C + HH_CHUNK - 1)/HH_CHUNK;
+    const int ns = (C + HH_CHUNK - 1)/HH_CHUNK, RP = (R + HH_ROWS - 1)/HH_ROWS*HH_ROWS;
     float scale;
     memcpy(&scale, dst->op_params, sizeof(float));
 
@@ -231,11 +267,11 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     cudaStream_t stream = ctx.stream();
 
     const dim3 grid1(n, ns), block(HH_WARPS*WARP_SIZE);
-    const size_t smem1 = (size_t) R*(D + HH_CHUNK)*sizeof(float);
+    const size_t smem1 = (size_t) (R*D + RP*HH_CHUNK)*sizeof(float);
 #define HH_LAUNCH(DL) hh_attn_chunk<DL><<<grid1, block, smem1, stream>>>( \
         (const char *) q->data, q->nb[1], q->nb[2], (const char *) kc->data, kc->nb[1], kc->nb[2], \
         (const char *) vc->data, vc->nb[1], vc->nb[2], (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), \
-        (half *) K->data, (half *) V->data, (const float *) cpos->data, cpos->nb[1]/sizeof(float), (const float *) qpos->data, \
+        (half *) K->data, (half *) V->data, (float *) P->data, (const float *) qpos->data, \
         logits.get(), part_m.get(), part_l.get(), part_o.get(), Dv, C, T, G, scale)
     switch (D / WARP_SIZE) {
         case 1: HH_LAUNCH(1); break;
@@ -252,8 +288,7 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     CUDA_CHECK(cudaGetLastError());
 
     hh_attn_merge<<<n, block, (size_t) ns*R*sizeof(float), stream>>>(
-        logits.get(), part_m.get(), part_l.get(), part_o.get(), (float *) dst->data,
-        (float *) S->data, S->nb[1]/sizeof(float), (const float *) keep->data, keep->nb[1]/sizeof(float),
-        Dv, C, T, G, ns);
+        logits.get(), part_m.get(), part_l.get(), part_o.get(), (float *) dst->data, (float *) S->data,
+        (const float *) P->data, (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), Dv, C, T, G, ns);
     CUDA_CHECK(cudaGetLastError());
 }

@@ -1,21 +1,23 @@
 // llama-fastgen: GGML_OP_FASTGEN_HH_ATTN, the fused decode step of the heavy-hitter (frequent) store.
 //
 // For each KV head j of one layer's frequent range, in one op instead of ~12 small ones:
-//   1. write the ubatch's new K and V rows into the head's cells idxs[t, j] (K and V rounded to F16);
+//   1. write the ubatch's new K and V rows into the head's cells c = idxs[t, j] (rounded to F16), and
+//      P[c, j] = query_pos[t] - 0.5;
 //   2. for each query row r = t*G + g: p = softmax(scale * q_r . K[:, c, j]) over the cells c with
-//      query_pos[t] - cell_pos[c, j] > 0 (occupied and not after the query), out_r = sum_c p_c V[c, :, j];
-//   3. S[c, j] = S[c, j] * keep[c, j] + sum over r of p_r[c]  (the accumulated attention, FastGen/H2O).
+//      query_pos[t] - P[c, j] > 0 (occupied and not after the query), out_r = sum_c p_c V[c, :, j];
+//   3. S[c, j] = keep * S[c, j] + sum over r of p_r[c]  (the accumulated attention, FastGen/H2O), with
+//      keep = 0 for the new cells and free cells (P = +inf), else 1.
 // The same function as the composed ggml path of llama-graph-fastgen.cpp (set_rows, mul_mat,
-// soft_max_ext, column sums, mul/add in place), which stays for long ubatches (prefill) and is the
-// reference the fused op is checked against, on the CPU and on CUDA.
+// soft_max_ext, column sums, mul/add in place, with the mask and keep from host inputs), which
+// stays for long ubatches (prefill) and is the reference the fused op is checked against.
 //
 // Sources (F32 unless noted; "view" = any row strides, contiguous rows):
 //   0 q         [D, G*n, T]  view       1 k_cur [D, n, T] view     2 v_cur [Dv, n, T] view
 //   3 idxs      [T, n] I64 view         4 K     [D, C, n] F16      5 V     [C, Dv, n] F16 (transposed)
-//   6 S         [C, n]                  7 keep  [C, n] view        8 cell_pos [C, n] view (pos - 0.5, +inf free)
-//   9 query_pos [T]
+//   6 S         [C, n]                  7 P     [C, n] (cell positions - 0.5, +inf when free)
+//   8 query_pos [T]
 // op_params: float scale. Result: F32 [Dv*G*n, T], heads in q order (kv head j, then group g).
-// K, V and S are updated in place (they live in the cache's buffers, outside the graph allocator).
+// K, V, S and P are updated in place (they live in the cache's buffers, outside the graph allocator).
 #pragma once
 
 #include "ggml.h"
@@ -26,8 +28,7 @@ extern "C" {
 
 enum ggml_fastgen_hh_src {
     GGML_FASTGEN_HH_Q, GGML_FASTGEN_HH_K_CUR, GGML_FASTGEN_HH_V_CUR, GGML_FASTGEN_HH_IDXS,
-    GGML_FASTGEN_HH_K, GGML_FASTGEN_HH_V, GGML_FASTGEN_HH_S, GGML_FASTGEN_HH_KEEP,
-    GGML_FASTGEN_HH_CELL_POS, GGML_FASTGEN_HH_QUERY_POS,
+    GGML_FASTGEN_HH_K, GGML_FASTGEN_HH_V, GGML_FASTGEN_HH_S, GGML_FASTGEN_HH_P, GGML_FASTGEN_HH_QUERY_POS,
 };
 
 // query rows (group size x tokens) per head the fused op takes; longer ubatches use the composed path

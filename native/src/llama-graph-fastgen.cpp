@@ -36,9 +36,11 @@ llm_graph_input_attn_kv_fastgen::llm_graph_input_attn_kv_fastgen(
 void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
     if (const auto * st = mctx_fg->get_cache()->hh_store()) {
         st->set_input_idxs(hh.idxs);
-        st->set_input_keep(hh.keep);
-        st->set_input_cell_pos(hh.cell_pos);
         llama_fastgen_hh_store::set_input_query_pos(hh.query_pos, *ubatch);
+        if (hh.keep) { // composed ubatch
+            st->set_input_keep(hh.keep);
+            st->set_input_cell_pos(hh.cell_pos);
+        }
     }
     for (size_t c = 0; c < cls.size(); ++c) {
         const auto * m = mctx_fg->get((int) c);
@@ -86,11 +88,14 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
         auto & in = inp->hh;
         const int64_t C = st->get_size(), H = st->n_head_total();
         in.idxs      = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_I64, n_tokens, H);
-        in.keep      = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, C, H);
-        in.cell_pos  = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, C, 1, 1, H);
         in.query_pos = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, 1, n_tokens, 1, 1);
-        for (ggml_tensor * t : { in.idxs, in.keep, in.cell_pos, in.query_pos }) {
-            ggml_set_input(t);
+        ggml_set_input(in.idxs);
+        ggml_set_input(in.query_pos);
+        if (!st->fused((uint32_t) n_tokens)) {
+            in.keep     = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, C, H);
+            in.cell_pos = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, C, 1, 1, H);
+            ggml_set_input(in.keep);
+            ggml_set_input(in.cell_pos);
         }
     }
     for (size_t c = 0; c < inp->cls.size(); ++c) {
@@ -110,27 +115,14 @@ static ggml_tensor * head_range(ggml_context * ctx, ggml_tensor * t, int64_t h0,
     return ggml_view_3d(ctx, t, t->ne[0], n, t->ne[2], t->nb[1], t->nb[2], h0*t->nb[1]);
 }
 
-// The fused op (ggml-fastgen.h) for short ubatches (decoding); LLAMA_FASTGEN_HH_FUSED=0 forces the
-// composed path everywhere, to compare the two.
-// The conditions mirror ggml_cuda_fastgen_hh_attn_supported: the op writes into the store, so it must
-// never be moved to a backend that would work on a copy.
-static bool hh_fused(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v, const llama_fastgen_hh_store::layer & l, int64_t n_group) {
-    static const bool enabled = [] {
-        const char * e = getenv("LLAMA_FASTGEN_HH_FUSED");
-        return !(e && std::string(e) == "0");
-    }();
-    return enabled && n_group*q->ne[2] <= GGML_FASTGEN_HH_MAX_ROWS && l.k->type == GGML_TYPE_F16 && l.v->type == GGML_TYPE_F16 &&
-           q->ne[0] % 32 == 0 && q->ne[0] <= GGML_FASTGEN_HH_MAX_D && l.k->ne[1] <= GGML_FASTGEN_HH_MAX_CELLS && q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F32 && v->type == GGML_TYPE_F32;
-}
-
 static ggml_tensor * ggml_fastgen_hh_attn(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_cur, ggml_tensor * v_cur,
-        ggml_tensor * idxs, ggml_tensor * K, ggml_tensor * V, ggml_tensor * S, ggml_tensor * keep,
-        ggml_tensor * cell_pos, ggml_tensor * query_pos, float scale) {
+        ggml_tensor * idxs, ggml_tensor * K, ggml_tensor * V, ggml_tensor * S, ggml_tensor * P,
+        ggml_tensor * query_pos, float scale) {
     const int64_t Dv = V->ne[1], n = K->ne[2], G = q->ne[1]/n, T = q->ne[2];
     ggml_tensor * res = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, Dv*G*n, T);
     res->op = GGML_OP_FASTGEN_HH_ATTN;
     std::memcpy(res->op_params, &scale, sizeof(float));
-    ggml_tensor * srcs[] = { q, k_cur, v_cur, idxs, K, V, S, keep, cell_pos, query_pos };
+    ggml_tensor * srcs[] = { q, k_cur, v_cur, idxs, K, V, S, P, query_pos };
     for (int i = 0; i < (int) (sizeof(srcs)/sizeof(srcs[0])); ++i) {
         res->src[i] = srcs[i];
     }
@@ -149,12 +141,11 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
 
     // this layer's heads in the class inputs
     ggml_tensor * idxs = ggml_view_2d(ctx0, in.idxs, T, n, in.idxs->nb[1], h0*in.idxs->nb[1]);
-    ggml_tensor * keep = ggml_view_2d(ctx0, in.keep, C, n, in.keep->nb[1], h0*in.keep->nb[1]);
 
-    if (hh_fused(q, k, v, l, n_group)) {
-        ggml_tensor * cpos = ggml_view_2d(ctx0, in.cell_pos, C, n, in.cell_pos->nb[3], h0*in.cell_pos->nb[3]);
+    if (!in.keep) { // decode-sized ubatch: the fused op (ggml-fastgen.h), positions from the store
+        GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F32 && v->type == GGML_TYPE_F32);
         ggml_tensor * qpos = ggml_reshape_1d(ctx0, in.query_pos, T);
-        ggml_tensor * out = ggml_fastgen_hh_attn(ctx0, q, k, v, idxs, l.k, l.v, l.s, keep, cpos, qpos, kq_scale);
+        ggml_tensor * out = ggml_fastgen_hh_attn(ctx0, q, k, v, idxs, l.k, l.v, l.s, l.p, qpos, kq_scale);
         if (!g.cparams.offload_kqv) {
             // the store is in host memory: run where it is, like llama.cpp's own attention
             ggml_backend_sched_set_tensor_backend(g.sched, out, g.backend_cpu);
@@ -169,6 +160,7 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
         ggml_tensor * shape = ggml_new_tensor_4d(ctx0, GGML_TYPE_F32, C, T, 1, st.n_head_total());
         in.mask = ggml_log(ctx0, ggml_step(ctx0, ggml_sub(ctx0, ggml_repeat(ctx0, in.query_pos, shape), in.cell_pos)));
     }
+    ggml_tensor * keep = ggml_view_2d(ctx0, in.keep, C, n, in.keep->nb[1], h0*in.keep->nb[1]);
     ggml_tensor * mask = ggml_view_4d(ctx0, in.mask, C, T, 1, n, in.mask->nb[1], in.mask->nb[2], in.mask->nb[3], h0*in.mask->nb[3]);
 
     // K rows: store [D, C, n] <- [D, T, n] at slots [T, n]

@@ -27,8 +27,9 @@ public:
     // frequent classes (one shared store): the heads of all layers side by side
     struct per_hh {
         ggml_tensor * idxs      = nullptr; // I64 [n_tokens, H]: cell of each new token per head
+        // composed (long) ubatches only; the fused op reads positions from the store
         ggml_tensor * keep      = nullptr; // F32 [cap, H]: 0 resets the score of a free or reused cell
-        ggml_tensor * cell_pos  = nullptr; // F32 [cap, H]
+        ggml_tensor * cell_pos  = nullptr; // F32 [cap, 1, 1, H]
         ggml_tensor * query_pos = nullptr; // F32 [1, n_tokens]
         ggml_tensor * mask      = nullptr; // F32 [cap, n_tokens, 1, H], computed in the graph (composed path only)
     };

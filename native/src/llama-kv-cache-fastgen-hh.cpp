@@ -1,5 +1,7 @@
 #include "llama-kv-cache-fastgen-hh.h"
 
+#include "ggml-fastgen.h"
+
 #include "llama-context.h"
 #include "llama-impl.h"
 #include "llama-io.h"
@@ -7,8 +9,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const llama_fastgen_policy & policy,
         ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch) :
@@ -36,13 +40,18 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     if (ggml_is_quantized(type_v)) {
         type_v = GGML_TYPE_F16;
     }
-    bytes_per_head = (size_t) cap*(ggml_row_size(type_k, hp.n_embd_head_k()) + ggml_row_size(type_v, hp.n_embd_head_v()) + sizeof(float));
+    bytes_per_head = (size_t) cap*(ggml_row_size(type_k, hp.n_embd_head_k()) + ggml_row_size(type_v, hp.n_embd_head_v()) + 2*sizeof(float));
+    fused_ok = type_k == GGML_TYPE_F16 && type_v == GGML_TYPE_F16 && hp.n_embd_head_k() % 32 == 0 &&
+               hp.n_embd_head_k() <= GGML_FASTGEN_HH_MAX_D && cap % 8 == 0 && cap <= GGML_FASTGEN_HH_MAX_CELLS;
+    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+        n_group = std::max(n_group, hp.n_head(il) / std::max(hp.n_head_kv(il), 1u));
+    }
 
     std::map<ggml_backend_buffer_type_t, ggml_context_ptr> ctx_map;
     auto ctx_for_buft = [&](ggml_backend_buffer_type_t buft) -> ggml_context * {
         auto it = ctx_map.find(buft);
         if (it == ctx_map.end()) {
-            ggml_init_params params = { size_t(3u*hp.n_layer()*ggml_tensor_overhead()), nullptr, true };
+            ggml_init_params params = { size_t(4u*hp.n_layer()*ggml_tensor_overhead()), nullptr, true };
             it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(params))).first;
         }
         return it->second.get();
@@ -65,9 +74,11 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         l.k = ggml_new_tensor_3d(ctx, type_k, hp.n_embd_head_k(il), cap, n_h);
         l.v = ggml_new_tensor_3d(ctx, type_v, cap, hp.n_embd_head_v(il), n_h);
         l.s = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cap, n_h);
+        l.p = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cap, n_h);
         ggml_format_name(l.k, "cache_fg_hh_k_l%u", il);
         ggml_format_name(l.v, "cache_fg_hh_v_l%u", il);
         ggml_format_name(l.s, "cache_fg_hh_s_l%u", il);
+        ggml_format_name(l.p, "cache_fg_hh_p_l%u", il);
         for (int c = c_first; c <= c_last; ++c) {
             for (int j = 0; j < policy.n_heads((int) il, c); ++j) {
                 l.cls.push_back(c);
@@ -78,6 +89,7 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         l.pos.assign(n_h, std::vector<llama_pos>(cap, -1));
         l.tok.assign(n_h, std::vector<llama_token>(cap, -1));
         l.n_used.assign(n_h, 0);
+        l.hint.assign(n_h, 0);
         index[il] = (int32_t) layers.size();
         offsets.push_back(n_heads_all);
         n_heads_all += n_h;
@@ -91,6 +103,25 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         ggml_backend_buffer_clear(buf, 0);
         ctxs_bufs.emplace_back(std::move(ctx), buf);
     }
+}
+
+bool llama_fastgen_hh_store::fused(uint32_t n_tokens) const {
+    static const bool enabled = [] {
+        const char * e = getenv("LLAMA_FASTGEN_HH_FUSED");
+        return !(e && std::string(e) == "0");
+    }();
+    return enabled && fused_ok && n_group*n_tokens <= GGML_FASTGEN_HH_MAX_ROWS;
+}
+
+void llama_fastgen_hh_store::upload_positions(layer & l) const {
+    std::vector<float> p((size_t) l.n_head*cap);
+    for (int h = 0; h < l.n_head; ++h) {
+        for (uint32_t i = 0; i < cap; ++i) {
+            p[(size_t) h*cap + i] = l.pos[h][i] >= 0 ? (float) l.pos[h][i] - 0.5f : INFINITY;
+        }
+    }
+    ggml_backend_tensor_set(l.p, p.data(), 0, p.size()*sizeof(float));
+    l.dirty = false;
 }
 
 uint32_t llama_fastgen_hh_store::max_used(int c) const {
@@ -179,8 +210,11 @@ void llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama
     for (size_t j = 0; j < n_evict; ++j) {
         pos[cands[j].cell] = -1;
         tok[cands[j].cell] = -1;
+        l.hint[h] = std::min(l.hint[h], cands[j].cell);
     }
     l.n_used[h] -= (uint32_t) n_evict;
+    l.dirty = l.dirty || n_evict > 0;
+    pos_min_valid = pos_min_valid && n_evict == 0;
 }
 
 bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx) {
@@ -211,20 +245,27 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx
         }
     }
 
+    // per decoding step only O(heads) host work: slots from a hint, keep and positions for
+    // composed ubatches only
+    const bool fz = fused(n);
     for (auto & l : layers) {
         l.slots.resize((size_t) l.n_head*n);
-        l.keep.resize((size_t) l.n_head*cap);
+        if (!fz) {
+            l.keep.resize((size_t) l.n_head*cap);
+        }
         for (int h = 0; h < l.n_head; ++h) {
             auto & pos = l.pos[h];
-            for (uint32_t i = 0; i < cap; ++i) {
-                l.keep[(size_t) h*cap + i] = pos[i] >= 0 ? 1.0f : 0.0f;
+            if (!fz) {
+                for (uint32_t i = 0; i < cap; ++i) {
+                    l.keep[(size_t) h*cap + i] = pos[i] >= 0 ? 1.0f : 0.0f;
+                }
             }
             if (l.n_used[h] + n > cap) {
                 LLAMA_LOG_ERROR("%s: heavy-hitter cache of layer %d head %d is full (%u of %u cells)\n",
                         __func__, l.il, h, l.n_used[h], cap);
                 return false;
             }
-            uint32_t cell = 0;
+            uint32_t cell = l.hint[h];
             for (uint32_t t = 0; t < n; ++t) {
                 while (pos[cell] >= 0) {
                     ++cell;
@@ -232,11 +273,29 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx
                 pos[cell]   = ub.pos[t];
                 l.tok[h][cell] = ub.token ? ub.token[t] : -1;
                 l.slots[(size_t) h*n + t] = cell;
-                l.keep[(size_t) h*cap + cell] = 0.0f; // a reused cell starts from score 0
+                if (!fz) {
+                    l.keep[(size_t) h*cap + cell] = 0.0f; // a reused cell starts from score 0
+                }
             }
+            l.hint[h] = cell;
             l.n_used[h] += n;
         }
+        if (!fz) {
+            l.dirty = true; // the composed graph reads positions from an input, not from l.p
+        }
     }
+    if (fz) {
+        for (auto & l : layers) {
+            if (l.dirty) {
+                if (!synced && lctx) {
+                    ggml_backend_sched_synchronize(lctx->get_sched()); // l.p may be in use by the last graph
+                    synced = true;
+                }
+                upload_positions(l);
+            }
+        }
+    }
+    pos_min_valid = pos_min_valid && pos_min_cache >= 0;
     last_pos = std::max(last_pos, ub.pos[n - 1]);
     return true;
 }
@@ -282,12 +341,18 @@ void llama_fastgen_hh_store::clear() {
             std::fill(l.pos[h].begin(), l.pos[h].end(), -1);
             std::fill(l.tok[h].begin(), l.tok[h].end(), -1);
             l.n_used[h] = 0;
+            l.hint[h] = 0;
         }
+        l.dirty = true;
     }
     last_pos = -1;
+    pos_min_valid = false;
 }
 
 llama_pos llama_fastgen_hh_store::pos_min() const {
+    if (pos_min_valid) {
+        return pos_min_cache;
+    }
     llama_pos res = -1;
     for (const auto & l : layers) {
         for (const auto & pos : l.pos) {
@@ -298,6 +363,8 @@ llama_pos llama_fastgen_hh_store::pos_min() const {
             }
         }
     }
+    pos_min_cache = res;
+    pos_min_valid = true;
     return res;
 }
 
@@ -336,5 +403,10 @@ void llama_fastgen_hh_store::state_read(llama_io_read_i & io) {
         for (ggml_tensor * t : { l.k, l.v, l.s }) {
             io.read_tensor(t, 0, ggml_nbytes(t));
         }
+        for (int h = 0; h < l.n_head; ++h) {
+            l.hint[h] = 0;
+        }
+        l.dirty = true;
     }
+    pos_min_valid = false;
 }

@@ -7,10 +7,13 @@
 //
 // The kept tokens differ per (layer, head), so cells are per head, not shared like in
 // llama_kv_cache: per layer K [D, cap, n_h], V transposed [cap, D, n_h] (so attention needs no
-// copy) and F32 scores [cap, n_h]. The graph (llama-graph-fastgen.cpp) writes new tokens into the
-// slots chosen here, attends with an explicit softmax (flash attention hides the probabilities)
-// and adds each cell's attention, summed over the ubatch's queries and the head's query group, to
-// its score. Eviction runs on the host before a ubatch, batched: a head holding more than
+// copy), F32 scores [cap, n_h] and F32 cell positions [cap, n_h] (pos - 0.5, +inf when free: the
+// mask lives on the device, so a decoding step uploads only the new tokens' slots). The graph
+// (llama-graph-fastgen.cpp) writes new tokens into the slots chosen here, attends with an explicit
+// softmax (flash attention hides the probabilities) and adds each cell's attention, summed over
+// the ubatch's queries and the head's query group, to its score. Short ubatches (decoding) run as
+// one fused op (native/ggml/ggml-fastgen.h), which also writes the new cells' positions; after a
+// long (composed) ubatch, an eviction, clear or state load, the host re-uploads the positions. Eviction runs on the host before a ubatch, batched: a head holding more than
 // budget + FREQUENT_EVICT_BATCH cells (counting the new ones) drops back to `budget` cells by
 // removing the lowest mean score (score / queries that saw the cell); sinks and the window are
 // never evicted, special tokens only when nothing else is left. One sequence only.
@@ -44,12 +47,15 @@ public:
         ggml_tensor * k; // [D, cap, n_head]
         ggml_tensor * v; // [cap, D, n_head]
         ggml_tensor * s; // [cap, n_head] F32
+        ggml_tensor * p; // [cap, n_head] F32 cell positions - 0.5, +inf when free
         std::vector<std::vector<llama_pos>>   pos; // [head][cell], -1 when free
         std::vector<std::vector<llama_token>> tok; // [head][cell]
         std::vector<uint32_t>                 n_used;
+        std::vector<uint32_t>                 hint;  // [head] no free cell below this one
+        bool                                  dirty = true; // device positions differ from pos
         // the current ubatch: slot of each token per head, and 1 for cells that held a token before it
         std::vector<int64_t> slots; // [n_head][n_tokens]
-        std::vector<float>   keep;  // [n_head][cap]
+        std::vector<float>   keep;  // [n_head][cap], composed ubatches only
     };
 
     // layer index in `layers` of model layer il, -1 when the class has no head there
@@ -61,6 +67,9 @@ public:
     int32_t       head_offset(int32_t li) const { return offsets[li]; }
 
     uint32_t get_size()   const { return cap; }
+    // does a ubatch of n_tokens run as the fused op (else the composed ggml path); one answer for
+    // the store and the graph. LLAMA_FASTGEN_HH_FUSED=0 forces the composed path, to compare.
+    bool     fused(uint32_t n_tokens) const;
     int32_t  first_class() const { return c_first; } // the class whose slot in the graph runs the store
     uint32_t max_used(int c) const;    // most cells any (layer, head) of class c holds
     size_t   class_bytes(int c) const; // K + V + score bytes of class c's heads
@@ -72,16 +81,16 @@ public:
     // would a batch of ubatches fit (cells are freed by eviction, never by the batch itself)
     bool fits(const std::vector<llama_ubatch> & ubatches) const;
 
-    // graph inputs for the current ubatch, all layers: slots I64 [n_tokens, n_head_total],
-    // keep F32 [cap, n_head_total], cell positions F32 [cap, n_head_total] (pos - 0.5, +inf when
-    // free) and query positions F32 [n_tokens]; the graph turns the last two into the mask
+    // graph inputs for the current ubatch, all layers: slots I64 [n_tokens, n_head_total] and query
+    // positions F32 [n_tokens]; composed ubatches also keep F32 [cap, n_head_total] and cell
+    // positions F32 [cap, n_head_total] (pos - 0.5, +inf when free), which the graph turns into the mask
     void set_input_idxs(ggml_tensor * dst) const;
     void set_input_keep(ggml_tensor * dst) const;
     void set_input_cell_pos(ggml_tensor * dst) const;
     static void set_input_query_pos(ggml_tensor * dst, const llama_ubatch & ubatch);
 
     void clear();
-    llama_pos pos_min() const;
+    llama_pos pos_min() const; // cached: a scan of every cell is too slow per decode call
     llama_pos pos_max() const { return last_pos; }
 
     void state_write(llama_io_write_i & io) const;
@@ -89,6 +98,7 @@ public:
 
 private:
     void evict(layer & l, int h, const float * scores, llama_pos p0);
+    void upload_positions(layer & l) const;
 
     uint32_t cap = 0;
     int32_t  c_first = -1;
@@ -102,6 +112,10 @@ private:
     int32_t              n_heads_all = 0;
     llama_pos            last_pos = -1;
     bool                 warned_nan = false;
+    bool                 fused_ok = false; // shapes and types the fused op takes
+    uint32_t             n_group = 1;      // query heads per KV head
+    mutable llama_pos    pos_min_cache = -1;
+    mutable bool         pos_min_valid = true;
 
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
 };
