@@ -6,6 +6,8 @@
                in ubatches of 64 (composed heavy-hitter path) and then one token per decode (the
                fused GGML_OP_FASTGEN_HH_ATTN kernel), plus the fused vs composed kernel on CUDA
   kv           KV bytes allocated at several n_ctx: fastgen, full f16, full q8_0 (C API)
+  reuse        decode 64 tokens through llama-cpp-python: tokens/s and how many graphs llama.cpp
+               reused (a rebuilt graph costs host time and CUDA graph captures), fastgen vs full
   speed        llama-bench decode tokens/s at depths and prefill tokens/s: fastgen (fused op), fastgen
                with the composed ggml path (LLAMA_FASTGEN_HH_FUSED=0), the same mix with its
                heavy-hitter heads full (--model-nohh), full f16, q8_0
@@ -99,6 +101,26 @@ def kv(args) -> list:
     return rows
 
 
+def reuse(args) -> list:
+    import llama_cpp
+
+    rows = []
+    for name, kw in (("fastgen f16", {}), ("full f16", {"kv_overrides": {"fastgen.enable": False}})):
+        llm = llama_cpp.Llama(model_path=args.model, n_ctx=4096, n_gpu_layers=99, flash_attn=True, verbose=True, **kw)
+        llm.eval([1] * 16)
+        t0 = time.time()
+        for i in range(64):
+            llm.eval([100 + i])
+        dt = time.time() - t0
+        perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
+        rows.append({"config": name, "tokens": 64, "tps": 64 / dt, "graphs_reused": perf.n_reused, "n_eval": perf.n_eval})
+        llm.close()
+    print("decode through llama-cpp-python (8B shape), 64 tokens after 16")
+    for r in rows:
+        print(f"  {r['config']:12s} {r['tps']:7.1f} t/s  graphs reused {r['graphs_reused']} of {r['n_eval']} evals", flush=True)
+    return rows
+
+
 def bench(bin_, model, extra, env_extra) -> list:
     env = dict(os.environ, **env_extra)
     cmd = [bin_, "-m", model, "-ngl", "99", "-fa", "1", "-o", "json", "-r", str(2)] + extra
@@ -135,7 +157,7 @@ def speed(args) -> list:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["all", "correctness", "kv", "speed", "child"])
+    ap.add_argument("what", choices=["all", "correctness", "kv", "reuse", "speed", "child"])
     ap.add_argument("--model", help="8B-shape fastgen GGUF (kv, speed)")
     ap.add_argument("--small", nargs="+", default=[], help="small random fastgen GGUFs (correctness)")
     ap.add_argument("--model-nohh", help="the --model mix with its frequent heads full (speed baseline)")
@@ -159,7 +181,7 @@ def main() -> int:
     except FileNotFoundError:
         gpu = "no GPU"
     out = {"machine": gpu}
-    for step in ("correctness", "kv", "speed"):
+    for step in ("correctness", "kv", "reuse", "speed"):
         if args.what in (step, "all"):
             out[step] = globals()[step](args)
             if args.json:

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Where decode time goes on the GPU: every kernel of a few llama-bench decode steps under Nsight
+Compute (one metric, gpu__time_duration), summed per kernel name and divided by the tokens, for
+fastgen and the full cache. Run on the GPU machine after scripts/gpu_run.sh has built llama-bench:
+
+    python scripts/gpu_profile.py --llama-bench BIN --model M.gguf [--depth 0] [--tokens 8] [--json F]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+from collections import defaultdict
+
+
+def profile(bench: str, model: str, depth: int, tokens: int, env_extra: dict) -> dict:
+    cmd = ["ncu", "--csv", "--metrics", "gpu__time_duration.sum", "--graph-profiling", "node",
+           bench, "-m", model, "-ngl", "99", "-fa", "1", "-p", "0", "-n", str(tokens), "-d", str(depth), "-r", "1",
+           "--no-warmup"]
+    out = subprocess.run(cmd, env=dict(os.environ, **env_extra), capture_output=True, text=True).stdout
+    rows = list(csv.DictReader(io.StringIO(out[out.index('"ID"'):])))
+    per = defaultdict(float)
+    for r in rows:
+        name = re.sub(r"[<(].*", "", r["Kernel Name"])
+        per[name] += float(r["Metric Value"]) * (1e-3 if r["Metric Unit"] == "nsecond" else 1.0)  # -> us
+    return {"kernels": len(rows), "us_by_kernel": dict(per)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-bench", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--depth", type=int, default=0)
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    res = {}
+    for name, env in (("fastgen", {}), ("full", {"LLAMA_FASTGEN_DISABLE": "1"})):
+        res[name] = profile(a.llama_bench, a.model, a.depth, a.tokens, env)
+    # the depth prefill is profiled too: compare the totals, and the kernels by name
+    print(f"GPU kernel time (us, all kernels of prefill to depth {a.depth} + {a.tokens} decode tokens)")
+    names = sorted(set().union(*(r["us_by_kernel"] for r in res.values())),
+                   key=lambda k: -max(r["us_by_kernel"].get(k, 0) for r in res.values()))
+    print(f"  {'kernel':60s}" + "".join(f"{n:>12s}" for n in res))
+    for k in names[:25]:
+        print(f"  {k[:60]:60s}" + "".join(f"{r['us_by_kernel'].get(k, 0.0):12.1f}" for r in res.values()))
+    print(f"  {'TOTAL':60s}" + "".join(f"{sum(r['us_by_kernel'].values()):12.1f}" for r in res.values()))
+    print(f"  {'kernels launched':60s}" + "".join(f"{r['kernels']:12d}" for r in res.values()))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
