@@ -26,7 +26,7 @@ def profile(bench: str, model: str, depth: int, tokens: int, env_extra: dict) ->
     per = defaultdict(float)
     for r in rows:
         name = re.sub(r"[<(].*", "", r["Kernel Name"])
-        per[name] += float(r["Metric Value"]) * (1e-3 if r["Metric Unit"] == "nsecond" else 1.0)  # -> us
+        per[name] += float(r["Metric Value"].replace(",", "")) * (1e-3 if r["Metric Unit"] == "nsecond" else 1.0)  # -> us
     return {"kernels": len(rows), "us_by_kernel": dict(per)}
 
 
