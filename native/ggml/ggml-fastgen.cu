@@ -6,9 +6,9 @@
 // block, so no other block reads it before it is written), computes the chunk's logits (four lanes
 // per cell, no warp-wide reductions), its max and sum of exponentials per query row, and the
 // unnormalized output (one thread per V row: V is stored transposed, so a thread's cells are
-// contiguous). Chunks without a visible cell stop after the logits. Kernel 2, one block per head,
-// merges the chunks, writes the output and adds each cell's probability, summed over the query
-// rows, to its score. Logits stay in a scratch buffer between the two, so the probabilities added
+// contiguous). Chunks without a visible cell stop after their statistics. Kernel 2, one block per
+// (head, chunk) again, merges the chunks' statistics, writes its share of the output and adds each
+// of its cells' probability, summed over the query rows, to the cell's score. Logits stay in a scratch buffer between the two, so the probabilities added
 // to the scores are the ones the output used.
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
@@ -121,7 +121,8 @@ static __global__ void hh_attn_chunk(
     }
     const bool chunk_visible = __syncthreads_or(visible);
 
-    // 2. per query row: the chunk's max and sum of exponentials; logits kept for kernel 2
+    // 2. per query row: the chunk's max and sum of exponentials; logits kept for kernel 2 (which
+    // reads no logits of a chunk that saw nothing: its max is -inf)
     for (int r = warp; r < R; r += HH_WARPS) {
         float m = -INFINITY;
         for (int i = lane; i < HH_CHUNK; i += WARP_SIZE) {
@@ -132,7 +133,7 @@ static __global__ void hh_attn_chunk(
         for (int i = lane; i < HH_CHUNK; i += WARP_SIZE) {
             const float l = w_s[r*HH_CHUNK + i];
             const float w = l == -INFINITY ? 0.0f : expf(l - m);
-            if (c0 + i < C) {
+            if (chunk_visible && c0 + i < C) {
                 logits[((int64_t) j*R + r)*C + c0 + i] = l;
             }
             w_s[r*HH_CHUNK + i] = w;
@@ -172,12 +173,14 @@ static __global__ void hh_attn_chunk(
     }
 }
 
+// one block per (head, chunk): every block merges the chunk statistics (ns x R values), then writes
+// its share of the outputs and the scores of its chunk's cells
 static __global__ void hh_attn_merge(
         const float * __restrict__ logits, const float * __restrict__ part_m, const float * __restrict__ part_l,
         const float * __restrict__ part_o, float * __restrict__ dst, float * __restrict__ S,
         const float * __restrict__ P, const int64_t * __restrict__ idxs, const int64_t idxs_s1,
-        const int Dv, const int C, const int T, const int G, const int ns) {
-    const int j = blockIdx.x, R = G*T, n = gridDim.x;
+        const int Dv, const int C, const int T, const int G) {
+    const int j = blockIdx.x, sp = blockIdx.y, ns = gridDim.y, R = G*T, n = gridDim.x;
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
     extern __shared__ float f_s[]; // [ns][R]: weight of each chunk's partial sums
     __shared__ float m_s[GGML_FASTGEN_HH_MAX_ROWS], inv_s[GGML_FASTGEN_HH_MAX_ROWS];
@@ -203,7 +206,8 @@ static __global__ void hh_attn_merge(
     }
     __syncthreads();
 
-    for (int i = threadIdx.x; i < R*Dv; i += blockDim.x) {
+    const int per = (R*Dv + ns - 1)/ns;
+    for (int i = sp*per + threadIdx.x; i < min(R*Dv, (sp + 1)*per); i += blockDim.x) {
         const int r = i / Dv, d = i % Dv, t = r / G, g = r % G;
         float acc = 0.0f;
         for (int s = 0; s < ns; ++s) {
@@ -215,9 +219,13 @@ static __global__ void hh_attn_merge(
         dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = acc*inv_s[r];
     }
 
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    bool seen = false;
+    for (int r = 0; r < R; ++r) {
+        seen = seen || f_s[sp*R + r] != 0.0f;
+    }
+    for (int c = sp*HH_CHUNK + threadIdx.x; c < min(C, (sp + 1)*HH_CHUNK); c += blockDim.x) {
         float acc = 0.0f;
-        for (int r = 0; r < R; ++r) {
+        for (int r = 0; r < R && seen; ++r) {
             const float l = logits[((int64_t) j*R + r)*C + c];
             acc += l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
         }
@@ -287,8 +295,8 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
 #undef HH_LAUNCH
     CUDA_CHECK(cudaGetLastError());
 
-    hh_attn_merge<<<n, block, (size_t) ns*R*sizeof(float), stream>>>(
+    hh_attn_merge<<<grid1, block, (size_t) ns*R*sizeof(float), stream>>>(
         logits.get(), part_m.get(), part_l.get(), part_o.get(), (float *) dst->data, (float *) S->data,
-        (const float *) P->data, (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), Dv, C, T, G, ns);
+        (const float *) P->data, (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), Dv, C, T, G);
     CUDA_CHECK(cudaGetLastError());
 }
