@@ -26,7 +26,8 @@ def profile(bench: str, model: str, depth: int, tokens: int, env_extra: dict) ->
     per = defaultdict(float)
     for r in rows:
         name = re.sub(r"[<(].*", "", r["Kernel Name"])
-        per[name] += float(r["Metric Value"].replace(",", "")) * (1e-3 if r["Metric Unit"] == "nsecond" else 1.0)  # -> us
+        scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[r["Metric Unit"]]
+        per[name] += float(r["Metric Value"].replace(",", "")) * scale  # -> us
     return {"kernels": len(rows), "us_by_kernel": dict(per)}
 
 
