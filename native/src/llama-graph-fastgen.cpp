@@ -3,10 +3,8 @@
 #include "llama-kv-cache-fastgen.h"
 #include "ggml-fastgen.h"
 
-#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
-#include <string>
 
 static ggml_tensor * new_kq_mask(ggml_context * ctx, const llama_kv_cache_context * mctx,
                                  const llama_ubatch & ubatch, const llama_cparams & cparams) {
