@@ -22,6 +22,8 @@ void ggml_compute_forward_fastgen_hh_attn(const ggml_compute_params * params, gg
     const int64_t D = K->ne[0], C = K->ne[1], n = K->ne[2], Dv = V->ne[1], T = q->ne[2], G = q->ne[1]/n;
     float scale;
     std::memcpy(&scale, dst->op_params, sizeof(float));
+    const int64_t h0 = dst->op_params[1];
+    GGML_ASSERT(h0 >= 0 && h0 + n <= idxs->ne[1] && ggml_is_contiguous(qpos));
 
     std::vector<float> krow(D), logit(C), colsum(C), out(Dv), keep(C);
     for (int64_t j = params->ith; j < n; j += params->nth) {
@@ -34,7 +36,7 @@ void ggml_compute_forward_fastgen_hh_attn(const ggml_compute_params * params, gg
             keep[c] = std::isinf(cp[c]) ? 0.0f : 1.0f;
         }
         for (int64_t t = 0; t < T; ++t) {
-            const int64_t c = ((const int64_t *) ((const char *) idxs->data + j*idxs->nb[1]))[t];
+            const int64_t c = ((const int64_t *) ((const char *) idxs->data + (h0 + j)*idxs->nb[1]))[t];
             GGML_ASSERT(c >= 0 && c < C);
             cp[c]   = ((const float *) qpos->data)[t] - 0.5f;
             keep[c] = 0.0f;

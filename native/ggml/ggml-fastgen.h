@@ -1,22 +1,27 @@
 // llama-fastgen: GGML_OP_FASTGEN_HH_ATTN, the fused decode step of the heavy-hitter (frequent) store.
 //
 // For each KV head j of one layer's frequent range, in one op instead of ~12 small ones:
-//   1. write the ubatch's new K and V rows into the head's cells c = idxs[t, j] (rounded to F16), and
+//   1. write the ubatch's new K and V rows into the head's cells c = idxs[t, h0 + j] (rounded to F16), and
 //      P[c, j] = query_pos[t] - 0.5;
 //   2. for each query row r = t*G + g: p = softmax(scale * q_r . K[:, c, j]) over the cells c with
 //      query_pos[t] - P[c, j] > 0 (occupied and not after the query), out_r = sum_c p_c V[c, :, j];
 //   3. S[c, j] = keep * S[c, j] + sum over r of p_r[c]  (the accumulated attention, FastGen/H2O), with
-//      keep = 0 for the new cells and free cells (P = +inf), else 1.
+//      keep = 0 for the new cells and free cells (P = +inf), else 1. Only occupied cells' scores are
+//      defined: the CUDA kernel skips 64-cell chunks that no query sees (the CPU path zeroes them).
 // The same function as the composed ggml path of llama-graph-fastgen.cpp (set_rows, mul_mat,
 // soft_max_ext, column sums, mul/add in place, with the mask and keep from host inputs), which
 // stays for long ubatches (prefill) and is the reference the fused op is checked against.
 //
 // Sources (F32 unless noted; "view" = any row strides, contiguous rows):
 //   0 q         [D, G*n, T]  view       1 k_cur [D, n, T] view     2 v_cur [Dv, n, T] view
-//   3 idxs      [T, n] I64 view         4 K     [D, C, n] F16      5 V     [C, Dv, n] F16 (transposed)
-//   6 S         [C, n]                  7 P     [C, n] (cell positions - 0.5, +inf when free)
-//   8 query_pos [T]
-// op_params: float scale. Result: F32 [Dv*G*n, T], heads in q order (kv head j, then group g).
+//   3 idxs      [T, >= h0+n] I64        4 K     [D, C, n] F16      5 V     [C, Dv, n] F16 (transposed)
+//   6 S         [C, n]                  7 P     [C + GGML_FASTGEN_HH_P_PAD, n]: cell positions - 0.5,
+//   8 query_pos [T] (any shape)                            +inf when free; the row's padding starts at zero
+//                                                  (the CUDA kernel counts its finished blocks in its
+//                                                  first element and leaves it at zero)
+// idxs and query_pos are the whole graph inputs, shared by every layer: a per-layer view of a host
+// input would be one more host-to-device copy per layer and token.
+// op_params: float scale, int32 h0 (this layer's first row in idxs). Result: F32 [Dv*G*n, T], heads in q order (kv head j, then group g).
 // K, V, S and P are updated in place (they live in the cache's buffers, outside the graph allocator).
 #pragma once
 
@@ -31,12 +36,14 @@ enum ggml_fastgen_hh_src {
     GGML_FASTGEN_HH_K, GGML_FASTGEN_HH_V, GGML_FASTGEN_HH_S, GGML_FASTGEN_HH_P, GGML_FASTGEN_HH_QUERY_POS,
 };
 
+// floats after each head's cell positions (32 bytes: rows stay aligned)
+#define GGML_FASTGEN_HH_P_PAD 8
 // query rows (group size x tokens) per head the fused op takes; longer ubatches use the composed path
 #define GGML_FASTGEN_HH_MAX_ROWS 32
 // head sizes the CUDA kernel takes: multiples of the warp size up to this
 #define GGML_FASTGEN_HH_MAX_D 256
 // cells per head the CUDA kernel takes (its merge step keeps one weight per 64 cells and row in shared memory)
-#define GGML_FASTGEN_HH_MAX_CELLS 24576
+#define GGML_FASTGEN_HH_MAX_CELLS 16384
 
 struct ggml_compute_params;
 

@@ -115,11 +115,12 @@ static ggml_tensor * head_range(ggml_context * ctx, ggml_tensor * t, int64_t h0,
 
 static ggml_tensor * ggml_fastgen_hh_attn(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_cur, ggml_tensor * v_cur,
         ggml_tensor * idxs, ggml_tensor * K, ggml_tensor * V, ggml_tensor * S, ggml_tensor * P,
-        ggml_tensor * query_pos, float scale) {
+        ggml_tensor * query_pos, float scale, int32_t h0) {
     const int64_t Dv = V->ne[1], n = K->ne[2], G = q->ne[1]/n, T = q->ne[2];
     ggml_tensor * res = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, Dv*G*n, T);
     res->op = GGML_OP_FASTGEN_HH_ATTN;
     std::memcpy(res->op_params, &scale, sizeof(float));
+    res->op_params[1] = h0;
     ggml_tensor * srcs[] = { q, k_cur, v_cur, idxs, K, V, S, P, query_pos };
     for (int i = 0; i < (int) (sizeof(srcs)/sizeof(srcs[0])); ++i) {
         res->src[i] = srcs[i];
@@ -137,13 +138,9 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
     const auto & l = st.get_layer(li);
     const int64_t D = q->ne[0], Dv = v->ne[0], n = k->ne[1], T = q->ne[2], C = st.get_size(), h0 = st.head_offset(li);
 
-    // this layer's heads in the class inputs
-    ggml_tensor * idxs = ggml_view_2d(ctx0, in.idxs, T, n, in.idxs->nb[1], h0*in.idxs->nb[1]);
-
     if (!in.keep) { // decode-sized ubatch: the fused op (ggml-fastgen.h), positions from the store
         GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F32 && v->type == GGML_TYPE_F32);
-        ggml_tensor * qpos = ggml_reshape_1d(ctx0, in.query_pos, T);
-        ggml_tensor * out = ggml_fastgen_hh_attn(ctx0, q, k, v, idxs, l.k, l.v, l.s, l.p, qpos, kq_scale);
+        ggml_tensor * out = ggml_fastgen_hh_attn(ctx0, q, k, v, in.idxs, l.k, l.v, l.s, l.p, in.query_pos, kq_scale, (int32_t) h0);
         if (!g.cparams.offload_kqv) {
             // the store is in host memory: run where it is, like llama.cpp's own attention
             ggml_backend_sched_set_tensor_backend(g.sched, out, g.backend_cpu);
@@ -152,6 +149,8 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
         return out;
     }
 
+    // this layer's heads in the class inputs (views of host inputs: one copy each, fine per long ubatch)
+    ggml_tensor * idxs = ggml_view_2d(ctx0, in.idxs, T, n, in.idxs->nb[1], h0*in.idxs->nb[1]);
     if (!in.mask) {
         // mask = log(step(q - (p - 0.5))): 0 where the cell is occupied and not after the query,
         // -inf elsewhere; built on the device once per ubatch for every layer

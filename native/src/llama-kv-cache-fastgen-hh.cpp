@@ -40,7 +40,8 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     if (ggml_is_quantized(type_v)) {
         type_v = GGML_TYPE_F16;
     }
-    bytes_per_head = (size_t) cap*(ggml_row_size(type_k, hp.n_embd_head_k()) + ggml_row_size(type_v, hp.n_embd_head_v()) + 2*sizeof(float));
+    bytes_per_head = (size_t) cap*(ggml_row_size(type_k, hp.n_embd_head_k()) + ggml_row_size(type_v, hp.n_embd_head_v()) + 2*sizeof(float))
+                   + GGML_FASTGEN_HH_P_PAD*sizeof(float);
     fused_ok = type_k == GGML_TYPE_F16 && type_v == GGML_TYPE_F16 && hp.n_embd_head_k() % 32 == 0 &&
                hp.n_embd_head_k() <= GGML_FASTGEN_HH_MAX_D && cap % 8 == 0 && cap <= GGML_FASTGEN_HH_MAX_CELLS;
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
@@ -74,7 +75,7 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         l.k = ggml_new_tensor_3d(ctx, type_k, hp.n_embd_head_k(il), cap, n_h);
         l.v = ggml_new_tensor_3d(ctx, type_v, cap, hp.n_embd_head_v(il), n_h);
         l.s = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cap, n_h);
-        l.p = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cap, n_h);
+        l.p = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cap + GGML_FASTGEN_HH_P_PAD, n_h);
         ggml_format_name(l.k, "cache_fg_hh_k_l%u", il);
         ggml_format_name(l.v, "cache_fg_hh_v_l%u", il);
         ggml_format_name(l.s, "cache_fg_hh_s_l%u", il);
@@ -114,10 +115,11 @@ bool llama_fastgen_hh_store::fused(uint32_t n_tokens) const {
 }
 
 void llama_fastgen_hh_store::upload_positions(layer & l) const {
-    std::vector<float> p((size_t) l.n_head*cap);
+    const size_t row = cap + GGML_FASTGEN_HH_P_PAD; // the padding stays zero
+    std::vector<float> p((size_t) l.n_head*row, 0.0f);
     for (int h = 0; h < l.n_head; ++h) {
         for (uint32_t i = 0; i < cap; ++i) {
-            p[(size_t) h*cap + i] = l.pos[h][i] >= 0 ? (float) l.pos[h][i] - 0.5f : INFINITY;
+            p[h*row + i] = l.pos[h][i] >= 0 ? (float) l.pos[h][i] - 0.5f : INFINITY;
         }
     }
     ggml_backend_tensor_set(l.p, p.data(), 0, p.size()*sizeof(float));

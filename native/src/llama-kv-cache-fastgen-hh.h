@@ -8,7 +8,8 @@
 // The kept tokens differ per (layer, head), so cells are per head, not shared like in
 // llama_kv_cache: per layer K [D, cap, n_h], V transposed [cap, D, n_h] (so attention needs no
 // copy), F32 scores [cap, n_h] and F32 cell positions [cap, n_h] (pos - 0.5, +inf when free: the
-// mask lives on the device, so a decoding step uploads only the new tokens' slots). The graph
+// mask lives on the device, so a decoding step uploads only the new tokens' slots; each head's row
+// ends in 32 bytes of padding, where the fused op's CUDA kernel counts its finished blocks). The graph
 // (llama-graph-fastgen.cpp) writes new tokens into the slots chosen here, attends with an explicit
 // softmax (flash attention hides the probabilities) and adds each cell's attention, summed over
 // the ubatch's queries and the head's query group, to its score. Short ubatches (decoding) run as
@@ -47,7 +48,7 @@ public:
         ggml_tensor * k; // [D, cap, n_head]
         ggml_tensor * v; // [cap, D, n_head]
         ggml_tensor * s; // [cap, n_head] F32
-        ggml_tensor * p; // [cap, n_head] F32 cell positions - 0.5, +inf when free
+        ggml_tensor * p; // [cap + GGML_FASTGEN_HH_P_PAD, n_head] F32 cell positions - 0.5, +inf when free
         std::vector<std::vector<llama_pos>>   pos; // [head][cell], -1 when free
         std::vector<std::vector<llama_token>> tok; // [head][cell]
         std::vector<uint32_t>                 n_used;
