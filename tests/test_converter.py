@@ -68,6 +68,13 @@ def tiny_profiled(tiny_model_dir, tmp_path_factory):
     return out
 
 
+def test_tiny_random_model_fails_the_retrieval_probes_and_says_so(tiny_profiled):
+    """A random model answers no needle: nothing is protected and the report says why."""
+    rep = json.loads(tiny_profiled.with_suffix(".fastgen.json").read_text())
+    assert rep["retrieval"]["protected"] == []
+    assert "cannot be measured" in rep["retrieval"]["note"]
+
+
 def test_metadata_round_trips_and_matches_the_report(tiny_profiled):
     meta = metadata.read(tiny_profiled)
     rep = json.loads(Path(str(tiny_profiled.with_suffix("")) + ".fastgen.json").read_text())
@@ -179,13 +186,16 @@ def test_reference_window_policy_hides_old_tokens(model_dir):
     assert q0["n"] == 256
 
 
-@pytest.mark.parametrize("case", ["missing", "not_hf", "unsupported", "threshold", "empty_calib", "unwritable"])
+@pytest.mark.parametrize("case", ["missing", "not_hf", "unsupported", "threshold", "empty_calib", "unwritable",
+                                  "kv_budget", "probe_tokens", "policies"])
 def test_bad_input_is_one_clear_error_and_no_output(case, tmp_path, tiny_model_dir, capsys):
     model, out = tiny_model_dir, tmp_path / "out.gguf"
     extra = []
     expect = {"missing": "is not a directory", "not_hf": "no config.json", "unsupported": "not supported",
               "threshold": "--threshold must be in (0, 1]", "empty_calib": "holds no text",
-              "unwritable": "does not exist"}[case]
+              "unwritable": "does not exist", "kv_budget": "--kv-budget must be a fraction in (0, 1]",
+              "probe_tokens": "exceeds the model's context of 4096 tokens",
+              "policies": "2 layers x 2 heads, the model has 4 x 2 KV heads"}[case]
     if case == "missing":
         model = tmp_path / "nope"
     elif case == "not_hf":
@@ -202,6 +212,13 @@ def test_bad_input_is_one_clear_error_and_no_output(case, tmp_path, tiny_model_d
         extra = ["--calibration", str(tmp_path / "calib")]
     elif case == "unwritable":
         out = tmp_path / "no" / "such" / "dir" / "out.gguf"
+    elif case == "kv_budget":
+        extra = ["--kv-budget", "1.5"]
+    elif case == "probe_tokens":
+        extra = ["--probe-tokens", "5000"]
+    elif case == "policies":
+        (tmp_path / "p.json").write_text(json.dumps({"policies": [["full", "special"], ["full", "full"]]}))
+        extra = ["--policies", str(tmp_path / "p.json"), "--max-tokens", "64"]
     rc = convert.main([str(model), "--profile", "--outfile", str(out)] + extra)
     err = capsys.readouterr().err
     assert rc == 2

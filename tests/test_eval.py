@@ -57,8 +57,8 @@ def test_passkey_task_is_solved_with_the_full_cache_and_lost_without_the_history
     for name, path in (("full", g), ("window16", small)):
         llm = Llama(model_path=str(path), n_ctx=1100, n_batch=512, verbose=False, flash_attn=True)
         try:
-            found[name] = [key in ev.eval_tasks.answer(llm, ids) for ids, key in
-                           (ev.eval_tasks.passkey(tok, 1000, 0.5, s) for s in range(3))]
+            found[name] = [p.key in ev.eval_tasks.answer(llm, p.ids) for p in
+                           (ev.eval_tasks.make("passkey", tok, 1000, i, 3) for i in range(3))]
         finally:
             llm.close()
     assert all(found["full"]) and not any(found["window16"]), found

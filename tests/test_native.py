@@ -21,7 +21,7 @@ def real_fastgen_gguf(model_dir, tmp_path_factory):
     """The default model profiled at T = 0.95 (f32 weights, so only the cache differs)."""
     out = tmp_path_factory.mktemp("real") / "smollm2-fg.gguf"
     assert convert.main([str(model_dir), "--profile", "--outfile", str(out), "--outtype", "f32",
-                         "--threshold", "0.95", "--max-tokens", "512", "--no-quality"]) == 0
+                         "--threshold", "0.95", "--max-tokens", "512", "--no-quality", "--no-retrieval"]) == 0
     return out
 
 
@@ -30,24 +30,15 @@ def static_fastgen_gguf(model_dir, tmp_path_factory):
     """The same profile without the heavy-hitter rungs: every keep-set is a static rule."""
     out = tmp_path_factory.mktemp("static") / "smollm2-fg-static.gguf"
     assert convert.main([str(model_dir), "--profile", "--outfile", str(out), "--outtype", "f32",
-                         "--threshold", "0.95", "--max-tokens", "512", "--no-quality", "--no-frequent"]) == 0
+                         "--threshold", "0.95", "--max-tokens", "512", "--no-quality", "--no-frequent",
+                         "--no-retrieval"]) == 0
     return out
-
-
-@pytest.fixture(scope="module")
-def long_ids(model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok("\n\n".join(t for _, t in load_texts()))["input_ids"][:1700]
-    assert len(ids) == 1700
-    return ids
 
 
 def test_all_full_policy_equals_fastgen_off(tiny_model_dir, tmp_path, long_ids):
     out = tmp_path / "tiny-full.gguf"
     assert convert.main([str(tiny_model_dir), "--profile", "--outfile", str(out), "--outtype", "f32",
-                         "--threshold", "1.0", "--max-tokens", "128", "--no-quality"]) == 0
+                         "--threshold", "1.0", "--max-tokens", "128", "--no-quality", "--no-retrieval"]) == 0
     meta = schema.read(out)
     assert [c.label for c in meta.classes] == ["full"]
     ids = long_ids[:400]
