@@ -208,6 +208,7 @@ def profile_and_convert(a) -> dict:
         gguf_export.convert(tmp, a.outfile, a.outtype, extra_kv=meta.to_kv(), verbose=a.verbose)
 
     rep = report.build(sel, res, meta, head_dim, quality, a.outfile, protection)
+    rep.update(kv_budget=a.kv_budget, ctx=a.ctx)
     stem = a.outfile.with_suffix("")
     report.write(rep, sel, Path(f"{stem}.fastgen.json"), Path(f"{stem}.fastgen.png"))
     return rep
@@ -231,7 +232,8 @@ def policies_from_file(path: Path, n_layer: int, n_kv: int):
 
 
 def summary(rep: dict) -> str:
-    lines = [f"policies (T = {rep['threshold']}): " +
+    rule = f"KV budget {rep['kv_budget']:.0%} at n_ctx {rep['ctx']}" if rep.get("kv_budget") else f"T = {rep['threshold']}"
+    lines = [f"policies ({rule}): " +
              ", ".join(f"{k} {v}" for k, v in sorted(rep["policy_counts"].items(), key=lambda kv: -kv[1]))]
     for m in rep["expected_kv"]:
         lines.append(f"  KV at n_ctx {m['n_ctx']:>6}: {m['fastgen_bytes'] / 2**20:8.1f} MiB vs full "

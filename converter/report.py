@@ -72,5 +72,6 @@ def write(report: dict, sel, json_path: Path, png_path: Path) -> None:
     mem8k = next(m for m in report["expected_kv"] if m["n_ctx"] == 8192)
     rt = report.get("retrieval") or {}
     prot = [tuple(x) for x in rt.get("protected", [])]
-    plot(sel, png_path, f"FastGen policies per KV head, T = {report['threshold']}, KV at 8K = {mem8k['ratio']:.0%} "
+    rule = f"KV budget {report['kv_budget']:.0%}" if report.get("kv_budget") else f"T = {report['threshold']}"
+    plot(sel, png_path, f"FastGen policies per KV head, {rule}, KV at 8K = {mem8k['ratio']:.0%} "
                         f"of full" + (f"; R = {len(prot)} retrieval heads kept full" if rt else ""), prot)

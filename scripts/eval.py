@@ -109,13 +109,17 @@ def uniform_gguf(model_dir: Path, window: int, protected_frac: float, out: Path,
     return gguf_export.convert(model_dir, out, "f32", extra_kv=meta.to_kv())
 
 
+CONVERT_ARGS: list[str] = []  # extra converter arguments (--quick: small profiling sizes)
+
+
 def convert(model_dir: Path, out: Path, *args: str) -> Path:
-    """Every evaluated GGUF goes through the converter (one writer); cached by file name."""
+    """Every evaluated GGUF goes through the converter (one writer; f16 weights: every config is
+    compared with the full cache of the same weights); cached by file name."""
     from llama_fastgen.converter import convert as conv
 
     if not out.exists():
-        assert conv.main([str(model_dir), "--profile", "--outfile", str(out), "--outtype", "f32", "--no-quality",
-                          *args]) == 0, f"conversion of {out.name} failed"
+        assert conv.main([str(model_dir), "--profile", "--outfile", str(out), "--outtype", "f16", "--no-quality",
+                          *CONVERT_ARGS, *args]) == 0, f"conversion of {out.name} failed"
     return out
 
 
@@ -136,7 +140,12 @@ def fit_bytes(make, lo: int, hi: int, target: int, nbytes) -> tuple[object, int]
     return make(best), best
 
 
-def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch: int, retrieval_baselines: bool = True) -> list[Config]:
+FAMILIES = ("fastgen", "fastgen mass-only", "StreamingLLM", "H2O", "DuoAttention-style", "random-protect", "full q8_0",
+            "full q4_0", "fastgen+q8_0")
+
+
+def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch: int, families=FAMILIES,
+                  fastgen_args: tuple = ()) -> list[Config]:
     """fastgen (retrieval-protected, the default) and its mass-only ablation per threshold; at the
     KV bytes of fastgen at the first threshold (C API, same n_ctx and n_ubatch): StreamingLLM
     (sinks + window), H2O (heavy hitters + window), DuoAttention-style (the same number of full
@@ -151,11 +160,14 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
 
     n_layer, _, n_kv, head_dim = shape(AutoConfig.from_pretrained(model_dir))
     cfgs: list[Config] = []
+    budget = next((fastgen_args[i + 1] for i, x in enumerate(fastgen_args) if x == "--kv-budget"), None)
     for t in thresholds:
-        g = convert(model_dir, work / f"fastgen-T{t}.gguf", "--threshold", str(t))
-        cfgs.append(Config(f"fastgen T={t}", g, family="fastgen"))
-        g = convert(model_dir, work / f"fastgen-T{t}-mass.gguf", "--threshold", str(t), "--no-retrieval")
-        cfgs.append(Config(f"fastgen T={t} mass-only", g, family="fastgen mass-only"))
+        tag = f"B={budget}" if budget else f"T={t}"
+        g = convert(model_dir, work / f"fastgen-{tag}.gguf", "--threshold", str(t), *fastgen_args)
+        cfgs.append(Config(f"fastgen {tag}", g, family="fastgen"))
+        if "fastgen mass-only" in families:
+            g = convert(model_dir, work / f"fastgen-{tag}-mass.gguf", "--threshold", str(t), "--no-retrieval", *fastgen_args)
+            cfgs.append(Config(f"fastgen {tag} mass-only", g, family="fastgen mass-only"))
     main = cfgs[0]
     stock = main.gguf
     rep = json.loads(main.gguf.with_suffix(".fastgen.json").read_text())
@@ -189,14 +201,14 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
         return fit_bytes(lambda m: table(w, m), 0, n_layer * n_kv - len(full), target, nbytes)[0]
 
     streaming = uniform_window()
-    h2o, budget = fit_bytes(lambda b: [[HeadPolicy(Kind.FREQUENT, max(1, b // 4), b)] * n_kv for _ in range(n_layer)],
-                            64, n_ctx, target, nbytes)
+    h2o, hh_budget = fit_bytes(lambda b: [[HeadPolicy(Kind.FREQUENT, max(1, b // 4), b)] * n_kv for _ in range(n_layer)],
+                               64, n_ctx, target, nbytes)
     baselines = [("StreamingLLM", streaming, f"sinks + window {min(p.window for r in streaming for p in r)}-"
                                               f"{max(p.window for r in streaming for p in r)}"),
-                 ("H2O", h2o, f"heavy hitters, budget {budget}")]
+                 ("H2O", h2o, f"heavy hitters, budget {hh_budget}")]
     rt = rep.get("retrieval") or {}
     k = len(rt.get("protected", []))
-    if retrieval_baselines and k:
+    if k:
         ranking = [tuple(x) for x in rt["ranking"]]
         duo = uniform_window(full=set(ranking[:k]))
         base = [[HeadPolicy.from_label(x) for x in row] for row in rt["base_policies"]]
@@ -206,11 +218,14 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
         baselines += [("DuoAttention-style", duo, f"{k} probe-ranked heads full, sinks + window elsewhere"),
                       ("random-protect", rand, f"{k} random heads full, the rest as fastgen")]
     for fam, table, what in baselines:
+        if fam not in families:
+            continue
         extra = () if fam == "random-protect" else ("--no-punct",)
         g = policy_gguf(model_dir, work / f"{fam}.gguf", table, *extra)
         cfgs.append(Config(f"{fam} ({what})", g, family=fam))
-    cfgs += [Config("full q8_0", stock, fastgen=False, kv="q8_0"), Config("full q4_0", stock, fastgen=False, kv="q4_0"),
-             Config(f"{main.name}+q8_0", main.gguf, kv="q8_0", family="fastgen+q8_0")]
+    cfgs += [c for c in (Config("full q8_0", stock, fastgen=False, kv="q8_0", family="full q8_0"),
+                         Config("full q4_0", stock, fastgen=False, kv="q4_0", family="full q4_0"),
+                         Config(f"{main.name}+q8_0", main.gguf, kv="q8_0", family="fastgen+q8_0")) if c.family in families]
     return [Config("full f16", stock, fastgen=False, family="full")] + cfgs
 
 
@@ -447,7 +462,8 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, help="a Hugging Face model directory instead of --model")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.95])
     ap.add_argument("--quick", action="store_true",
-                    help="tiny sizes for CI: quality over 1K-1.2K, retrieval at 1K with 4 trials, no speed")
+                    help="tiny sizes for CI: profiling on 384-token prompts, quality over 1K-1.2K, needle "
+                         "retrieval at 1K with 4 trials, no speed")
     ap.add_argument("--sections", nargs="+", default=["quality", "retrieval", "memory", "speed"],
                     choices=["quality", "retrieval", "memory", "speed"])
     ap.add_argument("--ranges", nargs="+", default=["1000-2000", "4000-5000"],
@@ -457,7 +473,9 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=20, help="retrieval trials per (task, length)")
     ap.add_argument("--ubatch", type=int, default=64, help="n_ubatch for quality and retrieval (default 64)")
     ap.add_argument("--ctx", type=int, default=8192, help="n_ctx at which baselines match fastgen's bytes")
-    ap.add_argument("--configs", nargs="+", help="only configs whose name starts with one of these")
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES,
+                    help="configurations to build and run besides full f16 (default: all)")
+    ap.add_argument("--fastgen-args", default="", help="extra converter arguments for fastgen, e.g. '--kv-budget 0.3'")
     ap.add_argument("--json", type=Path, help="write results here (plots go next to it)")
     ap.add_argument("--markdown", type=Path, help="write markdown tables (of --json, or of --from-json files)")
     ap.add_argument("--from-json", type=Path, nargs="+", help="only render --markdown from these result files")
@@ -473,8 +491,9 @@ def main() -> int:
     if bad:
         ap.error(f"unknown task {bad[0]!r}; choose from {', '.join(eval_tasks.TASKS)}")
     if a.quick:
-        a.ranges, a.lengths, a.trials, a.ctx = ["1000-1200"], [1024], 4, 2048
+        a.ranges, a.lengths, a.trials, a.ctx, a.tasks = ["1000-1200"], [1024], 4, 2048, ["needle"]
         a.sections = [s for s in a.sections if s != "speed"]
+        CONVERT_ARGS[:] = ["--max-tokens", "384", "--probe-tokens", "1024"]
     ranges = [tuple(int(x) for x in r.split("-")) for r in a.ranges]
     if a.model_dir:
         if not (a.model_dir / "config.json").is_file():
@@ -499,9 +518,7 @@ def main() -> int:
     work = a.workdir or Path(tempfile.mkdtemp(prefix="fastgen-eval-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    cfgs = build_configs(model_dir, work, a.thresholds, a.ctx, a.ubatch)
-    if a.configs:
-        cfgs = [c for c in cfgs if c.name == "full f16" or any(c.name.startswith(x) for x in a.configs)]
+    cfgs = build_configs(model_dir, work, a.thresholds, a.ctx, a.ubatch, a.families, tuple(a.fastgen_args.split()))
     out = {"model": str(model_dir), "n_ctx": a.ctx, "n_ubatch": a.ubatch, "ranges": a.ranges,
            "text": "pydoc_data.topics (Python documentation)", "machine": machine(), "commit": commit(),
            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": "python scripts/eval.py " + " ".join(sys.argv[1:]),

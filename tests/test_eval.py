@@ -62,3 +62,33 @@ def test_passkey_task_is_solved_with_the_full_cache_and_lost_without_the_history
         finally:
             llm.close()
     assert all(found["full"]) and not any(found["window16"]), found
+
+
+def test_quick_evaluation_runs_end_to_end_with_fair_baselines(tmp_path):
+    """scripts/eval.py --quick on the default model: every baseline within 2% of fastgen's bytes,
+    Wilson intervals around every accuracy, q8_0 closer to the full cache than q4_0."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "quick.json"
+    r = subprocess.run([sys.executable, str(Path(ev.__file__)), "--quick", "--json", str(out), "--markdown",
+                        str(tmp_path / "quick.md"), "--workdir", str(tmp_path / "work")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["commit"] and res["machine"]["cores"] and res["command"].startswith("python scripts/eval.py --quick")
+    mem = {m["config"]: m["kv_bytes"] for m in res["memory_8k"]}
+    fg = mem["fastgen T=0.95"]
+    fams = {c: next(q["family"] for q in res["quality"] if q["config"] == c) for c in mem}
+    for fam in ("StreamingLLM", "H2O", "DuoAttention-style"):
+        name = next(c for c, f in fams.items() if f == fam)
+        assert abs(mem[name] / fg - 1) <= 0.02, (name, mem[name], fg)
+    kl = {q["config"]: q["kl_mean"] for q in res["quality"]}
+    assert kl["full f16"] == 0.0 and kl["full q8_0"] < kl["full q4_0"]
+    for x in res["retrieval"]:
+        lo, hi = x["ci95"]
+        assert lo <= x["accuracy"] <= hi and x["trials"] == 4 and len(x["hits"]) == 4
+    full = next(x for x in res["retrieval"] if x["config"] == "full f16")
+    assert full["correct"] >= 3
+    md = (tmp_path / "quick.md").read_text()
+    assert "| fastgen T=0.95 |" in md and "[" in md

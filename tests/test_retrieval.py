@@ -122,3 +122,35 @@ def test_protected_heads_are_full_in_the_gguf_and_natively_equal_the_reference(p
     nat, _ = teacher_forced(protected_gguf, long_ids, n_ctx=2048, n_batch=64)
     ref, full = _reference(model_dir, protected_gguf, long_ids, 64)
     _agrees(nat[start:], ref[start:], full[start:])
+
+
+def test_needle_prompts_place_the_fact_and_ask_for_it(model_dir):
+    """The needle sits at its depth inside the document, holds the key's tokens, and the prompt ends
+    where the key must follow; the three-turn variant puts an unrelated exchange in between."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hay = "Plain sentences about nothing in particular. " * 200
+    spans = []
+    for depth in (0.1, 0.5, 0.9):
+        p = tasks.needle(tok, 1000, depth, 3, hay)
+        assert abs(len(p.ids) - 1000) <= 8
+        needle_text = tok.decode(p.ids[p.span[0]:p.span[1]])
+        assert p.key in needle_text and tok.decode(p.answer).strip() == p.key
+        assert tok.decode(p.ids[-12:]).rstrip().endswith("is")
+        spans.append(p.span[0])
+    assert spans == sorted(spans) and spans[0] < 300 < spans[1] < 700 < spans[2]
+    multi = tasks.needle(tok, 1000, 0.5, 3, hay, turns=3)
+    tail = tok.decode(multi.ids[multi.span[1]:])
+    assert "describe the sea" in tail and tail.index("describe the sea") < tail.index("Question:")
+    with pytest.raises(ValueError, match="turns must be 1 or 3"):
+        tasks.needle(tok, 500, 0.5, 0, hay, turns=2)
+
+
+def test_policy_labels_parse_back():
+    from llama_fastgen.converter.policies import ladder
+
+    for p in ladder(max_window=4096):
+        assert HeadPolicy.from_label(p.label) == p
+    with pytest.raises(schema.MetadataError, match="unknown policy label"):
+        HeadPolicy.from_label("special+local64")
