@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -208,7 +209,11 @@ def profile_and_convert(a) -> dict:
         gguf_export.convert(tmp, a.outfile, a.outtype, extra_kv=meta.to_kv(), verbose=a.verbose)
 
     rep = report.build(sel, res, meta, head_dim, quality, a.outfile, protection)
-    rep.update(kv_budget=a.kv_budget, ctx=a.ctx)
+    import platform
+
+    rep.update(kv_budget=a.kv_budget, ctx=a.ctx, command="llama-fastgen-convert " + " ".join(a.argv),
+               machine=f"{platform.machine()}, {os.cpu_count()} cores, {device}",
+               finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"), seconds=round(time.time() - t0))
     stem = a.outfile.with_suffix("")
     report.write(rep, sel, Path(f"{stem}.fastgen.json"), Path(f"{stem}.fastgen.png"))
     return rep
@@ -256,6 +261,7 @@ def summary(rep: dict) -> str:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s")
     from .architectures import UnsupportedModel
 

@@ -263,13 +263,14 @@ def memory_at(cfgs, n_ctx: int, n_ubatch: int) -> list[dict]:
     return rows
 
 
-def retrieval(cfgs, tok, lengths, trials: int, task_names=eval_tasks.TASKS, n_ubatch: int = 64) -> list[dict]:
+def retrieval(cfgs, tok, lengths, trials: int, task_names=eval_tasks.TASKS, n_ubatch: int = 64, on_config=None,
+              rows: list | None = None) -> list[dict]:
     """Accuracy per (config, task, length) over `trials` prompts, depths spread over 0..1, each with
     its own key; Wilson 95% intervals. Prompts are fed in ubatches of n_ubatch."""
     import llama_fastgen  # noqa: F401
     from llama_cpp import Llama
 
-    rows = []
+    rows = [] if rows is None else rows
     print(f"\nretrieval: {', '.join(task_names)} at {lengths} tokens, {trials} trials each (depths spread), "
           f"ubatch {n_ubatch}; accuracy [95% CI]")
     for c in cfgs:
@@ -293,6 +294,8 @@ def retrieval(cfgs, tok, lengths, trials: int, task_names=eval_tasks.TASKS, n_ub
         cells = "  ".join(f"{r['task']}@{r['length']} {r['correct']}/{r['trials']} [{r['ci95'][0]:.2f},{r['ci95'][1]:.2f}]"
                           for r in rows if r["config"] == c.name)
         print(f"  {c.name:34s} {cells}  ({time.time() - t0:.0f} s)", flush=True)
+        if on_config:
+            on_config()
     return rows
 
 
@@ -523,24 +526,32 @@ def main() -> int:
            "text": "pydoc_data.topics (Python documentation)", "machine": machine(), "commit": commit(),
            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": "python scripts/eval.py " + " ".join(sys.argv[1:]),
            "configs": [c.name for c in cfgs]}
+    def save(final=False):  # after every section, so an interrupted run keeps what it measured
+        out["seconds"] = round(time.time() - t_start)
+        out["complete"] = final
+        if a.json:
+            if final:
+                out["plots"] = plot(out, a.json.with_suffix(""))
+            a.json.write_text(json.dumps(out, indent=1))
+
     out["memory_8k"] = memory_at(cfgs, a.ctx, a.ubatch)
-    if "quality" in a.sections:
-        out["quality"] = quality(cfgs, text_ids, ranges, a.ubatch)
     if "retrieval" in a.sections:
         ret = [c for c in cfgs if c.kv == "f16" or c.name == "full q8_0"]
         out["haystack"] = eval_tasks.essays()[1]
-        out["retrieval"] = retrieval(ret, tok, a.lengths, a.trials, a.tasks, a.ubatch)
+        out["retrieval"] = []
+        retrieval(ret, tok, a.lengths, a.trials, a.tasks, a.ubatch, on_config=save, rows=out["retrieval"])
+    if "quality" in a.sections:
+        out["quality"] = quality(cfgs, text_ids, ranges, a.ubatch)
+        save()
     if "memory" in a.sections:
         mem_cfgs = [c for c in cfgs if c.kv == "f16" or c.name in ("full q8_0", "full q4_0")]
         out["memory"] = memory(mem_cfgs, [2048, 8192, 32768] if a.quick else [2048, 4096, 8192, 16384, 32768])
+        save()
     if "speed" in a.sections:
         speed_cfgs = [c for c in cfgs if c.family in ("full", "fastgen", "fastgen mass-only") or c.name == "full q8_0"]
         out["speed"] = speed(speed_cfgs, text_ids, [0, 2048, 8000])
-    out["seconds"] = round(time.time() - t_start)
+    save(final=True)
     if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
-        out["plots"] = plot(out, a.json.with_suffix(""))
-        a.json.write_text(json.dumps(out, indent=1))
         print("\nwrote", a.json, *out.get("plots", []))
     if a.markdown:
         a.markdown.write_text(markdown([out]))
