@@ -79,7 +79,6 @@ def profile(model, prompts: list[tuple[str, list[int]]], special: set[int], punc
     frequent = [i for i, r in enumerate(rungs) if r.kind == Kind.FREQUENT]
     device = next(model.parameters()).device
     masses, damages, names, lens = [], [], [], []
-    protected = total = 0
     state: dict = {}
 
     def hook(module, args, kwargs, output):
@@ -143,13 +142,17 @@ def profile(model, prompts: list[tuple[str, list[int]]], special: set[int], punc
             damages.append(torch.stack([state["out"][l][1] for l in range(n_layer)]).numpy())
             names.append(name)
             lens.append(n)
-            protected += int((ctx.special | ctx.punct).sum())
-            total += n
     finally:
         for h in handles:
             h.remove()
     return ProfileResult(rungs=rungs, prompt_names=names, n_tokens=lens, mass=np.stack(masses), damage=np.stack(damages),
-                         protected_frac=protected / max(total, 1), n_sink=n_sink)
+                         protected_frac=protected_share([ids for _, ids in prompts], special, punct), n_sink=n_sink)
+
+
+def protected_share(prompts: list[list[int]], special: set[int], punct: set[int]) -> float:
+    """Share of calibration tokens that are special or punctuation (fastgen.protected_frac)."""
+    total = sum(len(ids) for ids in prompts)
+    return sum(t in special or t in punct for ids in prompts for t in ids) / max(total, 1)
 
 
 def select(res: ProfileResult, threshold: float, n_head_kv: int, quantile: float = 0.1, *,

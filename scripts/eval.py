@@ -173,12 +173,22 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
     rep = json.loads(main.gguf.with_suffix(".fastgen.json").read_text())
     target = teacher_forced(main, [1, 2, 3], n_ctx, n_ubatch=n_ubatch)[1]["kv_bytes"]
 
+    # the protected-token budget of windowed classes follows the calibration's special(+punct) share
+    from llama_fastgen.converter import calibration, tokens
+    from llama_fastgen.converter.profiling import protected_share
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    max_tokens = int(CONVERT_ARGS[CONVERT_ARGS.index("--max-tokens") + 1]) if "--max-tokens" in CONVERT_ARGS else 1024
+    calib = [calibration.to_token_ids(tok, n, t, max_tokens) for n, t in calibration.load_texts()]
+    share = protected_share(calib, set(tokens.special_ids(tok)), set())   # baselines keep no punctuation
+
     def nbytes(table):
         classes = sorted({p for row in table for p in row})
         meta = schema.FastgenMetadata(threshold=0, n_sink=4, classes=classes,
                                       layer_class_heads=[[row.count(c) for c in classes] for row in table],
                                       head_perm=[list(range(n_kv))] * n_layer, special_token_ids=[], punct_token_ids=[],
-                                      protected_frac=0.0)
+                                      protected_frac=share)
         return sum(schema.kv_bytes(meta, head_dim, n_ctx, n_ubatch))
 
     def uniform_window(full=()):
@@ -465,8 +475,8 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, help="a Hugging Face model directory instead of --model")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.95])
     ap.add_argument("--quick", action="store_true",
-                    help="tiny sizes for CI: profiling on 384-token prompts, quality over 1K-1.2K, needle "
-                         "retrieval at 1K with 4 trials, no speed")
+                    help="tiny sizes for CI: T = 0.8 profiled on 384-token prompts, quality over 1K-1.2K, "
+                         "needle retrieval at 1K with 4 trials, no speed")
     ap.add_argument("--sections", nargs="+", default=["quality", "retrieval", "memory", "speed"],
                     choices=["quality", "retrieval", "memory", "speed"])
     ap.add_argument("--ranges", nargs="+", default=["1000-2000", "4000-5000"],
@@ -494,7 +504,8 @@ def main() -> int:
     if bad:
         ap.error(f"unknown task {bad[0]!r}; choose from {', '.join(eval_tasks.TASKS)}")
     if a.quick:
-        a.ranges, a.lengths, a.trials, a.ctx, a.tasks = ["1000-1200"], [1024], 4, 2048, ["needle"]
+        # T = 0.8 so that the small profile loses needles without protection (the search has work to do)
+        a.thresholds, a.ranges, a.lengths, a.trials, a.ctx, a.tasks = [0.8], ["1000-1200"], [1024], 4, 2048, ["needle"]
         a.sections = [s for s in a.sections if s != "speed"]
         CONVERT_ARGS[:] = ["--max-tokens", "384", "--probe-tokens", "1024"]
     ranges = [tuple(int(x) for x in r.split("-")) for r in a.ranges]
