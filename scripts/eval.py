@@ -130,6 +130,23 @@ def policy_gguf(model_dir: Path, out: Path, table: list[list], *args: str) -> Pa
     return convert(model_dir, out, "--policies", str(spec), *args)
 
 
+def widest_window(w: int, n_ctx: int, n_ubatch: int, share: float, n_sink: int = 4) -> int:
+    """The largest window whose class gets the same cells as window w (capacities are padded to
+    256 cells): a baseline should not pay for cells it leaves unused."""
+    from llama_fastgen import schema
+
+    def cells(x):
+        meta = schema.FastgenMetadata(threshold=0, n_sink=n_sink, classes=[schema.HeadPolicy(schema.Kind.SPECIAL_PUNCT_LOCAL, x)],
+                                      layer_class_heads=[[1]], head_perm=[[0]], special_token_ids=[], punct_token_ids=[],
+                                      protected_frac=share)
+        return schema.class_capacity(meta, 0, n_ctx, n_ubatch)
+
+    c = cells(w)
+    while w < n_ctx and cells(w + 1) == c:
+        w += 1
+    return w
+
+
 def fit_bytes(make, lo: int, hi: int, target: int, nbytes) -> tuple[object, int]:
     """make(x) for the integer x in [lo, hi] whose bytes (nbytes(make(x)), increasing in x) come
     closest to `target` from below or above: baselines at the bytes of the fastgen config."""
@@ -208,6 +225,7 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
             return out
         w = fit_bytes(table, 1, n_ctx, target, nbytes)[1]
         w = max(1, w - 256) if nbytes(table(w)) > target else w
+        w = widest_window(w, n_ctx, n_ubatch, share)        # w + 256 is then the widest of the next step
         return fit_bytes(lambda m: table(w, m), 0, n_layer * n_kv - len(full), target, nbytes)[0]
 
     streaming = uniform_window()
