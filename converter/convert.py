@@ -20,6 +20,7 @@ With --profile:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -44,6 +45,11 @@ class UsageError(ValueError):
     pass
 
 
+# The default rule: a byte budget at --ctx (FastGen's r = 0.3 read as bytes), spent where the measured
+# output damage is largest; retrieval heads full first. --threshold is the attention-mass rule.
+DEFAULT_KV_BUDGET = 0.3
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="llama-fastgen-convert", description=__doc__,
@@ -58,11 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "run (its 'policies' table, labels per layer and original KV head), e.g. to build "
                          "baselines or ablations")
     g = ap.add_argument_group("profiling")
-    g.add_argument("--threshold", "-T", type=float, default=0.95,
-                   help="recovery threshold T in (0, 1]: share of attention a policy must keep (default 0.95)")
     g.add_argument("--kv-budget", type=float, metavar="FRACTION",
-                   help="instead of --threshold: the KV bytes at --ctx as a fraction of the full cache, in "
-                        "(0, 1]; rungs are chosen per head to least damage the attention output")
+                   help=f"the KV bytes at --ctx as a fraction of the full cache, in (0, 1]; rungs are chosen "
+                        f"per head to least damage the attention output (default {DEFAULT_KV_BUDGET} unless "
+                        f"--threshold is given)")
+    g.add_argument("--threshold", "-T", type=float,
+                   help="instead of --kv-budget: recovery threshold T in (0, 1], the share of attention every "
+                        "query head of a KV head must keep (the FastGen rule; 0.95 is its usual value)")
     g.add_argument("--calibration", type=Path,
                    help="a .txt file or a directory of .txt files (default: the bundled varied set)")
     g.add_argument("--max-tokens", type=int, default=1024, help="tokens per calibration prompt (default 1024)")
@@ -98,7 +106,11 @@ def check_args(a) -> None:
         raise UsageError(f"{a.model} is not a directory; pass a Hugging Face model directory")
     if not (a.model / "config.json").is_file():
         raise UsageError(f"{a.model} has no config.json: not a Hugging Face model directory")
-    if not 0.0 < a.threshold <= 1.0:
+    if a.threshold is not None and a.kv_budget is not None:
+        raise UsageError("--threshold and --kv-budget are two rules for the same choice; give one of them")
+    if a.threshold is None and a.kv_budget is None:
+        a.kv_budget = DEFAULT_KV_BUDGET
+    if a.threshold is not None and not 0.0 < a.threshold <= 1.0:
         raise UsageError(f"--threshold must be in (0, 1], got {a.threshold}")
     if a.kv_budget is not None and not 0.0 < a.kv_budget <= 1.0:
         raise UsageError(f"--kv-budget must be a fraction in (0, 1], got {a.kv_budget}")
@@ -154,7 +166,8 @@ def profile_and_convert(a) -> dict:
     prompts = [(n, calibration.to_token_ids(tok, n, t, a.max_tokens)) for n, t in texts]
     res = profile(model, prompts, set(special), set(punct), n_sink=a.n_sink, max_window=a.max_window,
                   progress=True)
-    sel = select(res, a.threshold, n_kv, a.robust_quantile, n_ctx=a.ctx, frequent=not a.no_frequent)
+    # (in budget mode the threshold rule at 0.95 only feeds the report's cross-prompt stability)
+    sel = select(res, a.threshold or 0.95, n_kv, a.robust_quantile, n_ctx=a.ctx, frequent=not a.no_frequent)
     if a.kv_budget is not None:  # rungs by least damage within the budget; retrieval heads fixed full
         def policies_for(protected):
             return allocate(res, a.kv_budget, n_kv, n_ctx=a.ctx, frequent=not a.no_frequent,
@@ -191,7 +204,7 @@ def profile_and_convert(a) -> dict:
             quality[name] = reference.compare(full, comp, start=len(ids) // 2)
 
     meta = metadata.FastgenMetadata(
-        threshold=a.threshold, n_sink=a.n_sink, classes=sel.classes,
+        threshold=a.threshold or 0.0, n_sink=a.n_sink, classes=sel.classes,
         layer_class_heads=sel.layer_class_heads, head_perm=sel.perms,
         special_token_ids=special, punct_token_ids=punct, protected_frac=res.protected_frac,
         calibration={"prompts": res.prompt_names, "tokens": res.n_tokens,
@@ -209,9 +222,11 @@ def profile_and_convert(a) -> dict:
         gguf_export.convert(tmp, a.outfile, a.outtype, extra_kv=meta.to_kv(), verbose=a.verbose)
 
     rep = report.build(sel, res, meta, head_dim, quality, a.outfile, protection)
+    if a.policies:  # the table's provenance: its report's retrieval evidence (baselines rank heads by it)
+        rep.update(policies_from=str(a.policies), retrieval=json.loads(a.policies.read_text()).get("retrieval"))
     import platform
 
-    rep.update(kv_budget=a.kv_budget, ctx=a.ctx, command="llama-fastgen-convert " + " ".join(a.argv),
+    rep.update(threshold=a.threshold, kv_budget=a.kv_budget, ctx=a.ctx, command="llama-fastgen-convert " + " ".join(a.argv),
                machine=f"{platform.machine()}, {os.cpu_count()} cores, {device}",
                finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"), seconds=round(time.time() - t0))
     stem = a.outfile.with_suffix("")
@@ -221,7 +236,6 @@ def profile_and_convert(a) -> dict:
 
 def policies_from_file(path: Path, n_layer: int, n_kv: int):
     """The 'policies' table of a report JSON: labels per layer and original KV head."""
-    import json
 
     from llama_fastgen.schema import HeadPolicy, MetadataError
 

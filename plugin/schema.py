@@ -4,7 +4,7 @@ Torch-free: the runtime (inspect, chat) reads it without the converter's depende
 
 Keys (heads already permuted so that each layer's classes are contiguous, in class order):
   fastgen.version              u32    schema version (1)
-  fastgen.threshold            f32    recovery threshold T used to choose policies
+  fastgen.threshold            f32    recovery threshold T used to choose policies (0: a KV budget chose them)
   fastgen.n_sink               u32    attention sinks (first positions) kept by every compressed class
   fastgen.class.kind           i32[C] 0 full, 1 special, 2 special+punct, 3 special+punct+local,
                                       4 frequent (special + heavy hitters + window, fixed budget)

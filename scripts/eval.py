@@ -2,7 +2,7 @@
 """Quality, retrieval, memory and speed of fastgen against the full cache and baselines at equal bytes.
 
 For one model (default: the bundled SmolLM2-135M-Instruct; --model qwen2.5-coder-0.5b) this
-converts with --profile at each threshold (retrieval-protected, the default, and mass-only), sizes
+converts with --profile (the converter's default rule or --thresholds; retrieval-protected and mass-only), sizes
 baselines to the KV bytes the first fastgen config allocates at --ctx (C API of a real context,
 same n_ubatch), and runs every configuration through the native cache:
 
@@ -44,6 +44,7 @@ import eval_tasks  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GGML_TYPE = {"f16": 1, "q4_0": 2, "q8_0": 8}
+GPU_LAYERS = 0  # --gpu: -1 (all layers and the KV cache on the GPU)
 held_out_text = eval_tasks.held_out_text
 
 
@@ -56,7 +57,8 @@ class Config:
         self.name, self.gguf, self.fastgen, self.kv, self.family = name, gguf, fastgen, kv, family or name
 
     def llama_kwargs(self) -> dict:
-        kw = {"flash_attn": True}
+        # every core (llama-cpp-python's default is half of them); all layers on the GPU with --gpu
+        kw = {"flash_attn": True, "n_threads": os.cpu_count(), "n_gpu_layers": GPU_LAYERS}
         if not self.fastgen:
             kw["kv_overrides"] = {"fastgen.enable": False}
         if self.kv != "f16":
@@ -123,6 +125,10 @@ def convert(model_dir: Path, out: Path, *args: str) -> Path:
     return out
 
 
+def without_policies(args: tuple) -> tuple:
+    return tuple(x for i, x in enumerate(args) if x != "--policies" and (i == 0 or args[i - 1] != "--policies"))
+
+
 def policy_gguf(model_dir: Path, out: Path, table: list[list], *args: str) -> Path:
     """A GGUF with this per-head policy table (labels, [layer][original KV head])."""
     spec = out.with_suffix(".policies.json")
@@ -163,8 +169,8 @@ FAMILIES = ("fastgen", "fastgen mass-only", "StreamingLLM", "H2O", "DuoAttention
 
 def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch: int, families=FAMILIES,
                   fastgen_args: tuple = ()) -> list[Config]:
-    """fastgen (retrieval-protected, the default) and its mass-only ablation per threshold; at the
-    KV bytes of fastgen at the first threshold (C API, same n_ctx and n_ubatch): StreamingLLM
+    """fastgen (retrieval-protected) and its mass-only ablation, by the converter's default rule (a
+    KV budget) or at each threshold; at the KV bytes of the first fastgen config (C API, same n_ctx and n_ubatch): StreamingLLM
     (sinks + window), H2O (heavy hitters + window), DuoAttention-style (the same number of full
     heads as fastgen, chosen by the probe ranking; sinks + window elsewhere) and the same number of
     full heads chosen at random (the rest as fastgen); then q8_0, q4_0 and fastgen + q8_0."""
@@ -178,12 +184,14 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
     n_layer, _, n_kv, head_dim = shape(AutoConfig.from_pretrained(model_dir))
     cfgs: list[Config] = []
     budget = next((fastgen_args[i + 1] for i, x in enumerate(fastgen_args) if x == "--kv-budget"), None)
-    for t in thresholds:
-        tag = f"B={budget}" if budget else f"T={t}"
-        g = convert(model_dir, work / f"fastgen-{tag}.gguf", "--threshold", str(t), *fastgen_args)
+    # --thresholds: the attention-mass rule at each T; else the converter's rule (default: its KV budget)
+    from llama_fastgen.converter.convert import DEFAULT_KV_BUDGET
+    variants = [(f"T={t}", ("--threshold", str(t))) for t in thresholds] or [(f"B={budget or DEFAULT_KV_BUDGET}", ())]
+    for tag, rule in variants:
+        g = convert(model_dir, work / f"fastgen-{tag}.gguf", *rule, *fastgen_args)
         cfgs.append(Config(f"fastgen {tag}", g, family="fastgen"))
-        if "fastgen mass-only" in families:
-            g = convert(model_dir, work / f"fastgen-{tag}-mass.gguf", "--threshold", str(t), "--no-retrieval", *fastgen_args)
+        if "fastgen mass-only" in families:   # profiled again without protection (a given table would override it)
+            g = convert(model_dir, work / f"fastgen-{tag}-mass.gguf", *rule, "--no-retrieval", *without_policies(fastgen_args))
             cfgs.append(Config(f"fastgen {tag} mass-only", g, family="fastgen mass-only"))
     main = cfgs[0]
     stock = main.gguf
@@ -304,10 +312,14 @@ def retrieval(cfgs, tok, lengths, trials: int, task_names=eval_tasks.TASKS, n_ub
     for c in cfgs:
         t0 = time.time()
         for n in lengths:
+            todo = [t for t in task_names if not any(r["config"] == c.name and r["task"] == t and r["length"] == n
+                                                     and r["trials"] == trials for r in rows)]   # --resume
+            if not todo:
+                continue
             llm = Llama(model_path=str(c.gguf), n_ctx=n + 64, n_batch=n_ubatch, n_ubatch=n_ubatch, verbose=False,
                         **c.llama_kwargs())
             try:
-                for task in task_names:
+                for task in todo:
                     hits = []
                     for i in range(trials):
                         p = eval_tasks.make(task, tok, n, i, trials)
@@ -319,11 +331,11 @@ def retrieval(cfgs, tok, lengths, trials: int, task_names=eval_tasks.TASKS, n_ub
                                  "hits": [int(h) for h in hits]})
             finally:
                 llm.close()
+            if on_config:
+                on_config()
         cells = "  ".join(f"{r['task']}@{r['length']} {r['correct']}/{r['trials']} [{r['ci95'][0]:.2f},{r['ci95'][1]:.2f}]"
                           for r in rows if r["config"] == c.name)
         print(f"  {c.name:34s} {cells}  ({time.time() - t0:.0f} s)", flush=True)
-        if on_config:
-            on_config()
     return rows
 
 
@@ -448,7 +460,12 @@ def machine() -> dict:
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
         if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "python": platform.python_version()}
+    out = {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "python": platform.python_version()}
+    if GPU_LAYERS:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                           capture_output=True, text=True)
+        out["gpu"] = r.stdout.strip() or "unknown"
+    return out
 
 
 def commit() -> str:
@@ -462,7 +479,8 @@ def markdown(results: list[dict]) -> str:
     out = []
     for r in results:
         out.append(f"### {Path(r['model']).name}: `{r['command']}`\n")
-        out.append(f"{r['machine']['cpu']} ({r['machine']['cores']} cores), commit `{r['commit'][:12]}`, "
+        gpu = f", GPU {r['machine']['gpu']} (all layers and KV offloaded)" if r["machine"].get("gpu") else ""
+        out.append(f"{r['machine']['cpu']} ({r['machine']['cores']} cores){gpu}, commit `{r['commit'][:12]}`, "
                    f"{r['started']}, {r['seconds']} s; ubatch {r['n_ubatch']}; byte targets at n_ctx {r['n_ctx']}.\n")
         if r.get("quality"):
             out.append("| config | KV % of f16 | " + " | ".join(f"KL {q} | top-1 {q}" for q in r["ranges"]) + " |")
@@ -491,7 +509,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="a model prepare_model.py knows (default smollm2-135m)")
     ap.add_argument("--model-dir", type=Path, help="a Hugging Face model directory instead of --model")
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.95])
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[],
+                    help="profile by the attention-mass rule at these T (default: the converter's default rule, a KV budget)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny sizes for CI: T = 0.8 profiled on 384-token prompts, quality over 1K-1.2K, "
                          "needle retrieval at 1K with 4 trials, no speed")
@@ -507,11 +526,18 @@ def main() -> int:
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES,
                     help="configurations to build and run besides full f16 (default: all)")
     ap.add_argument("--fastgen-args", default="", help="extra converter arguments for fastgen, e.g. '--kv-budget 0.3'")
+    ap.add_argument("--convert-args", default="", help="extra converter arguments for every conversion, e.g. '--device cpu'")
     ap.add_argument("--json", type=Path, help="write results here (plots go next to it)")
     ap.add_argument("--markdown", type=Path, help="write markdown tables (of --json, or of --from-json files)")
     ap.add_argument("--from-json", type=Path, nargs="+", help="only render --markdown from these result files")
     ap.add_argument("--workdir", type=Path, help="keep GGUFs here (default: a temporary folder)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the retrieval cells and quality rows of an earlier run in --json (same model and "
+                         "configs) and measure only what is missing: a long run split over several sessions")
+    ap.add_argument("--gpu", action="store_true", help="offload every layer and the KV cache to the GPU (CUDA build)")
     a = ap.parse_args()
+    global GPU_LAYERS
+    GPU_LAYERS = -1 if a.gpu else 0
     if a.from_json:
         if not a.markdown:
             ap.error("--from-json needs --markdown")
@@ -526,6 +552,7 @@ def main() -> int:
         a.thresholds, a.ranges, a.lengths, a.trials, a.ctx, a.tasks = [0.8], ["1000-1200"], [1024], 4, 2048, ["needle"]
         a.sections = [s for s in a.sections if s != "speed"]
         CONVERT_ARGS[:] = ["--max-tokens", "384", "--probe-tokens", "1024"]
+    CONVERT_ARGS.extend(a.convert_args.split())
     ranges = [tuple(int(x) for x in r.split("-")) for r in a.ranges]
     if a.model_dir:
         if not (a.model_dir / "config.json").is_file():
@@ -555,6 +582,13 @@ def main() -> int:
            "text": "pydoc_data.topics (Python documentation)", "machine": machine(), "commit": commit(),
            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": "python scripts/eval.py " + " ".join(sys.argv[1:]),
            "configs": [c.name for c in cfgs]}
+    prev = json.loads(a.json.read_text()) if a.resume and a.json and a.json.is_file() else {}
+    if prev and (prev["model"], prev["n_ctx"], prev["n_ubatch"]) != (out["model"], out["n_ctx"], out["n_ubatch"]):
+        ap.error(f"--resume: {a.json} holds another model, n_ctx or ubatch")
+    if prev:
+        out["started"], out["resumed"] = prev["started"], prev.get("resumed", []) + [out["started"]]
+        t_start -= prev.get("seconds", 0)
+
     def save(final=False):  # after every section, so an interrupted run keeps what it measured
         out["seconds"] = round(time.time() - t_start)
         out["complete"] = final
@@ -567,10 +601,14 @@ def main() -> int:
     if "retrieval" in a.sections:
         ret = [c for c in cfgs if c.kv == "f16" or c.name == "full q8_0"]
         out["haystack"] = eval_tasks.essays()[1]
-        out["retrieval"] = []
+        out["retrieval"] = [r for r in prev.get("retrieval", []) if r["config"] in out["configs"]]
         retrieval(ret, tok, a.lengths, a.trials, a.tasks, a.ubatch, on_config=save, rows=out["retrieval"])
     if "quality" in a.sections:
-        out["quality"] = quality(cfgs, text_ids, ranges, a.ubatch)
+        done = {(q["config"], q["range"]) for q in prev.get("quality", [])}
+        if all((c.name, r) in done for c in cfgs for r in a.ranges):
+            out["quality"] = [q for q in prev["quality"] if q["config"] in out["configs"] and q["range"] in a.ranges]
+        else:
+            out["quality"] = quality(cfgs, text_ids, ranges, a.ubatch)
         save()
     if "memory" in a.sections:
         mem_cfgs = [c for c in cfgs if c.kv == "f16" or c.name in ("full q8_0", "full q4_0")]

@@ -187,13 +187,14 @@ def test_reference_window_policy_hides_old_tokens(model_dir):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_hf", "unsupported", "threshold", "empty_calib", "unwritable",
-                                  "kv_budget", "probe_tokens", "policies"])
+                                  "kv_budget", "both_rules", "probe_tokens", "policies"])
 def test_bad_input_is_one_clear_error_and_no_output(case, tmp_path, tiny_model_dir, capsys):
     model, out = tiny_model_dir, tmp_path / "out.gguf"
     extra = []
     expect = {"missing": "is not a directory", "not_hf": "no config.json", "unsupported": "not supported",
               "threshold": "--threshold must be in (0, 1]", "empty_calib": "holds no text",
               "unwritable": "does not exist", "kv_budget": "--kv-budget must be a fraction in (0, 1]",
+              "both_rules": "--threshold and --kv-budget are two rules for the same choice; give one of them",
               "probe_tokens": "exceeds the model's context of 4096 tokens",
               "policies": "2 layers x 2 heads, the model has 4 x 2 KV heads"}[case]
     if case == "missing":
@@ -214,6 +215,8 @@ def test_bad_input_is_one_clear_error_and_no_output(case, tmp_path, tiny_model_d
         out = tmp_path / "no" / "such" / "dir" / "out.gguf"
     elif case == "kv_budget":
         extra = ["--kv-budget", "1.5"]
+    elif case == "both_rules":
+        extra = ["--kv-budget", "0.3", "--threshold", "0.9"]
     elif case == "probe_tokens":
         extra = ["--probe-tokens", "5000"]
     elif case == "policies":
@@ -224,3 +227,16 @@ def test_bad_input_is_one_clear_error_and_no_output(case, tmp_path, tiny_model_d
     assert rc == 2
     assert expect in err and err.count("error:") == 1
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_default_rule_is_the_kv_budget(tiny_model_dir, tmp_path):
+    """No rule given: the converter spends convert.DEFAULT_KV_BUDGET of the full cache at --ctx."""
+    out = tmp_path / "d.gguf"
+    assert convert.main([str(tiny_model_dir), "--profile", "--outfile", str(out), "--outtype", "f32", "--max-tokens", "128",
+                         "--no-retrieval", "--no-quality", "--ctx", "4096"]) == 0
+    rep = json.loads(out.with_suffix(".fastgen.json").read_text())
+    assert rep["kv_budget"] == convert.DEFAULT_KV_BUDGET and rep["threshold"] is None
+    assert metadata.read(out).threshold == 0.0
+    assert len({p for row in rep["policies"] for p in row}) > 1       # the budget made choices
+    at = next(m for m in rep["expected_kv"] if m["n_ctx"] == 4096)
+    assert at["ratio"] <= convert.DEFAULT_KV_BUDGET + 0.01

@@ -33,7 +33,7 @@ def scores(model, tok, special: set[int], *, block: int = 256, repeats: int = 4,
     for s, seed in enumerate(seeds):
         ids = repeated_random(vocab, block, repeats, seed)
         T = len(ids)
-        q = torch.arange(block, T)
+        q = torch.arange(block, T, device=dev)
         back = [(q - k * block) for k in range(1, repeats)]
         rows_e = torch.cat([q[b >= 0] for b in back])
         cols_e = torch.cat([b[b >= 0] for b in back])
