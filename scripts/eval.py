@@ -117,11 +117,10 @@ CONVERT_ARGS: list[str] = []  # extra converter arguments (--quick: small profil
 def convert(model_dir: Path, out: Path, *args: str) -> Path:
     """Every evaluated GGUF goes through the converter (one writer; f16 weights: every config is
     compared with the full cache of the same weights); cached by file name."""
-    from llama_fastgen.converter import convert as conv
-
-    if not out.exists():
-        assert conv.main([str(model_dir), "--profile", "--outfile", str(out), "--outtype", "f16", "--no-quality",
-                          *CONVERT_ARGS, *args]) == 0, f"conversion of {out.name} failed"
+    if not out.exists():  # in a child process: torch's CUDA and ggml's CUDA in one process crash on exit
+        r = subprocess.run([sys.executable, "-m", "llama_fastgen.converter.convert", str(model_dir), "--profile",
+                            "--outfile", str(out), "--outtype", "f16", "--no-quality", *CONVERT_ARGS, *args])
+        assert r.returncode == 0, f"conversion of {out.name} failed"
     return out
 
 

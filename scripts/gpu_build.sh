@@ -19,4 +19,6 @@ echo "CUDA build: $(( $(date +%s) - t0 )) s"
 mkdir -p /tmp/site/llama_fastgen/lib /tmp/site/llama_fastgen/converter
 cp -r plugin/* /tmp/site/llama_fastgen/ && cp -r converter/* /tmp/site/llama_fastgen/converter/
 find /tmp/build -name 'lib*.so*' -exec cp -P {} /tmp/site/llama_fastgen/lib/ \;
+T=$LLAMA_FASTGEN_CACHE/patched-0c1e57098   # the pinned HF->GGUF converter, as CMakeLists.txt installs it
+mkdir -p /tmp/site/llama_fastgen/llama_cpp_convert && cp -r $T/convert_hf_to_gguf.py $T/conversion $T/gguf-py /tmp/site/llama_fastgen/llama_cpp_convert/
 python3 -m llama_fastgen --version
