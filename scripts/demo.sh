@@ -8,8 +8,8 @@ source "$(dirname "$0")/setup.sh"
 OUT="$ROOT/.cache/demo/SmolLM2-135M-Instruct-fastgen.gguf"
 mkdir -p "$(dirname "$OUT")"
 if [ ! -f "$OUT" ] || [ "${1:-}" = "--force" ]; then
-    step "profiling attention and converting (about 1.5 min on 2 cores)"
-    python converter/convert.py --profile "$MODEL_DIR" --outfile "$OUT" --threshold 0.95
+    step "profiling attention, finding retrieval heads and converting (about 12 min on 2 cores)"
+    python converter/convert.py --profile "$MODEL_DIR" --outfile "$OUT"
 fi
 step "what the fastgen GGUF asks each KV head to keep"
 llama-fastgen inspect "$OUT" --ctx 8192 | tail -n 1

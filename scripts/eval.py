@@ -54,7 +54,7 @@ class Config:
     """A GGUF plus how to run it: fastgen on or off, KV cache type."""
 
     def __init__(self, name: str, gguf: Path, fastgen: bool = True, kv: str = "f16", family: str = ""):
-        self.name, self.gguf, self.fastgen, self.kv, self.family = name, gguf, fastgen, kv, family or name
+        self.name, self.gguf, self.fastgen, self.kv, self.family = name, Path(gguf), fastgen, kv, family or name
 
     def llama_kwargs(self) -> dict:
         # every core (llama-cpp-python's default is half of them); all layers on the GPU with --gpu
@@ -64,6 +64,18 @@ class Config:
         if self.kv != "f16":
             kw.update(type_k=GGML_TYPE[self.kv], type_v=GGML_TYPE[self.kv])
         return kw
+
+
+def in_child(job: dict):
+    """Run a measuring job in a child process that never imports torch: torch's CUDA libraries and
+    ggml's in one process crash (seen on the H200), and on the CPU it keeps libllama apart too."""
+    with tempfile.TemporaryDirectory(prefix="fastgen-eval-job-") as d:
+        path = Path(d) / "job.json"
+        path.write_text(json.dumps({**job, "gpu": GPU_LAYERS}, default=str))
+        r = subprocess.run([sys.executable, __file__, "--worker", str(path)])
+        if r.returncode != 0:
+            raise SystemExit(f"eval: the measuring process failed (exit {r.returncode})")
+        return json.loads(path.read_text())["result"]
 
 
 def run_config(gguf: Path, ids: list[int], n_ctx: int, fastgen: bool, kv_q8: bool, decode_from: int | None = None):
@@ -195,7 +207,7 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
     main = cfgs[0]
     stock = main.gguf
     rep = json.loads(main.gguf.with_suffix(".fastgen.json").read_text())
-    target = teacher_forced(main, [1, 2, 3], n_ctx, n_ubatch=n_ubatch)[1]["kv_bytes"]
+    target = in_child({"job": "bytes", "cfg": vars(main), "n_ctx": n_ctx, "ubatch": n_ubatch})
 
     # the protected-token budget of windowed classes follows the calibration's special(+punct) share
     from llama_fastgen.converter import calibration, tokens
@@ -298,10 +310,19 @@ def memory_at(cfgs, n_ctx: int, n_ubatch: int) -> list[dict]:
     return rows
 
 
-def retrieval(cfgs, tok, lengths, trials: int, task_names=eval_tasks.TASKS, n_ubatch: int = 64, on_config=None,
+def retrieval_prompts(tok, lengths, trials: int, task_names) -> dict:
+    """'task@length' -> [[ids, key], ...]: trial i at depth (i + 0.5) / trials, its own key."""
+    out = {}
+    for n in lengths:
+        for task in task_names:
+            out[f"{task}@{n}"] = [[p.ids, p.key] for p in (eval_tasks.make(task, tok, n, i, trials) for i in range(trials))]
+    return out
+
+
+def retrieval(cfgs, prompts: dict, lengths, trials: int, task_names=eval_tasks.TASKS, n_ubatch: int = 64, on_config=None,
               rows: list | None = None) -> list[dict]:
-    """Accuracy per (config, task, length) over `trials` prompts, depths spread over 0..1, each with
-    its own key; Wilson 95% intervals. Prompts are fed in ubatches of n_ubatch."""
+    """Accuracy per (config, task, length) over `trials` prompts (retrieval_prompts), depths spread
+    over 0..1, each with its own key; Wilson 95% intervals. Prompts are fed in ubatches of n_ubatch."""
     import llama_fastgen  # noqa: F401
     from llama_cpp import Llama
 
@@ -320,9 +341,8 @@ def retrieval(cfgs, tok, lengths, trials: int, task_names=eval_tasks.TASKS, n_ub
             try:
                 for task in todo:
                     hits = []
-                    for i in range(trials):
-                        p = eval_tasks.make(task, tok, n, i, trials)
-                        hits.append(p.key in eval_tasks.answer(llm, p.ids))
+                    for ids, key in prompts[f"{task}@{n}"]:
+                        hits.append(key in eval_tasks.answer(llm, ids))
                     k = sum(hits)
                     lo, hi = eval_tasks.wilson(k, trials)
                     rows.append({"config": c.name, "family": c.family, "task": task, "length": n, "correct": k,
@@ -504,7 +524,51 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(out)
 
 
+def sections(job: dict) -> dict:
+    """The measuring child: every section of the run, saved to the JSON after each step (--resume)."""
+    out, t_start, a_json = job["out"], job["t_start"], job["json"] and Path(job["json"])
+    cfgs = [Config(**c) for c in job["cfgs"]]
+
+    def save():
+        out["seconds"], out["complete"] = round(time.time() - t_start), False
+        if a_json:
+            a_json.write_text(json.dumps(out, indent=1))
+
+    out["memory_8k"] = memory_at(cfgs, job["ctx"], job["ubatch"])
+    if "retrieval" in job["sections"]:
+        ret = [c for c in cfgs if c.kv == "f16" or c.name == "full q8_0"]
+        retrieval(ret, job["prompts"], job["lengths"], job["trials"], job["tasks"], job["ubatch"], on_config=save,
+                  rows=out["retrieval"])
+    if "quality" in job["sections"] and not out.get("quality"):
+        out["quality"] = quality(cfgs, job["text_ids"], [tuple(r) for r in job["ranges"]], job["ubatch"])
+        save()
+    if "memory" in job["sections"]:
+        out["memory"] = memory([c for c in cfgs if c.kv == "f16" or c.name in ("full q8_0", "full q4_0")], job["contexts"])
+        save()
+    if "speed" in job["sections"]:
+        speed_cfgs = [c for c in cfgs if c.family in ("full", "fastgen", "fastgen mass-only") or c.name == "full q8_0"]
+        out["speed"] = speed(speed_cfgs, job["text_ids"], [0, 2048, 8000])
+    return out
+
+
+def worker(path: Path) -> int:
+    global GPU_LAYERS
+    job = json.loads(path.read_text())
+    GPU_LAYERS = job["gpu"]
+    import llama_fastgen  # noqa: F401  (our libllama before llama_cpp loads its own)
+
+    assert "torch" not in sys.modules, "the measuring process must not import torch (see in_child)"
+    if job["job"] == "bytes":
+        result = teacher_forced(Config(**job["cfg"]), [1, 2, 3], job["n_ctx"], n_ubatch=job["ubatch"])[1]["kv_bytes"]
+    else:
+        result = sections(job)
+    path.write_text(json.dumps({"result": result}))
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--worker"]:
+        return worker(Path(sys.argv[2]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="a model prepare_model.py knows (default smollm2-135m)")
     ap.add_argument("--model-dir", type=Path, help="a Hugging Face model directory instead of --model")
@@ -563,7 +627,6 @@ def main() -> int:
         if r.returncode != 0:
             ap.error(f"could not prepare model {a.model!r}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
         model_dir = Path(r.stdout.strip())
-    import llama_fastgen  # noqa: F401  (our libllama before anything else loads one)
     from transformers import AutoConfig, AutoTokenizer
 
     max_pos = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
@@ -588,7 +651,20 @@ def main() -> int:
         out["started"], out["resumed"] = prev["started"], prev.get("resumed", []) + [out["started"]]
         t_start -= prev.get("seconds", 0)
 
-    def save(final=False):  # after every section, so an interrupted run keeps what it measured
+    out["retrieval"] = [r for r in prev.get("retrieval", []) if r["config"] in out["configs"]]
+    prompts = {}
+    if "retrieval" in a.sections:
+        out["haystack"] = eval_tasks.essays()[1]
+        prompts = retrieval_prompts(tok, a.lengths, a.trials, a.tasks)
+    if "quality" in a.sections and all((c.name, r) in {(q["config"], q["range"]) for q in prev.get("quality", [])}
+                                       for c in cfgs for r in a.ranges):
+        out["quality"] = [q for q in prev["quality"] if q["config"] in out["configs"] and q["range"] in a.ranges]
+    out = in_child({"job": "sections", "out": out, "json": a.json, "t_start": t_start, "cfgs": [vars(c) for c in cfgs],
+                    "sections": a.sections, "prompts": prompts, "text_ids": text_ids, "ranges": ranges,
+                    "lengths": a.lengths, "trials": a.trials, "tasks": a.tasks, "ubatch": a.ubatch, "ctx": a.ctx,
+                    "contexts": [2048, 8192, 32768] if a.quick else [2048, 4096, 8192, 16384, 32768]})
+
+    def save(final=False):
         out["seconds"] = round(time.time() - t_start)
         out["complete"] = final
         if a.json:
@@ -596,26 +672,6 @@ def main() -> int:
                 out["plots"] = plot(out, a.json.with_suffix(""))
             a.json.write_text(json.dumps(out, indent=1))
 
-    out["memory_8k"] = memory_at(cfgs, a.ctx, a.ubatch)
-    if "retrieval" in a.sections:
-        ret = [c for c in cfgs if c.kv == "f16" or c.name == "full q8_0"]
-        out["haystack"] = eval_tasks.essays()[1]
-        out["retrieval"] = [r for r in prev.get("retrieval", []) if r["config"] in out["configs"]]
-        retrieval(ret, tok, a.lengths, a.trials, a.tasks, a.ubatch, on_config=save, rows=out["retrieval"])
-    if "quality" in a.sections:
-        done = {(q["config"], q["range"]) for q in prev.get("quality", [])}
-        if all((c.name, r) in done for c in cfgs for r in a.ranges):
-            out["quality"] = [q for q in prev["quality"] if q["config"] in out["configs"] and q["range"] in a.ranges]
-        else:
-            out["quality"] = quality(cfgs, text_ids, ranges, a.ubatch)
-        save()
-    if "memory" in a.sections:
-        mem_cfgs = [c for c in cfgs if c.kv == "f16" or c.name in ("full q8_0", "full q4_0")]
-        out["memory"] = memory(mem_cfgs, [2048, 8192, 32768] if a.quick else [2048, 4096, 8192, 16384, 32768])
-        save()
-    if "speed" in a.sections:
-        speed_cfgs = [c for c in cfgs if c.family in ("full", "fastgen", "fastgen mass-only") or c.name == "full q8_0"]
-        out["speed"] = speed(speed_cfgs, text_ids, [0, 2048, 8000])
     save(final=True)
     if a.json:
         print("\nwrote", a.json, *out.get("plots", []))
