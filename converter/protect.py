@@ -85,10 +85,9 @@ def answered(model, prompts, policies, make_ctx, chunks, need: int = 0) -> tuple
         if ok + len(prompts) - i < need:
             break
         ids = p.ids + p.answer
-        pol = None if policies is None else policies
-        ctx = None if pol is None else make_ctx(ids)
-        logits = reference.logits(model, ids, pol, ctx, last=len(p.answer) + 1,
-                                  chunks=None if pol is None or not reference.has_frequent(pol) else chunks)
+        ctx = None if policies is None else make_ctx(ids)
+        logits = reference.logits(model, ids, policies, ctx, last=len(p.answer) + 1,
+                                  chunks=None if policies is None or not reference.has_frequent(policies) else chunks)
         ans = logits[:-1]
         gold = torch.tensor(p.answer)
         ok += bool((ans.argmax(-1) == gold).all())

@@ -413,6 +413,13 @@ def plot(out: dict, stem: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        paths.append(f"{stem}-{name}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
     if out.get("quality"):
         longest = out["ranges"][-1]
         q = [r for r in out["quality"] if r["config"] != "full f16" and r["range"] == longest]
@@ -427,10 +434,7 @@ def plot(out: dict, stem: Path) -> list[str]:
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=6)
         fig.suptitle(f"{Path(out['model']).name}: quality vs KV memory (held-out tokens {longest})", fontsize=9)
-        fig.tight_layout()
-        paths.append(f"{stem}-quality.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "quality")
     if out.get("retrieval"):
         tasks_ = list(dict.fromkeys(r["task"] for r in out["retrieval"]))
         fig, axes = plt.subplots(1, len(tasks_), figsize=(4.2 * len(tasks_), 4), squeeze=False)
@@ -450,10 +454,7 @@ def plot(out: dict, stem: Path) -> list[str]:
         axes[0][0].set_ylabel("accuracy (Wilson 95% CI)")
         axes[0][-1].legend(fontsize=6)
         fig.suptitle(f"{Path(out['model']).name}: retrieval, {out['retrieval'][0]['trials']} trials per point", fontsize=9)
-        fig.tight_layout()
-        paths.append(f"{stem}-retrieval.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "retrieval")
     if out.get("memory"):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name in dict.fromkeys(r["config"] for r in out["memory"]):
@@ -465,10 +466,7 @@ def plot(out: dict, stem: Path) -> list[str]:
         ax.set_ylabel("KV MiB allocated")
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(f"{stem}-memory.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "memory")
     return paths
 
 
