@@ -50,6 +50,8 @@ KIND_NAMES = {Kind.FULL: "full", Kind.SPECIAL: "special", Kind.SPECIAL_PUNCT: "s
 
 # a frequent class evicts once it holds budget + this many cells (llama_fastgen_policy::FREQUENT_EVICT_BATCH)
 FREQUENT_EVICT_BATCH = 32
+# upper bounds a GGUF from a stranger must respect (llama_fastgen_policy::MAX_* says the same)
+MAX_CLASSES, MAX_N_SINK, MAX_CELLS = 64, 1 << 16, 1 << 24
 
 
 @dataclass(frozen=True, order=True)
@@ -175,6 +177,8 @@ def read(path: str | Path) -> FastgenMetadata | None:
         raise MetadataError(f"{path}: {PREFIX}version is {version}, this llama-fastgen reads "
                             f"version {SCHEMA_VERSION}; re-run convert.py --profile")
     kinds, windows = get("class.kind"), get("class.window")
+    if len(kinds) > MAX_CLASSES:
+        raise MetadataError(f"{path}: {PREFIX}class.kind has {len(kinds)} classes, at most {MAX_CLASSES} are allowed")
     budgets = get("class.budget", False) or [0] * len(kinds)
     if not len(kinds) == len(windows) == len(budgets):
         raise MetadataError(f"{path}: {PREFIX}class.kind, class.window and class.budget differ in length")
@@ -183,7 +187,11 @@ def read(path: str | Path) -> FastgenMetadata | None:
     except ValueError as e:
         raise MetadataError(f"{path}: {PREFIX}class.kind holds an unknown class id ({e})") from None
     n_sink = int(get("n_sink"))
+    if n_sink > MAX_N_SINK:
+        raise MetadataError(f"{path}: {PREFIX}n_sink = {n_sink} exceeds {MAX_N_SINK}")
     for c in classes:
+        if c.window > MAX_CELLS or c.budget > MAX_CELLS:
+            raise MetadataError(f"{path}: class {c.label}: windows and budgets are at most {MAX_CELLS}")
         if c.kind == Kind.FREQUENT and c.budget <= n_sink + c.window:
             raise MetadataError(f"{path}: frequent class budget {c.budget} must exceed n_sink + window = "
                                 f"{n_sink + c.window}; re-run convert.py --profile")
@@ -198,7 +206,7 @@ def read(path: str | Path) -> FastgenMetadata | None:
                             f"expected n_layer*n_class = {n_layer}*{C}")
     rows = [list(lch[l * C:(l + 1) * C]) for l in range(n_layer)]
     for l, row in enumerate(rows):
-        if sum(row) != n_head_kv or min(row) < 0:
+        if sum(row) != n_head_kv or min(row) < 0 or max(row) > n_head_kv:
             raise MetadataError(f"{path}: {PREFIX}layer_class_heads of layer {l} sums to {sum(row)}, "
                                 f"the model has {n_head_kv} KV heads")
     if len(perm) != n_layer * n_head_kv:

@@ -215,6 +215,19 @@ BAD = {
                                 "fastgen.class.budget": ("i32[]", [64, 0, 32]),
                                 "fastgen.layer_class_heads": ("i32[]", [1, 1, 0] * 4)}, "must be consecutive"),
 }
+# crafted files that once got past the checks (an int32 head-count sum that wraps back to 2) or
+# carry absurd sizes; the Python reader must refuse them too
+HOSTILE = {
+    "wrapping head counts": ({"fastgen.class.kind": ("i32[]", [0, 1, 2]), "fastgen.class.window": ("i32[]", [0, 1, 1]),
+                              "fastgen.layer_class_heads": ("i32[]", [2**31 - 1, 2**31 - 1, 4] * 4)},
+                             "layer 0 class 0 2147483647 KV heads"),
+    "huge n_sink": ({"fastgen.n_sink": ("u32", 4_000_000_000)}, "fastgen.n_sink = 4000000000 exceeds"),
+    "too many classes": ({"fastgen.class.kind": ("i32[]", [1] * 65), "fastgen.class.window": ("i32[]", [1] * 65)},
+                         "65 classes, at most 64"),
+    "huge window": ({"fastgen.class.kind": ("i32[]", [3]), "fastgen.class.window": ("i32[]", [1 << 30])},
+                    "fastgen.class.window[0] = 1073741824 is invalid"),
+}
+BAD.update(HOSTILE)
 TINY_BASE = {"fastgen.version": ("u32", 1), "fastgen.threshold": ("f32", 0.9), "fastgen.n_sink": ("u32", 4),
              "fastgen.protected_frac": ("f32", 0.1), "fastgen.class.kind": ("i32[]", [0]),
              "fastgen.class.window": ("i32[]", [0]), "fastgen.layer_class_heads": ("i32[]", [2] * 4),
@@ -309,3 +322,12 @@ def test_frequent_heads_refuse_several_sequences_with_a_clear_error(tiny_model_d
     with pytest.raises(ValueError, match="n_seq_max = 1"):
         Llama(model_path=str(g), n_ctx=512, embedding=True, verbose=False)  # embedding: n_seq_max > 1
     Llama(model_path=str(g), n_ctx=512, verbose=False).close()
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_python_reader_refuses_what_the_native_loader_refuses(case, tiny_model_dir, tmp_path):
+    from llama_fastgen import schema
+
+    out = gguf_export.convert(tiny_model_dir, tmp_path / "bad.gguf", "f32", extra_kv={**TINY_BASE, **HOSTILE[case][0]})
+    with pytest.raises(schema.MetadataError):
+        schema.read(out)

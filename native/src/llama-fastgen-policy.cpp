@@ -50,12 +50,19 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
     p->threshold      = gguf_get_val_f32(ctx, get_scalar_key(ctx, "fastgen.threshold", GGUF_TYPE_FLOAT32));
     p->n_sink         = gguf_get_val_u32(ctx, get_scalar_key(ctx, "fastgen.n_sink", GGUF_TYPE_UINT32));
     p->protected_frac = gguf_get_val_f32(ctx, get_scalar_key(ctx, "fastgen.protected_frac", GGUF_TYPE_FLOAT32));
+    if (p->n_sink > MAX_N_SINK) {
+        throw std::runtime_error(format("fastgen: fastgen.n_sink = %u exceeds %u", p->n_sink, MAX_N_SINK));
+    }
     if (!(p->protected_frac >= 0.0f && p->protected_frac <= 1.0f)) {
         throw std::runtime_error("fastgen: fastgen.protected_frac must be in [0, 1]");
     }
 
     const auto kinds   = get_i32_arr(ctx, "fastgen.class.kind", true);
     const auto windows = get_i32_arr(ctx, "fastgen.class.window", true);
+    if (kinds.size() > MAX_CLASSES) {
+        throw std::runtime_error(format("fastgen: fastgen.class.kind has %zu classes, at most %u are allowed",
+                kinds.size(), MAX_CLASSES));
+    }
     if (kinds.empty() || kinds.size() != windows.size()) {
         throw std::runtime_error(format("fastgen: fastgen.class.kind (%zu) and fastgen.class.window (%zu) must "
                 "have the same, non-zero length", kinds.size(), windows.size()));
@@ -74,15 +81,16 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
                     "(0 full, 1 special, 2 special+punct, 3 special+punct+local, 4 frequent)", c, kinds[c]));
         }
         const bool full = kinds[c] == LLAMA_FASTGEN_FULL;
-        if ((full && windows[c] != 0) || (!full && windows[c] < 1)) {
+        if ((full && windows[c] != 0) || (!full && windows[c] < 1) || windows[c] > MAX_CELLS) {
             throw std::runtime_error(format("fastgen: fastgen.class.window[%zu] = %d is invalid for class kind %d",
                     c, windows[c], kinds[c]));
         }
         if (kinds[c] == LLAMA_FASTGEN_FREQUENT) {
             // the budget must hold what is never evicted (sinks, window) and leave room for heavy hitters
-            if (budgets[c] <= (int64_t) p->n_sink + windows[c]) {
+            if (budgets[c] <= (int64_t) p->n_sink + windows[c] || budgets[c] > MAX_CELLS) {
                 throw std::runtime_error(format("fastgen: fastgen.class.budget[%zu] = %d must exceed n_sink + window = %d "
-                        "for a frequent class; re-run convert.py --profile", c, budgets[c], (int) p->n_sink + windows[c]));
+                        "and be at most %d for a frequent class; re-run convert.py --profile", c, budgets[c],
+                        (int) p->n_sink + windows[c], MAX_CELLS));
             }
         } else if (budgets[c] != 0) {
             throw std::runtime_error(format("fastgen: fastgen.class.budget[%zu] = %d is set for class kind %d, "
@@ -99,16 +107,17 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
     }
     for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
         std::vector<int32_t> row(lch.begin() + il*n_class, lch.begin() + (il + 1)*n_class);
-        int32_t sum = 0;
-        for (int32_t n : row) {
-            if (n < 0) {
-                throw std::runtime_error(format("fastgen: negative head count in fastgen.layer_class_heads, layer %u", il));
+        int64_t sum = 0; // each count is at most n_head_kv, so the sum cannot wrap
+        for (size_t c = 0; c < row.size(); ++c) {
+            if (row[c] < 0 || (uint32_t) row[c] > hparams.n_head_kv(il)) {
+                throw std::runtime_error(format("fastgen: fastgen.layer_class_heads gives layer %u class %zu %d KV heads, "
+                        "the model has %u", il, c, row[c], hparams.n_head_kv(il)));
             }
-            sum += n;
+            sum += row[c];
         }
-        if ((uint32_t) sum != hparams.n_head_kv(il)) {
-            throw std::runtime_error(format("fastgen: fastgen.layer_class_heads gives layer %u %d KV heads, the "
-                    "model has %u: the metadata does not belong to this model", il, sum, hparams.n_head_kv(il)));
+        if (sum != (int64_t) hparams.n_head_kv(il)) {
+            throw std::runtime_error(format("fastgen: fastgen.layer_class_heads gives layer %u %lld KV heads, the "
+                    "model has %u: the metadata does not belong to this model", il, (long long) sum, hparams.n_head_kv(il)));
         }
         p->layer_class_heads.push_back(std::move(row));
     }

@@ -33,6 +33,10 @@ struct llama_fastgen_policy {
     // a frequent class evicts when it holds more than budget + this many cells: decoding pays
     // for one score read-back and selection every FREQUENT_EVICT_BATCH tokens, not every token
     static constexpr uint32_t FREQUENT_EVICT_BATCH = 32;
+    // upper bounds a GGUF from a stranger must respect (plugin/schema.py LIMITS says the same)
+    static constexpr uint32_t MAX_CLASSES = 64;
+    static constexpr uint32_t MAX_N_SINK  = 1u << 16;
+    static constexpr int32_t  MAX_CELLS   = 1 << 24; // window or budget of one class
 
     float    threshold      = 0.0f;
     uint32_t n_sink         = 0;
