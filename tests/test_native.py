@@ -331,3 +331,23 @@ def test_python_reader_refuses_what_the_native_loader_refuses(case, tiny_model_d
     out = gguf_export.convert(tiny_model_dir, tmp_path / "bad.gguf", "f32", extra_kv={**TINY_BASE, **HOSTILE[case][0]})
     with pytest.raises(schema.MetadataError):
         schema.read(out)
+
+
+@pytest.mark.parametrize("value,enabled", [(False, False), (True, True), (0, False), (1, True), ("false", False),
+                                           ("true", True), ("0", False), (2, None), ("maybe", None), (0.5, None)])
+def test_fastgen_enable_override_takes_bool_int_or_string_and_refuses_the_rest(value, enabled, tiny_model_dir, tmp_path):
+    g = gguf_export.convert(tiny_model_dir, tmp_path / "t.gguf", "f32", extra_kv=TINY_BASE)
+    if enabled is None:
+        with pytest.raises(ValueError, match="fastgen.enable must be true/false"):
+            Llama(model_path=str(g), n_ctx=256, verbose=False, kv_overrides={"fastgen.enable": value})
+        return
+    llm = Llama(model_path=str(g), n_ctx=256, verbose=False, kv_overrides={"fastgen.enable": value})
+    assert llama_fastgen.native.cache_stats(llm)["fastgen"] is enabled
+    llm.close()
+
+
+def test_other_fastgen_overrides_are_refused_by_name(tiny_model_dir, tmp_path):
+    g = gguf_export.convert(tiny_model_dir, tmp_path / "t.gguf", "f32", extra_kv=TINY_BASE)
+    with pytest.raises(ValueError, match="kv_overrides fastgen.n_sink is not supported"):
+        Llama(model_path=str(g), n_ctx=256, verbose=False, kv_overrides={"fastgen.n_sink": 8})
+    Llama(model_path=str(g), n_ctx=256, verbose=False).close()    # the process is fine afterwards

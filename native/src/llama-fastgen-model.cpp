@@ -22,6 +22,30 @@ static bool arch_supported(llm_arch arch) {
     return arch == LLM_ARCH_LLAMA || arch == LLM_ARCH_QWEN2 || arch == LLM_ARCH_QWEN3 || arch == LLM_ARCH_MISTRAL3;
 }
 
+// fastgen.enable as a bool, an int 0/1 or a string true/false/0/1 (front ends differ in what they
+// pass: llama-cpp-python a bool, llama-cli's --override-kv whatever type is named); anything else is
+// refused rather than silently ignored
+static bool override_enabled(const llama_model_kv_override & ov) {
+    switch (ov.tag) {
+        case LLAMA_KV_OVERRIDE_TYPE_BOOL: return ov.val_bool;
+        case LLAMA_KV_OVERRIDE_TYPE_INT:
+            if (ov.val_i64 == 0 || ov.val_i64 == 1) {
+                return ov.val_i64 == 1;
+            }
+            break;
+        case LLAMA_KV_OVERRIDE_TYPE_STR: {
+            const std::string v = ov.val_str;
+            if (v == "true" || v == "1" || v == "false" || v == "0") {
+                return v == "true" || v == "1";
+            }
+            break;
+        }
+        default: break;
+    }
+    throw std::runtime_error("fastgen: kv_overrides fastgen.enable must be true/false (a bool, 0/1 or the "
+            "string true/false)");
+}
+
 std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_loader & ml, const llama_model & model) {
     g_last_error.clear();
     try {
@@ -36,9 +60,15 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_load
         if (model.hparams.is_swa_any()) {
             throw std::runtime_error("fastgen: models with sliding-window layers are not supported");
         }
-        auto it = ml.kv_overrides.find("fastgen.enable");
-        if (it != ml.kv_overrides.end() && it->second.tag == LLAMA_KV_OVERRIDE_TYPE_BOOL && !it->second.val_bool) {
-            policy->enabled = false;
+        for (const auto & [key, ov] : ml.kv_overrides) {
+            if (key.rfind("fastgen.", 0) != 0) {
+                continue;
+            }
+            if (key != "fastgen.enable") { // the policy table is the converter's to write, not an override's
+                throw std::runtime_error(format("fastgen: kv_overrides %s is not supported: only fastgen.enable "
+                        "(true/false) can be overridden; re-run convert.py --profile to change the policies", key.c_str()));
+            }
+            policy->enabled = override_enabled(ov);
         }
         const char * env = std::getenv("LLAMA_FASTGEN_DISABLE");
         if (env && *env && std::string(env) != "0") {
