@@ -533,13 +533,13 @@ def sections(job: dict) -> dict:
             a_json.write_text(json.dumps(out, indent=1))
 
     out["memory_8k"] = memory_at(cfgs, job["ctx"], job["ubatch"])
+    if "quality" in job["sections"] and not out.get("quality"):   # the cheaper section first
+        out["quality"] = quality(cfgs, job["text_ids"], [tuple(r) for r in job["ranges"]], job["ubatch"])
+        save()
     if "retrieval" in job["sections"]:
         ret = [c for c in cfgs if c.kv == "f16" or c.name == "full q8_0"]
         retrieval(ret, job["prompts"], job["lengths"], job["trials"], job["tasks"], job["ubatch"], on_config=save,
                   rows=out["retrieval"])
-    if "quality" in job["sections"] and not out.get("quality"):
-        out["quality"] = quality(cfgs, job["text_ids"], [tuple(r) for r in job["ranges"]], job["ubatch"])
-        save()
     if "memory" in job["sections"]:
         out["memory"] = memory([c for c in cfgs if c.kv == "f16" or c.name in ("full q8_0", "full q4_0")], job["contexts"])
         save()
