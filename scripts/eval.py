@@ -654,23 +654,18 @@ def main() -> int:
     if "retrieval" in a.sections:
         out["haystack"] = eval_tasks.essays()[1]
         prompts = retrieval_prompts(tok, a.lengths, a.trials, a.tasks)
-    if "quality" in a.sections and all((c.name, r) in {(q["config"], q["range"]) for q in prev.get("quality", [])}
-                                       for c in cfgs for r in a.ranges):
+    done = {(q["config"], q["range"]) for q in prev.get("quality", [])}
+    if "quality" in a.sections and all((c.name, r) in done for c in cfgs for r in a.ranges):
         out["quality"] = [q for q in prev["quality"] if q["config"] in out["configs"] and q["range"] in a.ranges]
     out = in_child({"job": "sections", "out": out, "json": a.json, "t_start": t_start, "cfgs": [vars(c) for c in cfgs],
                     "sections": a.sections, "prompts": prompts, "text_ids": text_ids, "ranges": ranges,
                     "lengths": a.lengths, "trials": a.trials, "tasks": a.tasks, "ubatch": a.ubatch, "ctx": a.ctx,
                     "contexts": [2048, 8192, 32768] if a.quick else [2048, 4096, 8192, 16384, 32768]})
 
-    def save(final=False):
-        out["seconds"] = round(time.time() - t_start)
-        out["complete"] = final
-        if a.json:
-            if final:
-                out["plots"] = plot(out, a.json.with_suffix(""))
-            a.json.write_text(json.dumps(out, indent=1))
-
-    save(final=True)
+    out["seconds"], out["complete"] = round(time.time() - t_start), True   # (the child saved after every step)
+    if a.json:
+        out["plots"] = plot(out, a.json.with_suffix(""))
+        a.json.write_text(json.dumps(out, indent=1))
     if a.json:
         print("\nwrote", a.json, *out.get("plots", []))
     if a.markdown:
