@@ -6,8 +6,20 @@ runs a fastgen GGUF with its compressed cache:
 
     import llama_fastgen
     from llama_cpp import Llama
+
+The library itself loads when llama_cpp is first imported, not here (see _lib._AfterLlamaCpp).
 """
-from ._lib import LibraryError, lib_dir, llama_cpp, native
+from ._lib import LibraryError, lib_dir, native, prepare
+
+prepare()
 
 __version__ = "0.1.0"
 __all__ = ["LibraryError", "lib_dir", "llama_cpp", "native", "__version__"]
+
+
+def __getattr__(name):
+    if name == "llama_cpp":     # llama_fastgen.llama_cpp: llama_cpp on our libllama, imported on first use
+        from ._lib import load
+
+        return load()
+    raise AttributeError(f"module 'llama_fastgen' has no attribute {name!r}")

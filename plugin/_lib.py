@@ -1,6 +1,8 @@
 """Point llama-cpp-python at our libllama and bind the llama_fastgen_* C functions with cffi."""
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import sys
 from functools import lru_cache
@@ -39,30 +41,60 @@ def lib_dir() -> Path:
     return d
 
 
-def _import_llama_cpp():
-    ours = lib_dir()
-    already = "llama_cpp" in sys.modules
-    env = os.environ.get("LLAMA_CPP_LIB_PATH")
-    if not already:
-        if env and Path(env).resolve() != ours:
-            raise LibraryError(
-                f"LLAMA_CPP_LIB_PATH={env} points at another libllama; llama-fastgen needs its own "
-                f"({ours}). Unset LLAMA_CPP_LIB_PATH before importing llama_fastgen.")
-        os.environ["LLAMA_CPP_LIB_PATH"] = str(ours)
-    import llama_cpp  # noqa: E402  (must follow the environment change)
-
+def _check_loaded(llama_cpp) -> None:
     loaded = Path(llama_cpp.llama_cpp._lib._name).resolve()
-    if loaded.parent != ours:
+    if loaded.parent != lib_dir():
         raise LibraryError(
             f"llama_cpp was imported before llama_fastgen and loaded {loaded}, not llama-fastgen's "
-            f"{ours / _LIB_NAME}. Import llama_fastgen first (in a fresh process).")
+            f"{lib_dir() / _LIB_NAME}. Import llama_fastgen first (in a fresh process).")
+
+
+class _AfterLlamaCpp(importlib.abc.MetaPathFinder):
+    """Checks and extends llama_cpp once something imports it. Importing llama_fastgen does not load
+    libllama itself: a CUDA libllama loaded before torch makes torch's import abort (seen on the
+    H200), and the converter needs torch but not libllama."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "llama_cpp":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _check_loaded(module)
+            _explain_load_errors(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def prepare() -> None:
+    """Point llama-cpp-python at our libllama (it loads the library when first imported)."""
+    ours = lib_dir()
+    if "llama_cpp" in sys.modules:
+        _check_loaded(sys.modules["llama_cpp"])
+        _explain_load_errors(sys.modules["llama_cpp"])
+        return
+    env = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if env and Path(env).resolve() != ours:
+        raise LibraryError(
+            f"LLAMA_CPP_LIB_PATH={env} points at another libllama; llama-fastgen needs its own "
+            f"({ours}). Unset LLAMA_CPP_LIB_PATH before importing llama_fastgen.")
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(ours)
+    if not any(isinstance(f, _AfterLlamaCpp) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterLlamaCpp())
+
+
+def load():
+    """The llama_cpp module, running on our libllama (imported now if nothing has yet)."""
+    import llama_cpp
+
     return llama_cpp
 
 
-llama_cpp = _import_llama_cpp()
-
-
-def _explain_load_errors() -> None:
+def _explain_load_errors(llama_cpp) -> None:
     """llama-cpp-python only says "Failed to load model" / "Failed to create llama_context"; add
     why a fastgen policy or cache was refused."""
     for cls in (llama_cpp._internals.LlamaModel, llama_cpp._internals.LlamaContext):
@@ -91,7 +123,7 @@ def _ffi_lib():
     ffi = cffi.FFI()
     ffi.cdef(_CDEF)
     # dlopen of the path ctypes already opened returns the same handle: same library, same state.
-    lib = ffi.dlopen(llama_cpp.llama_cpp._lib._name)
+    lib = ffi.dlopen(load().llama_cpp._lib._name)
     return ffi, lib
 
 
@@ -141,12 +173,10 @@ class _Native:
         return bool(self.lib.llama_fastgen_model_set_enabled(self.ffi.cast("void *", model.model), enabled))
 
     def backends(self) -> list[str]:
-        llama_cpp.llama_backend_init()  # registers the backends compiled into ggml
+        load().llama_backend_init()  # registers the backends compiled into ggml
         s = self._str(self.lib.llama_fastgen_backends())
         return [b for b in s.split(",") if b]
 
 
 native = _Native()
 
-
-_explain_load_errors()

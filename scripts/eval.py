@@ -37,7 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+if sys.argv[1:2] == ["--worker"]:   # the measuring child: our libllama before numpy (numpy first, then a
+    from llama_fastgen import llama_cpp  # noqa: F401   CUDA libllama: the first decode segfaults on the H200)
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_tasks  # noqa: E402
@@ -130,7 +132,9 @@ def convert(model_dir: Path, out: Path, *args: str) -> Path:
     """Every evaluated GGUF goes through the converter (one writer; f16 weights: every config is
     compared with the full cache of the same weights); cached by file name."""
     if not out.exists():  # in a child process: torch's CUDA and ggml's CUDA in one process crash on exit
-        r = subprocess.run([sys.executable, "-m", "llama_fastgen.converter.convert", str(model_dir), "--profile",
+        # torch before libllama: a CUDA libllama loaded first makes torch's import abort (seen on the H200)
+        r = subprocess.run([sys.executable, "-c", "import torch, runpy; runpy.run_module('llama_fastgen.converter.convert', "
+                            "run_name='__main__', alter_sys=True)", str(model_dir), "--profile",
                             "--outfile", str(out), "--outtype", "f16", "--no-quality", *CONVERT_ARGS, *args])
         assert r.returncode == 0, f"conversion of {out.name} failed"
     return out
@@ -498,7 +502,9 @@ def markdown(results: list[dict]) -> str:
         out.append(f"### {Path(r['model']).name}: `{r['command']}`\n")
         gpu = f", GPU {r['machine']['gpu']} (all layers and KV offloaded)" if r["machine"].get("gpu") else ""
         out.append(f"{r['machine']['cpu']} ({r['machine']['cores']} cores){gpu}, commit `{r['commit'][:12]}`, "
-                   f"{r['started']}, {r['seconds']} s; ubatch {r['n_ubatch']}; byte targets at n_ctx {r['n_ctx']}.\n")
+                   f"{r['started']}, {r['seconds']} s; ubatch {r['n_ubatch']}; byte targets at n_ctx {r['n_ctx']}."
+                   + ("" if r.get("complete", True) else " **Incomplete**: the run stopped before its end; '-' marks a "
+                      "cell it did not reach.") + "\n")
         if r.get("quality"):
             out.append("| config | KV % of f16 | " + " | ".join(f"KL {q} | top-1 {q}" for q in r["ranges"]) + " |")
             out.append("|---|---|" + "---|---|" * len(r["ranges"]))
@@ -602,7 +608,10 @@ def main() -> int:
     if a.from_json:
         if not a.markdown:
             ap.error("--from-json needs --markdown")
-        a.markdown.write_text(markdown([json.loads(p.read_text()) for p in a.from_json]))
+        results = [json.loads(p.read_text()) for p in a.from_json]
+        a.markdown.write_text(markdown(results))
+        for p, r in zip(a.from_json, results):    # plots too: a run cut short by a timeout drew none
+            print("wrote", *plot(r, p.with_suffix("")))
         print("wrote", a.markdown)
         return 0
     bad = [t for t in a.tasks if t not in eval_tasks.TASKS]

@@ -34,6 +34,21 @@ def test_cli_version():
     assert "backends: CPU" in out
 
 
+def test_the_converter_never_loads_libllama_and_llama_cpp_loads_ours_when_imported():
+    """A CUDA libllama loaded before torch makes torch's import abort (seen on the H200), so
+    importing llama_fastgen and the converter must not load it; llama_cpp imported afterwards
+    still runs on our library, with our load errors explained."""
+    code = ("import sys, llama_fastgen, llama_fastgen.converter.convert, llama_fastgen.schema, torch\n"
+            "maps = open('/proc/self/maps').read()\n"
+            "assert 'llama_cpp' not in sys.modules and 'libllama' not in maps, 'libllama loaded'\n"
+            "from llama_cpp import Llama\n"
+            "import llama_cpp._internals as I\n"
+            "assert str(llama_fastgen.lib_dir() / 'libllama.so') in open('/proc/self/maps').read()\n"
+            "assert I.LlamaModel.__init__._fastgen and I.LlamaContext.__init__._fastgen\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_foreign_library_is_refused_clearly():
     env = dict(os.environ, LLAMA_CPP_LIB_PATH="/nonexistent/lib")
     r = subprocess.run([sys.executable, "-c", "import llama_fastgen"], capture_output=True, text=True, env=env)
