@@ -15,6 +15,7 @@ const char * llama_fastgen_version(void);
 const char * llama_fastgen_llama_commit(void);
 const char * llama_fastgen_backends(void);
 const char * llama_fastgen_last_error(void);
+void     llama_fastgen_clear_error(void);
 int32_t  llama_fastgen_model_n_class(const void * model);
 bool     llama_fastgen_model_set_enabled(void * model, bool enabled);
 const char * llama_fastgen_model_class_name(const void * model, int32_t c);
@@ -95,25 +96,27 @@ def load():
 
 
 def _explain_load_errors(llama_cpp) -> None:
-    """llama-cpp-python only says "Failed to load model" / "Failed to create llama_context"; add
-    why a fastgen policy or cache was refused."""
-    for cls in (llama_cpp._internals.LlamaModel, llama_cpp._internals.LlamaContext):
-        if not getattr(cls.__init__, "_fastgen", False):
-            cls.__init__ = _explained(cls.__init__)
+    """llama-cpp-python only says "Failed to load model" / "Failed to create llama_context" /
+    "Failed to set llama state data"; add why a fastgen policy, cache or saved state was refused."""
+    for cls, name in ((llama_cpp._internals.LlamaModel, "__init__"), (llama_cpp._internals.LlamaContext, "__init__"),
+                      (llama_cpp.llama.Llama, "load_state")):
+        if not getattr(getattr(cls, name), "_fastgen", False):
+            setattr(cls, name, _explained(getattr(cls, name)))
 
 
 def _explained(orig):
-    def __init__(self, *args, **kwargs):
+    def call(*args, **kwargs):
+        native.lib.llama_fastgen_clear_error()
         try:
-            orig(self, *args, **kwargs)
-        except ValueError as e:
+            return orig(*args, **kwargs)
+        except (ValueError, RuntimeError) as e:
             why = native.last_error()
             if why:
-                raise ValueError(f"{e}: {why}") from None
+                raise type(e)(f"{e}: {why}") from None
             raise
 
-    __init__._fastgen = True
-    return __init__
+    call._fastgen = True
+    return call
 
 
 @lru_cache(maxsize=None)

@@ -22,12 +22,12 @@ Unknown keys are ignored by stock llama.cpp, so a fastgen GGUF still loads there
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from enum import IntEnum
 
-SCHEMA_VERSION = 1
 PREFIX = "fastgen."
 
 
@@ -48,10 +48,23 @@ class Kind(IntEnum):
 KIND_NAMES = {Kind.FULL: "full", Kind.SPECIAL: "special", Kind.SPECIAL_PUNCT: "special+punct",
               Kind.SPECIAL_PUNCT_LOCAL: "special+punct+local", Kind.FREQUENT: "special+frequent"}
 
-# a frequent class evicts once it holds budget + this many cells (llama_fastgen_policy::FREQUENT_EVICT_BATCH)
-FREQUENT_EVICT_BATCH = 32
-# upper bounds a GGUF from a stranger must respect (llama_fastgen_policy::MAX_* says the same)
-MAX_CLASSES, MAX_N_SINK, MAX_CELLS = 64, 1 << 16, 1 << 24
+
+
+def _contract() -> dict[str, int]:
+    """The numbers shared with the native cache, from the header it is compiled with
+    (native/include/llama-fastgen-contract.h; installed next to this file)."""
+    here = Path(__file__).absolute().parent
+    for p in (here / "llama-fastgen-contract.h", here.parent / "native" / "include" / "llama-fastgen-contract.h"):
+        if p.is_file():
+            return {m[1]: int(m[2]) for m in re.finditer(r"^#define LLAMA_FASTGEN_(\w+) (\d+)$", p.read_text(), re.M)}
+    raise ImportError(f"llama-fastgen-contract.h is missing next to {__file__}; reinstall llama-fastgen")
+
+
+_C = _contract()
+# a frequent class evicts once it holds budget + this many cells; upper bounds for strangers' GGUFs
+FREQUENT_EVICT_BATCH = _C["FREQUENT_EVICT_BATCH"]
+MAX_CLASSES, MAX_N_SINK, MAX_CELLS = _C["MAX_CLASSES"], _C["MAX_N_SINK"], _C["MAX_CELLS"]
+SCHEMA_VERSION = _C["SCHEMA_VERSION"]
 
 
 @dataclass(frozen=True, order=True)
@@ -156,50 +169,70 @@ class FastgenMetadata:
 
 
 def read(path: str | Path) -> FastgenMetadata | None:
-    """Read and validate fastgen.* keys of a GGUF; None when it has none."""
+    """Read and validate fastgen.* keys of a GGUF; None when it has none. Refuses what the native
+    loader (llama_fastgen_policy::load and the cache it builds) refuses, with a MetadataError."""
     import gguf
 
+    T = gguf.GGUFValueType
     r = gguf.GGUFReader(str(path))
     fields = {k: f for k, f in r.fields.items() if k.startswith(PREFIX)}
     if not fields:
         return None
 
-    def get(key, required=True):
+    def get(key, want, required=True):
         f = fields.get(PREFIX + key)
         if f is None:
             if required:
                 raise MetadataError(f"{path}: missing key {PREFIX + key}")
             return None
-        return f.contents()
+        # types as stored: an empty array has no element in f.types, its element type is parts[3]
+        got = (T.ARRAY, T(int(f.parts[3][0]))) if f.types[0] == T.ARRAY else (f.types[0],)
+        if got != want:
+            raise MetadataError(f"{path}: {PREFIX}{key} has type {'/'.join(t.name for t in got)}, "
+                                f"expected {'/'.join(t.name for t in want)}")
+        try:
+            return f.contents()
+        except UnicodeDecodeError:
+            raise MetadataError(f"{path}: {PREFIX}{key} is not UTF-8") from None
 
-    version = get("version")
+    U32, F32, STR, I32S = (T.UINT32,), (T.FLOAT32,), (T.STRING,), (T.ARRAY, T.INT32)
+    version = get("version", U32)
     if version != SCHEMA_VERSION:
         raise MetadataError(f"{path}: {PREFIX}version is {version}, this llama-fastgen reads "
                             f"version {SCHEMA_VERSION}; re-run convert.py --profile")
-    kinds, windows = get("class.kind"), get("class.window")
+    kinds, windows = get("class.kind", I32S), get("class.window", I32S)
     if len(kinds) > MAX_CLASSES:
         raise MetadataError(f"{path}: {PREFIX}class.kind has {len(kinds)} classes, at most {MAX_CLASSES} are allowed")
-    budgets = get("class.budget", False) or [0] * len(kinds)
-    if not len(kinds) == len(windows) == len(budgets):
-        raise MetadataError(f"{path}: {PREFIX}class.kind, class.window and class.budget differ in length")
+    budgets = get("class.budget", I32S, False) or [0] * len(kinds)
+    if not kinds or not len(kinds) == len(windows) == len(budgets):
+        raise MetadataError(f"{path}: {PREFIX}class.kind, class.window and class.budget differ in length or are empty")
     try:
         classes = [HeadPolicy(Kind(k), int(w), int(b)) for k, w, b in zip(kinds, windows, budgets)]
     except ValueError as e:
         raise MetadataError(f"{path}: {PREFIX}class.kind holds an unknown class id ({e})") from None
-    n_sink = int(get("n_sink"))
+    n_sink = int(get("n_sink", U32))
     if n_sink > MAX_N_SINK:
         raise MetadataError(f"{path}: {PREFIX}n_sink = {n_sink} exceeds {MAX_N_SINK}")
     for c in classes:
-        if c.window > MAX_CELLS or c.budget > MAX_CELLS:
-            raise MetadataError(f"{path}: class {c.label}: windows and budgets are at most {MAX_CELLS}")
+        bad_window = c.window != 0 if c.kind == Kind.FULL else not 1 <= c.window <= MAX_CELLS
+        if bad_window or c.budget > MAX_CELLS:
+            raise MetadataError(f"{path}: class {c.label}: the window is 0 for full classes, otherwise 1 to "
+                                f"{MAX_CELLS}; budgets are at most {MAX_CELLS}")
         if c.kind == Kind.FREQUENT and c.budget <= n_sink + c.window:
             raise MetadataError(f"{path}: frequent class budget {c.budget} must exceed n_sink + window = "
                                 f"{n_sink + c.window}; re-run convert.py --profile")
         if c.kind != Kind.FREQUENT and c.budget:
             raise MetadataError(f"{path}: class {c.label} has a budget; only frequent classes have one")
+    frequent = [i for i, c in enumerate(classes) if c.kind == Kind.FREQUENT]
+    if frequent and frequent[-1] - frequent[0] != len(frequent) - 1:
+        raise MetadataError(f"{path}: frequent classes must be consecutive in {PREFIX}class.kind "
+                            f"(their heads share one store)")
+    protected_frac = float(get("protected_frac", F32))
+    if not 0.0 <= protected_frac <= 1.0:
+        raise MetadataError(f"{path}: {PREFIX}protected_frac = {protected_frac} must be in [0, 1]")
     n_layer = _arch_int(r, "block_count")
     n_head_kv = _arch_int(r, "attention.head_count_kv")
-    lch, perm = get("layer_class_heads"), get("head_perm")
+    lch, perm = get("layer_class_heads", I32S), get("head_perm", I32S)
     C = len(classes)
     if len(lch) != n_layer * C:
         raise MetadataError(f"{path}: {PREFIX}layer_class_heads has {len(lch)} entries, "
@@ -211,14 +244,29 @@ def read(path: str | Path) -> FastgenMetadata | None:
                                 f"the model has {n_head_kv} KV heads")
     if len(perm) != n_layer * n_head_kv:
         raise MetadataError(f"{path}: {PREFIX}head_perm has {len(perm)} entries, expected {n_layer * n_head_kv}")
+    perms = [list(perm[l * n_head_kv:(l + 1) * n_head_kv]) for l in range(n_layer)]
+    for l, p in enumerate(perms):
+        if sorted(p) != list(range(n_head_kv)):
+            raise MetadataError(f"{path}: {PREFIX}head_perm of layer {l} is {p}, not a permutation of the "
+                                f"{n_head_kv} KV heads")
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    n_vocab = len(tokens.data) if tokens is not None else 0
+    ids = {}
+    for key in ("special_token_ids", "punct_token_ids"):
+        ids[key] = [int(t) for t in get(key, I32S, False) or []]
+        if any(not 0 <= t < n_vocab for t in ids[key]):
+            raise MetadataError(f"{path}: {PREFIX}{key} holds a token id outside the vocabulary ({n_vocab})")
+    calibration = get("calibration", STR, False) or "{}"
+    try:
+        calibration = json.loads(calibration)
+    except ValueError:
+        calibration = None
+    if not isinstance(calibration, dict):
+        raise MetadataError(f"{path}: {PREFIX}calibration is not a JSON object")
     return FastgenMetadata(
-        threshold=float(get("threshold")), n_sink=n_sink, classes=classes,
-        layer_class_heads=rows,
-        head_perm=[list(perm[l * n_head_kv:(l + 1) * n_head_kv]) for l in range(n_layer)],
-        special_token_ids=list(get("special_token_ids", False) or []),
-        punct_token_ids=list(get("punct_token_ids", False) or []),
-        protected_frac=float(get("protected_frac")),
-        calibration=json.loads(get("calibration", False) or "{}"), version=version)
+        threshold=float(get("threshold", F32)), n_sink=n_sink, classes=classes, layer_class_heads=rows,
+        head_perm=perms, special_token_ids=ids["special_token_ids"], punct_token_ids=ids["punct_token_ids"],
+        protected_frac=protected_frac, calibration=calibration, version=version)
 
 
 def _arch_int(reader, suffix: str) -> int:

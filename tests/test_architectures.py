@@ -30,7 +30,8 @@ def _tiny(arch: str, tok, out):
     return out
 
 
-# qwen2 is missing: the pinned converter does not recognise the SmolLM2 tokenizer's pre-tokenizer
+# qwen2 is missing here (its real-model oracle: scripts/native_vs_reference.py, docs/RESULTS.md): the
+# pinned converter does not recognise the SmolLM2 tokenizer's pre-tokenizer
 # under a Qwen2 config ("BPE pre-tokenizer was not recognized"), and no small real Qwen2 fits CI.
 @pytest.mark.parametrize("ladder", ["static", "frequent"])
 @pytest.mark.parametrize("arch", ["qwen3", "mistral"])

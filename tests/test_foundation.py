@@ -87,3 +87,18 @@ def test_patch_that_does_not_apply_is_refused(tmp_path):
     with pytest.raises(llama_cpp_tree.TreeError, match="does not apply"):
         llama_cpp_tree._apply(patch, tmp_path)
     assert (tmp_path / "src" / "a.cpp").read_text() == "int a = 1;\n"
+
+
+def test_python_reads_the_numbers_the_native_cache_is_compiled_with():
+    """One contract header: the installed package's copy is the source tree's, and schema's
+    constants are its values (the native loader's refusals at these bounds: test_native HOSTILE)."""
+    import re
+
+    from llama_fastgen import schema
+
+    src = (REPO / "native" / "include" / "llama-fastgen-contract.h").read_text()
+    defined = {m[1]: int(m[2]) for m in re.finditer(r"^#define LLAMA_FASTGEN_(\w+) (\d+)$", src, re.M)}
+    assert set(defined) == {"SCHEMA_VERSION", "FREQUENT_EVICT_BATCH", "MAX_CLASSES", "MAX_N_SINK", "MAX_CELLS"}
+    assert {k: getattr(schema, k) for k in defined} == defined
+    installed = Path(schema.__file__).absolute().parent / "llama-fastgen-contract.h"
+    assert installed.read_text() == src

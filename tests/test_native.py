@@ -274,6 +274,81 @@ def test_state_save_and_load_resumes_exactly(real_fastgen_gguf, long_ids):
     assert np.abs(first - again).max() < 0.02, np.abs(first - again).max()
 
 
+def _with_state(state, raw: bytes):
+    from llama_cpp.llama import LlamaState
+
+    return LlamaState(state.input_ids, state.scores, state.n_tokens, raw, len(raw), state.seed)
+
+
+def _hh_offsets(raw: bytes, n_class: int) -> dict:
+    """Byte offsets in a saved state of our header and the heavy-hitter store's first head:
+    magic, fingerprint u64, per class (u32 count, count x (seq, pos)), then cap, n_layer, last_pos,
+    and per head n_used, pos[cap], tok[cap] (llama-kv-cache-fastgen{,-hh}.cpp state_write)."""
+    import struct
+
+    at = raw.find(struct.pack("<I", 0x31534746))
+    assert at >= 0 and raw.find(struct.pack("<I", 0x31534746), at + 1) < 0
+    off = at + 12
+    for _ in range(n_class):
+        off += 4 + 8 * struct.unpack_from("<I", raw, off)[0]
+    cap = struct.unpack_from("<I", raw, off)[0]
+    head = off + 12
+    pos = np.frombuffer(raw, dtype="<i4", count=cap, offset=head + 4)
+    return {"fingerprint": at + 4, "n_used": head, "tok": head + 4 + 4 * cap + 4 * int(np.argmax(pos >= 0)),
+            "cap": cap}
+
+
+def test_a_corrupt_truncated_or_foreign_state_is_refused_and_the_context_stays_usable(real_fastgen_gguf, long_ids):
+    """Every count, position and token id a saved state holds is checked before use; a refused
+    restore names why and leaves the cache empty and working (what fresh evaluation gives)."""
+    import re
+    import struct
+
+    meta = schema.read(real_fastgen_gguf)
+    kw = dict(model_path=str(real_fastgen_gguf), n_ctx=2048, n_batch=64, logits_all=True, verbose=False)
+    llm = Llama(**kw)
+    try:
+        llm.eval(long_ids[:300])
+        fresh = np.array(llm.scores[:300])
+        llm.reset()
+        llm.eval(long_ids[:900])
+        good = llm.save_state()
+        raw = bytes(good.llama_state)
+        o = _hh_offsets(raw, len(meta.classes))
+
+        def patched(at, fmt, value):
+            b = bytearray(raw)
+            struct.pack_into(fmt, b, at, value)
+            return bytes(b)
+
+        bad = {"truncated": (raw[: (o["fingerprint"] + len(raw)) // 2], "end of buffer|failed to restore kv cache"),
+               "another policy": (patched(o["fingerprint"], "<Q", 12345), "another policy table or context size"),
+               "cell count": (patched(o["n_used"], "<I", o["cap"] + 1), "cells said used"),
+               "token id": (patched(o["tok"], "<i", 1 << 30), "corrupt heavy-hitter state")}
+        for name, (b, why) in bad.items():
+            with pytest.raises(RuntimeError, match="Failed to set llama state data") as e:
+                llm.load_state(_with_state(good, b))
+            assert re.search(why, str(e.value)), (name, str(e.value))
+            st = llama_fastgen.native.cache_stats(llm)
+            assert all(c["used"] == 0 for c in st["classes"]), (name, st)
+            llm.reset()
+            llm.eval(long_ids[:300])
+            assert np.abs(np.array(llm.scores[:300]) - fresh).max() < 1e-4, name
+        llm.load_state(good)      # and the good state still restores
+        assert llm.n_tokens == 900
+    finally:
+        llm.close()
+    other = Llama(**{**kw, "n_ctx": 4096})
+    try:
+        with pytest.raises(RuntimeError, match="another policy table or context size"):
+            other.load_state(good)
+        other.reset()
+        other.eval(long_ids[:300])
+        assert np.abs(np.array(other.scores[:300]) - fresh).max() < 1e-4
+    finally:
+        other.close()
+
+
 def test_a_full_protected_budget_drops_the_oldest_protected_tokens(real_fastgen_gguf):
     """Text that is nothing but punctuation outgrows every compressed class's protected budget
     (sized from the calibration share): decoding goes on, the oldest protected tokens go."""

@@ -17,8 +17,10 @@ LLAMA_API const char * llama_fastgen_llama_commit(void);
 // Comma-separated names of the ggml backends registered in this process, e.g. "CPU" or "CUDA,CPU".
 LLAMA_API const char * llama_fastgen_backends(void);
 
-// Message of the last fastgen policy error (why a fastgen GGUF failed to load), "" if none.
+// Message of the last fastgen error (why a fastgen GGUF, context or saved state was refused), "" if
+// none; clear it before a call to tell its error from an older one.
 LLAMA_API const char * llama_fastgen_last_error(void);
+LLAMA_API void         llama_fastgen_clear_error(void);
 
 // Number of policy classes in the model's fastgen metadata, 0 if it has none.
 LLAMA_API int32_t llama_fastgen_model_n_class(const struct llama_model * model);

@@ -47,6 +47,10 @@ const char * llama_fastgen_last_error(void) {
     return llama_fastgen_last_error_str().c_str();
 }
 
+void llama_fastgen_clear_error(void) {
+    llama_fastgen_set_last_error("");
+}
+
 int32_t llama_fastgen_model_n_class(const llama_model * model) {
     return model && model->fastgen ? (int32_t) model->fastgen->classes.size() : 0;
 }

@@ -16,6 +16,10 @@ const std::string & llama_fastgen_last_error_str() {
     return g_last_error;
 }
 
+void llama_fastgen_set_last_error(const std::string & what) {
+    g_last_error = what;
+}
+
 static bool arch_supported(llm_arch arch) {
     // architectures whose graphs go through build_attn_inp_kv + build_attn and whose heads the
     // converter knows how to permute

@@ -23,3 +23,4 @@ llama_memory_i * llama_fastgen_create_memory(const llama_model & model, const ll
 
 // message of the last policy error (empty if none), for llama_fastgen_last_error()
 const std::string & llama_fastgen_last_error_str();
+void llama_fastgen_set_last_error(const std::string & what);

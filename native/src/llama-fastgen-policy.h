@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "llama-fastgen-contract.h"
+
 struct gguf_context;
 
 enum llama_fastgen_kind : int32_t {
@@ -29,14 +31,12 @@ struct llama_fastgen_class {
 };
 
 struct llama_fastgen_policy {
-    static constexpr uint32_t SCHEMA_VERSION = 1;
-    // a frequent class evicts when it holds more than budget + this many cells: decoding pays
-    // for one score read-back and selection every FREQUENT_EVICT_BATCH tokens, not every token
-    static constexpr uint32_t FREQUENT_EVICT_BATCH = 32;
-    // upper bounds a GGUF from a stranger must respect (plugin/schema.py LIMITS says the same)
-    static constexpr uint32_t MAX_CLASSES = 64;
-    static constexpr uint32_t MAX_N_SINK  = 1u << 16;
-    static constexpr int32_t  MAX_CELLS   = 1 << 24; // window or budget of one class
+    // the numbers Python shares (llama-fastgen-contract.h, read by plugin/schema.py)
+    static constexpr uint32_t SCHEMA_VERSION       = LLAMA_FASTGEN_SCHEMA_VERSION;
+    static constexpr uint32_t FREQUENT_EVICT_BATCH = LLAMA_FASTGEN_FREQUENT_EVICT_BATCH;
+    static constexpr uint32_t MAX_CLASSES          = LLAMA_FASTGEN_MAX_CLASSES;
+    static constexpr uint32_t MAX_N_SINK           = LLAMA_FASTGEN_MAX_N_SINK;
+    static constexpr int32_t  MAX_CELLS            = LLAMA_FASTGEN_MAX_CELLS; // window or budget of one class
 
     float    threshold      = 0.0f;
     uint32_t n_sink         = 0;

@@ -388,27 +388,54 @@ void llama_fastgen_hh_store::state_write(llama_io_write_i & io) const {
 }
 
 void llama_fastgen_hh_store::state_read(llama_io_read_i & io) {
-    uint32_t cap_r = 0, n_layer_r = 0;
-    io.read(&cap_r, sizeof(cap_r));
-    io.read(&n_layer_r, sizeof(n_layer_r));
-    if (cap_r != cap || n_layer_r != layers.size()) {
-        throw std::runtime_error(format("fastgen: saved heavy-hitter state has %u cells x %u layers, this context "
-                "%u x %zu: restore into a context with the same n_ctx and n_ubatch", cap_r, n_layer_r, cap, layers.size()));
-    }
-    io.read(&last_pos, sizeof(last_pos));
-    for (auto & l : layers) {
-        for (int h = 0; h < l.n_head; ++h) {
-            io.read(&l.n_used[h], sizeof(uint32_t));
-            io.read(l.pos[h].data(), cap*sizeof(llama_pos));
-            io.read(l.tok[h].data(), cap*sizeof(llama_token));
+    // Everything read is checked before it is used (cell counts, positions, token ids index arrays);
+    // on any error the store is left empty (the caller clears the rest of the cache).
+    try {
+        uint32_t cap_r = 0, n_layer_r = 0;
+        io.read(&cap_r, sizeof(cap_r));
+        io.read(&n_layer_r, sizeof(n_layer_r));
+        if (cap_r != cap || n_layer_r != layers.size()) {
+            throw std::runtime_error(format("fastgen: saved heavy-hitter state has %u cells x %u layers, this context "
+                    "%u x %zu: restore into a context with the same n_ctx and n_ubatch", cap_r, n_layer_r, cap, layers.size()));
         }
-        for (ggml_tensor * t : { l.k, l.v, l.s }) {
-            io.read_tensor(t, 0, ggml_nbytes(t));
+        llama_pos last = -1;
+        io.read(&last, sizeof(last));
+        if (last < -1) {
+            throw std::runtime_error(format("fastgen: corrupt heavy-hitter state (last position %d)", last));
         }
-        for (int h = 0; h < l.n_head; ++h) {
-            l.hint[h] = 0;
+        for (auto & l : layers) {
+            for (int h = 0; h < l.n_head; ++h) {
+                uint32_t n = 0;
+                io.read(&n, sizeof(n));
+                io.read(l.pos[h].data(), cap*sizeof(llama_pos));
+                io.read(l.tok[h].data(), cap*sizeof(llama_token));
+                uint32_t used = 0;
+                for (uint32_t i = 0; i < cap; ++i) {
+                    const llama_pos p = l.pos[h][i];
+                    if (p < -1 || p > last || (p >= 0 && (l.tok[h][i] < 0 || (size_t) l.tok[h][i] >= special.size()))) {
+                        throw std::runtime_error(format("fastgen: corrupt heavy-hitter state (layer %d head %d cell %u: "
+                                "position %d, token %d)", l.il, h, i, p, l.tok[h][i]));
+                    }
+                    used += p >= 0;
+                }
+                if (n != used) {
+                    throw std::runtime_error(format("fastgen: corrupt heavy-hitter state (layer %d head %d: %u cells "
+                            "said used, %u hold a position)", l.il, h, n, used));
+                }
+                l.n_used[h] = n;
+            }
+            for (ggml_tensor * t : { l.k, l.v, l.s }) {
+                io.read_tensor(t, 0, ggml_nbytes(t));
+            }
+            for (int h = 0; h < l.n_head; ++h) {
+                l.hint[h] = 0;
+            }
+            l.dirty = true;
         }
-        l.dirty = true;
+        last_pos = last;
+    } catch (...) {
+        clear();
+        throw;
     }
     pos_min_valid = false;
 }

@@ -1,6 +1,7 @@
 #include "llama-kv-cache-fastgen.h"
 
 #include "llama-batch.h"
+#include "llama-fastgen-model.h"
 #include "llama-impl.h"
 #include "llama-model.h"
 
@@ -345,7 +346,48 @@ bool llama_kv_cache_fastgen::get_can_shift() const {
     return !policy->has_compressed();
 }
 
+// A saved state starts with what it was made for: restoring it into a cache of another policy or
+// size would read cells into the wrong heads, so both are checked before anything is read.
+static constexpr uint32_t STATE_MAGIC = 0x31534746; // "FGS1"
+
+uint64_t llama_kv_cache_fastgen::state_fingerprint() const {
+    uint64_t h = 1469598103934665603ull; // FNV-1a over the policy table and the cache's sizes
+    auto mix = [&h](int64_t v) { for (int i = 0; i < 8; ++i) { h = (h ^ (uint8_t) (v >> (8*i))) * 1099511628211ull; } };
+    for (const auto & c : policy->classes) {
+        mix(c.kind); mix(c.window); mix(c.budget);
+    }
+    for (const auto & row : policy->layer_class_heads) {
+        for (int32_t n : row) {
+            mix(n);
+        }
+    }
+    mix(policy->n_sink);
+    for (size_t c = 0; c < slices.size(); ++c) {
+        mix(slices[c] ? (int64_t) slices[c]->get_size() : -1);
+    }
+    mix(hh ? (int64_t) hh->get_size() : -1);
+    return h;
+}
+
 void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
+    const uint32_t magic = STATE_MAGIC;
+    const uint64_t fp    = state_fingerprint();
+    io.write(&magic, sizeof(magic));
+    io.write(&fp, sizeof(fp));
+    // where each class has dropped protected tokens (the next drop continues from there)
+    for (const auto & m : evicted_upto) {
+        uint32_t n = 0;
+        for (const auto & [s, _] : m) {
+            n += seq_id < 0 || s == seq_id;
+        }
+        io.write(&n, sizeof(n));
+        for (const auto & [s, pos] : m) {
+            if (seq_id < 0 || s == seq_id) {
+                io.write(&s, sizeof(s));
+                io.write(&pos, sizeof(pos));
+            }
+        }
+    }
     if (hh) {
         hh->state_write(io);
     }
@@ -357,13 +399,54 @@ void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq
 }
 
 void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
-    if (hh) {
-        hh->state_read(io);
-    }
-    for (auto & s : slices) {
-        if (s) {
-            s->state_read(io, seq_id, flags);
+    try {
+        uint32_t magic = 0;
+        uint64_t fp    = 0;
+        io.read(&magic, sizeof(magic));
+        io.read(&fp, sizeof(fp));
+        if (magic != STATE_MAGIC) {
+            throw std::runtime_error("fastgen: the saved state is not a fastgen cache's (saved with fastgen off, "
+                    "or by another version): restore it into a context like the one that saved it");
         }
+        if (fp != state_fingerprint()) {
+            throw std::runtime_error("fastgen: the saved state belongs to another policy table or context size: "
+                    "restore it into a context created from the same GGUF with the same n_ctx and n_ubatch");
+        }
+        std::vector<std::map<llama_seq_id, llama_pos>> upto(slices.size());
+        for (auto & m : upto) {
+            uint32_t n = 0;
+            io.read(&n, sizeof(n));
+            if (n > n_seq_max) {
+                throw std::runtime_error(format("fastgen: corrupt saved state (%u sequences, at most %u)", n, n_seq_max));
+            }
+            for (uint32_t i = 0; i < n; ++i) {
+                llama_seq_id s = 0;
+                llama_pos pos  = 0;
+                io.read(&s, sizeof(s));
+                io.read(&pos, sizeof(pos));
+                if (s < 0 || (uint32_t) s >= n_seq_max || pos < 0) {
+                    throw std::runtime_error(format("fastgen: corrupt saved state (sequence %d, position %d)", s, pos));
+                }
+                m[seq_id < 0 ? s : seq_id] = pos;
+            }
+        }
+        if (hh) {
+            hh->state_read(io);
+        }
+        for (auto & s : slices) {
+            if (s) {
+                s->state_read(io, seq_id, flags);
+            }
+        }
+        for (size_t c = 0; c < upto.size(); ++c) {
+            for (const auto & [s, pos] : upto[c]) {
+                evicted_upto[c][s] = pos;
+            }
+        }
+    } catch (const std::exception & e) {
+        llama_fastgen_set_last_error(e.what()); // llama.cpp only logs it; Python adds it to its error
+        clear(true); // nothing half-restored: the context stays usable, and empty
+        throw;
     }
 }
 

@@ -72,6 +72,8 @@ public:
     const llama_fastgen_policy & get_policy() const { return *policy; }
 
 private:
+    // identifies the policy table and the slices' sizes in a saved state
+    uint64_t state_fingerprint() const;
     // when retained tokens fill a compressed class: drop its oldest protected tokens (not sinks)
     bool evict_oldest_protected(int c);
 
