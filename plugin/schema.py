@@ -53,8 +53,8 @@ KIND_NAMES = {Kind.FULL: "full", Kind.SPECIAL: "special", Kind.SPECIAL_PUNCT: "s
 def _contract() -> dict[str, int]:
     """The numbers shared with the native cache, from the header it is compiled with
     (native/include/llama-fastgen-contract.h; installed next to this file)."""
-    here = Path(__file__).absolute().parent
-    for p in (here / "llama-fastgen-contract.h", here.parent / "native" / "include" / "llama-fastgen-contract.h"):
+    here, tree = Path(__file__).absolute().parent, Path(__file__).resolve().parent.parent   # installed; source tree
+    for p in (here / "llama-fastgen-contract.h", tree / "native" / "include" / "llama-fastgen-contract.h"):
         if p.is_file():
             return {m[1]: int(m[2]) for m in re.finditer(r"^#define LLAMA_FASTGEN_(\w+) (\d+)$", p.read_text(), re.M)}
     raise ImportError(f"llama-fastgen-contract.h is missing next to {__file__}; reinstall llama-fastgen")
@@ -192,8 +192,8 @@ def read(path: str | Path) -> FastgenMetadata | None:
                                 f"expected {'/'.join(t.name for t in want)}")
         try:
             return f.contents()
-        except UnicodeDecodeError:
-            raise MetadataError(f"{path}: {PREFIX}{key} is not UTF-8") from None
+        except UnicodeDecodeError:   # the one text key (calibration) is for people; native takes any bytes
+            return bytes(f.parts[-1]).decode("utf-8", "replace")
 
     U32, F32, STR, I32S = (T.UINT32,), (T.FLOAT32,), (T.STRING,), (T.ARRAY, T.INT32)
     version = get("version", U32)
@@ -256,13 +256,15 @@ def read(path: str | Path) -> FastgenMetadata | None:
         ids[key] = [int(t) for t in get(key, I32S, False) or []]
         if any(not 0 <= t < n_vocab for t in ids[key]):
             raise MetadataError(f"{path}: {PREFIX}{key} holds a token id outside the vocabulary ({n_vocab})")
-    calibration = get("calibration", STR, False) or "{}"
+    # a summary for people, not part of the policy: a string (native checks the same), kept as text
+    # when it is not a JSON object
+    text = get("calibration", STR, False) or "{}"
     try:
-        calibration = json.loads(calibration)
+        calibration = json.loads(text)
     except ValueError:
         calibration = None
     if not isinstance(calibration, dict):
-        raise MetadataError(f"{path}: {PREFIX}calibration is not a JSON object")
+        calibration = {"unparsed": text[:1000]}
     return FastgenMetadata(
         threshold=float(get("threshold", F32)), n_sink=n_sink, classes=classes, layer_class_heads=rows,
         head_perm=perms, special_token_ids=ids["special_token_ids"], punct_token_ids=ids["punct_token_ids"],

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 
 static std::vector<int32_t> get_i32_arr(const gguf_context * ctx, const char * key, bool required) {
@@ -38,6 +39,13 @@ static int64_t get_scalar_key(const gguf_context * ctx, const char * key, gguf_t
 std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
         const gguf_context * ctx, const llama_hparams & hparams, uint32_t n_vocab) {
     if (gguf_find_key(ctx, "fastgen.version") < 0) {
+        // no policy, unless other fastgen keys say one was meant: then refuse rather than run full
+        for (int64_t i = 0; i < gguf_get_n_kv(ctx); ++i) {
+            if (strncmp(gguf_get_key(ctx, i), "fastgen.", 8) == 0) {
+                throw std::runtime_error(format("fastgen: %s is set but fastgen.version is missing; "
+                        "re-run convert.py --profile", gguf_get_key(ctx, i)));
+            }
+        }
         return nullptr;
     }
     auto p = std::make_shared<llama_fastgen_policy>();
@@ -120,6 +128,30 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
                     "model has %u: the metadata does not belong to this model", il, (long long) sum, hparams.n_head_kv(il)));
         }
         p->layer_class_heads.push_back(std::move(row));
+    }
+
+    // the converter's head order per layer: not used at run time, but a GGUF whose table is not a
+    // permutation was not written by it (the Python reader refuses the same)
+    const auto perm = get_i32_arr(ctx, "fastgen.head_perm", true);
+    size_t at = 0;
+    for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
+        const uint32_t n = hparams.n_head_kv(il);
+        std::vector<bool> seen(n, false);
+        for (uint32_t h = 0; h < n; ++h, ++at) {
+            const int32_t v = at < perm.size() ? perm[at] : -1;
+            if (v < 0 || (uint32_t) v >= n || seen[v]) {
+                throw std::runtime_error(format("fastgen: fastgen.head_perm of layer %u is not a permutation of its %u KV "
+                        "heads (or has %zu entries)", il, n, perm.size()));
+            }
+            seen[v] = true;
+        }
+    }
+    if (at != perm.size()) {
+        throw std::runtime_error(format("fastgen: fastgen.head_perm has %zu entries, the model %zu KV heads", perm.size(), at));
+    }
+    if (const int64_t kid = gguf_find_key(ctx, "fastgen.calibration"); kid >= 0 && gguf_get_kv_type(ctx, kid) != GGUF_TYPE_STRING) {
+        throw std::runtime_error(format("fastgen: key fastgen.calibration has type %s, expected %s",
+                gguf_type_name(gguf_get_kv_type(ctx, kid)), gguf_type_name(GGUF_TYPE_STRING)));
     }
 
     p->special_tok.assign(n_vocab, false);
