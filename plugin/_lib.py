@@ -42,11 +42,20 @@ class _AfterLlamaCpp(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name != "llama_cpp":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        run = spec.loader.exec_module
+        # (a plain find_spec("llama_cpp") lands here too: the hook stays until llama_cpp executes)
+        sys.meta_path = [f for f in sys.meta_path if f is not self]
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        run, finder = spec.loader.exec_module, self
 
         def exec_module(module):
+            if module.__name__ != "llama_cpp":
+                return run(module)
+            sys.meta_path = [f for f in sys.meta_path if f is not finder]
             run(module)
             _check_loaded(module)
             _explain_load_errors(module)
@@ -94,6 +103,8 @@ def _explained(orig):
         try:
             return orig(*args, **kwargs)
         except (ValueError, RuntimeError) as e:
+            if orig.__name__ == "load_state":
+                args[0].reset()   # the refused state left the cache empty: so is the token history now
             why = native.last_error()
             if why:
                 raise type(e)(f"{e}: {why}") from None

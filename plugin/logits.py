@@ -1,9 +1,9 @@
 """Teacher-forced logits of a GGUF through our libllama: the one loop tests, eval and benchmarks share."""
 from __future__ import annotations
 
-import numpy as np
+from . import llama_cpp, native  # noqa: I001  (libllama before numpy: the other order segfaulted on the H200)
 
-from . import llama_cpp, native
+import numpy as np
 
 
 def teacher_forced(model_path, ids: list[int], n_ctx: int = 2048, n_batch: int = 64, decode_from: int | None = None,

@@ -25,7 +25,7 @@ import time
 
 # llama_fastgen (libllama + ggml-cuda) before numpy: on the GPU machine, loading numpy first made
 # libllama resolve libstdc++ template symbols into libggml-cuda and crash in llama.cpp's print_info
-import llama_fastgen  # noqa: F401,E402
+from llama_fastgen import llama_cpp  # noqa: F401,E402  (importing llama_fastgen alone no longer loads libllama)
 import numpy as np  # noqa: E402
 
 

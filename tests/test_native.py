@@ -372,6 +372,25 @@ def test_a_full_protected_budget_drops_the_oldest_protected_tokens(real_fastgen_
         llm.close()
 
 
+def test_a_restored_state_drops_protected_tokens_as_the_run_that_saved_it(real_fastgen_gguf):
+    """Where each class has dropped protected tokens is part of the saved state: restoring a state
+    saved before any drop and going on gives what the first run gave (no stale drop boundary)."""
+    llm = Llama(model_path=str(real_fastgen_gguf), n_ctx=2048, n_batch=64, logits_all=True, verbose=False)
+    try:
+        ids = llm.tokenize(b"!?.,;:" * 1000, add_bos=False)[:1800]
+        llm.eval(ids[:128])
+        early = llm.save_state()
+        llm.eval(ids[128:])                     # the protected budgets overflow: drops happen here
+        first = np.array(llm.scores[128:1800])
+        llm.load_state(early)
+        llm.eval(ids[128:])
+        again = np.array(llm.scores[128:1800])
+    finally:
+        llm.close()
+    assert (first.argmax(-1) == again.argmax(-1)).all()
+    assert np.abs(first - again).max() < 0.02, np.abs(first - again).max()
+
+
 def test_a_frequent_budget_beyond_the_context_never_evicts_and_equals_the_full_cache(tiny_model_dir, tmp_path, long_ids):
     """Every head in the heavy-hitter store (explicit softmax, per-head cells) with nothing to evict:
     the same attention as the ordinary cache, up to f16/f32 rounding."""

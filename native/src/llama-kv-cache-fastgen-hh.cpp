@@ -403,6 +403,7 @@ void llama_fastgen_hh_store::state_read(llama_io_read_i & io) {
         if (last < -1) {
             throw std::runtime_error(format("fastgen: corrupt heavy-hitter state (last position %d)", last));
         }
+        llama_pos newest = -1; // every head keeps the newest token (its window), so this is `last`
         for (auto & l : layers) {
             for (int h = 0; h < l.n_head; ++h) {
                 uint32_t n = 0;
@@ -412,11 +413,13 @@ void llama_fastgen_hh_store::state_read(llama_io_read_i & io) {
                 uint32_t used = 0;
                 for (uint32_t i = 0; i < cap; ++i) {
                     const llama_pos p = l.pos[h][i];
-                    if (p < -1 || p > last || (p >= 0 && (l.tok[h][i] < 0 || (size_t) l.tok[h][i] >= special.size()))) {
+                    // token -1: the cell came from an embedding input (apply() stores no token then)
+                    if (p < -1 || p > last || (p >= 0 && (l.tok[h][i] < -1 || l.tok[h][i] >= (llama_token) special.size()))) {
                         throw std::runtime_error(format("fastgen: corrupt heavy-hitter state (layer %d head %d cell %u: "
                                 "position %d, token %d)", l.il, h, i, p, l.tok[h][i]));
                     }
                     used += p >= 0;
+                    newest = std::max(newest, p);
                 }
                 if (n != used) {
                     throw std::runtime_error(format("fastgen: corrupt heavy-hitter state (layer %d head %d: %u cells "
@@ -431,6 +434,9 @@ void llama_fastgen_hh_store::state_read(llama_io_read_i & io) {
                 l.hint[h] = 0;
             }
             l.dirty = true;
+        }
+        if (newest != last) {
+            throw std::runtime_error(format("fastgen: corrupt heavy-hitter state (last position %d, newest cell %d)", last, newest));
         }
         last_pos = last;
     } catch (...) {

@@ -366,6 +366,7 @@ uint64_t llama_kv_cache_fastgen::state_fingerprint() const {
         mix(slices[c] ? (int64_t) slices[c]->get_size() : -1);
     }
     mix(hh ? (int64_t) hh->get_size() : -1);
+    mix(hh ? (int64_t) hh->total_bytes() : -1); // the K/V types too: the store reads raw tensor bytes
     return h;
 }
 
@@ -416,7 +417,8 @@ void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_i
         for (auto & m : upto) {
             uint32_t n = 0;
             io.read(&n, sizeof(n));
-            if (n > n_seq_max) {
+            // one sequence's state may come from another slot id (llama.cpp restores it into seq_id)
+            if (n > (seq_id < 0 ? n_seq_max : 1)) {
                 throw std::runtime_error(format("fastgen: corrupt saved state (%u sequences, at most %u)", n, n_seq_max));
             }
             for (uint32_t i = 0; i < n; ++i) {
@@ -424,7 +426,7 @@ void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_i
                 llama_pos pos  = 0;
                 io.read(&s, sizeof(s));
                 io.read(&pos, sizeof(pos));
-                if (s < 0 || (uint32_t) s >= n_seq_max || pos < 0) {
+                if ((seq_id < 0 && (s < 0 || (uint32_t) s >= n_seq_max)) || pos < 0) {
                     throw std::runtime_error(format("fastgen: corrupt saved state (sequence %d, position %d)", s, pos));
                 }
                 m[seq_id < 0 ? s : seq_id] = pos;
@@ -438,14 +440,18 @@ void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_i
                 s->state_read(io, seq_id, flags);
             }
         }
-        for (size_t c = 0; c < upto.size(); ++c) {
-            for (const auto & [s, pos] : upto[c]) {
-                evicted_upto[c][s] = pos;
+        for (size_t c = 0; c < upto.size(); ++c) { // the saved drops replace the current ones
+            if (seq_id < 0) {
+                evicted_upto[c] = std::move(upto[c]);
+            } else {
+                evicted_upto[c].erase(seq_id);
+                evicted_upto[c].insert(upto[c].begin(), upto[c].end());
             }
         }
     } catch (const std::exception & e) {
         llama_fastgen_set_last_error(e.what()); // llama.cpp only logs it; Python adds it to its error
-        clear(true); // nothing half-restored: the context stays usable, and empty
+        // nothing half-restored: what was being restored is empty, the rest of the cache untouched
+        seq_id < 0 ? clear(true) : (void) seq_rm(seq_id, -1, -1);
         throw;
     }
 }
