@@ -10,7 +10,8 @@ Converts the model with the given policy table (f32 weights, so that only the ca
   native fastgen vs reference fastgen  (the claim: the same keep-sets, up to f16-cache rounding)
   native full    vs reference full     (the precision floor of llama.cpp vs PyTorch on this model)
   native fastgen vs native full        (how far the eviction moves the output: must exceed the first)
-from position 1 + the widest window or budget + 64, where every class has evicted."""
+from position 1 + the widest window or budget + 64, where every class has evicted. CPU only: the
+reference (torch) and libllama share this process, which a CUDA build does not survive."""
 from __future__ import annotations
 
 import argparse
