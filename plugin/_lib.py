@@ -12,6 +12,7 @@ from . import headers
 
 _LIB_NAME = "libllama.dylib" if sys.platform == "darwin" else "libllama.so"
 
+
 class LibraryError(ImportError):
     """The libllama in use is not the one llama-fastgen built."""
 
@@ -27,11 +28,11 @@ def lib_dir() -> Path:
 
 
 def _check_loaded(llama_cpp) -> None:
-    loaded = Path(llama_cpp.llama_cpp._lib._name).resolve()
-    if loaded.parent != lib_dir():
+    loaded, ours = Path(llama_cpp.llama_cpp._lib._name).resolve(), lib_dir()
+    if loaded.parent != ours:
         raise LibraryError(
             f"llama_cpp was imported before llama_fastgen and loaded {loaded}, not llama-fastgen's "
-            f"{lib_dir() / _LIB_NAME}. Import llama_fastgen first (in a fresh process).")
+            f"{ours / _LIB_NAME}. Import llama_fastgen first (in a fresh process).")
 
 
 class _AfterLlamaCpp(importlib.abc.MetaPathFinder):
@@ -91,20 +92,23 @@ def load():
 def _explain_load_errors(llama_cpp) -> None:
     """llama-cpp-python only says "Failed to load model" / "Failed to create llama_context" /
     "Failed to set llama state data"; add why a fastgen policy, cache or saved state was refused."""
-    for cls, name in ((llama_cpp._internals.LlamaModel, "__init__"), (llama_cpp._internals.LlamaContext, "__init__"),
-                      (llama_cpp.llama.Llama, "load_state")):
+    for cls, name, reset in ((llama_cpp._internals.LlamaModel, "__init__", False),
+                             (llama_cpp._internals.LlamaContext, "__init__", False),
+                             (llama_cpp.llama.Llama, "load_state", True)):
         if not getattr(getattr(cls, name), "_fastgen", False):
-            setattr(cls, name, _explained(getattr(cls, name)))
+            setattr(cls, name, _explained(getattr(cls, name), reset))
 
 
-def _explained(orig):
+def _explained(orig, reset: bool):
+    """reset: on failure also reset the Llama (a refused state left its cache empty, so is the
+    token history then)."""
     def call(*args, **kwargs):
         native.lib.llama_fastgen_clear_error()
         try:
             return orig(*args, **kwargs)
         except (ValueError, RuntimeError) as e:
-            if orig.__name__ == "load_state":
-                args[0].reset()   # the refused state left the cache empty: so is the token history now
+            if reset:
+                args[0].reset()
             why = native.last_error()
             if why:
                 raise type(e)(f"{e}: {why}") from None

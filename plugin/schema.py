@@ -49,8 +49,6 @@ class Kind(IntEnum):
 KIND_NAMES = {Kind.FULL: "full", Kind.SPECIAL: "special", Kind.SPECIAL_PUNCT: "special+punct",
               Kind.SPECIAL_PUNCT_LOCAL: "special+punct+local", Kind.FREQUENT: "special+frequent"}
 
-
-
 _C = headers.contract()   # the numbers the native cache is compiled with
 # a frequent class evicts once it holds budget + this many cells; upper bounds for strangers' GGUFs
 FREQUENT_EVICT_BATCH = _C["FREQUENT_EVICT_BATCH"]
