@@ -11,7 +11,11 @@ chunk of n tokens a head holding more than budget + EVICT_BATCH cells (counting 
 drops back to `budget`, removing the lowest mean score (attention received, summed over the
 group's query heads, divided by the queries that saw it; ties: older first); sinks and the
 window stay, special tokens go last. Scores accumulate from this run's own softmax.
-This is the oracle for the native cache and the quality estimate in the profile report.
+
+Static compressed classes live in native slices of a fixed number of cells (`cells`, read from the
+native context: llama_fastgen_ctx_class_cells); when protected tokens outgrow it, the oldest go
+(`ProtectedBudget`). Without `cells` the reference assumes room for everything, as the profile
+report does. This is the oracle for the native cache and the quality estimate in the profile report.
 """
 from __future__ import annotations
 
@@ -29,10 +33,49 @@ _NAME = "fastgen_reference"
 _STATE: dict = {"replay": None}
 
 
-class Replay:
-    """Per layer: static keep-sets per KV head, and the heavy-hitter cells of frequent heads."""
+class ProtectedBudget:
+    """The native slice of one static compressed class (llama-kv-cache-fastgen.cpp, init_batch and
+    evict_oldest_protected). A ubatch of n tokens at p0 needs n cells that are empty or hold a token
+    outside the window that is not retained (sink or protected id); the window's cells and the
+    retained ones below it are taken. When fewer are left, retained tokens from the last drop (at
+    least the sinks) up to the window go, a quarter of that range at a time, until the ubatch fits:
+    every query from p0 on loses them. One sequence, one ubatch per decode call (n_batch = n_ubatch)."""
 
-    def __init__(self, policies: list[list[HeadPolicy]], ctx: TokenContext):
+    ATTEMPTS = 2 * 8   # init_batch tries two batch splits, each with up to 8 drops
+
+    def __init__(self, policy: HeadPolicy, cells: int, ctx: TokenContext):
+        protected = ctx.special | ctx.punct if policy.kind in (Kind.SPECIAL_PUNCT, Kind.SPECIAL_PUNCT_LOCAL) else ctx.special
+        self.retained = (protected | (torch.arange(ctx.n) < ctx.n_sink)).numpy()
+        self.gone = np.zeros(ctx.n, dtype=bool)
+        self.window, self.cells, self.n_sink, self.label = policy.window, cells, ctx.n_sink, policy.label
+        self.upto = 0
+        self.drops: list[tuple[int, int, int]] = []   # (p0, lo, cut) of each drop
+
+    def taken(self, p0: int) -> int:
+        lo_w = max(0, p0 - self.window + 1)
+        return int((self.retained[:lo_w] & ~self.gone[:lo_w]).sum()) + (p0 - lo_w)
+
+    def begin(self, p0: int, n: int) -> None:
+        for _ in range(self.ATTEMPTS):
+            if self.cells - self.taken(p0) >= n:
+                return
+            lo, hi = max(self.upto, self.n_sink), p0 - self.window
+            if hi <= lo:
+                break
+            cut = lo + max(1, (hi - lo) // 4)
+            self.gone[lo:cut] = True
+            self.upto = cut
+            self.drops.append((p0, lo, cut))
+        if self.cells - self.taken(p0) < n:
+            raise ValueError(f"class {self.label} ({self.cells} cells) has no room for a ubatch of {n} at "
+                             f"position {p0}: the native cache refuses this batch too")
+
+
+class Replay:
+    """Per layer: static keep-sets per KV head, and the heavy-hitter cells of frequent heads.
+    cells: native slice size per static class label (None: protected tokens never outgrow it)."""
+
+    def __init__(self, policies: list[list[HeadPolicy]], ctx: TokenContext, cells: dict[str, int] | None = None):
         self.ctx = ctx
         n = ctx.n
         self.static, self.hh = [], []
@@ -42,6 +85,9 @@ class Replay:
             self.static.append(torch.stack([
                 causal if p.kind == Kind.FREQUENT else cache.setdefault(p, to_policy(p).keep(ctx)) for p in row]))
             self.hh.append([(h, p) for h, p in enumerate(row) if p.kind == Kind.FREQUENT])
+        static = {p for row in policies for p in row if p.kind not in (Kind.FULL, Kind.FREQUENT)}
+        self.budgets = {p: ProtectedBudget(p, cells[p.label], ctx) for p in sorted(static)} if cells else {}
+        self.budgeted = [[(h, self.budgets[p]) for h, p in enumerate(row) if p in self.budgets] for row in policies]
         self.alive = [torch.zeros(len(row), n, dtype=torch.bool) for row in policies]
         self.score = [torch.zeros(len(row), n, dtype=torch.float32) for row in policies]
         self.special = ctx.special.numpy()
@@ -50,6 +96,8 @@ class Replay:
     def begin(self, p0: int, n: int) -> None:
         """Evict where the native store would before a ubatch at p0 of n tokens, then place it."""
         self.p0, self.n = p0, n
+        for b in self.budgets.values():
+            b.begin(p0, n)
         pos = np.arange(p0)
         for l, heads in enumerate(self.hh):
             for h, p in heads:
@@ -75,6 +123,8 @@ class Replay:
             causal = torch.arange(P)[None, :] <= torch.arange(p0, P)[:, None]
             for h, _ in self.hh[l]:
                 m[h] = self.alive[l][h, :P][None, :] & causal
+        for h, b in self.budgeted[l]:
+            m[h, :, torch.from_numpy(b.gone[:P])] = False
         return m
 
     def accumulate(self, l: int, w: torch.Tensor, g: int) -> None:
@@ -135,17 +185,19 @@ def has_frequent(policies) -> bool:
 
 @torch.no_grad()
 def logits(model, ids: list[int], policies, ctx: TokenContext | None, chunks: list[int] | int | None = None,
-           last: int | None = None) -> torch.Tensor:
+           last: int | None = None, cells: dict[str, int] | None = None, replay: Replay | None = None) -> torch.Tensor:
     """Logits [T, V] with the given per-KV-head policies (None: full cache); only the last `last`
     positions' when given (the LM head is then skipped elsewhere).
 
     chunks: the ubatch sizes of the native run (an int: that size repeated). Static policies give
-    the same result for any chunking; frequent policies need the native run's."""
+    the same result for any chunking; frequent policies and `cells` need the native run's.
+    cells: the native slice size per class label (Replay); replay: a Replay to run (and inspect after)."""
     dev = next(model.parameters()).device
-    replay = Replay(policies, ctx) if policies is not None else None
+    if replay is None and policies is not None:
+        replay = Replay(policies, ctx, cells)
     if chunks is None:
-        if has_frequent(policies):
-            raise ValueError("frequent policies depend on the ubatch sizes: pass the native run's chunks")
+        if has_frequent(policies) or cells:
+            raise ValueError("frequent policies and slice budgets depend on the ubatch sizes: pass the native run's chunks")
         chunks = [len(ids)]
     elif isinstance(chunks, int):
         chunks = [chunks] * -(-len(ids) // chunks)
