@@ -282,23 +282,31 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
 
 # ---------------------------------------------------------------- measurements
 
-def quality(cfgs, text_ids, ranges, n_ubatch: int = 64) -> list[dict]:
+def quality(cfgs, text_ids, ranges, n_ubatch: int = 64, rows: list | None = None, on_row=None) -> list[dict]:
     """KL / top-1 / perplexity against the full cache over each token range [s, e): prefill to s in
-    ubatches of n_ubatch, then one token per llama_decode as generation does."""
-    rows = []
+    ubatches of n_ubatch, then one token per llama_decode as generation does. Rows already in
+    `rows` (--resume) are kept; the full cache (cfgs[0]) is rerun as the reference of the others."""
+    assert cfgs[0].family == "full" and cfgs[0].kv == "f16"
+    rows = [] if rows is None else rows
     for s, e in ranges:
+        todo = [c for c in cfgs[1:] if not any(r["config"] == c.name and r["range"] == f"{s}-{e}" for r in rows)]
+        if not todo and any(r["config"] == cfgs[0].name and r["range"] == f"{s}-{e}" for r in rows):
+            continue
         ids = text_ids[:e]
         n_ctx = 1 << (e - 1).bit_length()
         print(f"\nquality over tokens {s}-{e} (n_ctx {n_ctx}): prefill in ubatches of {n_ubatch}, then one token per decode")
         full = None
-        for c in cfgs:
+        for c in [cfgs[0]] + todo:
             t0 = time.time()
             logits, st = teacher_forced(c, ids, n_ctx, decode_from=s, n_ubatch=n_ubatch)
             if full is None:
                 full, full_bytes = logits, st["kv_bytes"]
             r = {"config": c.name, "family": c.family, "range": f"{s}-{e}", "kv_bytes": st["kv_bytes"],
                  "kv_ratio": st["kv_bytes"] / full_bytes, **compare(full, logits, ids, s)}
-            rows.append(r)
+            if not any(q["config"] == c.name and q["range"] == r["range"] for q in rows):
+                rows.append(r)
+                if on_row:
+                    on_row()
             print(f"  {c.name:34s} KV {r['kv_bytes'] / 2**20:7.1f} MiB ({r['kv_ratio']:6.1%})  KL {r['kl_mean']:.4f}  "
                   f"top-1 {r['top1']:.3f}  ppl {r['ppl']:6.2f}  ({time.time() - t0:.0f} s)", flush=True)
     return rows
@@ -323,7 +331,7 @@ def retrieval_prompts(tok, lengths, trials: int, task_names) -> dict:
     return out
 
 
-def retrieval(cfgs, prompts: dict, lengths, trials: int, task_names=eval_tasks.TASKS, n_ubatch: int = 64, on_config=None,
+def retrieval(cfgs, prompts: dict, lengths, trials: int, task_names=eval_tasks.TASKS, n_ubatch: int = 64, on_cell=None,
               rows: list | None = None) -> list[dict]:
     """Accuracy per (config, task, length) over `trials` prompts (retrieval_prompts), depths spread
     over 0..1, each with its own key; Wilson 95% intervals. Prompts are fed in ubatches of n_ubatch."""
@@ -352,10 +360,11 @@ def retrieval(cfgs, prompts: dict, lengths, trials: int, task_names=eval_tasks.T
                     rows.append({"config": c.name, "family": c.family, "task": task, "length": n, "correct": k,
                                  "trials": trials, "accuracy": k / trials, "ci95": [round(lo, 3), round(hi, 3)],
                                  "hits": [int(h) for h in hits]})
+                    print(f"    {task}@{n} {k}/{trials}", flush=True)
+                    if on_cell:
+                        on_cell()
             finally:
                 llm.close()
-            if on_config:
-                on_config()
         cells = "  ".join(f"{r['task']}@{r['length']} {r['correct']}/{r['trials']} [{r['ci95'][0]:.2f},{r['ci95'][1]:.2f}]"
                           for r in rows if r["config"] == c.name)
         print(f"  {c.name:34s} {cells}  ({time.time() - t0:.0f} s)", flush=True)
@@ -506,19 +515,20 @@ def markdown(results: list[dict]) -> str:
                    + ("" if r.get("complete", True) else " **Incomplete**: the run stopped before its end; '-' marks a "
                       "cell it did not reach.") + "\n")
         if r.get("quality"):
-            out.append("| config | KV % of f16 | " + " | ".join(f"KL {q} | top-1 {q}" for q in r["ranges"]) + " |")
-            out.append("|---|---|" + "---|---|" * len(r["ranges"]))
+            # each range runs at its own n_ctx (the next power of two), so the bytes differ per range
+            out.append("| config | " + " | ".join(f"KV % {q} | KL {q} | top-1 {q}" for q in r["ranges"]) + " |")
+            out.append("|---|" + "---|---|---|" * len(r["ranges"]))
             for name in dict.fromkeys(q["config"] for q in r["quality"]):
                 rows = {q["range"]: q for q in r["quality"] if q["config"] == name}
-                first = next(iter(rows.values()))
-                out.append(f"| {name} | {first['kv_ratio']:.1%} | " + " | ".join(
-                    f"{rows[q]['kl_mean']:.4f} | {rows[q]['top1']:.1%}" for q in r["ranges"] if q in rows) + " |")
+                out.append(f"| {name} | " + " | ".join(
+                    f"{x['kv_ratio']:.1%} | {x['kl_mean']:.4f} | {x['top1']:.1%}" if (x := rows.get(q)) else "- | - | -"
+                    for q in r["ranges"]) + " |")
             out.append("")
         if r.get("retrieval"):
             cols = list(dict.fromkeys((x["task"], x["length"]) for x in r["retrieval"]))
-            out.append("| config | KV % of f16 at 8K | " + " | ".join(f"{t} {n // 1024}K" for t, n in cols) + " |")
+            out.append(f"| config | KV % of f16 at n_ctx {r['n_ctx']} | " + " | ".join(f"{t} {n // 1024}K" for t, n in cols) + " |")
             out.append("|---|---|" + "---|" * len(cols))
-            ratio = {q["config"]: q["kv_ratio"] for q in r.get("memory_8k", [])}
+            ratio = {q["config"]: q["kv_ratio"] for q in r.get("memory_at_ctx", r.get("memory_8k", []))}
             for name in dict.fromkeys(x["config"] for x in r["retrieval"]):
                 cells = {(x["task"], x["length"]): x for x in r["retrieval"] if x["config"] == name}
                 out.append(f"| {name} | {ratio.get(name, float('nan')):.1%} | " + " | ".join(
@@ -538,13 +548,12 @@ def sections(job: dict) -> dict:
         if a_json:
             a_json.write_text(json.dumps(out, indent=1))
 
-    out["memory_8k"] = memory_at(cfgs, job["ctx"], job["ubatch"])
-    if "quality" in job["sections"] and not out.get("quality"):   # the cheaper section first
-        out["quality"] = quality(cfgs, job["text_ids"], [tuple(r) for r in job["ranges"]], job["ubatch"])
-        save()
+    out["memory_at_ctx"] = memory_at(cfgs, job["ctx"], job["ubatch"])
+    if "quality" in job["sections"]:   # the cheaper section first
+        quality(cfgs, job["text_ids"], [tuple(r) for r in job["ranges"]], job["ubatch"], rows=out["quality"], on_row=save)
     if "retrieval" in job["sections"]:
         ret = [c for c in cfgs if c.kv == "f16" or c.name == "full q8_0"]
-        retrieval(ret, job["prompts"], job["lengths"], job["trials"], job["tasks"], job["ubatch"], on_config=save,
+        retrieval(ret, job["prompts"], job["lengths"], job["trials"], job["tasks"], job["ubatch"], on_cell=save,
                   rows=out["retrieval"])
     if "memory" in job["sections"]:
         out["memory"] = memory([c for c in cfgs if c.kv == "f16" or c.name in ("full q8_0", "full q4_0")], job["contexts"])
@@ -663,9 +672,7 @@ def main() -> int:
     if "retrieval" in a.sections:
         out["haystack"] = eval_tasks.essays()[1]
         prompts = retrieval_prompts(tok, a.lengths, a.trials, a.tasks)
-    done = {(q["config"], q["range"]) for q in prev.get("quality", [])}
-    if "quality" in a.sections and all((c.name, r) in done for c in cfgs for r in a.ranges):
-        out["quality"] = [q for q in prev["quality"] if q["config"] in out["configs"] and q["range"] in a.ranges]
+    out["quality"] = [q for q in prev.get("quality", []) if q["config"] in out["configs"] and q["range"] in a.ranges]
     out = in_child({"job": "sections", "out": out, "json": a.json, "t_start": t_start, "cfgs": [vars(c) for c in cfgs],
                     "sections": a.sections, "prompts": prompts, "text_ids": text_ids, "ranges": ranges,
                     "lengths": a.lengths, "trials": a.trials, "tasks": a.tasks, "ubatch": a.ubatch, "ctx": a.ctx,

@@ -77,7 +77,7 @@ def test_quick_evaluation_runs_end_to_end_with_fair_baselines(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["commit"] and res["machine"]["cores"] and res["command"].startswith("python scripts/eval.py --quick")
-    mem = {m["config"]: m["kv_bytes"] for m in res["memory_8k"]}
+    mem = {m["config"]: m["kv_bytes"] for m in res["memory_at_ctx"]}
     fg = mem["fastgen T=0.8"]
     fams = {c: next(q["family"] for q in res["quality"] if q["config"] == c) for c in mem}
     for fam in ("StreamingLLM", "H2O", "DuoAttention-style"):
