@@ -14,7 +14,8 @@ same n_ubatch), and runs every configuration through the native cache:
 quality   held-out text (Python's documentation, pydoc_data.topics: not in the calibration set)
           over token ranges (default 1K-2K and 4K-5K), prefilled in ubatches, then one token per
           llama_decode as generation does: KL(full || config), top-1 agreement, perplexity
-retrieval passkey, needle in the Paul Graham essays, and multi-turn recall (scripts/eval_tasks.py),
+retrieval passkey, needle in the Paul Graham essays, multi-turn recall, multi-key needle and variable
+          tracking (scripts/eval_tasks.py),
           chat template for instruct models, >= 20 trials per (task, length) with depths spread
           and distinct keys, Wilson 95% intervals
 memory    KV bytes the context allocates (C API) at several n_ctx

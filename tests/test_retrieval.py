@@ -148,6 +148,32 @@ def test_needle_prompts_place_the_fact_and_ask_for_it(model_dir):
         tasks.needle(tok, 500, 0.5, 0, hay, turns=2)
 
 
+def test_multi_key_and_variable_tracking_prompts_hold_one_right_answer(model_dir):
+    """Multi-key: the asked needle plus distractors of other names and keys, at other depths.
+    Variable tracking: the value assigned once, then passed through a chain of variables in order,
+    and the question asks for the last one."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hay = "Plain sentences about nothing in particular. " * 200
+    for depth in (0.05, 0.5, 0.95):
+        p = tasks.needle(tok, 1000, depth, 5, hay, distractors=3)
+        text = tok.decode(p.ids)
+        facts = re.findall(r"The secret number of ([\w ]+?) is (\d+)\.", text)
+        assert abs(len(p.ids) - 1000) <= 12 and len(facts) == 4
+        assert len({n for n, _ in facts}) == 4 and len({k for _, k in facts}) == 4
+        asked = re.search(r"What is the secret number of ([\w ]+?)\?", text).group(1)
+        assert dict(facts)[asked] == p.key and p.key in tok.decode(p.ids[p.span[0]:p.span[1]])
+        v = tasks.needle(tok, 1000, depth, 5, hay, hops=3)
+        text = tok.decode(v.ids)
+        chain = re.findall(r"VAR (X\d+) = (?:VAR (X\d+)|(\d+))\.", text)
+        assert len(chain) == 4 and chain[0][2] == v.key
+        assert all(chain[i][1] == chain[i - 1][0] for i in range(1, 4))   # each hop after the one it copies
+        assert text.rstrip().endswith(f"The value of VAR {chain[-1][0]} is")
+
+
 def test_policy_labels_parse_back():
     from llama_fastgen.converter.policies import ladder
 

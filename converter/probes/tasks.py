@@ -59,35 +59,62 @@ def _render(tok, question: str, answer_prefix: str, chat: bool, turns: int) -> t
 
 
 def needle(tok, n_tokens: int, depth: float, seed: int, haystack: str, *, name: str | None = None,
-           chat: bool = True, passkey: bool = False, turns: int = 1) -> NeedlePrompt:
+           chat: bool = True, passkey: bool = False, turns: int = 1, distractors: int = 0,
+           hops: int = 0) -> NeedlePrompt:
     """About n_tokens of haystack with one needle at `depth` (0..1), then the question (in the same
     turn, or turns=3: after an unrelated exchange). passkey=True uses the classic filler and
-    'pass key' wording (haystack ignored)."""
+    'pass key' wording (haystack ignored). distractors=k adds k needles of other names and keys at
+    other depths (multi-key: only the asked one is right). hops=h makes the needle a variable whose
+    value reaches the asked variable through h assignments placed after it (RULER's variable
+    tracking): "VAR A = 12345." ... "VAR B = VAR A." ... "What is the value of VAR B?"."""
     rng = random.Random(seed)
     name = name or rng.choice(NAMES)
     key = str(rng.randint(10000, 99999))
+    others: list[tuple[float, str]] = []      # further sentences and their depths
     if passkey:
         sentence = f" The pass key is {key}. Remember it. {key} is the pass key. "
         question, prefix, body_text = "What is the pass key?", "The pass key is", FILLER
+    elif hops:
+        names = rng.sample(range(100, 1000), hops + 1)
+        sentence = f" VAR X{names[0]} = {key}. "
+        others = [(depth + (1 - depth) * i / (hops + 1), f" VAR X{names[i]} = VAR X{names[i - 1]}. ")
+                  for i in range(1, hops + 1)]
+        question, prefix, body_text = (f"What is the value of VAR X{names[-1]}?", f"The value of VAR X{names[-1]} is",
+                                       haystack)
     else:
         sentence = f" The secret number of {name} is {key}. "
         question, prefix, body_text = (f"What is the secret number of {name}?", f"The secret number of {name} is",
                                        haystack)
+    if distractors:
+        keys = {key}
+        for i, other in enumerate(rng.sample([n for n in NAMES if n != name], distractors)):
+            k = key
+            while k in keys:
+                k = str(rng.randint(10000, 99999))
+            keys.add(k)
+            others.append(((depth + (i + 1) / (distractors + 1)) % 1.0, f" The secret number of {other} is {k}. "))
     head, tail = _render(tok, question, prefix, chat, turns)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
-    head_ids, needle_ids, tail_ids = bos + _enc(tok, head), _enc(tok, sentence), _enc(tok, tail)
+    head_ids, tail_ids = bos + _enc(tok, head), _enc(tok, tail)
+    inserts = sorted([(depth, 0, _enc(tok, sentence))] + [(d, 1 + i, _enc(tok, t)) for i, (d, t) in enumerate(others)])
     unit = _enc(tok, body_text)
-    room = max(0, n_tokens - len(head_ids) - len(needle_ids) - len(tail_ids))
+    room = max(0, n_tokens - len(head_ids) - sum(len(x) for _, _, x in inserts) - len(tail_ids))
     body = (unit * (1 + room // max(1, len(unit))))[:room]
-    cut = int(len(body) * depth)
-    while 0 < cut < len(body) and not tok.decode(body[cut - 1:cut]).rstrip(" ").endswith((".", "\n")):
-        cut += 1  # at the end of a sentence, as a person would insert it
-    ids = head_ids + body[:cut] + needle_ids + body[cut:] + tail_ids
-    start = len(head_ids) + cut
+    ids, pos, start, n_needle = list(head_ids), 0, 0, 0
+    for d, which, sent in inserts:
+        cut = max(pos, int(len(body) * d))
+        while 0 < cut < len(body) and not tok.decode(body[cut - 1:cut]).rstrip(" ").endswith((".", "\n")):
+            cut += 1  # at the end of a sentence, as a person would insert it
+        ids += body[pos:cut]
+        if which == 0:
+            start, n_needle = len(ids), len(sent)
+        ids += sent
+        pos = cut
+    ids += body[pos:] + tail_ids
     full, pre = _enc(tok, prefix + " " + key), _enc(tok, prefix)
     if full[:len(pre)] != pre:
         raise ValueError(f"the tokenizer merges the answer into its prefix: {prefix!r} + {key!r}")
-    return NeedlePrompt(ids=ids, answer=full[len(pre):], span=(start, start + len(needle_ids)), key=key, depth=depth)
+    return NeedlePrompt(ids=ids, answer=full[len(pre):], span=(start, start + n_needle), key=key, depth=depth)
 
 
 def repeated_random(vocab_ids: list[int], block: int, repeats: int, seed: int) -> list[int]:
