@@ -390,8 +390,9 @@ def memory(cfgs, contexts) -> list[dict]:
     return rows
 
 
-def speed(cfgs, tok_ids, depths, n_gen: int = 32) -> list[dict]:
-    """CPU tokens/s through llama-cpp-python: prefill to each depth, then n_gen single-token decodes."""
+def speed(cfgs, tok_ids, depths, n_gen: int = 32, reps: int = 5) -> list[dict]:
+    """CPU tokens/s through llama-cpp-python: prefill to each depth, then n_gen single-token decodes;
+    median of `reps` repetitions with min and max (run it on an otherwise idle machine)."""
     import llama_fastgen  # noqa: F401
     from llama_cpp import Llama
 
@@ -400,21 +401,26 @@ def speed(cfgs, tok_ids, depths, n_gen: int = 32) -> list[dict]:
         llm = Llama(model_path=str(c.gguf), n_ctx=max(depths) + n_gen + 64, n_batch=512, verbose=False, **c.llama_kwargs())
         try:
             for d in depths:
-                llm.reset()
-                t0 = time.perf_counter()
-                llm.eval(tok_ids[:d] if d else tok_ids[:1])
-                pp = max(d, 1) / (time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                for t in tok_ids[d: d + n_gen]:
-                    llm.eval([t])
-                tg = n_gen / (time.perf_counter() - t0)
-                rows.append({"config": c.name, "depth": d, "decode_tps": tg, "prefill_tps": pp if d else None})
+                pp, tg = [], []
+                for _ in range(reps):
+                    llm.reset()
+                    t0 = time.perf_counter()
+                    llm.eval(tok_ids[:d] if d else tok_ids[:1])
+                    pp.append(max(d, 1) / (time.perf_counter() - t0))
+                    t0 = time.perf_counter()
+                    for t in tok_ids[d: d + n_gen]:
+                        llm.eval([t])
+                    tg.append(n_gen / (time.perf_counter() - t0))
+                rows.append({"config": c.name, "depth": d, "reps": reps, "decode_tps": float(np.median(tg)),
+                             "decode_tps_min": min(tg), "decode_tps_max": max(tg),
+                             "prefill_tps": float(np.median(pp)) if d else None,
+                             "prefill_tps_min": min(pp) if d else None, "prefill_tps_max": max(pp) if d else None})
         finally:
             llm.close()
-    print(f"\nCPU speed ({os.cpu_count()} cores): decode tokens/s at depth (prefill tokens/s)")
+    print(f"\nCPU speed ({os.cpu_count()} cores), median of {reps} [min, max]: decode tokens/s at depth (prefill tokens/s)")
     for c in cfgs:
-        cells = [f"d{r['depth']}: {r['decode_tps']:6.1f}" + (f" ({r['prefill_tps']:.0f})" if r["prefill_tps"] else "")
-                 for r in rows if r["config"] == c.name]
+        cells = [f"d{r['depth']}: {r['decode_tps']:6.1f} [{r['decode_tps_min']:.1f}, {r['decode_tps_max']:.1f}]"
+                 + (f" ({r['prefill_tps']:.0f})" if r["prefill_tps"] else "") for r in rows if r["config"] == c.name]
         print(f"  {c.name:34s} " + "   ".join(cells))
     return rows
 
