@@ -39,9 +39,10 @@ class ProtectedBudget:
     outside the window that is not retained (sink or protected id); the window's cells and the
     retained ones below it are taken. When fewer are left, retained tokens from the last drop (at
     least the sinks) up to the window go, a quarter of that range at a time, until the ubatch fits:
-    every query from p0 on loses them. One sequence, one ubatch per decode call (n_batch = n_ubatch)."""
+    every query from p0 on loses them. One sequence, one ubatch per decode call (n_batch = n_ubatch),
+    a cache that is not unified (llama-cpp-python's contexts unless embedding=True)."""
 
-    ATTEMPTS = 2 * 8   # init_batch tries two batch splits, each with up to 8 drops
+    ATTEMPTS = 8   # init_batch: of a non-unified cache only the equal split runs, with up to 8 drops
 
     def __init__(self, policy: HeadPolicy, cells: int, ctx: TokenContext):
         protected = ctx.special | ctx.punct if policy.kind in (Kind.SPECIAL_PUNCT, Kind.SPECIAL_PUNCT_LOCAL) else ctx.special
@@ -196,7 +197,7 @@ def logits(model, ids: list[int], policies, ctx: TokenContext | None, chunks: li
     if replay is None and policies is not None:
         replay = Replay(policies, ctx, cells)
     if chunks is None:
-        if has_frequent(policies) or cells:
+        if replay is not None and (replay.budgets or any(replay.hh)):
             raise ValueError("frequent policies and slice budgets depend on the ubatch sizes: pass the native run's chunks")
         chunks = [len(ids)]
     elif isinstance(chunks, int):

@@ -164,7 +164,8 @@ class _Native:
             classes.append({"class": self._str(lib.llama_fastgen_model_class_name(model, c)),
                             "bytes": int(lib.llama_fastgen_ctx_class_bytes(ctx, c)),
                             "cells": int(lib.llama_fastgen_ctx_class_cells(ctx, c)),
-                            "used": int(lib.llama_fastgen_ctx_class_used(ctx, c))})
+                            "used": int(lib.llama_fastgen_ctx_class_used(ctx, c)),
+                            "dropped_upto": int(lib.llama_fastgen_ctx_class_dropped_upto(ctx, c, 0))})
         return {"fastgen": bool(classes), "classes": classes,
                 "kv_bytes": int(lib.llama_fastgen_ctx_kv_bytes(ctx)),
                 "full_bytes": int(lib.llama_fastgen_ctx_full_bytes(ctx))}

@@ -390,6 +390,9 @@ def test_dropped_protected_tokens_match_the_reference_of_the_same_drops(static_f
         reference.Replay(pol, ctx, cells)) or replays[-1])
     drops = {b.label: b.drops for b in replays[0].budgets.values()}
     assert sum(map(bool, drops.values())) >= 2 and max(map(len, drops.values())) >= 2, drops
+    # the same drops: where each class stopped dropping, natively and in the replay
+    assert {c["class"]: c["dropped_upto"] for c in st["classes"] if c["class"] in drops} == \
+        {label: d[-1][2] if d else 0 for label, d in drops.items()}
     kept, _ = _reference(model_dir, static_fastgen_gguf, ids, 64)      # protected tokens never dropped
     start = min(p0 for d in drops.values() for p0, _, _ in d)
     _agrees(nat[start:], ref[start:], full[start:])

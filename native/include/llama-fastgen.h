@@ -41,6 +41,10 @@ LLAMA_API size_t   llama_fastgen_ctx_class_bytes(const struct llama_context * ct
 LLAMA_API uint32_t llama_fastgen_ctx_class_cells(const struct llama_context * ctx, int32_t c);
 LLAMA_API uint32_t llama_fastgen_ctx_class_used (const struct llama_context * ctx, int32_t c);
 
+// Per class c of a fastgen context: the position below which protected tokens of sequence seq_id
+// were dropped because the class's cells ran out (0: none dropped).
+LLAMA_API int32_t llama_fastgen_ctx_class_dropped_upto(const struct llama_context * ctx, int32_t c, int32_t seq_id);
+
 // K+V bytes allocated by the context's cache (any cache type), and what an ordinary full cache
 // of the same n_ctx and types takes (equal for an ordinary cache).
 LLAMA_API size_t llama_fastgen_ctx_kv_bytes  (const struct llama_context * ctx);

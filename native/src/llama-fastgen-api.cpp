@@ -96,6 +96,11 @@ uint32_t llama_fastgen_ctx_class_used(const llama_context * ctx, int32_t c) {
     return kv && c >= 0 && (size_t) c < kv->n_class() ? kv->class_used(c) : 0;
 }
 
+int32_t llama_fastgen_ctx_class_dropped_upto(const llama_context * ctx, int32_t c, int32_t seq_id) {
+    const auto * kv = fastgen_cache(ctx);
+    return kv && c >= 0 && (size_t) c < kv->n_class() ? kv->class_dropped_upto(c, seq_id) : 0;
+}
+
 size_t llama_fastgen_ctx_kv_bytes(const llama_context * ctx) {
     const llama_memory_i * mem = ctx ? llama_get_memory(ctx) : nullptr;
     size_t n = 0;

@@ -109,6 +109,11 @@ uint32_t llama_kv_cache_fastgen::class_used(int c) const {
     return slices[c] ? slices[c]->n_used_cells() : hh ? hh->max_used(c) : 0;
 }
 
+llama_pos llama_kv_cache_fastgen::class_dropped_upto(int c, llama_seq_id s) const {
+    const auto it = evicted_upto[c].find(s);
+    return it == evicted_upto[c].end() ? 0 : it->second;
+}
+
 size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
     if (hh && policy->classes[c].kind == LLAMA_FASTGEN_FREQUENT) {
         return hh->class_bytes(c);

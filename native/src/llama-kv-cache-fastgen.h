@@ -62,6 +62,7 @@ public:
     llama_fastgen_hh_store * hh_store() const { return hh.get(); }
     uint32_t         class_cells(int c) const;
     uint32_t         class_used(int c) const;
+    llama_pos        class_dropped_upto(int c, llama_seq_id s) const; // protected tokens dropped below this
     // the context whose scheduler computes this cache (captured in init_update, which decode calls
     // before every batch): heavy-hitter eviction synchronizes it before reading scores
     llama_context *  sched_ctx() const { return lctx; }
