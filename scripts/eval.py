@@ -290,8 +290,9 @@ def quality(cfgs, text_ids, ranges, n_ubatch: int = 64, rows: list | None = None
     assert cfgs[0].family == "full" and cfgs[0].kv == "f16"
     rows = [] if rows is None else rows
     for s, e in ranges:
-        todo = [c for c in cfgs[1:] if not any(r["config"] == c.name and r["range"] == f"{s}-{e}" for r in rows)]
-        if not todo and any(r["config"] == cfgs[0].name and r["range"] == f"{s}-{e}" for r in rows):
+        done = {r["config"] for r in rows if r["range"] == f"{s}-{e}"}
+        todo = [c for c in cfgs[1:] if c.name not in done]
+        if not todo and cfgs[0].name in done:
             continue
         ids = text_ids[:e]
         n_ctx = 1 << (e - 1).bit_length()
@@ -304,7 +305,7 @@ def quality(cfgs, text_ids, ranges, n_ubatch: int = 64, rows: list | None = None
                 full, full_bytes = logits, st["kv_bytes"]
             r = {"config": c.name, "family": c.family, "range": f"{s}-{e}", "kv_bytes": st["kv_bytes"],
                  "kv_ratio": st["kv_bytes"] / full_bytes, **compare(full, logits, ids, s)}
-            if not any(q["config"] == c.name and q["range"] == r["range"] for q in rows):
+            if c.name not in done:
                 rows.append(r)
                 if on_row:
                     on_row()
