@@ -77,8 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--n-sink", type=int, default=4, help="attention sinks kept by compressed heads (default 4)")
     g.add_argument("--max-window", type=int, default=4096, help="largest local window tried (default 4096)")
     g.add_argument("--ctx", type=int, default=8192,
-                   help="context length at which rung costs are compared (default 8192): the punct "
-                        "rungs grow with the text, the frequent rung is a fixed budget")
+                   help="context length at which rung costs are compared and the KV budget is spent "
+                        "(default 8192)")
+    g.add_argument("--budget-ctx", type=int, metavar="N",
+                   help="the n_ctx the windows and heavy-hitter budgets are sized for (default: --ctx); a "
+                        "context larger than N grows them in proportion, so heads keep the same share of a "
+                        "longer text; 0 keeps them fixed at every context")
     g.add_argument("--no-frequent", action="store_true",
                    help="leave the heavy-hitter (frequent) rungs out of the ladder")
     g.add_argument("--ubatch", type=int, default=64,
@@ -120,6 +124,12 @@ def check_args(a) -> None:
         raise UsageError("--max-tokens must be >= 32 and --n-sink >= 0")
     if a.ctx < 256 or a.ubatch < 1:
         raise UsageError("--ctx must be >= 256 and --ubatch >= 1")
+    if a.budget_ctx is None:
+        a.budget_ctx = a.ctx
+    from llama_fastgen.schema import MAX_CELLS
+
+    if not 0 <= a.budget_ctx <= MAX_CELLS:
+        raise UsageError(f"--budget-ctx must be in [0, {MAX_CELLS}] (0: fixed budgets), got {a.budget_ctx}")
     if a.probe_tokens < 256 or a.retrieval_margin < 0:
         raise UsageError("--probe-tokens must be >= 256 and --retrieval-margin >= 0")
     out_dir = a.outfile.resolve().parent
@@ -207,6 +217,7 @@ def profile_and_convert(a) -> dict:
         threshold=a.threshold or 0.0, n_sink=a.n_sink, classes=sel.classes,
         layer_class_heads=sel.layer_class_heads, head_perm=sel.perms,
         special_token_ids=special, punct_token_ids=punct, protected_frac=res.protected_frac,
+        budget_ctx=a.budget_ctx,
         calibration={"prompts": res.prompt_names, "tokens": res.n_tokens,
                      "robust_quantile": a.robust_quantile, "stability": sel.stability()["same_as_offline"],
                      "retrieval_protected": None if protection is None else len(protection.protected),
@@ -226,7 +237,7 @@ def profile_and_convert(a) -> dict:
         rep.update(policies_from=str(a.policies), retrieval=json.loads(a.policies.read_text()).get("retrieval"))
     import platform
 
-    rep.update(threshold=a.threshold, kv_budget=a.kv_budget, ctx=a.ctx, command="llama-fastgen-convert " + " ".join(a.argv),
+    rep.update(threshold=a.threshold, kv_budget=a.kv_budget, ctx=a.ctx, budget_ctx=a.budget_ctx, command="llama-fastgen-convert " + " ".join(a.argv),
                machine=f"{platform.machine()}, {os.cpu_count()} cores, {device}",
                finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"), seconds=round(time.time() - t0))
     stem = a.outfile.with_suffix("")

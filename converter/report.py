@@ -18,7 +18,7 @@ def build(sel, res, meta, head_dim: int, quality: dict | None, gguf: Path, prote
             counts[p.label] = counts.get(p.label, 0) + 1
     mem = []
     for n in CONTEXTS:
-        fg, full = footprint_bytes(sel.policies, head_dim, n, res.protected_frac, res.n_sink)
+        fg, full = footprint_bytes(sel.policies, head_dim, n, res.protected_frac, res.n_sink, budget_ctx=meta.budget_ctx)
         mem.append({"n_ctx": n, "fastgen_bytes": fg, "full_bytes": full, "ratio": fg / full})
     return {
         "gguf": str(gguf),

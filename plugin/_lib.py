@@ -155,13 +155,12 @@ class _Native:
     def cache_stats(self, llm) -> dict:
         """What the cache of a llama_cpp.Llama holds: per class bytes/cells/used, totals."""
         ctx = self.ffi.cast("void *", llm._ctx.ctx)
-        model = self.ffi.cast("void *", llm._model.model)
         lib = self.lib
         classes = []
         for c in range(lib.llama_fastgen_ctx_n_class(ctx)):
             if lib.llama_fastgen_ctx_class_cells(ctx, c) == 0:
                 continue  # class without heads in any layer
-            classes.append({"class": self._str(lib.llama_fastgen_model_class_name(model, c)),
+            classes.append({"class": self._str(lib.llama_fastgen_ctx_class_name(ctx, c)),  # as sized for n_ctx
                             "bytes": int(lib.llama_fastgen_ctx_class_bytes(ctx, c)),
                             "cells": int(lib.llama_fastgen_ctx_class_cells(ctx, c)),
                             "used": int(lib.llama_fastgen_ctx_class_used(ctx, c)),

@@ -34,7 +34,8 @@ def table(path: str, n_ctx: int | None, as_json: bool) -> str:
     ctxs = (n_ctx,) if n_ctx else CONTEXTS
     mem = []
     for n in ctxs:
-        fg, full = schema.footprint_bytes(meta.head_policies(), head_dim, n, meta.protected_frac, meta.n_sink)
+        fg, full = schema.footprint_bytes(meta.head_policies(), head_dim, n, meta.protected_frac, meta.n_sink,
+                                          budget_ctx=meta.budget_ctx)
         alloc = allocated(path, n)
         mem.append({"n_ctx": n, "policy_bytes": fg, "full_bytes": full, "ratio": fg / full,
                     "allocated_bytes": alloc["kv_bytes"], "allocated_ratio": alloc["kv_bytes"] / alloc["full_bytes"],

@@ -17,6 +17,8 @@ Keys (heads already permuted so that each layer's classes are contiguous, in cla
   fastgen.punct_token_ids      i32[]  protected by special+punct classes
   fastgen.protected_frac       f32    share of calibration tokens that are special or punctuation
   fastgen.calibration          str    JSON summary of the calibration run
+  fastgen.budget_ctx           u32    optional: the n_ctx the windows and budgets were sized for; a
+                                      larger context grows them by n_ctx / budget_ctx (HeadPolicy.at_context)
 Unknown keys are ignored by stock llama.cpp, so a fastgen GGUF still loads there.
 """
 from __future__ import annotations
@@ -99,6 +101,19 @@ class HeadPolicy:
         protected = protected_frac * n_ctx if self.kind != Kind.SPECIAL else 0.0
         return min(float(n_ctx), n_sink + protected + self.window)
 
+    def at_context(self, n_ctx: int, budget_ctx: int, n_sink: int) -> "HeadPolicy":
+        """What this head keeps in a cache of n_ctx cells (mirror of llama_fastgen_policy::for_context,
+        checked against the native labels by a test): windows and frequent budgets grow by
+        n_ctx / budget_ctx above budget_ctx, so a head keeps the same share of a longer context."""
+        if not budget_ctx or n_ctx <= budget_ctx or self.kind not in (Kind.FREQUENT, Kind.SPECIAL_PUNCT_LOCAL):
+            return self
+        def scale(v):
+            return min(MAX_CELLS, v * n_ctx // budget_ctx)
+        if self.kind == Kind.SPECIAL_PUNCT_LOCAL:
+            return HeadPolicy(self.kind, scale(self.window))
+        budget = scale(self.budget)
+        return HeadPolicy(self.kind, min(scale(self.window), budget - n_sink - 1), budget)
+
 
 @dataclass
 class FastgenMetadata:
@@ -112,6 +127,13 @@ class FastgenMetadata:
     protected_frac: float
     calibration: dict = field(default_factory=dict)
     version: int = SCHEMA_VERSION
+    budget_ctx: int = 0                        # 0: windows and budgets fixed at every n_ctx
+
+    def at_context(self, n_ctx: int) -> "FastgenMetadata":
+        """The policy table a native cache of n_ctx cells runs (see HeadPolicy.at_context)."""
+        from dataclasses import replace
+
+        return replace(self, classes=[c.at_context(n_ctx, self.budget_ctx, self.n_sink) for c in self.classes])
 
     @property
     def n_layer(self) -> int:
@@ -153,6 +175,8 @@ class FastgenMetadata:
             PREFIX + "protected_frac": ("f32", float(self.protected_frac)),
             PREFIX + "calibration": ("str", json.dumps(self.calibration, sort_keys=True)),
         }
+        if self.budget_ctx:
+            kv[PREFIX + "budget_ctx"] = ("u32", int(self.budget_ctx))
         # GGUF has no empty arrays: an empty token list is simply left out (the keys are optional)
         return {k: v for k, v in kv.items() if not (v[0] == "i32[]" and not v[1])}
 
@@ -216,6 +240,10 @@ def read(path: str | Path) -> FastgenMetadata | None:
     if frequent and frequent[-1] - frequent[0] != len(frequent) - 1:
         raise MetadataError(f"{path}: frequent classes must be consecutive in {PREFIX}class.kind "
                             f"(their heads share one store)")
+    budget_ctx = int(get("budget_ctx", U32, False) or 0)
+    if PREFIX + "budget_ctx" in fields and not 1 <= budget_ctx <= MAX_CELLS:
+        raise MetadataError(f"{path}: {PREFIX}budget_ctx = {budget_ctx} must be in [1, {MAX_CELLS}]; "
+                            f"re-run convert.py --profile")
     protected_frac = float(get("protected_frac", F32))
     if not 0.0 <= protected_frac <= 1.0:
         raise MetadataError(f"{path}: {PREFIX}protected_frac = {protected_frac} must be in [0, 1]")
@@ -257,7 +285,7 @@ def read(path: str | Path) -> FastgenMetadata | None:
     return FastgenMetadata(
         threshold=float(get("threshold", F32)), n_sink=n_sink, classes=classes, layer_class_heads=rows,
         head_perm=perms, special_token_ids=ids["special_token_ids"], punct_token_ids=ids["punct_token_ids"],
-        protected_frac=protected_frac, calibration=calibration, version=version)
+        protected_frac=protected_frac, calibration=calibration, version=version, budget_ctx=budget_ctx)
 
 
 def _arch_int(reader, suffix: str) -> int:
@@ -281,6 +309,7 @@ def class_capacity(meta: FastgenMetadata, c: int, n_ctx: int, n_ubatch: int) -> 
     budget + max(n_ubatch, FREQUENT_EVICT_BATCH), unpadded."""
     import math
 
+    meta = meta.at_context(n_ctx)
     cls = meta.classes[c]
     if cls.kind == Kind.FULL:
         return n_ctx
@@ -315,10 +344,11 @@ def kv_bytes(meta: FastgenMetadata, head_dim: int, n_ctx: int, n_ubatch: int, by
 
 
 def footprint_bytes(policies: list[list[HeadPolicy]], head_dim: int, n_ctx: int, protected_frac: float,
-                    n_sink: int, bytes_per_elem: int = 2) -> tuple[float, float]:
+                    n_sink: int, bytes_per_elem: int = 2, budget_ctx: int = 0) -> tuple[float, float]:
     """(kept, full) K+V bytes for the tokens the policies keep at n_ctx (f16 by default): the
     policy's own footprint, before the native cache adds n_ubatch cells and pads to 256."""
     per_token = 2 * head_dim * bytes_per_elem
     full = sum(len(row) for row in policies) * n_ctx * per_token
-    kept = sum(p.cost(n_ctx, protected_frac, n_sink) for row in policies for p in row) * per_token
+    kept = sum(p.at_context(n_ctx, budget_ctx, n_sink).cost(n_ctx, protected_frac, n_sink)
+               for row in policies for p in row) * per_token
     return kept, full

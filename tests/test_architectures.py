@@ -51,7 +51,7 @@ def test_native_cache_matches_reference(arch, ladder, model_dir, tmp_path):
     ids = tok("\n\n".join(t for _, t in load_texts()))["input_ids"][:700]
     m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
     ctx = token_context(ids, set(meta.special_token_ids), set(meta.punct_token_ids), meta.n_sink)
-    ref = reference.logits(m, ids, meta.original_head_policies(), ctx, chunks=64).numpy()[300:]  # ubatches of 64, as native
+    ref = reference.logits(m, ids, meta.at_context(1024).original_head_policies(), ctx, chunks=64).numpy()[300:]  # ubatches of 64, as native
     nat = llama_logits(g, ids, n_ctx=1024)[300:]
     assert (schema.Kind.FREQUENT in {c.kind for c in meta.classes}) == (ladder == "frequent")
     assert (nat.argmax(-1) == ref.argmax(-1)).mean() >= (0.99 if ladder == "static" else 0.97)

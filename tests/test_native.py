@@ -58,11 +58,12 @@ def _used_after(n_tokens, chunk, budget):
     return used
 
 
-def _reference(model_dir, gguf, ids, chunks, replay=None):
+def _reference(model_dir, gguf, ids, chunks, n_ctx, replay=None):
+    """(reference of the keep-sets a native context of n_ctx cells runs, full-cache reference)"""
     import torch
     from transformers import AutoModelForCausalLM
 
-    meta = schema.read(gguf)
+    meta = schema.read(gguf).at_context(n_ctx)
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     ctx = token_context(ids, set(meta.special_token_ids), set(meta.punct_token_ids), meta.n_sink)
     ref = reference.logits(m, ids, meta.original_head_policies(), ctx, chunks=chunks,
@@ -93,7 +94,7 @@ def test_native_cache_matches_pytorch_reference(which, real_fastgen_gguf, static
     start = 1 + max(max(c.window, c.budget) for c in meta.classes) + 64
     assert len(long_ids) - start >= 1000
     nat, st = teacher_forced(gguf, long_ids, n_ctx=2048, n_batch=64)
-    ref, full = _reference(model_dir, gguf, long_ids, 64)
+    ref, full = _reference(model_dir, gguf, long_ids, 64, 2048)
     _agrees(nat[start:], ref[start:], full[start:])
     for c in st["classes"]:  # frequent stores were full and evicted down to the budget
         cls = next(k for k in meta.classes if k.label == c["class"])
@@ -107,7 +108,7 @@ def test_frequent_heads_decoded_token_by_token_match_the_reference(real_fastgen_
     """Decode one token per llama_decode: eviction every 32 tokens, scores from single queries."""
     ids = long_ids[:560]
     nat, _ = teacher_forced(real_fastgen_gguf, ids, n_ctx=1024, n_batch=1)
-    ref, full = _reference(model_dir, real_fastgen_gguf, ids, 1)
+    ref, full = _reference(model_dir, real_fastgen_gguf, ids, 1, 1024)
     meta = schema.read(real_fastgen_gguf)
     start = 1 + max(c.budget for c in meta.classes) + 32
     _agrees(nat[start:], ref[start:], full[start:])
@@ -142,7 +143,7 @@ def test_fused_heavy_hitter_op_equals_the_composed_ggml_path(real_fastgen_gguf, 
     assert np.abs(fused - composed).mean() < 0.01 and np.quantile(err, 0.99) < 0.15
     # several tokens per ubatch (eviction between ubatches of 8): the reference of the same rule
     nat = _logits_in_subprocess(real_fastgen_gguf, ids, 8, {}, tmp_path)
-    ref, full = _reference(model_dir, real_fastgen_gguf, ids, 8)
+    ref, full = _reference(model_dir, real_fastgen_gguf, ids, 8, 1024)
     _agrees(nat[start:], ref[start:], full[start:])
 
 
@@ -171,7 +172,7 @@ def test_allocated_kv_bytes_equal_the_policy_formula(real_fastgen_gguf, n_ctx):
         llm.close()
     want = schema.kv_bytes(meta, head_dim=64, n_ctx=n_ctx, n_ubatch=512)
     got = {c["class"]: c["bytes"] for c in st["classes"]}
-    assert got == {cls.label: b for cls, b in zip(meta.classes, want) if b}
+    assert got == {cls.label: b for cls, b in zip(meta.at_context(n_ctx).classes, want) if b}
     assert st["kv_bytes"] == sum(want)
     assert st["full_bytes"] == 30 * 3 * 64 * 2 * 2 * n_ctx
     assert st["kv_bytes"] < st["full_bytes"]
@@ -227,6 +228,8 @@ HOSTILE = {
                          "65 classes, at most 64"),
     "huge window": ({"fastgen.class.kind": ("i32[]", [3]), "fastgen.class.window": ("i32[]", [1 << 30])},
                     "fastgen.class.window[0] = 1073741824 is invalid"),
+    "zero budget_ctx": ({"fastgen.budget_ctx": ("u32", 0)}, "fastgen.budget_ctx = 0 must be in"),
+    "huge budget_ctx": ({"fastgen.budget_ctx": ("u32", 2**32 - 1)}, "fastgen.budget_ctx = 4294967295 must be in"),
 }
 BAD.update(HOSTILE)
 TINY_BASE = {"fastgen.version": ("u32", 1), "fastgen.threshold": ("f32", 0.9), "fastgen.n_sink": ("u32", 4),
@@ -386,14 +389,14 @@ def test_dropped_protected_tokens_match_the_reference_of_the_same_drops(static_f
     nat, st = teacher_forced(static_fastgen_gguf, ids, n_ctx=1024, n_batch=64)
     cells = {c["class"]: c["cells"] for c in st["classes"]}
     replays = []
-    ref, full = _reference(model_dir, static_fastgen_gguf, ids, 64, replay=lambda pol, ctx: replays.append(
+    ref, full = _reference(model_dir, static_fastgen_gguf, ids, 64, 1024, replay=lambda pol, ctx: replays.append(
         reference.Replay(pol, ctx, cells)) or replays[-1])
     drops = {b.label: b.drops for b in replays[0].budgets.values()}
     assert sum(map(bool, drops.values())) >= 2 and max(map(len, drops.values())) >= 2, drops
     # the same drops: where each class stopped dropping, natively and in the replay
     assert {c["class"]: c["dropped_upto"] for c in st["classes"] if c["class"] in drops} == \
         {label: d[-1][2] if d else 0 for label, d in drops.items()}
-    kept, _ = _reference(model_dir, static_fastgen_gguf, ids, 64)      # protected tokens never dropped
+    kept, _ = _reference(model_dir, static_fastgen_gguf, ids, 64, 1024)      # protected tokens never dropped
     start = min(p0 for d in drops.values() for p0, _, _ in d)
     _agrees(nat[start:], ref[start:], full[start:])
     err = lambda a: np.quantile(np.abs(nat[start:] - a[start:]).max(-1), 0.99)
@@ -437,6 +440,43 @@ def test_a_small_frequent_budget_evicts_and_stays_finite(tiny_model_dir, tmp_pat
     # layers x heads x (cells x (K+V f16 + score + position) + padding with the CUDA kernel's block counter)
     assert st["kv_bytes"] == 4 * 2 * ((48 + 32) * (8 * 2 * 2 + 8) + 32)
     assert np.isfinite(on).all()
+
+
+def test_budgets_grow_with_the_context_natively_as_in_python_and_the_reference(tiny_model_dir, tmp_path, long_ids):
+    """fastgen.budget_ctx: above it, windows and heavy-hitter budgets grow by n_ctx / budget_ctx. The
+    labels, cells and bytes a native context reports equal Python's rule (schema.at_context), and the
+    logits equal the PyTorch reference of the grown keep-sets, not of the stored ones."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kv = {**TINY_BASE, "fastgen.class.kind": ("i32[]", [3, 4]), "fastgen.class.window": ("i32[]", [16, 8]),
+          "fastgen.class.budget": ("i32[]", [0, 40]), "fastgen.layer_class_heads": ("i32[]", [1, 1] * 4),
+          "fastgen.budget_ctx": ("u32", 128)}
+    g = gguf_export.convert(tiny_model_dir, tmp_path / "scaled.gguf", "f32", extra_kv=kv)
+    meta = schema.read(g)
+    assert meta.budget_ctx == 128
+    for asked in (128, 256, 1000):
+        llm = Llama(model_path=str(g), n_ctx=asked, n_ubatch=64, verbose=False)
+        try:
+            st, n_ctx = llama_fastgen.native.cache_stats(llm), llm.n_ctx()  # llama.cpp pads n_ctx to 256
+        finally:
+            llm.close()
+        want = meta.at_context(n_ctx)
+        assert [c["class"] for c in st["classes"]] == [c.label for c in want.classes]
+        assert st["kv_bytes"] == sum(schema.kv_bytes(meta, head_dim=8, n_ctx=n_ctx, n_ubatch=64))
+    assert [c.label for c in meta.at_context(128).classes] == ["special+punct+local16", "special+frequent40+local8"]
+    assert [c.label for c in meta.at_context(512).classes] == ["special+punct+local64", "special+frequent160+local32"]
+
+    ids = long_ids[:480]
+    nat, st = teacher_forced(g, ids, n_ctx=512, n_batch=64)
+    assert st["classes"][1]["used"] == _used_after(len(ids), 64, 160)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ctx = token_context(ids, set(), set(), meta.n_sink)
+    grown = reference.logits(m, ids, meta.at_context(512).original_head_policies(), ctx, chunks=64).numpy()
+    stored = reference.logits(m, ids, meta.original_head_policies(), ctx, chunks=64).numpy()
+    err = lambda a: np.quantile(np.abs(nat[230:] - a[230:]).max(-1), 0.99)
+    assert (nat.argmax(-1) == grown.argmax(-1)).mean() >= 0.99 and err(grown) < 0.01, err(grown)
+    assert err(stored) > 5 * err(grown), (err(stored), err(grown))
 
 
 def test_frequent_heads_refuse_several_sequences_with_a_clear_error(tiny_model_dir, tmp_path):

@@ -121,7 +121,7 @@ def test_protected_heads_are_full_in_the_gguf_and_natively_equal_the_reference(p
     assert [[p.label for p in row] for row in pol] == rep["policies"]
     start = 1 + max(max(c.window, c.budget) for c in meta.classes) + 64
     nat, _ = teacher_forced(protected_gguf, long_ids, n_ctx=2048, n_batch=64)
-    ref, full = _reference(model_dir, protected_gguf, long_ids, 64)
+    ref, full = _reference(model_dir, protected_gguf, long_ids, 64, 2048)
     _agrees(nat[start:], ref[start:], full[start:])
 
 

@@ -35,6 +35,10 @@ LLAMA_API const char * llama_fastgen_model_class_name(const struct llama_model *
 // Number of classes of the context's cache: 0 when it is an ordinary cache.
 LLAMA_API int32_t llama_fastgen_ctx_n_class(const struct llama_context * ctx);
 
+// Label of class c as the context's cache runs it: windows and budgets grown with n_ctx when the
+// GGUF sets fastgen.budget_ctx below n_ctx ("" if out of range).
+LLAMA_API const char * llama_fastgen_ctx_class_name(const struct llama_context * ctx, int32_t c);
+
 // Per class c of a fastgen context: allocated K+V bytes (frequent classes: + F32 scores), capacity in
 // cells, occupied cells (frequent classes: per head, the most any (layer, head) holds).
 LLAMA_API size_t   llama_fastgen_ctx_class_bytes(const struct llama_context * ctx, int32_t c);

@@ -81,6 +81,16 @@ int32_t llama_fastgen_ctx_n_class(const llama_context * ctx) {
     return kv ? (int32_t) kv->n_class() : 0;
 }
 
+const char * llama_fastgen_ctx_class_name(const llama_context * ctx, int32_t c) {
+    static std::string name;
+    name.clear();
+    const auto * kv = fastgen_cache(ctx);
+    if (kv && c >= 0 && (size_t) c < kv->n_class()) {
+        name = kv->get_policy().describe_class(c);
+    }
+    return name.c_str();
+}
+
 size_t llama_fastgen_ctx_class_bytes(const llama_context * ctx, int32_t c) {
     const auto * kv = fastgen_cache(ctx);
     return kv && c >= 0 && (size_t) c < kv->n_class() ? kv->slice_bytes(c) : 0;

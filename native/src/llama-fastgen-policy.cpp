@@ -58,6 +58,13 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
     p->threshold      = gguf_get_val_f32(ctx, get_scalar_key(ctx, "fastgen.threshold", GGUF_TYPE_FLOAT32));
     p->n_sink         = gguf_get_val_u32(ctx, get_scalar_key(ctx, "fastgen.n_sink", GGUF_TYPE_UINT32));
     p->protected_frac = gguf_get_val_f32(ctx, get_scalar_key(ctx, "fastgen.protected_frac", GGUF_TYPE_FLOAT32));
+    if (const int64_t kid = gguf_find_key(ctx, "fastgen.budget_ctx"); kid >= 0) { // optional: budgets fixed without it
+        p->budget_ctx = gguf_get_val_u32(ctx, get_scalar_key(ctx, "fastgen.budget_ctx", GGUF_TYPE_UINT32));
+        if (p->budget_ctx < 1 || p->budget_ctx > (uint32_t) MAX_CELLS) {
+            throw std::runtime_error(format("fastgen: fastgen.budget_ctx = %u must be in [1, %d]; re-run convert.py --profile",
+                    p->budget_ctx, MAX_CELLS));
+        }
+    }
     if (p->n_sink > MAX_N_SINK) {
         throw std::runtime_error(format("fastgen: fastgen.n_sink = %u exceeds %u", p->n_sink, MAX_N_SINK));
     }
@@ -208,6 +215,24 @@ uint32_t llama_fastgen_policy::capacity(int c, uint32_t n_ctx, uint32_t n_ubatch
     const double share = cls.kind == LLAMA_FASTGEN_SPECIAL ? 0.02 : std::min(1.0, 1.5*protected_frac + 0.02);
     const uint64_t need = (uint64_t) n_sink + cls.window + n_ubatch + 32 + (uint64_t) std::ceil(share*n_ctx);
     return (uint32_t) std::min<uint64_t>(n_ctx, need);
+}
+
+std::shared_ptr<const llama_fastgen_policy> llama_fastgen_policy::for_context(uint32_t n_ctx) const {
+    auto p = std::make_shared<llama_fastgen_policy>(*this);
+    if (budget_ctx == 0 || n_ctx <= budget_ctx) {
+        return p;
+    }
+    const auto scale = [&](int32_t v) { return (int32_t) std::min<uint64_t>(MAX_CELLS, (uint64_t) v * n_ctx / budget_ctx); };
+    for (auto & cls : p->classes) {
+        if (cls.kind == LLAMA_FASTGEN_FREQUENT) {
+            cls.budget = scale(cls.budget);
+            // n_sink + window < budget holds after scaling unless the cap cut the budget
+            cls.window = std::min<int32_t>(scale(cls.window), cls.budget - (int32_t) n_sink - 1);
+        } else if (cls.kind == LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL) {
+            cls.window = scale(cls.window);
+        }
+    }
+    return p;
 }
 
 std::vector<bool> llama_fastgen_policy::protected_tokens(int c) const {

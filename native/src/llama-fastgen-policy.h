@@ -41,6 +41,8 @@ struct llama_fastgen_policy {
     float    threshold      = 0.0f;
     uint32_t n_sink         = 0;
     float    protected_frac = 0.0f;
+    // the n_ctx the windows and budgets were sized for (fastgen.budget_ctx); 0: they are fixed
+    uint32_t budget_ctx     = 0;
 
     std::vector<llama_fastgen_class>  classes;
     std::vector<std::vector<int32_t>> layer_class_heads; // [n_layer][n_class]
@@ -64,6 +66,11 @@ struct llama_fastgen_policy {
     std::vector<bool> protected_tokens(int c) const;
 
     std::string describe_class(int c) const;
+
+    // the policy a cache of n_ctx cells runs: windows and frequent budgets of compressed classes
+    // grow by n_ctx / budget_ctx when n_ctx > budget_ctx (the stored values are the floors), so the
+    // share of the context a head keeps does not shrink as the context grows (FastGen's r)
+    std::shared_ptr<const llama_fastgen_policy> for_context(uint32_t n_ctx) const;
 
     // nullptr when the GGUF has no fastgen keys; throws std::runtime_error naming the key otherwise
     static std::shared_ptr<llama_fastgen_policy> load(const gguf_context * ctx, const llama_hparams & hparams,
