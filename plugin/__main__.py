@@ -22,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     ch.add_argument("--prompt", action="append", help="scripted user turn (repeatable); default: interactive on a terminal")
     ch.add_argument("--n-ctx", type=int, default=4096)
     ch.add_argument("--max-tokens", type=int, default=200)
+    sv = sub.add_parser("serve", help="llama-cpp-python's OpenAI-compatible server (python -m llama_cpp.server) "
+                        "on our libllama", description="Serve a GGUF with llama_cpp.server; every option after "
+                        "the model is passed on (e.g. --port 8000 --n_ctx 8192; see python -m llama_cpp.server --help).")
+    sv.add_argument("model", help="GGUF file")
+    sv.add_argument("server_args", nargs=argparse.REMAINDER, help="llama_cpp.server options")
     args = ap.parse_args(argv)
 
     if args.version:
@@ -31,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama.cpp {native.llama_commit()} (pinned by llama-cpp-python 0.3.36)")
         print(f"backends: {', '.join(native.backends())}")
         return 0
-    if args.cmd in ("inspect", "chat") and not os.path.isfile(args.model):
+    if args.cmd in ("inspect", "chat", "serve") and not os.path.isfile(args.model):
         print(f"llama-fastgen: error: model file {args.model} does not exist", file=sys.stderr)
         return 2
     if args.cmd == "inspect":
@@ -48,7 +53,28 @@ def main(argv: list[str] | None = None) -> int:
         from .chat import run
 
         return run(args.model, args.prompt, args.n_ctx, args.max_tokens)
+    if args.cmd == "serve":
+        return serve(args.model, args.server_args)
     ap.print_help()
+    return 0
+
+
+def serve(model: str, server_args: list[str]) -> int:
+    """llama_cpp.server's own main, after llama_fastgen has pointed llama_cpp at our libllama (the
+    plain `python -m llama_cpp.server` would load whatever LLAMA_CPP_LIB_PATH names)."""
+    # importing this package has pointed llama_cpp at our libllama (LLAMA_CPP_LIB_PATH)
+    try:
+        from llama_cpp.server.__main__ import main as server_main
+    except ImportError as e:
+        print(f"llama-fastgen: error: the server needs llama-cpp-python's server packages ({e.name} is missing); "
+              f"pip install 'llama-fastgen[serve]' (or 'llama-cpp-python[server]==0.3.36')", file=sys.stderr)
+        return 2
+    sys.argv = ["llama-fastgen serve", "--model", model, *server_args]
+    try:
+        server_main()
+    except ValueError as e:  # a fastgen policy or context the native code refused: say why, no traceback
+        print(f"llama-fastgen: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

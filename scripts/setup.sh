@@ -43,7 +43,7 @@ if ! python -c 'import importlib.metadata as m; assert m.version("llama_cpp_pyth
     CMAKE_ARGS="-DLLAMA_BUILD=OFF" run llama-cpp-python pip install --no-build-isolation "$SDIST"
 fi
 step "building llama-fastgen (libllama + native code; first build ~3 min on 2 cores)"
-run build pip install --no-build-isolation ".[convert,test]"
+run build pip install --no-build-isolation ".[convert,test,serve]"
 # Development install: the installed Python sources become links into plugin/ and converter/, so what
 # runs is what the tree holds and edits take effect at once; lib/ and the pinned converter stay copies.
 SITE="$(python -c 'import importlib.util as u, pathlib; print(pathlib.Path(u.find_spec("llama_fastgen").origin).parent)')"

@@ -1,0 +1,127 @@
+"""Serving a fastgen GGUF through llama-cpp-python's OpenAI-compatible server (`llama-fastgen serve`,
+i.e. `python -m llama_cpp.server` on our libllama). The oracle is the same requests made in process
+through `Llama.create_chat_completion`: greedy answers must be equal, streamed or not, one at a time
+or concurrent, and the server's cache must be the fastgen one."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from llama_fastgen.converter import gguf_export
+from llama_cpp import Llama
+from test_native import TINY_BASE
+
+GREEDY = {"max_tokens": 16, "temperature": 0.0, "repeat_penalty": 1.0, "seed": 7}
+# ~300 tokens: past the heavy-hitter budget (40) and the windows, so both classes evict
+TURN1 = [{"role": "user", "content": "Here is a list: " + ", ".join(f"item {i} is {i * 7 % 11}" for i in range(40))
+          + ". Which item is 5?"}]
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a windowed and a heavy-hitter class in every layer."""
+    kv = {**TINY_BASE, "fastgen.class.kind": ("i32[]", [3, 4]), "fastgen.class.window": ("i32[]", [16, 8]),
+          "fastgen.class.budget": ("i32[]", [0, 40]), "fastgen.layer_class_heads": ("i32[]", [1, 1] * 4)}
+    return gguf_export.convert(tiny_model_dir, tmp_path_factory.mktemp("serve") / "mixed.gguf", "f32", extra_kv=kv)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, gguf, tmp_path, *args):
+        self.port = _free_port()
+        self.log = tmp_path / f"server-{self.port}.log"
+        cmd = [sys.executable, "-m", "llama_fastgen", "serve", str(gguf), "--host", "127.0.0.1",
+               "--port", str(self.port), "--n_ctx", "1024", "--n_ubatch", "64", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
+
+    def wait_ready(self, timeout=120.0) -> bool:
+        """True once /v1/models answers; False when the process exits first."""
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=5) as r:
+                    if r.status == 200:
+                        return True
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log.read_text()[-2000:]}")
+
+    def post(self, messages, stream=False) -> str:
+        body = json.dumps({"messages": messages, "stream": stream, **GREEDY}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            if not stream:
+                return json.loads(r.read())["choices"][0]["message"]["content"]
+            text = ""
+            for line in r:  # server-sent events: "data: {...}" lines, then "data: [DONE]"
+                line = line.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            return text
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return self.log.read_text()
+
+
+def _in_process(gguf, conversations):
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_ubatch=64, verbose=False)
+    try:
+        return [llm.create_chat_completion(messages=m, **GREEDY)["choices"][0]["message"]["content"]
+                for m in conversations]
+    finally:
+        llm.close()
+
+
+def test_the_server_answers_as_llama_does_in_process_with_the_fastgen_cache(mixed_gguf, tmp_path):
+    srv = Server(mixed_gguf, tmp_path)
+    try:
+        assert srv.wait_ready(), srv.stop()
+        a1 = srv.post(TURN1)
+        turn2 = TURN1 + [{"role": "assistant", "content": a1}, {"role": "user", "content": "And two more?"}]
+        a2 = srv.post(turn2)                       # the second turn shares the first as a prefix
+        streamed = srv.post(TURN1, stream=True)
+        with ThreadPoolExecutor(2) as ex:          # concurrent requests (the server serialises them)
+            concurrent = list(ex.map(srv.post, [TURN1, turn2]))
+    finally:
+        log = srv.stop()
+    assert a1 and a2
+    assert [a1, a2] == _in_process(mixed_gguf, [TURN1, turn2])
+    assert streamed == a1 and concurrent == [a1, a2]
+    # the server ran the per-class cache (its log line), not an ordinary one
+    assert "instead of" in log and "special+frequent40+local8   4 heads,    104 cells" in log, log[-3000:]
+
+
+def test_the_server_refuses_embedding_mode_of_heavy_hitter_heads_with_the_reason(mixed_gguf, tmp_path):
+    """embedding mode asks llama.cpp for several sequences; heavy-hitter heads keep one."""
+    srv = Server(mixed_gguf, tmp_path, "--embedding", "true")
+    ready = srv.wait_ready()
+    log = srv.stop()
+    assert not ready and srv.proc.returncode != 0
+    assert "n_seq_max = 1" in log and "Traceback" not in log, log[-3000:]
+
+
+def test_serve_says_what_is_wrong_with_a_missing_model(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "llama_fastgen", "serve", str(tmp_path / "nope.gguf")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "does not exist" in r.stderr
