@@ -228,10 +228,7 @@ def logits(model, ids: list[int], policies, ctx: TokenContext | None, chunks: li
 
 
 def compare(full: torch.Tensor, comp: torch.Tensor, start: int = 0) -> dict:
-    """KL(full || compressed) per position, top-1 agreement, from `start` on."""
-    p = torch.log_softmax(full[start:].double(), -1)
-    q = torch.log_softmax(comp[start:].double(), -1)
-    kl = (p.exp() * (p - q)).sum(-1).numpy()
-    top1 = (full[start:].argmax(-1) == comp[start:].argmax(-1)).double().numpy()
-    return {"kl_mean": float(kl.mean()), "kl_p99": float(np.quantile(kl, 0.99)),
-            "top1": float(top1.mean()), "n": int(len(kl))}
+    """KL(full || compressed) per position, top-1 agreement, from `start` on (llama_fastgen.metrics)."""
+    from llama_fastgen.metrics import agreement
+
+    return agreement(full[start:].double().numpy(), comp[start:].double().numpy())

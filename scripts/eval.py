@@ -95,17 +95,11 @@ def teacher_forced(cfg: Config, ids, n_ctx, decode_from=None, n_ubatch: int = 64
 
 
 def compare(full: np.ndarray, other: np.ndarray, ids: list[int], start: int) -> dict:
-    def logp(x):
-        x = x.astype(np.float64)
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    """Positions start..end-1 predict the next token: KL / top-1 against the full cache, perplexity."""
+    from llama_fastgen.metrics import agreement
 
-    p, q = logp(full[start:-1]), logp(other[start:-1])
-    nxt = np.array(ids[start + 1:])
-    kl = (np.exp(p) * (p - q)).sum(-1)
-    return {"kl_mean": float(kl.mean()), "kl_p99": float(np.quantile(kl, 0.99)),
-            "top1": float((p.argmax(-1) == q.argmax(-1)).mean()),
-            "ppl": float(np.exp(-q[np.arange(len(nxt)), nxt].mean())), "positions": int(len(nxt))}
+    r = agreement(full[start:-1], other[start:-1], next_ids=ids[start + 1:])
+    return {"kl_mean": r["kl_mean"], "kl_p99": r["kl_p99"], "top1": r["top1"], "ppl": r["ppl"], "positions": r["n"]}
 
 
 def uniform_gguf(model_dir: Path, window: int, protected_frac: float, out: Path, policy=None, punct: bool = True) -> Path:
