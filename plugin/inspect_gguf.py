@@ -41,11 +41,13 @@ def table(path: str, n_ctx: int | None, as_json: bool) -> str:
                     "allocated_bytes": alloc["kv_bytes"], "allocated_ratio": alloc["kv_bytes"] / alloc["full_bytes"],
                     "classes": alloc["classes"]})
     if as_json:
-        return json.dumps({"gguf": path, "threshold": meta.threshold, "n_sink": meta.n_sink,
+        return json.dumps({"gguf": path, "threshold": meta.threshold, "n_sink": meta.n_sink, "budget_ctx": meta.budget_ctx,
                            "classes": [c.label for c in meta.classes],
                            "layer_class_heads": meta.layer_class_heads, "kv": mem}, indent=1)
+    grow = (f"; windows and budgets are for n_ctx {meta.budget_ctx} and grow with larger contexts"
+            if meta.budget_ctx else "; windows and budgets fixed at every n_ctx")
     lines = [f"{path}: fastgen schema v{meta.version}, T = {meta.threshold:g}, {meta.n_sink} sinks, "
-             f"{len(meta.special_token_ids)} special + {len(meta.punct_token_ids)} punctuation ids protected",
+             f"{len(meta.special_token_ids)} special + {len(meta.punct_token_ids)} punctuation ids protected" + grow,
              "layer  " + "  ".join(f"{c.label:>22}" for c in meta.classes)]
     for l, row in enumerate(meta.layer_class_heads):
         lines.append(f"{l:>5}  " + "  ".join(f"{n:>22}" for n in row))
@@ -53,4 +55,6 @@ def table(path: str, n_ctx: int | None, as_json: bool) -> str:
         lines.append(f"KV (f16) at n_ctx {m['n_ctx']:>6}: allocated {m['allocated_bytes'] / 2**20:8.1f} MiB vs full "
                      f"{m['full_bytes'] / 2**20:8.1f} MiB ({m['allocated_ratio']:.0%}); tokens the policy keeps: "
                      f"{m['policy_bytes'] / 2**20:.1f} MiB ({m['ratio']:.0%})")
+        if meta.budget_ctx and m["n_ctx"] > meta.budget_ctx:
+            lines.append("    runs " + ", ".join(c["class"] for c in m["classes"]))
     return "\n".join(lines)
