@@ -299,12 +299,14 @@ def _load_one(path: str) -> dict:
         rec["py"] = "ok"
         if meta is not None:  # classes with heads (the native stats list those only)
             used = [any(row[c] for row in meta.layer_class_heads) for c in range(len(meta.classes))]
-            rec["py_classes"] = [cls.label for cls, u in zip(meta.classes, used) if u]
+            # the labels a cache of N_CTX runs: sizes grown when N_CTX > budget_ctx
+            rec["py_classes"] = [cls.label for cls, u in zip(meta.at_context(N_CTX).classes, used) if u]
     except Exception as e:  # noqa: BLE001  (the judge decides whether the exception is a clean one)
         rec["py"], rec["py_err"] = "refused", f"{type(e).__name__}: {e}"[:400]
     try:
         llm = Llama(model_path=path, n_ctx=N_CTX, verbose=False)
         try:
+            assert llm.n_ctx() == N_CTX, "N_CTX must be a size llama.cpp does not pad"
             st = llama_fastgen.native.cache_stats(llm)
             n_ubatch = llm.context_params.n_ubatch
         finally:
