@@ -59,7 +59,7 @@ class _AfterLlamaCpp(importlib.abc.MetaPathFinder):
             sys.meta_path = [f for f in sys.meta_path if f is not finder]
             run(module)
             _check_loaded(module)
-            _explain_load_errors(module)
+            _extend(module)
 
         spec.loader.exec_module = exec_module
         return spec
@@ -70,7 +70,7 @@ def prepare() -> None:
     ours = lib_dir()
     if "llama_cpp" in sys.modules:
         _check_loaded(sys.modules["llama_cpp"])
-        _explain_load_errors(sys.modules["llama_cpp"])
+        _extend(sys.modules["llama_cpp"])
         return
     env = os.environ.get("LLAMA_CPP_LIB_PATH")
     if env and Path(env).resolve() != ours:
@@ -87,6 +87,14 @@ def load():
     import llama_cpp
 
     return llama_cpp
+
+
+def _extend(llama_cpp) -> None:
+    """What llama_fastgen adds to llama_cpp: reasons for refusals, prompt reuse via checkpoints."""
+    from . import checkpoints
+
+    _explain_load_errors(llama_cpp)
+    checkpoints.install(llama_cpp)
 
 
 def _explain_load_errors(llama_cpp) -> None:

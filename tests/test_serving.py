@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from llama_fastgen.converter import gguf_export
@@ -125,3 +126,64 @@ def test_serve_says_what_is_wrong_with_a_missing_model(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llama_fastgen", "serve", str(tmp_path / "nope.gguf")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+# ------------------------------------------------------------------ prompt reuse (checkpoints.py)
+REUSE = {"n_ctx": 512, "n_batch": 64, "n_ubatch": 64, "verbose": False}
+
+
+def test_a_new_question_about_the_same_document_restores_a_checkpoint_exactly(mixed_gguf, long_ids, monkeypatch):
+    """Prompt A = document + question 1 (330 tokens: both classes have evicted), then an answer token by
+    token; prompt B = document + question 2. The native cache refuses to drop A's tail; a checkpoint
+    taken inside A is restored and the document's end evaluated again. Oracle: a cache that evaluated
+    only B's shared prefix, then the rest of B (what "never having seen the old tail" means)."""
+    from llama_fastgen import checkpoints
+
+    doc, a, b = long_ids[:300], long_ids[:300] + long_ids[400:430], long_ids[:300] + long_ids[500:520]
+    p0 = len(doc)
+    llm = Llama(model_path=str(mixed_gguf), logits_all=True, **REUSE)
+    llm.eval(a)
+    for t in long_ids[600:608]:         # an answer, one token per call as generation does
+        llm.eval([t])
+    cps = checkpoints.of(llm)
+    assert [c.pos for c in cps.items] == [256, 320]   # before A's last two chunks of 64
+    assert llm._ctx.kv_cache_seq_rm(-1, p0, -1)
+    assert cps.restored == 1 and llm.n_tokens == p0 and [c.pos for c in cps.items] == [256]
+    llm.eval(b[p0:])
+    got = llm.scores[p0 - 1:len(b)].copy()
+
+    fresh = Llama(model_path=str(mixed_gguf), logits_all=True, **REUSE)
+    fresh.eval(b[:p0])
+    fresh.eval(b[p0:])
+    want = fresh.scores[p0 - 1:len(b)]
+    # restored cells sit in other slots, and CPU flash attention accumulates V in f16 in slot order:
+    # equal up to that rounding (seen: 1.8e-4 of the largest logit)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
+
+    monkeypatch.setenv(checkpoints.ENV, "0")
+    off = Llama(model_path=str(mixed_gguf), **REUSE)
+    off.eval(a)
+    assert checkpoints.of(off) is None and not off._ctx.kv_cache_seq_rm(-1, p0, -1)  # the native refusal
+
+
+def test_a_second_completion_reuses_the_document_and_answers_as_a_fresh_cache(mixed_gguf, long_ids):
+    """Through Llama.create_completion (llama-cpp-python's own prefix matching): the second prompt
+    evaluates the end of the document and its question only, and answers as a cache that evaluated the
+    document alone first."""
+    from llama_fastgen import checkpoints
+
+    doc, a, b = long_ids[:300], long_ids[:300] + long_ids[400:430], long_ids[:300] + long_ids[500:520]
+    llm = Llama(model_path=str(mixed_gguf), **REUSE)
+    evaluated = []
+    orig = llm._ctx.decode
+    llm._ctx.decode = lambda batch: (evaluated.append(batch.batch.n_tokens), orig(batch))[1]
+    llm.create_completion(a, **GREEDY)
+    evaluated.clear()
+    got = llm.create_completion(b, **GREEDY)["choices"][0]["text"]
+    assert checkpoints.of(llm).restored == 1
+    assert evaluated[:2] == [300 - 256, 20]   # the document's end again, then question 2; then the answer
+
+    fresh = Llama(model_path=str(mixed_gguf), **REUSE)
+    fresh.eval(doc)
+    assert got == fresh.create_completion(b, **GREEDY)["choices"][0]["text"]

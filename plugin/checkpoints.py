@@ -1,0 +1,156 @@
+"""Prompt reuse for a compressed cache: checkpoints of the cache inside long prompts.
+
+llama-cpp-python reuses the longest common prefix of the previous and the new prompt by removing
+the rest of the old history (``kv_cache_seq_rm(-1, p0, -1)``). A compressed cache has evicted
+tokens behind its windows and heavy-hitter budgets, so the native cache refuses a removal that starts
+inside the history, and llama-cpp-python re-evaluates the whole prompt: a second question about the
+same document costs the document again.
+
+llama-server solves the same problem for sliding-window models with context checkpoints (saved states
+of the part of the cache that cannot be rolled back, ``--ctx-checkpoints``); this is that, for
+``Llama``: before the last ``LAST_CHUNKS`` chunks (of ``n_batch`` tokens) of every prompt evaluation
+the sequence's cache state is saved in host memory. When the native cache refuses to remove
+``[p0, ...)``, the newest checkpoint at ``b <= p0`` whose tokens are still the history is restored and
+``[b, p0)`` is evaluated again, in the chunks a first evaluation from ``b`` makes. The cache then
+holds exactly what a cache that evaluated the prompt only up to ``p0`` would hold, and the removal
+succeeds: only ``p0 - b`` (under one chunk) plus the new tokens are evaluated instead of everything.
+
+``LLAMA_FASTGEN_CHECKPOINTS`` (default 2) is how many checkpoints a ``Llama`` keeps; 0 turns them off.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+LAST_CHUNKS = 2          # checkpoints before each of the last chunks of a prompt
+ENV = "LLAMA_FASTGEN_CHECKPOINTS"
+
+
+def max_checkpoints() -> int:
+    v = os.environ.get(ENV, "2")
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"{ENV}={v!r}: expected a number of checkpoints (0 turns them off)") from None
+    if n < 0:
+        raise ValueError(f"{ENV}={n}: expected 0 or more")
+    return n
+
+
+@dataclass
+class Checkpoint:
+    pos: int               # tokens [0, pos) are in the saved cache
+    tokens: np.ndarray     # those tokens, to check the history still starts with them
+    state: ctypes.Array
+
+
+class Checkpoints:
+    """The checkpoints of one Llama, newest last."""
+
+    def __init__(self, llm, limit: int):
+        self.llm = weakref.ref(llm)
+        self.limit = limit
+        self.items: list[Checkpoint] = []
+        self.restored = 0      # how many refused removals were served by a checkpoint (for logs and tests)
+
+    def save(self) -> None:
+        import llama_cpp
+
+        llm = self.llm()
+        pos = llm.n_tokens
+        if pos == 0 or self.limit == 0:
+            return
+        self.items = [c for c in self.items if c.pos < pos]  # a newer one at or beyond pos is stale
+        ctx = llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0) != size:
+            return  # nothing saved, nothing lost: a later refusal re-evaluates the prompt as before
+        self.items.append(Checkpoint(pos, np.array(llm.input_ids[:pos]), buf))
+        del self.items[:-self.limit]
+
+    def rollback(self, p0: int) -> bool:
+        """Make the cache hold exactly tokens [0, p0) of the history; False when no checkpoint can."""
+        import llama_cpp
+
+        llm = self.llm()
+        hist = llm.input_ids[:llm.n_tokens]
+        for c in reversed(self.items):
+            if c.pos <= p0 <= len(hist) and np.array_equal(c.tokens, hist[:c.pos]):
+                break
+        else:
+            return False
+        redo = np.array(hist[c.pos:p0])
+        if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, c.state, len(c.state), 0) != len(c.state):
+            llm.reset()  # a refused state leaves the sequence empty (llama.cpp clears it)
+            self.items.clear()
+            return False
+        llm.n_tokens = c.pos
+        _orig_eval(llm, redo.tolist())
+        self.items = [x for x in self.items if x.pos <= p0]
+        self.restored += 1
+        if llm.verbose:
+            print(f"llama_fastgen: the compressed cache cannot drop positions from {p0} on; restored its "
+                  f"checkpoint at {c.pos} and evaluated {len(redo)} tokens again", file=sys.stderr)
+        return True
+
+
+_by_ctx: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # LlamaContext -> Checkpoints
+_orig_eval = None
+
+
+def of(llm) -> Checkpoints | None:
+    """The Llama's checkpoints; None when its cache can remove any suffix (no fastgen, or only full
+    heads) or checkpoints are off."""
+    ctx = llm._ctx
+    if ctx not in _by_ctx:
+        from ._lib import native
+
+        stats = native.cache_stats(llm)
+        compressed = any(c["class"] != "full" for c in stats["classes"])
+        n = max_checkpoints()
+        _by_ctx[ctx] = Checkpoints(llm, n) if compressed and n > 0 else None
+    return _by_ctx[ctx]
+
+
+def _eval(self, tokens):
+    """Llama.eval, with a checkpoint before each of the last LAST_CHUNKS chunks."""
+    tokens = list(tokens)
+    cps = of(self) if len(tokens) > 1 else None
+    if cps is None:
+        return _orig_eval(self, tokens)
+    starts = list(range(0, len(tokens), self.n_batch))[-LAST_CHUNKS:]
+    done = 0
+    for s in starts:
+        if s > done:   # whole chunks: llama-cpp-python splits them as one call would
+            _orig_eval(self, tokens[done:s])
+            done = s
+        cps.save()
+    _orig_eval(self, tokens[done:])
+
+
+def _seq_rm(orig):
+    def kv_cache_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        if orig(self, seq_id, p0, p1):
+            return True
+        cps = _by_ctx.get(self)
+        return bool(cps and seq_id in (-1, 0) and p1 < 0 and cps.rollback(p0))
+    kv_cache_seq_rm._fastgen = True
+    return kv_cache_seq_rm
+
+
+def install(llama_cpp) -> None:
+    """Wrap Llama.eval and LlamaContext.kv_cache_seq_rm (once)."""
+    global _orig_eval
+    Llama, Ctx = llama_cpp.llama.Llama, llama_cpp._internals.LlamaContext
+    if getattr(Llama.eval, "_fastgen", False):
+        return
+    _orig_eval = Llama.eval
+    _eval._fastgen = True
+    Llama.eval = _eval
+    Ctx.kv_cache_seq_rm = _seq_rm(Ctx.kv_cache_seq_rm)

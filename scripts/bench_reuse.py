@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Several questions about one long document: time to the first token of each later question.
+
+The first prompt is a document of --doc-tokens tokens (the pinned essays) and a question, answered
+with --answer-tokens greedy tokens; each later prompt is the same document with another question,
+as a user asking again would send it. llama-cpp-python reuses the common prefix: the full cache
+drops the old question and answer, the fastgen cache restores a checkpoint taken inside the first
+prompt (llama_fastgen.checkpoints) and evaluates the document's end again; without checkpoints it
+evaluates the whole prompt again. Three configurations of one GGUF, --reps repetitions each
+(a new Llama every repetition), median with min/max:
+
+  full cache (fastgen.enable=false) | fastgen | fastgen, checkpoints off (LLAMA_FASTGEN_CHECKPOINTS=0)
+
+    python scripts/bench_reuse.py --gguf out/smollm2.gguf --json docs/results/reuse-smollm2-cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_fastgen  # noqa: E402  (before llama_cpp: our libllama)
+from llama_cpp import Llama  # noqa: E402
+
+import eval_tasks  # noqa: E402
+from eval import commit, machine  # noqa: E402
+
+QUESTIONS = ["What is the first essay about? Answer in one sentence.",
+             "Name one person the essays mention.",
+             "What advice do the essays give to founders?"]
+CONFIGS = {"full cache": ({"kv_overrides": {"fastgen.enable": False}}, None),
+           "fastgen": ({}, None),
+           "fastgen, checkpoints off": ({}, "0")}
+
+
+def one_rep(gguf: str, kw: dict, doc: str, n_ctx: int, answer_tokens: int, questions: list[str]) -> dict:
+    from llama_fastgen import checkpoints
+
+    llm = Llama(model_path=gguf, n_ctx=n_ctx, verbose=False, **kw)
+    try:
+        times = []
+        for i, q in enumerate(questions):
+            msgs = [{"role": "user", "content": f"{doc}\n\n{q}"}]
+            t0 = time.perf_counter()
+            stream = llm.create_chat_completion(msgs, max_tokens=answer_tokens if i == 0 else 1,
+                                                temperature=0.0, stream=True)
+            next(stream)          # the role chunk comes first; the next one is the first token
+            next(stream)
+            times.append(time.perf_counter() - t0)
+            for _ in stream:      # the first question's answer is generated in full
+                pass
+        cps = checkpoints.of(llm)
+        return {"first": times[0], "later": times[1:], "restored": cps.restored if cps else 0,
+                "prompt_tokens": len(llm.tokenize(msgs[0]["content"].encode()))}
+    finally:
+        llm.close()
+
+
+def summary(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", required=True, help="a fastgen GGUF (convert.py --profile)")
+    ap.add_argument("--doc-tokens", type=int, default=4000, help="document length in tokens (default 4000)")
+    ap.add_argument("--ctx", type=int, default=8192, help="n_ctx (default 8192)")
+    ap.add_argument("--answer-tokens", type=int, default=32, help="greedy tokens answering the first question")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per configuration (default 5)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    a = ap.parse_args()
+    if not Path(a.gguf).is_file():
+        ap.error(f"{a.gguf} does not exist: convert a model first (converter/convert.py --profile)")
+    if a.doc_tokens + 200 > a.ctx:
+        ap.error(f"--doc-tokens {a.doc_tokens} does not fit --ctx {a.ctx} with a question and an answer")
+
+    probe = Llama(model_path=a.gguf, n_ctx=256, vocab_only=True, verbose=False)
+    text = eval_tasks.held_out()[0]
+    doc = probe.detokenize(probe.tokenize(text.encode(), add_bos=False)[:a.doc_tokens]).decode(errors="ignore")
+    probe.close()
+
+    t_start = time.time()
+    rows = []
+    print(f"{a.gguf}: document {a.doc_tokens} tokens, n_ctx {a.ctx}, {a.reps} repetitions; seconds to the first token")
+    print(f"  {'config':<26} {'question 1':>22} {'later questions':>22}  restored")
+    for name, (kw, env) in CONFIGS.items():
+        if env is None:
+            os.environ.pop("LLAMA_FASTGEN_CHECKPOINTS", None)
+        else:
+            os.environ["LLAMA_FASTGEN_CHECKPOINTS"] = env
+        reps = [one_rep(a.gguf, kw, doc, a.ctx, a.answer_tokens, QUESTIONS) for _ in range(a.reps)]
+        row = {"config": name, "first": summary([r["first"] for r in reps]),
+               "later": summary([t for r in reps for t in r["later"]]),
+               "restored": [r["restored"] for r in reps], "prompt_tokens": reps[0]["prompt_tokens"]}
+        rows.append(row)
+        f, l = row["first"], row["later"]
+        print(f"  {name:<26} {f['median']:7.2f} [{f['min']:.2f}, {f['max']:.2f}]   "
+              f"{l['median']:7.2f} [{l['min']:.2f}, {l['max']:.2f}]   {sum(row['restored'])}", flush=True)
+    os.environ.pop("LLAMA_FASTGEN_CHECKPOINTS", None)
+    if a.json:
+        out = {"gguf": Path(a.gguf).name, "doc_tokens": a.doc_tokens, "n_ctx": a.ctx, "reps": a.reps,
+               "answer_tokens": a.answer_tokens, "questions": QUESTIONS, "rows": rows,
+               "command": "python " + " ".join(sys.argv), "commit": commit(), "machine": machine(),
+               "started": datetime.fromtimestamp(t_start, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+               "seconds": round(time.time() - t_start)}
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(out, indent=1))
+        print(f"wrote {a.json}")
+    return 0
+
+
+def markdown(path: Path) -> str:
+    """The table of a results JSON, for docs/RESULTS.md."""
+    r = json.loads(path.read_text())
+    lines = [f"{r['gguf']}, document {r['doc_tokens']} tokens (prompt {r['rows'][0]['prompt_tokens']}), n_ctx "
+             f"{r['n_ctx']}, {r['machine']['cpu']} ({r['machine']['cores']} cores), commit `{r['commit'][:12]}`, "
+             f"{r['started']}; `{r['command']}`", "",
+             "| config | first question: s to first token | later question: s to first token | restored |",
+             "|---|---|---|---|"]
+    for row in r["rows"]:
+        f, l = row["first"], row["later"]
+        lines.append(f"| {row['config']} | {f['median']:.2f} [{f['min']:.2f}, {f['max']:.2f}] | "
+                     f"{l['median']:.2f} [{l['min']:.2f}, {l['max']:.2f}] | {sum(row['restored'])} of {l['n']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--markdown":
+        print(markdown(Path(sys.argv[2])))
+        sys.exit(0)
+    sys.exit(main())
