@@ -15,6 +15,9 @@ the sequence's cache state is saved in host memory. When the native cache refuse
 holds exactly what a cache that evaluated the prompt only up to ``p0`` would hold, and the removal
 succeeds: only ``p0 - b`` (under one chunk) plus the new tokens are evaluated instead of everything.
 
+A checkpoint holds the compressed classes only (a partial state, as llama-server saves the
+sliding-window part of a cache): the full heads drop the tail natively.
+
 ``LLAMA_FASTGEN_CHECKPOINTS`` (default 2) is how many checkpoints a ``Llama`` keeps; 0 turns them off.
 """
 from __future__ import annotations
@@ -58,6 +61,10 @@ class Checkpoints:
         self.items: list[Checkpoint] = []
         self.restored = 0      # how many refused removals were served by a checkpoint (for logs and tests)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(len(c.state) for c in self.items)
+
     def save(self) -> None:
         import llama_cpp
 
@@ -66,10 +73,11 @@ class Checkpoints:
         if pos == 0 or self.limit == 0:
             return
         self.items = [c for c in self.items if c.pos < pos]  # a newer one at or beyond pos is stale
-        ctx = llm._ctx.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        # the compressed classes only (a partial state): the full ones drop a suffix natively
+        ctx, partial = llm._ctx.ctx, llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        size = llama_cpp.llama_state_seq_get_size_ext(ctx, 0, partial)
         buf = (ctypes.c_uint8 * size)()
-        if llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0) != size:
+        if llama_cpp.llama_state_seq_get_data_ext(ctx, buf, size, 0, partial) != size:
             return  # nothing saved, nothing lost: a later refusal re-evaluates the prompt as before
         self.items.append(Checkpoint(pos, np.array(llm.input_ids[:pos]), buf))
         del self.items[:-self.limit]
@@ -86,7 +94,10 @@ class Checkpoints:
         else:
             return False
         redo = np.array(hist[c.pos:p0])
-        if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, c.state, len(c.state), 0) != len(c.state):
+        ctx, partial = llm._ctx.ctx, llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        # the compressed classes go back to c.pos; then the full ones drop their tail as usual
+        if llama_cpp.llama_state_seq_set_data_ext(ctx, c.state, len(c.state), 0, partial) != len(c.state) or \
+                not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, c.pos, -1):
             llm.reset()  # a refused state leaves the sequence empty (llama.cpp clears it)
             self.items.clear()
             return False

@@ -195,7 +195,8 @@ def test_chat_streams_and_a_second_turn_reuses_or_resets_correctly(real_fastgen_
     first = "".join(chunks)
     assert sum(1 for c in chunks if c) > 3 and "Paris" in first
     # second turn: llama-cpp-python tries to keep the common prefix (seq_rm inside the history),
-    # the compressed cache refuses, the cache is reset and the prompt re-evaluated
+    # the compressed cache refuses and, the first prompt being shorter than one chunk (no checkpoint,
+    # llama_fastgen.checkpoints), the cache is reset and the prompt re-evaluated
     q2 = q1 + [{"role": "assistant", "content": first}, {"role": "user", "content": "And of Italy?"}]
     second = llm.create_chat_completion(messages=q2, max_tokens=24, temperature=0.0)["choices"][0]["message"]["content"]
     llm.close()

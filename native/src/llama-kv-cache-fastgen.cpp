@@ -140,19 +140,32 @@ void llama_kv_cache_fastgen::clear(bool data) {
 }
 
 bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    // A compressed slice has already evicted positions behind its window: removing a suffix that
-    // starts inside the history would leave new tokens without their window. Refuse (llama-cpp-python
-    // then clears the cache and re-evaluates the prompt) unless the whole history or nothing goes.
+    // A compressed class has already evicted positions behind its window: removing positions it
+    // still holds, unless the whole history goes, would leave new tokens without their window.
+    // Refuse (llama-cpp-python then re-evaluates the prompt, or llama_fastgen.checkpoints restores
+    // a state) when a compressed class holds a position >= p0. Full classes can always drop a suffix;
+    // after a partial state restore (LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) only they hold the tail.
     if (p0 < 0) {
         p0 = 0;
     }
-    llama_pos pmax = -1; // seq_id < 0: every sequence
+    llama_pos pmax = -1, pmax_compressed = -1; // seq_id < 0: every sequence
     for (llama_seq_id s = seq_id < 0 ? 0 : seq_id; s < (seq_id < 0 ? (llama_seq_id) n_seq_max : seq_id + 1); ++s) {
-        pmax = std::max(pmax, seq_pos_max(s));
+        for (size_t c = 0; c < slices.size(); ++c) {
+            if (slices[c]) {
+                const llama_pos p = slices[c]->seq_pos_max(s);
+                pmax = std::max(pmax, p);
+                if (policy->classes[c].kind != LLAMA_FASTGEN_FULL) {
+                    pmax_compressed = std::max(pmax_compressed, p);
+                }
+            }
+        }
+        if (hh && s == 0) {
+            pmax = std::max(pmax, hh->pos_max());
+            pmax_compressed = std::max(pmax_compressed, hh->pos_max());
+        }
     }
     const bool everything = p0 == 0 && (p1 < 0 || p1 > pmax);
-    const bool nothing    = p0 > pmax;
-    if (!everything && !nothing && policy->has_compressed()) {
+    if (!everything && p0 <= pmax_compressed) {
         LLAMA_LOG_DEBUG("%s: refusing to remove positions [%d, %d) of a compressed cache\n", __func__, p0, p1);
         return false;
     }
@@ -353,7 +366,8 @@ bool llama_kv_cache_fastgen::get_can_shift() const {
 
 // A saved state starts with what it was made for: restoring it into a cache of another policy or
 // size would read cells into the wrong heads, so both are checked before anything is read.
-static constexpr uint32_t STATE_MAGIC = 0x31534746; // "FGS1"
+static constexpr uint32_t STATE_MAGIC         = 0x31534746; // "FGS1"
+static constexpr uint32_t STATE_MAGIC_PARTIAL = 0x31504746; // "FGP1": the compressed classes only (checkpoints)
 
 uint64_t llama_kv_cache_fastgen::state_fingerprint() const {
     uint64_t h = 1469598103934665603ull; // FNV-1a over the policy table and the cache's sizes
@@ -376,8 +390,9 @@ uint64_t llama_kv_cache_fastgen::state_fingerprint() const {
 }
 
 void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
-    const uint32_t magic = STATE_MAGIC;
-    const uint64_t fp    = state_fingerprint();
+    const bool     partial = flags & LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY;
+    const uint32_t magic   = partial ? STATE_MAGIC_PARTIAL : STATE_MAGIC;
+    const uint64_t fp      = state_fingerprint();
     io.write(&magic, sizeof(magic));
     io.write(&fp, sizeof(fp));
     // where each class has dropped protected tokens (the next drop continues from there)
@@ -397,9 +412,9 @@ void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq
     if (hh) {
         hh->state_write(io);
     }
-    for (const auto & s : slices) {
-        if (s) {
-            s->state_write(io, seq_id, flags);
+    for (size_t c = 0; c < slices.size(); ++c) {
+        if (slices[c] && !(partial && policy->classes[c].kind == LLAMA_FASTGEN_FULL)) {
+            slices[c]->state_write(io, seq_id, flags & ~LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
         }
     }
 }
@@ -410,7 +425,12 @@ void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_i
         uint64_t fp    = 0;
         io.read(&magic, sizeof(magic));
         io.read(&fp, sizeof(fp));
-        if (magic != STATE_MAGIC) {
+        const bool partial = flags & LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY;
+        if (magic == (partial ? STATE_MAGIC : STATE_MAGIC_PARTIAL)) {
+            throw std::runtime_error(partial ? "fastgen: a whole saved state cannot be restored as a partial one"
+                                             : "fastgen: a partial saved state (compressed classes only) cannot be restored as a whole one");
+        }
+        if (magic != (partial ? STATE_MAGIC_PARTIAL : STATE_MAGIC)) {
             throw std::runtime_error("fastgen: the saved state is not a fastgen cache's (saved with fastgen off, "
                     "or by another version): restore it into a context like the one that saved it");
         }
@@ -440,9 +460,9 @@ void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_i
         if (hh) {
             hh->state_read(io);
         }
-        for (auto & s : slices) {
-            if (s) {
-                s->state_read(io, seq_id, flags);
+        for (size_t c = 0; c < slices.size(); ++c) {
+            if (slices[c] && !(partial && policy->classes[c].kind == LLAMA_FASTGEN_FULL)) {
+                slices[c]->state_read(io, seq_id, flags & ~LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
             }
         }
         for (size_t c = 0; c < upto.size(); ++c) { // the saved drops replace the current ones
