@@ -57,6 +57,7 @@ def one_rep(gguf: str, kw: dict, doc: str, n_ctx: int, answer_tokens: int, quest
                 pass
         cps = checkpoints.of(llm)
         return {"first": times[0], "later": times[1:], "restored": cps.restored if cps else 0,
+                "checkpoint_bytes": cps.nbytes if cps else 0, "kv_bytes": llama_fastgen.native.cache_stats(llm)["kv_bytes"],
                 "prompt_tokens": len(llm.tokenize(msgs[0]["content"].encode()))}
     finally:
         llm.close()
@@ -85,10 +86,10 @@ def main() -> int:
     doc = probe.detokenize(probe.tokenize(text.encode(), add_bos=False)[:a.doc_tokens]).decode(errors="ignore")
     probe.close()
 
-    t_start = time.time()
+    t_start, measured = time.time(), commit()   # the code that runs (edits during the run do not count)
     rows = []
     print(f"{a.gguf}: document {a.doc_tokens} tokens, n_ctx {a.ctx}, {a.reps} repetitions; seconds to the first token")
-    print(f"  {'config':<26} {'question 1':>22} {'later questions':>22}  restored")
+    print(f"  {'config':<26} {'question 1':>22} {'later questions':>22}  restored  KV MiB  checkpoints MiB")
     for name, (kw, env) in CONFIGS.items():
         if env is None:
             os.environ.pop("LLAMA_FASTGEN_CHECKPOINTS", None)
@@ -97,16 +98,18 @@ def main() -> int:
         reps = [one_rep(a.gguf, kw, doc, a.ctx, a.answer_tokens, QUESTIONS) for _ in range(a.reps)]
         row = {"config": name, "first": summary([r["first"] for r in reps]),
                "later": summary([t for r in reps for t in r["later"]]),
-               "restored": [r["restored"] for r in reps], "prompt_tokens": reps[0]["prompt_tokens"]}
+               "restored": [r["restored"] for r in reps], "prompt_tokens": reps[0]["prompt_tokens"],
+               "kv_bytes": reps[0]["kv_bytes"], "checkpoint_bytes": max(r["checkpoint_bytes"] for r in reps)}
         rows.append(row)
         f, l = row["first"], row["later"]
         print(f"  {name:<26} {f['median']:7.2f} [{f['min']:.2f}, {f['max']:.2f}]   "
-              f"{l['median']:7.2f} [{l['min']:.2f}, {l['max']:.2f}]   {sum(row['restored'])}", flush=True)
+              f"{l['median']:7.2f} [{l['min']:.2f}, {l['max']:.2f}]   {sum(row['restored']):8d}  {row['kv_bytes'] / 2**20:6.1f}  "
+              f"{row['checkpoint_bytes'] / 2**20:6.1f}", flush=True)
     os.environ.pop("LLAMA_FASTGEN_CHECKPOINTS", None)
     if a.json:
         out = {"gguf": Path(a.gguf).name, "doc_tokens": a.doc_tokens, "n_ctx": a.ctx, "reps": a.reps,
                "answer_tokens": a.answer_tokens, "questions": QUESTIONS, "rows": rows,
-               "command": "python " + " ".join(sys.argv), "commit": commit(), "machine": machine(),
+               "command": "python " + " ".join(sys.argv), "commit": measured, "machine": machine(),
                "started": datetime.fromtimestamp(t_start, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                "seconds": round(time.time() - t_start)}
         a.json.parent.mkdir(parents=True, exist_ok=True)
@@ -121,12 +124,13 @@ def markdown(path: Path) -> str:
     lines = [f"{r['gguf']}, document {r['doc_tokens']} tokens (prompt {r['rows'][0]['prompt_tokens']}), n_ctx "
              f"{r['n_ctx']}, {r['machine']['cpu']} ({r['machine']['cores']} cores), commit `{r['commit'][:12]}`, "
              f"{r['started']}; `{r['command']}`", "",
-             "| config | first question: s to first token | later question: s to first token | restored |",
-             "|---|---|---|---|"]
+             "| config | first question: s to first token | later question: s to first token | restored | KV MiB | checkpoints MiB (host) |",
+             "|---|---|---|---|---|---|"]
     for row in r["rows"]:
         f, l = row["first"], row["later"]
         lines.append(f"| {row['config']} | {f['median']:.2f} [{f['min']:.2f}, {f['max']:.2f}] | "
-                     f"{l['median']:.2f} [{l['min']:.2f}, {l['max']:.2f}] | {sum(row['restored'])} of {l['n']} |")
+                     f"{l['median']:.2f} [{l['min']:.2f}, {l['max']:.2f}] | {sum(row['restored'])} of {l['n']} | "
+                     f"{row.get('kv_bytes', 0) / 2**20:.1f} | {row.get('checkpoint_bytes', 0) / 2**20:.1f} |")
     return "\n".join(lines)
 
 
