@@ -540,6 +540,19 @@ def markdown(results: list[dict]) -> str:
                     f"{c['correct']}/{c['trials']} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if (c := cells.get(k)) else "-"
                     for k in cols) + " |")
             out.append("")
+        if r.get("speed"):
+            depths = list(dict.fromkeys(x["depth"] for x in r["speed"]))
+            out.append("| config | " + " | ".join(f"decode tok/s at {d}" + (f" | prefill tok/s to {d}" if d else "")
+                                                for d in depths) + " |")
+            out.append("|---|" + "---|" * sum(2 if d else 1 for d in depths))
+            for name in dict.fromkeys(x["config"] for x in r["speed"]):
+                cells = []
+                for x in (x for x in r["speed"] if x["config"] == name):
+                    cells.append(f"{x['decode_tps']:.1f} [{x['decode_tps_min']:.1f}, {x['decode_tps_max']:.1f}]")
+                    if x["depth"]:
+                        cells.append(f"{x['prefill_tps']:.0f} [{x['prefill_tps_min']:.0f}, {x['prefill_tps_max']:.0f}]")
+                out.append(f"| {name} | " + " | ".join(cells) + " |")
+            out.append(f"\nmedian of {r['speed'][0]['reps']} repetitions [min, max]\n")
     return "\n".join(out)
 
 
