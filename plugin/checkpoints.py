@@ -93,7 +93,7 @@ class Checkpoints:
                 break
         else:
             return False
-        redo = np.array(hist[c.pos:p0])
+        redo = hist[c.pos:p0].tolist()   # a copy: eval writes input_ids again
         ctx, partial = llm._ctx.ctx, llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
         # the compressed classes go back to c.pos; then the full ones drop their tail as usual
         if llama_cpp.llama_state_seq_set_data_ext(ctx, c.state, len(c.state), 0, partial) != len(c.state) or \
@@ -102,7 +102,7 @@ class Checkpoints:
             self.items.clear()
             return False
         llm.n_tokens = c.pos
-        _orig_eval(llm, redo.tolist())
+        _orig_eval(llm, redo)
         self.items = [x for x in self.items if x.pos <= p0]
         self.restored += 1
         if llm.verbose:

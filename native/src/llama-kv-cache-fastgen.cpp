@@ -150,17 +150,13 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
     }
     llama_pos pmax = -1, pmax_compressed = -1; // seq_id < 0: every sequence
     for (llama_seq_id s = seq_id < 0 ? 0 : seq_id; s < (seq_id < 0 ? (llama_seq_id) n_seq_max : seq_id + 1); ++s) {
+        pmax = std::max(pmax, seq_pos_max(s));
         for (size_t c = 0; c < slices.size(); ++c) {
-            if (slices[c]) {
-                const llama_pos p = slices[c]->seq_pos_max(s);
-                pmax = std::max(pmax, p);
-                if (policy->classes[c].kind != LLAMA_FASTGEN_FULL) {
-                    pmax_compressed = std::max(pmax_compressed, p);
-                }
+            if (slices[c] && policy->classes[c].kind != LLAMA_FASTGEN_FULL) {
+                pmax_compressed = std::max(pmax_compressed, slices[c]->seq_pos_max(s));
             }
         }
         if (hh && s == 0) {
-            pmax = std::max(pmax, hh->pos_max());
             pmax_compressed = std::max(pmax_compressed, hh->pos_max());
         }
     }
@@ -369,6 +365,11 @@ bool llama_kv_cache_fastgen::get_can_shift() const {
 static constexpr uint32_t STATE_MAGIC         = 0x31534746; // "FGS1"
 static constexpr uint32_t STATE_MAGIC_PARTIAL = 0x31504746; // "FGP1": the compressed classes only (checkpoints)
 
+// the slices a state holds: all, or in a partial state the compressed ones (full heads drop a suffix natively)
+static bool slice_in_state(const llama_fastgen_policy & policy, size_t c, bool partial) {
+    return !(partial && policy.classes[c].kind == LLAMA_FASTGEN_FULL);
+}
+
 uint64_t llama_kv_cache_fastgen::state_fingerprint() const {
     uint64_t h = 1469598103934665603ull; // FNV-1a over the policy table and the cache's sizes
     auto mix = [&h](int64_t v) { for (int i = 0; i < 8; ++i) { h = (h ^ (uint8_t) (v >> (8*i))) * 1099511628211ull; } };
@@ -413,7 +414,7 @@ void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq
         hh->state_write(io);
     }
     for (size_t c = 0; c < slices.size(); ++c) {
-        if (slices[c] && !(partial && policy->classes[c].kind == LLAMA_FASTGEN_FULL)) {
+        if (slices[c] && slice_in_state(*policy, c, partial)) {
             slices[c]->state_write(io, seq_id, flags & ~LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
         }
     }
@@ -461,7 +462,7 @@ void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_i
             hh->state_read(io);
         }
         for (size_t c = 0; c < slices.size(); ++c) {
-            if (slices[c] && !(partial && policy->classes[c].kind == LLAMA_FASTGEN_FULL)) {
+            if (slices[c] && slice_in_state(*policy, c, partial)) {
                 slices[c]->state_read(io, seq_id, flags & ~LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
             }
         }
