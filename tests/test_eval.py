@@ -80,7 +80,7 @@ def test_quick_evaluation_runs_end_to_end_with_fair_baselines(tmp_path):
     mem = {m["config"]: m["kv_bytes"] for m in res["memory_at_ctx"]}
     fg = mem["fastgen T=0.8"]
     fams = {c: next(q["family"] for q in res["quality"] if q["config"] == c) for c in mem}
-    for fam in ("StreamingLLM", "H2O", "DuoAttention-style"):
+    for fam in ("StreamingLLM", "H2O", "DuoAttention-style", "random-Duo"):
         name = next(c for c, f in fams.items() if f == fam)
         assert abs(mem[name] / fg - 1) <= 0.02, (name, mem[name], fg)
     kl = {q["config"]: q["kl_mean"] for q in res["quality"]}
