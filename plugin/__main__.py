@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
                         "the model is passed on (e.g. --port 8000 --n_ctx 8192; see python -m llama_cpp.server --help).")
     sv.add_argument("model", help="GGUF file")
     sv.add_argument("server_args", nargs=argparse.REMAINDER, help="llama_cpp.server options")
+    rp = sub.add_parser("rpc-server", help="serve this machine's CPU to llama.cpp RPC clients (layers split "
+                        "over machines or processes; see llama_fastgen.rpc)")
+    rp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the protocol "
+                    "has no authentication)")
+    rp.add_argument("--port", type=int, default=50052)
+    rp.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     args = ap.parse_args(argv)
 
     if args.version:
@@ -55,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         return run(args.model, args.prompt, args.n_ctx, args.max_tokens)
     if args.cmd == "serve":
         return serve(args.model, args.server_args)
+    if args.cmd == "rpc-server":
+        from .rpc import RpcError, serve as rpc_serve
+
+        try:
+            rpc_serve(args.host, args.port, args.threads)
+        except RpcError as e:
+            print(f"llama-fastgen: error: {e}", file=sys.stderr)
+            return 2
     ap.print_help()
     return 0
 

@@ -31,7 +31,8 @@ def test_cli_version():
                          text=True, check=True).stdout
     assert f"llama-fastgen {llama_fastgen.__version__}" in out
     assert llama_cpp_tree.LLAMA_CPP_COMMIT in out
-    assert "backends: CPU" in out
+    backends = next(ln for ln in out.splitlines() if ln.startswith("backends: "))[10:].split(", ")
+    assert "CPU" in backends and "RPC" in backends   # the RPC backend is part of the build (llama_fastgen.rpc)
 
 
 def test_the_converter_never_loads_libllama_and_llama_cpp_loads_ours_when_imported():

@@ -200,3 +200,77 @@ def test_a_second_completion_reuses_the_document_and_answers_as_a_fresh_cache(th
     fresh = Llama(model_path=str(three_class_gguf), **REUSE)
     fresh.eval(doc)
     assert got == fresh.create_completion(b, **{**GREEDY, "max_tokens": 8})["choices"][0]["text"]
+
+
+# ---------------------------------------------------------------- layers split over RPC servers
+
+RPC_CLIENT = """
+import json, sys
+import numpy as np
+import llama_fastgen
+from llama_cpp import Llama
+gguf, out, ids, endpoints = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:]
+kw = {}
+if endpoints:
+    from llama_fastgen import rpc
+    rpc.add_servers(endpoints)
+    kw["n_gpu_layers"] = -1
+llm = Llama(model_path=gguf, n_ctx=512, n_batch=64, n_ubatch=64, logits_all=True, verbose=False, **kw)
+llm.eval(ids[:300])        # ubatches of 64: the composed heavy-hitter path; every class evicts
+for t in ids[300:316]:     # one token per call: the fused heavy-hitter op
+    llm.eval([t])
+np.save(out, llm.scores[:316])
+print(json.dumps(llama_fastgen.native.cache_stats(llm)))
+"""
+
+
+def _rpc_run(gguf, out, ids, *endpoints):
+    r = subprocess.run([sys.executable, "-c", RPC_CLIENT, str(gguf), str(out), json.dumps(ids), *endpoints],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), np.load(out)
+
+
+def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_class_gguf, long_ids, tmp_path):
+    """llama.cpp's RPC backend (`llama-fastgen rpc-server` = its rpc-server, `llama_fastgen.rpc.add_servers`
+    = its --rpc): the tiny model's layers and their per-class caches split over two local servers. The
+    servers run the same CPU code, so the logits equal those of one process (prefill and single-token
+    decodes, past every budget)."""
+    servers, logs = [], []
+    try:
+        for _ in range(2):
+            port = _free_port()
+            logs.append(tmp_path / f"rpc-{port}.log")
+            servers.append((port, subprocess.Popen([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port",
+                                                    str(port), "--threads", "1"], stdout=logs[-1].open("w"),
+                                                   stderr=subprocess.STDOUT)))
+        for port, proc in servers:
+            t0 = time.time()
+            while True:
+                assert proc.poll() is None, logs[0].read_text()[-2000:]
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.time() - t0 < 60, f"rpc server on {port} not listening"
+                    time.sleep(0.2)
+        ids = long_ids[:316]
+        one_stats, one = _rpc_run(three_class_gguf, tmp_path / "one.npy", ids)
+        split_stats, split = _rpc_run(three_class_gguf, tmp_path / "split.npy", ids,
+                                      *(f"127.0.0.1:{p}" for p, _ in servers))
+    finally:
+        for _, proc in servers:
+            proc.terminate()
+            proc.wait(timeout=30)
+    for log in logs:   # each server took the client's connection (layers assigned to it)
+        assert "Accepted client connection" in log.read_text(), log.read_text()[-2000:]
+    assert split_stats == one_stats and len(one_stats["classes"]) == 3
+    assert (split.argmax(1) == one.argmax(1)).all()
+    assert np.abs(split - one).max() <= 1e-5 * np.abs(one).max()
+
+
+def test_an_rpc_server_that_does_not_answer_is_refused_with_the_reason():
+    from llama_fastgen import rpc
+
+    with pytest.raises(rpc.RpcError, match="no RPC server answers at 127.0.0.1"):
+        rpc.add_servers([f"127.0.0.1:{_free_port()}"])

@@ -17,6 +17,15 @@ LLAMA_API const char * llama_fastgen_llama_commit(void);
 // Comma-separated names of the ggml backends registered in this process, e.g. "CPU" or "CUDA,CPU".
 LLAMA_API const char * llama_fastgen_backends(void);
 
+// llama.cpp's RPC backend (ggml-rpc), as its rpc-server and --rpc drive it; for Python, whose
+// llama-cpp-python 0.3.36 has no rpc_servers argument. Both return false with llama_fastgen_last_error()
+// set when this build has no RPC backend or the server does not answer.
+// Register the devices of the RPC server at endpoint ("host:port"): models loaded afterwards with GPU
+// layers split their layers (and their caches) over every registered device.
+LLAMA_API bool llama_fastgen_rpc_add_server(const char * endpoint);
+// Serve this process's CPU backend at endpoint ("host:port") with n_threads; returns only on error.
+LLAMA_API bool llama_fastgen_rpc_serve(const char * endpoint, int32_t n_threads);
+
 // Message of the last fastgen error (why a fastgen GGUF, context or saved state was refused), "" if
 // none; clear it before a call to tell its error from an older one.
 LLAMA_API const char * llama_fastgen_last_error(void);

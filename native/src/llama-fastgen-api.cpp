@@ -2,7 +2,9 @@
 #include "llama-fastgen.h"
 
 #include "ggml-backend.h"
+#include "llama-fastgen-model.h"
 
+#include <algorithm>
 #include <string>
 
 #ifndef LLAMA_FASTGEN_VERSION
@@ -31,6 +33,48 @@ const char * llama_fastgen_backends(void) {
         names += ggml_backend_reg_name(ggml_backend_reg_get(i));
     }
     return names.c_str();
+}
+
+// RPC: llama.cpp's own backend, reached through ggml's registry as its tools do (no link to ggml-rpc)
+static ggml_backend_reg_t rpc_reg() {
+    ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
+    if (!reg) {
+        llama_fastgen_set_last_error("this llama-fastgen build has no RPC backend (build it with -DGGML_RPC=ON)");
+    }
+    return reg;
+}
+
+bool llama_fastgen_rpc_add_server(const char * endpoint) {
+    ggml_backend_reg_t reg = rpc_reg();
+    if (!reg) {
+        return false;
+    }
+    auto add = (ggml_backend_reg_t (*)(const char *)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_add_server");
+    ggml_backend_reg_t server = add ? add(endpoint) : nullptr;
+    if (!server) {
+        llama_fastgen_set_last_error(std::string("no RPC server answers at ") + endpoint +
+                                     " (start one with: llama-fastgen rpc-server --port PORT)");
+        return false;
+    }
+    ggml_backend_register(server);
+    return true;
+}
+
+bool llama_fastgen_rpc_serve(const char * endpoint, int32_t n_threads) {
+    ggml_backend_reg_t reg = rpc_reg();
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!reg || !cpu) {
+        return false;
+    }
+    auto serve = (void (*)(const char *, const char *, size_t, size_t, ggml_backend_dev_t *))
+        ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_start_server");
+    if (!serve) {
+        llama_fastgen_set_last_error("the RPC backend has no start_server function");
+        return false;
+    }
+    serve(endpoint, nullptr, (size_t) std::max(1, n_threads), 1, &cpu);
+    llama_fastgen_set_last_error(std::string("the RPC server at ") + endpoint + " stopped (port in use?)");
+    return false;
 }
 
 //

@@ -1,0 +1,61 @@
+"""Layers split over llama.cpp RPC servers: llama.cpp's own RPC backend (ggml-rpc), as its `rpc-server`
+and `--rpc` drive it, reached from Python (llama-cpp-python 0.3.36's ``Llama`` has no ``rpc_servers``).
+
+    llama-fastgen rpc-server --port 50052            # on each machine (or twice on one, other ports)
+
+    from llama_fastgen import rpc
+    rpc.add_servers(["127.0.0.1:50052", "127.0.0.1:50053"])
+    llm = Llama(model_path="model.fastgen.gguf", n_gpu_layers=-1)    # layers and their caches split
+
+A fastgen cache splits with its layers: each class slice and heavy-hitter store lives where its layer
+runs. ``add_servers`` asks each server in a child process first (llama.cpp's RPC client aborts the
+process when nothing answers); a server that dies mid-run still aborts its client. Servers are
+unauthenticated: keep them on 127.0.0.1 or a private network.
+"""
+from __future__ import annotations
+
+from ._lib import load, native
+
+
+class RpcError(RuntimeError):
+    """No RPC backend in this build, or a server that does not answer."""
+
+
+def add_servers(endpoints: list[str]) -> None:
+    """Register the devices of each "host:port" server; models loaded afterwards with n_gpu_layers split
+    their layers over every registered device (llama.cpp's layer split)."""
+    for e in endpoints:
+        _probe(e)
+    load().llama_backend_init()
+    for e in endpoints:
+        if not native.lib.llama_fastgen_rpc_add_server(e.encode()):
+            raise RpcError(native.last_error())
+
+
+def _probe(endpoint: str) -> None:
+    """Ask the server for its devices in a child process first: llama.cpp's RPC client aborts the process
+    when nothing (or something else) answers there, and that must not take the caller with it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, llama_fastgen; llama_fastgen.native.lib.llama_fastgen_rpc_add_server(sys.argv[1].encode()) "
+            "or sys.exit(llama_fastgen.native.last_error())")
+    import os
+    import re
+
+    r = subprocess.run([sys.executable, "-c", code, endpoint], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "GGML_NO_BACKTRACE": "1"})
+    if r.returncode != 0:
+        # ggml's abort message ("ggml-rpc.cpp:547: Failed to connect to ...") or our own error
+        why = re.findall(r"ggml-rpc\.cpp:\d+: (.+)", r.stderr) or r.stderr.strip().splitlines()[-1:] or [f"exit {r.returncode}"]
+        raise RpcError(f"no RPC server answers at {endpoint} ({why[0].strip()}); start one there with: "
+                       "llama-fastgen rpc-server --port PORT")
+
+
+def serve(host: str = "127.0.0.1", port: int = 50052, threads: int = 0) -> None:
+    """Serve this machine's CPU backend until the process ends (what llama.cpp's rpc-server does)."""
+    import os
+
+    load().llama_backend_init()
+    native.lib.llama_fastgen_rpc_serve(f"{host}:{port}".encode(), threads or os.cpu_count() or 1)
+    raise RpcError(native.last_error())
