@@ -14,6 +14,11 @@ unauthenticated: keep them on 127.0.0.1 or a private network.
 """
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 from ._lib import load, native
 
 
@@ -35,14 +40,8 @@ def add_servers(endpoints: list[str]) -> None:
 def _probe(endpoint: str) -> None:
     """Ask the server for its devices in a child process first: llama.cpp's RPC client aborts the process
     when nothing (or something else) answers there, and that must not take the caller with it."""
-    import subprocess
-    import sys
-
     code = ("import sys, llama_fastgen; llama_fastgen.native.lib.llama_fastgen_rpc_add_server(sys.argv[1].encode()) "
             "or sys.exit(llama_fastgen.native.last_error())")
-    import os
-    import re
-
     r = subprocess.run([sys.executable, "-c", code, endpoint], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "GGML_NO_BACKTRACE": "1"})
     if r.returncode != 0:
@@ -54,8 +53,6 @@ def _probe(endpoint: str) -> None:
 
 def serve(host: str = "127.0.0.1", port: int = 50052, threads: int = 0) -> None:
     """Serve this machine's CPU backend until the process ends (what llama.cpp's rpc-server does)."""
-    import os
-
     load().llama_backend_init()
     native.lib.llama_fastgen_rpc_serve(f"{host}:{port}".encode(), threads or os.cpu_count() or 1)
     raise RpcError(native.last_error())

@@ -244,10 +244,10 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
             servers.append((port, subprocess.Popen([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port",
                                                     str(port), "--threads", "1"], stdout=logs[-1].open("w"),
                                                    stderr=subprocess.STDOUT)))
-        for port, proc in servers:
+        for (port, proc), log in zip(servers, logs):
             t0 = time.time()
             while True:
-                assert proc.poll() is None, logs[0].read_text()[-2000:]
+                assert proc.poll() is None, log.read_text()[-2000:]
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=1).close()
                     break

@@ -34,8 +34,8 @@ void ggml_compute_forward_fastgen_hh_attn(const ggml_compute_params * params, gg
     // (a scalar fp16 conversion per cell and query row was 45% of a 2K SmolLM2 decode under perf)
     thread_local std::vector<float> kf, vf, logit, colsum, out;
     thread_local std::vector<uint32_t> occupied;
-    kf.resize(C*D); vf.resize(Dv*C); logit.resize(C); colsum.resize(C); out.resize(Dv); occupied.resize(C);
-    std::vector<uint8_t> keep(C);
+    thread_local std::vector<uint8_t> keep;
+    kf.resize(C*D); vf.resize(Dv*C); logit.resize(C); colsum.resize(C); out.resize(Dv); occupied.resize(C); keep.resize(C);
     for (int64_t j = params->ith; j < n; j += params->nth) {
         ggml_fp16_t * Kj = (ggml_fp16_t *) ((char *) K->data + j*K->nb[2]);
         ggml_fp16_t * Vj = (ggml_fp16_t *) ((char *) V->data + j*V->nb[2]);

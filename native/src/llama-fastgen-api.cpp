@@ -63,6 +63,9 @@ bool llama_fastgen_rpc_add_server(const char * endpoint) {
 bool llama_fastgen_rpc_serve(const char * endpoint, int32_t n_threads) {
     ggml_backend_reg_t reg = rpc_reg();
     ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!cpu) {
+        llama_fastgen_set_last_error("no CPU backend to serve");
+    }
     if (!reg || !cpu) {
         return false;
     }
