@@ -1,4 +1,5 @@
-// llama-fastgen: GGML_OP_FASTGEN_HH_ATTN, the fused decode step of the heavy-hitter (frequent) store.
+// llama-fastgen: GGML_OP_FASTGEN_HH_ATTN, the fused attention step of the heavy-hitter (frequent) store
+// (decode on every backend; prefill too where the store is in host memory and the CPU runs it).
 //
 // For each KV head j of one layer's frequent range, in one op instead of ~12 small ones:
 //   1. write the ubatch's new K and V rows into the head's cells c = idxs[t, h0 + j] (rounded to F16), and
@@ -10,7 +11,7 @@
 //      defined: the CUDA kernel skips 64-cell chunks that no query sees (the CPU path zeroes them).
 // The same function as the composed ggml path of llama-graph-fastgen.cpp (set_rows, mul_mat,
 // soft_max_ext, column sums, mul/add in place, with the mask and keep from host inputs), which
-// stays for long ubatches (prefill) and is the reference the fused op is checked against.
+// stays for long ubatches on devices (prefill) and is the reference the fused op is checked against.
 //
 // Sources (F32 unless noted; "view" = any row strides, contiguous rows):
 //   0 q         [D, G*n, T]  view       1 k_cur [D, n, T] view     2 v_cur [Dv, n, T] view
@@ -38,7 +39,8 @@ enum ggml_fastgen_hh_src {
 
 // floats after each head's cell positions (32 bytes: rows stay aligned)
 #define GGML_FASTGEN_HH_P_PAD 8
-// query rows (group size x tokens) per head the fused op takes; longer ubatches use the composed path
+// query rows (group size x tokens) per head the CUDA kernel takes (the CPU op takes any); longer
+// ubatches on a device use the composed path
 #define GGML_FASTGEN_HH_MAX_ROWS 32
 // head sizes the CUDA kernel takes: multiples of the warp size up to this
 #define GGML_FASTGEN_HH_MAX_D 256
@@ -47,8 +49,10 @@ enum ggml_fastgen_hh_src {
 
 struct ggml_compute_params;
 
-// CPU implementation (ggml-cpu), the reference of the CUDA kernel
+// CPU implementation (ggml-cpu), the reference of the CUDA kernel; any number of query rows
 void ggml_compute_forward_fastgen_hh_attn(const struct ggml_compute_params * params, struct ggml_tensor * dst);
+// bytes of ggml-cpu's work buffer the CPU implementation needs (ggml_graph_plan)
+size_t ggml_fastgen_hh_attn_work_size(const struct ggml_tensor * op, int n_tasks);
 
 #ifdef __cplusplus
 }

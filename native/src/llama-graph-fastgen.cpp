@@ -60,6 +60,7 @@ bool llm_graph_input_attn_kv_fastgen::can_reuse(const llm_graph_params & params)
     const auto n_stream = params.cparams.kv_unified ? 1 : params.ubatch.n_seqs_unq;
     bool res = true;
     res &= !hh.idxs || hh.idxs->ne[0] == params.ubatch.n_tokens;
+    res &= !hh.keep || hh.keep->ne[0] == mctx_fg->hh_n_active();
     for (size_t c = 0; c < cls.size(); ++c) {
         const auto * m = mctx_fg->get((int) c);
         if (!m) {
@@ -84,7 +85,7 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
     const int64_t n_tokens = g.ubatch.n_tokens;
     if (const auto * st = m->get_cache()->hh_store()) {
         auto & in = inp->hh;
-        const int64_t C = st->get_size(), H = st->n_head_total();
+        const int64_t C = m->hh_n_active(), H = st->n_head_total();
         in.idxs      = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_I64, n_tokens, H);
         in.query_pos = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, 1, n_tokens, 1, 1);
         ggml_set_input(in.idxs);
@@ -136,7 +137,7 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
     ggml_context * ctx0 = g.ctx0;
     const int32_t li = st.layer_of(il);
     const auto & l = st.get_layer(li);
-    const int64_t D = q->ne[0], Dv = v->ne[0], n = k->ne[1], T = q->ne[2], C = st.get_size(), h0 = st.head_offset(li);
+    const int64_t D = q->ne[0], Dv = v->ne[0], n = k->ne[1], T = q->ne[2], h0 = st.head_offset(li);
 
     if (!in.keep) { // decode-sized ubatch: the fused op (ggml-fastgen.h), positions from the store
         GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F32 && v->type == GGML_TYPE_F32);
@@ -148,6 +149,13 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
         g.cb(out, "kqv_hh_fused", il);
         return out;
     }
+
+    // attention over the store's occupied prefix [0, C) of every head (views: K rows, V and score
+    // columns); new tokens are written into the whole store (their slots are inside the prefix)
+    const int64_t cap = l.k->ne[1], C = in.keep->ne[0];
+    ggml_tensor * Ks = ggml_view_4d(ctx0, l.k, D, C, 1, n, l.k->nb[1], l.k->nb[2], l.k->nb[2], 0);
+    ggml_tensor * Vs = ggml_view_4d(ctx0, l.v, C, Dv, 1, n, l.v->nb[1], l.v->nb[2], l.v->nb[2], 0);
+    ggml_tensor * Ss = ggml_view_2d(ctx0, l.s, C, n, l.s->nb[1], 0);
 
     // this layer's heads in the class inputs (views of host inputs: one copy each, fine per long ubatch)
     ggml_tensor * idxs = ggml_view_2d(ctx0, in.idxs, T, n, in.idxs->nb[1], h0*in.idxs->nb[1]);
@@ -167,13 +175,13 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
     ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, l.k, ggml_permute(ctx0, k, 0, 2, 1, 3), idxs));
     // V transposed, one element per row: store [1, C, Dv, n] <- [1, T, Dv, n] at slots [T, 1, n] (broadcast over Dv)
     ggml_tensor * v4 = ggml_view_4d(ctx0, v, 1, Dv, n, T, v->nb[0], v->nb[1], v->nb[2], 0);
-    ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, ggml_reshape_4d(ctx0, l.v, 1, C, Dv, n),
+    ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, ggml_reshape_4d(ctx0, l.v, 1, cap, Dv, n),
             ggml_permute(ctx0, v4, 0, 2, 3, 1), ggml_reshape_3d(ctx0, idxs, T, 1, n)));
 
     // queries [D, G*n, T] -> [D, T, G, n]; kq [C, T, G, n]
     ggml_tensor * q4 = ggml_view_4d(ctx0, q, D, n_group, n, T, q->nb[1], n_group*q->nb[1], q->nb[2], 0);
     ggml_tensor * qp = ggml_cont(ctx0, ggml_permute(ctx0, q4, 0, 2, 3, 1));
-    ggml_tensor * kq = ggml_mul_mat(ctx0, ggml_reshape_4d(ctx0, l.k, D, C, 1, n), qp);
+    ggml_tensor * kq = ggml_mul_mat(ctx0, Ks, qp);
     ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
     kq = ggml_soft_max_ext(ctx0, kq, mask, kq_scale, 0.0f);
     g.cb(kq, "kq_soft_max_hh", il);
@@ -189,10 +197,10 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
     } else {
         col = ggml_sum_rows(ctx0, ggml_cont(ctx0, ggml_transpose(ctx0, p3))); // [1, C, n]
     }
-    ggml_build_forward_expand(g.gf, ggml_add_inplace(ctx0, ggml_mul_inplace(ctx0, l.s, keep), ggml_reshape_2d(ctx0, col, C, n)));
+    ggml_build_forward_expand(g.gf, ggml_add_inplace(ctx0, ggml_mul_inplace(ctx0, Ss, keep), ggml_reshape_2d(ctx0, col, C, n)));
 
     // [Dv, T, G, n] -> [Dv*G*n, T], the layout of the other classes' outputs
-    ggml_tensor * kqv = ggml_mul_mat(ctx0, ggml_reshape_4d(ctx0, l.v, C, Dv, 1, n), kq);
+    ggml_tensor * kqv = ggml_mul_mat(ctx0, Vs, kq);
     return ggml_reshape_2d(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, kqv, 0, 3, 1, 2)), Dv*n_group*n, T);
 }
 

@@ -96,11 +96,13 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         n_heads_all += n_h;
         layers.push_back(std::move(l));
     }
+    on_host = true;
     for (auto & [buft, ctx] : ctx_map) {
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
         if (!buf) {
             throw std::runtime_error("fastgen: failed to allocate the heavy-hitter cache buffer");
         }
+        on_host = on_host && ggml_backend_buffer_is_host(buf);
         ggml_backend_buffer_clear(buf, 0);
         ctxs_bufs.emplace_back(std::move(ctx), buf);
     }
@@ -111,7 +113,8 @@ bool llama_fastgen_hh_store::fused(uint32_t n_tokens) const {
         const char * e = getenv("LLAMA_FASTGEN_HH_FUSED");
         return !(e && std::string(e) == "0");
     }();
-    return enabled && fused_ok && n_group*n_tokens <= GGML_FASTGEN_HH_MAX_ROWS;
+    // the CPU op takes any ubatch; the CUDA kernel decode-sized ones
+    return enabled && fused_ok && (on_host || n_group*n_tokens <= GGML_FASTGEN_HH_MAX_ROWS);
 }
 
 void llama_fastgen_hh_store::upload_positions(layer & l) const {
@@ -250,6 +253,7 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx
     // per decoding step only O(heads) host work: slots from a hint, keep and positions for
     // composed ubatches only
     const bool fz = fused(n);
+    uint32_t hi = 0; // cells [0, hi) hold every token after this ubatch, in every head
     for (auto & l : layers) {
         l.slots.resize((size_t) l.n_head*n);
         if (!fz) {
@@ -281,11 +285,21 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx
             }
             l.hint[h] = cell;
             l.n_used[h] += n;
+            if (!fz) {
+                uint32_t top = cap;
+                while (top > 0 && pos[top - 1] < 0) {
+                    --top;
+                }
+                hi = std::max(hi, top);
+            }
         }
         if (!fz) {
             l.dirty = true; // the composed graph reads positions from an input, not from l.p
         }
     }
+    // a composed ubatch attends over the occupied prefix only: while the store fills (a prompt's
+    // first ubatches, or a context larger than the prompt) the free cells behind it cost nothing
+    n_active = fz ? cap : std::min(cap, GGML_PAD(hi, 128));
     if (fz) {
         for (auto & l : layers) {
             if (l.dirty) {
@@ -311,19 +325,23 @@ void llama_fastgen_hh_store::set_input_idxs(ggml_tensor * dst) const {
 }
 
 void llama_fastgen_hh_store::set_input_keep(ggml_tensor * dst) const {
+    GGML_ASSERT(dst->ne[0] == n_active);
     auto * out = (float *) dst->data;
     for (const auto & l : layers) {
-        std::memcpy(out, l.keep.data(), l.keep.size()*sizeof(float));
-        out += l.keep.size();
+        for (int h = 0; h < l.n_head; ++h) {
+            std::memcpy(out, l.keep.data() + (size_t) h*cap, n_active*sizeof(float));
+            out += n_active;
+        }
     }
 }
 
 void llama_fastgen_hh_store::set_input_cell_pos(ggml_tensor * dst) const {
     // a query at q sees a cell at p iff q - (p - 0.5) > 0: step() then log() gives 0 or -inf
+    GGML_ASSERT(dst->ne[0] == n_active);
     auto * out = (float *) dst->data;
     for (const auto & l : layers) {
         for (const auto & pos : l.pos) {
-            for (uint32_t i = 0; i < cap; ++i) {
+            for (uint32_t i = 0; i < n_active; ++i) {
                 *out++ = pos[i] >= 0 ? (float) pos[i] - 0.5f : INFINITY;
             }
         }

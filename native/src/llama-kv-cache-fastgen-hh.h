@@ -68,6 +68,8 @@ public:
     int32_t       head_offset(int32_t li) const { return offsets[li]; }
 
     uint32_t get_size()   const { return cap; }
+    // cells a composed ubatch attends over: the occupied prefix of every head, padded (cap for fused ones)
+    uint32_t get_n_active() const { return n_active; }
     // does a ubatch of n_tokens run as the fused op (else the composed ggml path); one answer for
     // the store and the graph. LLAMA_FASTGEN_HH_FUSED=0 forces the composed path, to compare.
     bool     fused(uint32_t n_tokens) const;
@@ -83,8 +85,8 @@ public:
     bool fits(const std::vector<llama_ubatch> & ubatches) const;
 
     // graph inputs for the current ubatch, all layers: slots I64 [n_tokens, n_head_total] and query
-    // positions F32 [n_tokens]; composed ubatches also keep F32 [cap, n_head_total] and cell
-    // positions F32 [cap, n_head_total] (pos - 0.5, +inf when free), which the graph turns into the mask
+    // positions F32 [n_tokens]; composed ubatches also keep F32 [n_active, n_head_total] and cell
+    // positions F32 [n_active, n_head_total] (pos - 0.5, +inf when free), which the graph turns into the mask
     void set_input_idxs(ggml_tensor * dst) const;
     void set_input_keep(ggml_tensor * dst) const;
     void set_input_cell_pos(ggml_tensor * dst) const;
@@ -102,6 +104,7 @@ private:
     void upload_positions(layer & l) const;
 
     uint32_t cap = 0;
+    uint32_t n_active = 0; // set by apply()
     int32_t  c_first = -1;
     uint32_t n_sink;
     size_t   bytes_per_head = 0;
@@ -114,6 +117,7 @@ private:
     llama_pos            last_pos = -1;
     bool                 warned_nan = false;
     bool                 fused_ok = false; // shapes and types the fused op takes
+    bool                 on_host  = false; // every layer's store in host memory: the CPU runs the op
     uint32_t             n_group = 1;      // query heads per KV head
     mutable llama_pos    pos_min_cache = -1;
     mutable bool         pos_min_valid = true;

@@ -561,6 +561,11 @@ bool llama_kv_cache_fastgen_context::apply() {
     return res;
 }
 
+uint32_t llama_kv_cache_fastgen_context::hh_n_active() const {
+    const auto * h = kv->hh_store();
+    return !h ? 0 : ubatches.empty() ? h->get_size() : h->get_n_active();
+}
+
 llama_memory_status llama_kv_cache_fastgen_context::get_status() const {
     return status;
 }

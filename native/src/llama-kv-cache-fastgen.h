@@ -111,6 +111,9 @@ public:
     // context of class c, nullptr when the class has no slice
     const llama_kv_cache_context * get(int c) const;
     const llama_kv_cache_fastgen * get_cache() const { return kv; }
+    // cells of the heavy-hitter store a composed ubatch attends over: the occupied prefix after
+    // apply() for a batch, every cell for the worst-case graph (reserve)
+    uint32_t hh_n_active() const;
 
 private:
     llama_kv_cache_fastgen * kv = nullptr;
