@@ -8,9 +8,11 @@
   kv           KV bytes allocated at several n_ctx: fastgen, full f16, full q8_0 (C API)
   reuse        decode 64 tokens through llama-cpp-python: tokens/s and how many graphs llama.cpp
                reused (a rebuilt graph costs host time and CUDA graph captures), fastgen vs full
-  speed        llama-bench decode tokens/s at depths and prefill tokens/s: fastgen (fused op), fastgen
-               with the composed ggml path (LLAMA_FASTGEN_HH_FUSED=0), the same mix with its
-               heavy-hitter heads full (--model-nohh), full f16, q8_0
+  speed        llama-bench decode tokens/s at depths and prefill tokens/s (median of --reps, min-max):
+               fastgen (fused op), fastgen with the composed ggml path (LLAMA_FASTGEN_HH_FUSED=0), the
+               same mix with its heavy-hitter heads full (--model-nohh), full f16, q8_0; and the ideal
+               decode speed of our bytes: full-cache time at depth 0 + (our KV bytes / full KV bytes)
+               x (full-cache time at that depth - at depth 0)
 
 Prints tables and writes JSON (--json). Numbers are measured, never typed in.
 """
@@ -121,11 +123,45 @@ def reuse(args) -> list:
     return rows
 
 
-def bench(bin_, model, extra, env_extra) -> list:
+def bench(bin_, model, extra, env_extra, reps) -> list:
     env = dict(os.environ, **env_extra)
-    cmd = [bin_, "-m", model, "-ngl", "99", "-fa", "1", "-o", "json", "-r", str(2)] + extra
+    cmd = [bin_, "-m", model, "-ngl", "99", "-fa", "1", "-o", "json", "-r", str(reps)] + extra
     out = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True).stdout
     return json.loads(out)
+
+
+def row(name, test, r) -> dict:
+    """llama-bench's per-repetition tokens/s as median [min, max]"""
+    ts = r.get("samples_ts") or [r["avg_ts"]]
+    return {"config": name, "test": test, "depth": r["n_depth"], "reps": len(ts), "tps": float(np.median(ts)),
+            "tps_min": float(min(ts)), "tps_max": float(max(ts)), "stddev": r["stddev_ts"]}
+
+
+def kv_ratio(model: str, n_ctx: int) -> float:
+    """fastgen KV bytes / full f16 KV bytes at n_ctx (C API), all layers on the GPU"""
+    import llama_fastgen
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=model, n_ctx=n_ctx, n_gpu_layers=99, flash_attn=True, verbose=True)
+    try:
+        st = llama_fastgen.native.cache_stats(llm)
+    finally:
+        llm.close()
+    return st["kv_bytes"] / st["full_bytes"]
+
+
+def ideal(rows, model, n_gen=64) -> list:
+    """The decode speed the fastgen cache's bytes allow at each depth, from the full cache's own times:
+    t(0) + (our KV bytes / full KV bytes at that n_ctx) x (t(d) - t(0)), t = 1 / median tokens/s"""
+    full = {r["depth"]: r["tps"] for r in rows if r["config"] == "full f16" and r["test"] == "tg64"}
+    out = []
+    for d in sorted(full):
+        if d == 0 or 0 not in full:
+            continue
+        ratio = kv_ratio(model, d + n_gen)  # llama-bench's n_ctx: depth + n_gen
+        t = 1 / full[0] + ratio * (1 / full[d] - 1 / full[0])
+        out.append({"config": "ideal (bytes)", "test": "tg64", "depth": d, "tps": 1 / t, "kv_ratio": ratio})
+    return out
 
 
 def speed(args) -> list:
@@ -142,25 +178,41 @@ def speed(args) -> list:
     depths = ",".join(str(d) for d in args.depths)
     for name, model, extra, env in configs:
         t0 = time.time()
-        for r in bench(args.llama_bench, model, ["-p", "0", "-n", "64", "-d", depths] + extra, env):
-            rows.append({"config": name, "test": "tg64", "depth": r["n_depth"], "tps": r["avg_ts"], "stddev": r["stddev_ts"]})
-            print(f"  {name}: tg64 @ d{r['n_depth']} {r['avg_ts']:.1f} t/s", flush=True)
-        for r in bench(args.llama_bench, model, ["-p", "8192", "-n", "0"] + extra, env) if args.prefill else []:
-            rows.append({"config": name, "test": "pp8192", "depth": 0, "tps": r["avg_ts"], "stddev": r["stddev_ts"]})
+        for r in bench(args.llama_bench, model, ["-p", "0", "-n", "64", "-d", depths] + extra, env, args.reps):
+            rows.append(row(name, "tg64", r))
+            print(f"  {name}: tg64 @ d{r['n_depth']} {rows[-1]['tps']:.1f} t/s", flush=True)
+        for r in bench(args.llama_bench, model, ["-p", "8192", "-n", "0"] + extra, env, args.reps) if args.prefill else []:
+            rows.append(row(name, "pp8192", r))
         print(f"  ({name}: {time.time() - t0:.0f} s)", flush=True)
-    print("llama-bench tokens/s (8B shape, Q4_0 random weights, FA on)")
-    tests = sorted({(r["test"], r["depth"]) for r in rows}, key=lambda t: (t[0] != "tg64", t[1]))
-    print("  " + f"{'test':>16}" + "".join(f"{c:>18}" for c, _, _, _ in configs) + "   fastgen/full")
-    for t in tests:
-        vals = {r["config"]: r["tps"] for r in rows if (r["test"], r["depth"]) == t}
-        print("  " + f"{t[0] + ' @ d' + str(t[1]):>16}" + "".join(f"{vals.get(c, float('nan')):18.1f}" for c, _, _, _ in configs)
-              + f"   {vals.get('fastgen f16', float('nan')) / vals.get('full f16', float('nan')):.2f}x")
+    if any(c[0] == "full f16" for c in configs):
+        rows += ideal(rows, args.model)
+    print(speed_table(rows))
     return rows
+
+
+def speed_table(rows, markdown: bool = False) -> str:
+    """tokens/s per test and config (median [min-max] where repeated), fastgen / full and / ideal"""
+    names = list(dict.fromkeys(r["config"] for r in rows))
+    reps = max((r.get("reps", 1) for r in rows), default=1)
+    tests = sorted({(r["test"], r["depth"]) for r in rows}, key=lambda t: (t[0] != "tg64", t[1]))
+    head = ["test"] + names + ["fastgen / full", "fastgen / ideal"]
+    lines = []
+    for t in tests:
+        got = {r["config"]: r for r in rows if (r["test"], r["depth"]) == t}
+        cells = [f"{got[c]['tps']:.1f} [{got[c]['tps_min']:.0f}-{got[c]['tps_max']:.0f}]" if c in got and "tps_min" in got[c]
+                 else f"{got[c]['tps']:.1f}" if c in got else "-" for c in names]
+        fg, full, best = (got.get(c, {}).get("tps", float("nan")) for c in ("fastgen f16", "full f16", "ideal (bytes)"))
+        lines.append([f"{t[0]} @ d{t[1]}"] + cells + [f"{fg / full:.2f}x", f"{fg / best:.2f}x" if best == best else "-"])
+    title = f"llama-bench tokens/s (8B shape, Q4_0 random weights, FA on), median of {reps} [min-max]"
+    if markdown:
+        return "\n".join([title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                         + ["| " + " | ".join(x) + " |" for x in lines])
+    return "\n".join([title] + ["  " + "".join(f"{x:>22}" for x in line) for line in [head] + lines])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["all", "correctness", "kv", "reuse", "speed", "child"])
+    ap.add_argument("what", choices=["all", "correctness", "kv", "reuse", "speed", "table", "child"])
     ap.add_argument("--model", help="8B-shape fastgen GGUF (kv, speed)")
     ap.add_argument("--small", nargs="+", default=[], help="small random fastgen GGUFs (correctness)")
     ap.add_argument("--model-nohh", help="the --model mix with its frequent heads full (speed baseline)")
@@ -175,15 +227,27 @@ def main() -> int:
     ap.add_argument("--decode-from", type=int)
     ap.add_argument("--no-prefill", dest="prefill", action="store_false", help="speed: decode only")
     ap.add_argument("--configs", nargs="+", help="speed: only these configs (names as printed)")
+    ap.add_argument("--reps", type=int, default=5, help="speed: llama-bench repetitions (default 5)")
+    ap.add_argument("--from-json", help="table: print the speed table of this results file as markdown")
     args = ap.parse_args()
     if args.what == "child":
         return child(args)
+    if args.what == "table":
+        print(speed_table(json.load(open(args.from_json))["speed"], markdown=True))
+        return 0
     try:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                              capture_output=True, text=True).stdout.strip()
     except FileNotFoundError:
         gpu = "no GPU"
-    out = {"machine": gpu}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        commit += "+dirty" if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                             capture_output=True, text=True).stdout.strip() else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = os.environ.get("LLAMA_FASTGEN_COMMIT", "unknown")
+    out = {"machine": gpu, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "commit": commit,
+           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     for step in ("correctness", "kv", "reuse", "speed"):
         if args.what in (step, "all"):
             out[step] = globals()[step](args)
