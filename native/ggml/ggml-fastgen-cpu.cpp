@@ -210,6 +210,25 @@ static void hh_output(int64_t Dv, int64_t Wp, const float * P, const float * Vf,
     }
 }
 
+// max of x[0, n): eight independent lanes, which the compiler vectorizes (ggml_vec_max_f32 is one chain)
+static float hh_max(int64_t n, const float * x) {
+    float m[8] = { -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY };
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int e = 0; e < 8; ++e) {
+            m[e] = x[i + e] > m[e] ? x[i + e] : m[e];
+        }
+    }
+    for (; i < n; ++i) {
+        m[0] = x[i] > m[0] ? x[i] : m[0];
+    }
+    float r = m[0];
+    for (int e = 1; e < 8; ++e) {
+        r = m[e] > r ? m[e] : r;
+    }
+    return r;
+}
+
 // prefill: query rows (token t, group g: r = t*G + g) in blocks over the threads, one head after the
 // other. Every thread converts the head's cells to f32 itself (cheap beside the rows) with the ubatch's
 // new tokens taken from k_cur / v_cur rounded as the store will hold them, so nothing is written to the
@@ -236,7 +255,7 @@ static void hh_attn_rows(const ggml_compute_params * params, ggml_tensor * dst) 
         return (const int64_t *) ((const char *) idxs->data + (h0 + j)*idxs->nb[1]);
     };
 
-    thread_local std::vector<float> kt, vf, lg, qb, ob, pe;
+    thread_local std::vector<float> kt, vf, lg, qb, ob, pe, bias;
     thread_local std::vector<int32_t> src; // ubatch token of a cell, -1 for cells held before it
     pe.resize(C); src.resize(C);
     qb.resize(HH_RB*D); ob.resize(HH_RB*Dv);
@@ -264,6 +283,21 @@ static void hh_attn_rows(const ggml_compute_params * params, ggml_tensor * dst) 
             --hi;
         }
         const int64_t W = hi - lo, Wp = (W + HH_TC - 1)/HH_TC*HH_TC;
+
+        // the usual prefill: every cell held before the ubatch precedes its first query and the
+        // ubatch's positions increase; then a row's mask is the free cells (a vector add of 0 or
+        // -inf) and the ubatch's later tokens, instead of a compare per cell
+        bool ordered = true;
+        for (int64_t t = 1; t < T; ++t) {
+            ordered = ordered && qpos[t] > qpos[t - 1];
+        }
+        bias.resize(Wp);
+        for (int64_t i = 0; i < W; ++i) {
+            const int64_t c = lo + i;
+            const bool free = std::isinf(pe[c]);
+            ordered = ordered && (free || src[c] >= 0 || pe[c] < qpos[0]);
+            bias[i] = free ? -INFINITY : 0.0f;
+        }
 
         // f32 K transposed [D][Wp] and V [Dv][Wp]; free and padding cells zero
         kt.assign(D*Wp, 0.0f);
@@ -308,12 +342,20 @@ static void hh_attn_rows(const ggml_compute_params * params, ggml_tensor * dst) 
             hh_logits(D, Wp, qb.data(), kt.data(), lg.data());
             for (int64_t r = 0; r < nr; ++r) {
                 float * l = lg.data() + r*Wp;
-                const float qp = qpos[(r0 + r)/G];
-                float m = -INFINITY;
-                for (int64_t i = 0; i < W; ++i) {
-                    l[i] = qp - pe[lo + i] > 0.0f ? l[i] : -INFINITY; // occupied and not after the query
-                    m = std::max(m, l[i]);
+                const int64_t t = (r0 + r)/G;
+                if (ordered) {
+                    for (int64_t i = 0; i < W; ++i) {
+                        l[i] += bias[i];
+                    }
+                    for (int64_t u = t + 1; u < T; ++u) {
+                        l[sl[u] - lo] = -INFINITY;
+                    }
+                } else {
+                    for (int64_t i = 0; i < W; ++i) {
+                        l[i] = qpos[t] - pe[lo + i] > 0.0f ? l[i] : -INFINITY; // occupied and not after the query
+                    }
                 }
+                const float m = hh_max(W, l);
                 std::fill(l + W, l + Wp, 0.0f);
                 if (m == -INFINITY) {
                     std::fill(l, l + W, 0.0f);
