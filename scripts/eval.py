@@ -399,31 +399,40 @@ def memory(cfgs, contexts) -> list[dict]:
 
 def speed(cfgs, tok_ids, depths, n_gen: int = 32, reps: int = 5) -> list[dict]:
     """CPU tokens/s through llama-cpp-python: prefill to each depth, then n_gen single-token decodes;
-    median of `reps` repetitions with min and max (run it on an otherwise idle machine)."""
+    median of `reps` repetitions with min and max (run it on an otherwise idle machine). The
+    configurations take turns within each repetition, so a drift in the machine's speed (seen: 10%
+    between runs minutes apart) falls on all of them alike."""
     import llama_fastgen  # noqa: F401
     from llama_cpp import Llama
 
-    rows = []
-    for c in cfgs:
-        llm = Llama(model_path=str(c.gguf), n_ctx=max(depths) + n_gen + 64, n_batch=512, verbose=False, **c.llama_kwargs())
-        try:
+    llms = {c.name: Llama(model_path=str(c.gguf), n_ctx=max(depths) + n_gen + 64, n_batch=512, verbose=False,
+                          **c.llama_kwargs()) for c in cfgs}
+    pp = {(c.name, d): [] for c in cfgs for d in depths}
+    tg = {(c.name, d): [] for c in cfgs for d in depths}
+    try:
+        for _ in range(reps):
             for d in depths:
-                pp, tg = [], []
-                for _ in range(reps):
+                for c in cfgs:
+                    llm = llms[c.name]
                     llm.reset()
                     t0 = time.perf_counter()
                     llm.eval(tok_ids[:d] if d else tok_ids[:1])
-                    pp.append(max(d, 1) / (time.perf_counter() - t0))
+                    pp[c.name, d].append(max(d, 1) / (time.perf_counter() - t0))
                     t0 = time.perf_counter()
                     for t in tok_ids[d: d + n_gen]:
                         llm.eval([t])
-                    tg.append(n_gen / (time.perf_counter() - t0))
-                rows.append({"config": c.name, "depth": d, "reps": reps, "decode_tps": float(np.median(tg)),
-                             "decode_tps_min": min(tg), "decode_tps_max": max(tg),
-                             "prefill_tps": float(np.median(pp)) if d else None,
-                             "prefill_tps_min": min(pp) if d else None, "prefill_tps_max": max(pp) if d else None})
-        finally:
+                    tg[c.name, d].append(n_gen / (time.perf_counter() - t0))
+    finally:
+        for llm in llms.values():
             llm.close()
+    rows = []
+    for c in cfgs:
+        for d in depths:
+            p, g = pp[c.name, d], tg[c.name, d]
+            rows.append({"config": c.name, "depth": d, "reps": reps, "decode_tps": float(np.median(g)),
+                         "decode_tps_min": min(g), "decode_tps_max": max(g),
+                         "prefill_tps": float(np.median(p)) if d else None,
+                         "prefill_tps_min": min(p) if d else None, "prefill_tps_max": max(p) if d else None})
     print(f"\nCPU speed ({os.cpu_count()} cores), median of {reps} [min, max]: decode tokens/s at depth (prefill tokens/s)")
     for c in cfgs:
         cells = [f"d{r['depth']}: {r['decode_tps']:6.1f} [{r['decode_tps_min']:.1f}, {r['decode_tps_max']:.1f}]"
