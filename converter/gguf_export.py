@@ -21,17 +21,12 @@ tree, kv_json = sys.argv[1], sys.argv[2]
 sys.argv = [tree + "/convert_hf_to_gguf.py"] + sys.argv[3:]
 sys.path.insert(0, tree)
 import convert_hf_to_gguf as C
+from llama_fastgen.schema import add_to_writer
 gguf = C.gguf
-T = gguf.GGUFValueType
-types = {"u32": T.UINT32, "f32": T.FLOAT32, "str": T.STRING}
 extra = json.loads(open(kv_json).read()) if kv_json != "-" else {}
 orig = gguf.GGUFWriter.write_header_to_file
 def write_header_to_file(self, *a, **k):
-    for key, (typ, val) in extra.items():
-        if typ == "i32[]":
-            self.add_key_value(key, [int(v) for v in val], T.ARRAY, sub_type=T.INT32)
-        else:
-            self.add_key_value(key, val, types[typ])
+    add_to_writer(self, extra, gguf)
     return orig(self, *a, **k)
 gguf.GGUFWriter.write_header_to_file = write_header_to_file
 C.main()

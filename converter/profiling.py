@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from llama_fastgen.schema import class_order
 
 from .architectures import shape
 from .policies import HeadPolicy, Kind, TokenContext, ladder, to_policy
@@ -182,11 +183,6 @@ def select(res: ProfileResult, threshold: float, n_head_kv: int, quantile: float
                     threshold=threshold, quantile=quantile, rank=rank)
     arrange(sel)
     return sel
-
-
-def class_order(p: HeadPolicy):
-    """Full first, then shrinking windows: the order of classes in the GGUF and of heads in a layer."""
-    return (p.kind != Kind.FULL, p.kind == Kind.FREQUENT, -p.window, -p.budget, -int(p.kind))
 
 
 def arrange(sel: Selection) -> None:

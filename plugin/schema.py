@@ -115,6 +115,27 @@ class HeadPolicy:
         return HeadPolicy(self.kind, min(scale(self.window), budget - n_sink - 1), budget)
 
 
+def class_order(p: HeadPolicy):
+    """Full first, then shrinking windows: the order of classes in the GGUF and of heads in a layer
+    (frequent classes last and consecutive: the native heavy-hitter store takes them as one range)."""
+    return (p.kind != Kind.FULL, p.kind == Kind.FREQUENT, -p.window, -p.budget, -int(p.kind))
+
+
+def add_to_writer(writer, kv: dict[str, tuple[str, object]], gguf) -> None:
+    """Write {key: (type, value)} (FastgenMetadata.to_kv, or test overrides) into a gguf-py
+    GGUFWriter; `gguf` is the gguf-py module the writer comes from (the pinned tree's, in the
+    converter's subprocess). Every fastgen GGUF writer goes through here."""
+    T = gguf.GGUFValueType
+    scalar = {"u32": T.UINT32, "f32": T.FLOAT32, "str": T.STRING}
+    for key, (typ, val) in kv.items():
+        if typ == "i32[]":
+            writer.add_key_value(key, [int(v) for v in val], T.ARRAY, sub_type=T.INT32)
+        elif typ in scalar:
+            writer.add_key_value(key, val, scalar[typ])
+        else:
+            raise MetadataError(f"{key}: unknown value type {typ!r} (u32, f32, str or i32[])")
+
+
 @dataclass
 class FastgenMetadata:
     threshold: float

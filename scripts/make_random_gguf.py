@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from llama_fastgen.schema import FastgenMetadata, HeadPolicy, Kind, add_to_writer, class_order
 
 SHAPES = {
     # n_layer, n_embd, n_head, n_head_kv, n_ff
@@ -28,27 +29,17 @@ SHAPES = {
 }
 
 
-def parse_label(label: str) -> tuple[int, int, int]:
-    """A policy label -> (kind, window, budget): 'special+punct+local256' -> (3, 256, 0),
-    'special+frequent256+local64' -> (4, 64, 256), 'full' -> (0, 0, 0), 'special' -> (1, 1, 0)."""
-    m = re.fullmatch(r"special\+frequent(\d+)\+local(\d+)", label)
-    if m:
-        return 4, int(m.group(2)), int(m.group(1))
-    if label.startswith("special+punct+local"):
-        return 3, int(label[len("special+punct+local"):]), 0
-    return {"full": 0, "special": 1, "special+punct": 2}[label], 0 if label == "full" else 1, 0
-
-
 def policy_from_report(report: dict, n_layer: int, n_kv: int, frequent_as_full: bool = False):
-    """The report's per-head policies stretched over n_layer x n_kv heads."""
+    """The report's per-head policies stretched over n_layer x n_kv heads: (classes in the
+    converter's class order, per-layer head counts per class)."""
     src = report["policies"]                         # [L_src][H_src] labels, original head order
     L_src, H_src = len(src), len(src[0])
     heads = []
     for l in range(n_layer):
         ls = round(l * (L_src - 1) / max(n_layer - 1, 1))
-        row = [parse_label(src[ls][h % H_src]) for h in range(n_kv)]
-        heads.append([(0, 0, 0) if frequent_as_full and c[0] == 4 else c for c in row])
-    classes = sorted({c for row in heads for c in row}, key=lambda c: (c[0] != 0, c[0] == 4, -c[1], -c[2], -c[0]))
+        row = [HeadPolicy.from_label(src[ls][h % H_src]) for h in range(n_kv)]
+        heads.append([HeadPolicy(Kind.FULL) if frequent_as_full and c.kind == Kind.FREQUENT else c for c in row])
+    classes = sorted({c for row in heads for c in row}, key=class_order)
     counts = [[row.count(c) for c in classes] for row in heads]
     return classes, counts
 
@@ -102,17 +93,11 @@ def main() -> int:
     if a.profile:
         report = json.loads(a.profile.read_text())
         classes, counts = policy_from_report(report, n_layer, n_kv, a.frequent_as_full)
-        T = gguf.GGUFValueType
-        w.add_uint32("fastgen.version", 1)
-        w.add_float32("fastgen.threshold", float(report["threshold"]))
-        w.add_uint32("fastgen.n_sink", 4)
-        w.add_float32("fastgen.protected_frac", float(report["protected_frac"]))
-        w.add_key_value("fastgen.class.kind", [k for k, _, _ in classes], T.ARRAY, sub_type=T.INT32)
-        w.add_key_value("fastgen.class.window", [win for _, win, _ in classes], T.ARRAY, sub_type=T.INT32)
-        w.add_key_value("fastgen.class.budget", [b for _, _, b in classes], T.ARRAY, sub_type=T.INT32)
-        w.add_key_value("fastgen.layer_class_heads", [n for row in counts for n in row], T.ARRAY, sub_type=T.INT32)
-        w.add_key_value("fastgen.head_perm", list(range(n_kv)) * n_layer, T.ARRAY, sub_type=T.INT32)
-        w.add_string("fastgen.calibration", json.dumps({"random_weights": True, "profile": str(a.profile)}))
+        meta = FastgenMetadata(threshold=float(report["threshold"]), n_sink=4, classes=classes, layer_class_heads=counts,
+                               head_perm=[list(range(n_kv))] * n_layer, special_token_ids=[], punct_token_ids=[],
+                               protected_frac=float(report["protected_frac"]),
+                               calibration={"random_weights": True, "profile": str(a.profile)})
+        add_to_writer(w, meta.to_kv(), gguf)
     rng = np.random.default_rng(a.seed)
     Q = gguf.GGMLQuantizationType.Q4_0
 
