@@ -16,20 +16,11 @@
 
 // decode: heads over the threads, no barrier (a few query rows per head)
 static void hh_attn_heads(const ggml_compute_params * params, ggml_tensor * dst) {
-    const ggml_tensor * q    = dst->src[GGML_FASTGEN_HH_Q];
-    const ggml_tensor * kc   = dst->src[GGML_FASTGEN_HH_K_CUR];
-    const ggml_tensor * vc   = dst->src[GGML_FASTGEN_HH_V_CUR];
-    const ggml_tensor * idxs = dst->src[GGML_FASTGEN_HH_IDXS];
-    ggml_tensor       * K    = dst->src[GGML_FASTGEN_HH_K];
-    ggml_tensor       * V    = dst->src[GGML_FASTGEN_HH_V];
-    ggml_tensor       * S    = dst->src[GGML_FASTGEN_HH_S];
-    ggml_tensor       * P    = dst->src[GGML_FASTGEN_HH_P];
-    const ggml_tensor * qpos = dst->src[GGML_FASTGEN_HH_QUERY_POS];
-
-    const int64_t D = K->ne[0], C = K->ne[1], n = K->ne[2], Dv = V->ne[1], T = q->ne[2], G = q->ne[1]/n;
-    float scale;
-    std::memcpy(&scale, dst->op_params, sizeof(float));
-    const int64_t h0 = dst->op_params[1];
+    const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(dst);
+    const ggml_tensor * q = a.q, * kc = a.k_cur, * vc = a.v_cur, * idxs = a.idxs, * qpos = a.query_pos;
+    ggml_tensor * K = a.K, * V = a.V, * S = a.S, * P = a.P;
+    const int64_t D = a.D, C = a.C, n = a.n, Dv = a.Dv, T = a.T, G = a.G, h0 = a.h0;
+    const float scale = a.scale;
     GGML_ASSERT(h0 >= 0 && h0 + n <= idxs->ne[1] && ggml_is_contiguous(qpos));
 
     // per-thread f32 copies of one head's K rows and V columns: converted once per head with ggml-cpu's
@@ -235,20 +226,12 @@ static float hh_max(int64_t n, const float * x) {
 // store until every thread has read it: after a barrier, heads over threads write the new cells, their
 // positions and the scores (the threads' column sums, from the work buffer, added up).
 static void hh_attn_rows(const ggml_compute_params * params, ggml_tensor * dst) {
-    const ggml_tensor * q    = dst->src[GGML_FASTGEN_HH_Q];
-    const ggml_tensor * kc   = dst->src[GGML_FASTGEN_HH_K_CUR];
-    const ggml_tensor * vc   = dst->src[GGML_FASTGEN_HH_V_CUR];
-    const ggml_tensor * idxs = dst->src[GGML_FASTGEN_HH_IDXS];
-    ggml_tensor       * K    = dst->src[GGML_FASTGEN_HH_K];
-    ggml_tensor       * V    = dst->src[GGML_FASTGEN_HH_V];
-    ggml_tensor       * S    = dst->src[GGML_FASTGEN_HH_S];
-    ggml_tensor       * P    = dst->src[GGML_FASTGEN_HH_P];
-    const float       * qpos = (const float *) dst->src[GGML_FASTGEN_HH_QUERY_POS]->data;
-
-    const int64_t D = K->ne[0], C = K->ne[1], n = K->ne[2], Dv = V->ne[1], T = q->ne[2], G = q->ne[1]/n, R = T*G;
-    float scale;
-    std::memcpy(&scale, dst->op_params, sizeof(float));
-    const int64_t h0 = dst->op_params[1];
+    const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(dst);
+    const ggml_tensor * q = a.q, * kc = a.k_cur, * vc = a.v_cur, * idxs = a.idxs;
+    ggml_tensor * K = a.K, * V = a.V, * S = a.S, * P = a.P;
+    const float * qpos = (const float *) a.query_pos->data;
+    const int64_t D = a.D, C = a.C, n = a.n, Dv = a.Dv, T = a.T, G = a.G, R = T*G, h0 = a.h0;
+    const float scale = a.scale;
     GGML_ASSERT(h0 >= 0 && h0 + n <= idxs->ne[1] && Dv % 2 == 0 && D <= GGML_FASTGEN_HH_MAX_D);
     GGML_ASSERT(params->wsize >= ggml_fastgen_hh_attn_work_size(dst, params->nth));
     auto slots_of = [&](int64_t j) {
@@ -406,9 +389,8 @@ static void hh_attn_rows(const ggml_compute_params * params, ggml_tensor * dst) 
 }
 
 void ggml_compute_forward_fastgen_hh_attn(const ggml_compute_params * params, ggml_tensor * dst) {
-    const ggml_tensor * q = dst->src[GGML_FASTGEN_HH_Q];
-    const int64_t rows = q->ne[1]/dst->src[GGML_FASTGEN_HH_K]->ne[2] * q->ne[2]; // query rows per head
-    if (rows <= GGML_FASTGEN_HH_MAX_ROWS) {
+    const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(dst);
+    if (a.G*a.T <= GGML_FASTGEN_HH_MAX_ROWS) { // query rows per head
         hh_attn_heads(params, dst);
     } else {
         hh_attn_rows(params, dst);

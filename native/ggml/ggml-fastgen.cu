@@ -278,22 +278,14 @@ bool ggml_cuda_fastgen_hh_attn_supported(const ggml_tensor * op) {
 }
 
 void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
-    const ggml_tensor * q    = dst->src[GGML_FASTGEN_HH_Q];
-    const ggml_tensor * kc   = dst->src[GGML_FASTGEN_HH_K_CUR];
-    const ggml_tensor * vc   = dst->src[GGML_FASTGEN_HH_V_CUR];
-    const ggml_tensor * idxs = dst->src[GGML_FASTGEN_HH_IDXS];
-    ggml_tensor       * K    = dst->src[GGML_FASTGEN_HH_K];
-    ggml_tensor       * V    = dst->src[GGML_FASTGEN_HH_V];
-    ggml_tensor       * S    = dst->src[GGML_FASTGEN_HH_S];
-    ggml_tensor       * P    = dst->src[GGML_FASTGEN_HH_P];
-    const ggml_tensor * qpos = dst->src[GGML_FASTGEN_HH_QUERY_POS];
     GGML_ASSERT(ggml_cuda_fastgen_hh_attn_supported(dst));
-
-    const int h0 = dst->op_params[1];
-    const int D = K->ne[0], C = K->ne[1], n = K->ne[2], Dv = V->ne[1], T = q->ne[2], G = q->ne[1]/n, R = G*T;
+    const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(dst);
+    const ggml_tensor * q = a.q, * kc = a.k_cur, * vc = a.v_cur, * idxs = a.idxs, * qpos = a.query_pos;
+    ggml_tensor * K = a.K, * V = a.V, * S = a.S, * P = a.P;
+    const int h0 = a.h0;
+    const int D = a.D, C = a.C, n = a.n, Dv = a.Dv, T = a.T, G = a.G, R = G*T;
     const int ns = (C + HH_CHUNK - 1)/HH_CHUNK, RB = R <= 4 ? 4 : 8, RP = (R + RB - 1)/RB*RB;
-    float scale;
-    memcpy(&scale, dst->op_params, sizeof(float));
+    const float scale = a.scale;
 
     ggml_cuda_pool_alloc<float> logits(ctx.pool(), (size_t) n*R*C);
     ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) n*ns*R);

@@ -28,6 +28,8 @@
 
 #include "ggml.h"
 
+#include <string.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -46,6 +48,37 @@ enum ggml_fastgen_hh_src {
 #define GGML_FASTGEN_HH_MAX_D 256
 // cells per head the CUDA kernel takes (its merge step keeps one weight per 64 cells and row in shared memory)
 #define GGML_FASTGEN_HH_MAX_CELLS 16384
+
+// the op's sources, shapes and parameters, unpacked in one place for every implementation
+struct ggml_fastgen_hh_args {
+    const struct ggml_tensor * q, * k_cur, * v_cur, * idxs, * query_pos;
+    struct ggml_tensor       * K, * V, * S, * P;
+    int64_t D, C, n, Dv, T, G; // head size, cells, KV heads, V head size, tokens, query heads per KV head
+    float   scale;
+    int32_t h0;
+};
+
+static inline struct ggml_fastgen_hh_args ggml_fastgen_hh_unpack(const struct ggml_tensor * dst) {
+    struct ggml_fastgen_hh_args a;
+    a.q     = dst->src[GGML_FASTGEN_HH_Q];
+    a.k_cur = dst->src[GGML_FASTGEN_HH_K_CUR];
+    a.v_cur = dst->src[GGML_FASTGEN_HH_V_CUR];
+    a.idxs  = dst->src[GGML_FASTGEN_HH_IDXS];
+    a.K     = dst->src[GGML_FASTGEN_HH_K];
+    a.V     = dst->src[GGML_FASTGEN_HH_V];
+    a.S     = dst->src[GGML_FASTGEN_HH_S];
+    a.P     = dst->src[GGML_FASTGEN_HH_P];
+    a.query_pos = dst->src[GGML_FASTGEN_HH_QUERY_POS];
+    a.D  = a.K->ne[0];
+    a.C  = a.K->ne[1];
+    a.n  = a.K->ne[2];
+    a.Dv = a.V->ne[1];
+    a.T  = a.q->ne[2];
+    a.G  = a.q->ne[1]/a.n;
+    memcpy(&a.scale, dst->op_params, sizeof(float));
+    a.h0 = dst->op_params[1];
+    return a;
+}
 
 struct ggml_compute_params;
 
