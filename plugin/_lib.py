@@ -173,9 +173,12 @@ class _Native:
                             "cells": int(lib.llama_fastgen_ctx_class_cells(ctx, c)),
                             "used": int(lib.llama_fastgen_ctx_class_used(ctx, c)),
                             "dropped_upto": int(lib.llama_fastgen_ctx_class_dropped_upto(ctx, c, 0))})
+        by_buffer = {self._str(lib.llama_fastgen_ctx_kv_buft_name(ctx, i)): int(lib.llama_fastgen_ctx_kv_buft_bytes(ctx, i))
+                     for i in range(lib.llama_fastgen_ctx_kv_n_buft(ctx))}
         return {"fastgen": bool(classes), "classes": classes,
                 "kv_bytes": int(lib.llama_fastgen_ctx_kv_bytes(ctx)),
-                "full_bytes": int(lib.llama_fastgen_ctx_full_bytes(ctx))}
+                "full_bytes": int(lib.llama_fastgen_ctx_full_bytes(ctx)),
+                "kv_bytes_by_buffer": by_buffer}  # where the bytes live (device buffers when split)
 
     def set_enabled(self, llm_or_model, enabled: bool) -> bool:
         """Use the fastgen cache (or the full one) for contexts created afterwards from this model."""

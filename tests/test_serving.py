@@ -264,6 +264,11 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
             proc.wait(timeout=30)
     for log in logs:   # each server took the client's connection (layers assigned to it)
         assert "Accepted client connection" in log.read_text(), log.read_text()[-2000:]
+    # the same cache, its bytes now on the servers' devices (RPC0[...], RPC1[...]), adding up to the total
+    by_buffer = split_stats.pop("kv_bytes_by_buffer")
+    assert one_stats.pop("kv_bytes_by_buffer") == {"CPU": one_stats["kv_bytes"]}
+    assert sum(by_buffer.values()) == split_stats["kv_bytes"]
+    assert sum(1 for name, n in by_buffer.items() if name.startswith("RPC") and n > 0) == 2, by_buffer
     assert split_stats == one_stats and len(one_stats["classes"]) == 3
     assert (split.argmax(1) == one.argmax(1)).all()
     assert np.abs(split - one).max() <= 1e-5 * np.abs(one).max()

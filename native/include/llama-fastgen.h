@@ -63,6 +63,13 @@ LLAMA_API int32_t llama_fastgen_ctx_class_dropped_upto(const struct llama_contex
 LLAMA_API size_t llama_fastgen_ctx_kv_bytes  (const struct llama_context * ctx);
 LLAMA_API size_t llama_fastgen_ctx_full_bytes(const struct llama_context * ctx);
 
+// The same K+V bytes per buffer type, i.e. where they live when layers are split over devices: the
+// number of buffer types, then for 0 <= i < that number its name (ggml's, e.g. "CPU", "CUDA0",
+// "RPC0[127.0.0.1:50052]") and bytes ("" and 0 out of range). They add up to llama_fastgen_ctx_kv_bytes.
+LLAMA_API int32_t      llama_fastgen_ctx_kv_n_buft    (const struct llama_context * ctx);
+LLAMA_API const char * llama_fastgen_ctx_kv_buft_name (const struct llama_context * ctx, int32_t i);
+LLAMA_API size_t       llama_fastgen_ctx_kv_buft_bytes(const struct llama_context * ctx, int32_t i);
+
 #ifdef __cplusplus
 }
 #endif

@@ -5,6 +5,8 @@
 #include "llama-fastgen-model.h"
 
 #include <algorithm>
+#include <map>
+#include <vector>
 #include <string>
 
 #ifndef LLAMA_FASTGEN_VERSION
@@ -158,15 +160,40 @@ int32_t llama_fastgen_ctx_class_dropped_upto(const llama_context * ctx, int32_t 
     return kv && c >= 0 && (size_t) c < kv->n_class() ? kv->class_dropped_upto(c, seq_id) : 0;
 }
 
-size_t llama_fastgen_ctx_kv_bytes(const llama_context * ctx) {
+// the cache's bytes per buffer type, in a stable order (by name)
+static std::vector<std::pair<std::string, size_t>> kv_by_buft(const llama_context * ctx) {
     const llama_memory_i * mem = ctx ? llama_get_memory(ctx) : nullptr;
-    size_t n = 0;
+    std::map<std::string, size_t> res;
     if (mem) {
-        for (const auto & [_, size] : mem->memory_breakdown()) {
-            n += size;
+        for (const auto & [buft, size] : mem->memory_breakdown()) {
+            res[ggml_backend_buft_name(buft)] += size;
         }
     }
+    return { res.begin(), res.end() };
+}
+
+size_t llama_fastgen_ctx_kv_bytes(const llama_context * ctx) {
+    size_t n = 0;
+    for (const auto & [_, size] : kv_by_buft(ctx)) {
+        n += size;
+    }
     return n;
+}
+
+int32_t llama_fastgen_ctx_kv_n_buft(const llama_context * ctx) {
+    return (int32_t) kv_by_buft(ctx).size();
+}
+
+const char * llama_fastgen_ctx_kv_buft_name(const llama_context * ctx, int32_t i) {
+    thread_local std::string name; // valid until the next call on this thread
+    const auto all = kv_by_buft(ctx);
+    name = i >= 0 && (size_t) i < all.size() ? all[i].first : "";
+    return name.c_str();
+}
+
+size_t llama_fastgen_ctx_kv_buft_bytes(const llama_context * ctx, int32_t i) {
+    const auto all = kv_by_buft(ctx);
+    return i >= 0 && (size_t) i < all.size() ? all[i].second : 0;
 }
 
 size_t llama_fastgen_ctx_full_bytes(const llama_context * ctx) {
