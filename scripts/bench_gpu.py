@@ -86,6 +86,7 @@ def correctness(args) -> dict:
 
 
 def kv(args) -> list:
+    import llama_fastgen
     from llama_cpp import Llama
 
     rows = []
@@ -95,11 +96,13 @@ def kv(args) -> list:
             llm = Llama(model_path=args.model, n_ctx=n_ctx, n_gpu_layers=99, flash_attn=True, verbose=True, **kw)
             st = llama_fastgen.native.cache_stats(llm)
             llm.close()
-            rows.append({"config": name, "n_ctx": n_ctx, "kv_bytes": st["kv_bytes"], "full_f16_bytes": st["full_bytes"]})
+            rows.append({"config": name, "n_ctx": n_ctx, "kv_bytes": st["kv_bytes"], "full_f16_bytes": st["full_bytes"],
+                         "kv_bytes_by_buffer": st["kv_bytes_by_buffer"]})
     full = {r["n_ctx"]: r["kv_bytes"] for r in rows if r["config"] == "full f16"}
     print("KV bytes allocated (8B shape)")
     for r in rows:
-        print(f"  n_ctx {r['n_ctx']:>6} {r['config']:12s} {r['kv_bytes'] / 2**30:7.3f} GiB  ({r['kv_bytes'] / full[r['n_ctx']]:.1%} of full f16)")
+        where = ", ".join(f"{k} {v / 2**30:.3f}" for k, v in r["kv_bytes_by_buffer"].items())
+        print(f"  n_ctx {r['n_ctx']:>6} {r['config']:12s} {r['kv_bytes'] / 2**30:7.3f} GiB  ({r['kv_bytes'] / full[r['n_ctx']]:.1%} of full f16; {where})")
     return rows
 
 
