@@ -243,12 +243,16 @@ def main() -> int:
                              capture_output=True, text=True).stdout.strip()
     except FileNotFoundError:
         gpu = "no GPU"
+    # the device tool's copy of the tree carries the .git of the session's start, not its last commit:
+    # LLAMA_FASTGEN_COMMIT (set by the caller) wins over git there
+    commit = os.environ.get("LLAMA_FASTGEN_COMMIT", "")
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        commit += "+dirty" if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                             capture_output=True, text=True).stdout.strip() else ""
+        if not commit:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+            commit += "+dirty" if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                                 capture_output=True, text=True).stdout.strip() else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("LLAMA_FASTGEN_COMMIT", "unknown")
+        commit = "unknown"
     out = {"machine": gpu, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "commit": commit,
            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     for step in ("correctness", "kv", "reuse", "speed"):
