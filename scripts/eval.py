@@ -405,11 +405,13 @@ def speed(cfgs, tok_ids, depths, n_gen: int = 32, reps: int = 5) -> list[dict]:
     import llama_fastgen  # noqa: F401
     from llama_cpp import Llama
 
-    llms = {c.name: Llama(model_path=str(c.gguf), n_ctx=max(depths) + n_gen + 64, n_batch=512, verbose=False,
-                          **c.llama_kwargs()) for c in cfgs}
+    llms = {}  # every configuration loaded at once (small models; they take turns below)
     pp = {(c.name, d): [] for c in cfgs for d in depths}
     tg = {(c.name, d): [] for c in cfgs for d in depths}
     try:
+        for c in cfgs:
+            llms[c.name] = Llama(model_path=str(c.gguf), n_ctx=max(depths) + n_gen + 64, n_batch=512, verbose=False,
+                                 **c.llama_kwargs())
         for _ in range(reps):
             for d in depths:
                 for c in cfgs:

@@ -345,7 +345,7 @@ static void hh_attn_rows(const ggml_compute_params * params, ggml_tensor * dst) 
                     continue;
                 }
                 const ggml_float sum = ggml_vec_soft_max_f32((int) W, l, l, m);
-                ggml_vec_scale_f32((int) W, l, (float) (1.0/sum));
+                ggml_vec_scale_f32((int) W, l, sum > 0.0 ? (float) (1.0/sum) : 0.0f); // as the decode path
                 ggml_vec_acc_f32((int) W, part + lo, l);
             }
             hh_output(Dv, Wp, lg.data(), vf.data(), ob.data());

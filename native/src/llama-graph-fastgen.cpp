@@ -142,8 +142,9 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
     if (!in.keep) { // decode-sized ubatch: the fused op (ggml-fastgen.h), positions from the store
         GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F32 && v->type == GGML_TYPE_F32);
         ggml_tensor * out = ggml_fastgen_hh_attn(ctx0, q, k, v, in.idxs, l.k, l.v, l.s, l.p, in.query_pos, kq_scale, (int32_t) h0);
-        if (!g.cparams.offload_kqv) {
-            // the store is in host memory: run where it is, like llama.cpp's own attention
+        if (ggml_backend_buffer_is_host(l.s->buffer)) {
+            // the store is in host memory: run where it is (the op writes it in place), like llama.cpp's
+            // own attention; the same condition as the store's fused()
             ggml_backend_sched_set_tensor_backend(g.sched, out, g.backend_cpu);
         }
         g.cb(out, "kqv_hh_fused", il);

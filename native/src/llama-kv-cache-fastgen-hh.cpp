@@ -42,7 +42,7 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     }
     bytes_per_head = (size_t) cap*(ggml_row_size(type_k, hp.n_embd_head_k()) + ggml_row_size(type_v, hp.n_embd_head_v()) + 2*sizeof(float))
                    + GGML_FASTGEN_HH_P_PAD*sizeof(float);
-    fused_ok = type_k == GGML_TYPE_F16 && type_v == GGML_TYPE_F16 && hp.n_embd_head_k() % 32 == 0 &&
+    fused_ok = type_k == GGML_TYPE_F16 && type_v == GGML_TYPE_F16 && hp.n_embd_head_k() % 32 == 0 && hp.n_embd_head_v() % 2 == 0 &&
                hp.n_embd_head_k() <= GGML_FASTGEN_HH_MAX_D && cap % 8 == 0 && cap <= GGML_FASTGEN_HH_MAX_CELLS;
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         n_group = std::max(n_group, hp.n_head(il) / std::max(hp.n_head_kv(il), 1u));
