@@ -138,11 +138,12 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
     const int32_t li = st.layer_of(il);
     const auto & l = st.get_layer(li);
     const int64_t D = q->ne[0], Dv = v->ne[0], n = k->ne[1], T = q->ne[2], h0 = st.head_offset(li);
+    const bool on_host = ggml_backend_buffer_is_host(l.s->buffer);
 
     if (!in.keep) { // decode-sized ubatch: the fused op (ggml-fastgen.h), positions from the store
         GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F32 && v->type == GGML_TYPE_F32);
         ggml_tensor * out = ggml_fastgen_hh_attn(ctx0, q, k, v, in.idxs, l.k, l.v, l.s, l.p, in.query_pos, kq_scale, (int32_t) h0);
-        if (ggml_backend_buffer_is_host(l.s->buffer)) {
+        if (on_host) {
             // the store is in host memory: run where it is (the op writes it in place), like llama.cpp's
             // own attention; the same condition as the store's fused()
             ggml_backend_sched_set_tensor_backend(g.sched, out, g.backend_cpu);
@@ -160,7 +161,6 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
 
     // this layer's heads in the class inputs (views of host inputs: one copy each, fine per long ubatch)
     ggml_tensor * idxs = ggml_view_2d(ctx0, in.idxs, T, n, in.idxs->nb[1], h0*in.idxs->nb[1]);
-    const bool on_host = ggml_backend_buffer_is_host(l.s->buffer);
     if (!in.mask) {
         // mask = log(step(q - (p - 0.5))): 0 where the cell is occupied and not after the query,
         // -inf elsewhere; built on the device once per ubatch for every layer. On the CPU, log(0)
