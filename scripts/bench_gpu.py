@@ -3,8 +3,8 @@
 
   correctness  random-weight small models, same tokens on CPU (nothing offloaded) and on CUDA:
                fastgen logits CPU vs CUDA, and the stock full cache CPU vs CUDA as the noise floor;
-               in ubatches of 64 (composed heavy-hitter path) and then one token per decode (the
-               fused GGML_OP_FASTGEN_HH_ATTN kernel), plus the fused vs composed kernel on CUDA
+               in ubatches of 64 (GGML_OP_FASTGEN_HH_ATTN's prefill kernels) and then one token per
+               decode (its decode kernel), plus the fused op vs the composed ggml path on CUDA in both
   kv           KV bytes allocated at several n_ctx: fastgen, full f16, full q8_0 (C API)
   reuse        decode 64 tokens through llama-cpp-python: tokens/s and how many graphs llama.cpp
                reused (a rebuilt graph costs host time and CUDA graph captures), fastgen vs full
@@ -76,9 +76,9 @@ def correctness(args) -> dict:
                 cpu = run_child(small, n, False, fg, "/tmp/cpu.npy", dec)
                 gpu = run_child(small, n, True, fg, "/tmp/gpu.npy", dec)
                 res[f"{name} {mode} {'fastgen' if fg else 'full'} CPU vs CUDA"] = compare(cpu, gpu, s)
-                if fg and mode == "decode":
+                if fg:
                     composed = run_child(small, n, True, True, "/tmp/gpu0.npy", dec, {"LLAMA_FASTGEN_HH_FUSED": "0"})
-                    res[f"{name} decode fastgen CUDA composed vs fused"] = compare(composed, gpu, s)
+                    res[f"{name} {mode} fastgen CUDA composed vs fused"] = compare(composed, gpu, s)
     print("CPU vs CUDA (random-weight small models, %d tokens)" % n)
     for k, v in res.items():
         print(f"  {k:52s} top-1 {v['top1_agreement']:.4f}  max|diff| {v['max_abs']:.4f}  mean|diff| {v['mean_abs']:.5f}  max rel {v['max_rel']:.2e}", flush=True)

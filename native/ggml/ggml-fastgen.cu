@@ -11,8 +11,23 @@
 // and adds each cell's probability, summed over the query rows, to the cell's score. Logits stay in
 // a scratch buffer in between, so the probabilities added to the scores are those the output used.
 // One launch per layer: at depth 0 a decode step is dominated by per-kernel latency, not bytes.
+//
+// Prefill (more query rows than GGML_FASTGEN_HH_MAX_ROWS) takes three launches, flash-attention style
+// on tensor cores (WMMA: f16 in, f32 accumulate), the CPU op's function in another order:
+//  1. hh_pf_write: the ubatch's K, V and positions into its cells, their scores to 0; the store then
+//     holds what the CPU op calls "cell positions as they will be after this ubatch";
+//  2. hh_pf_attn: a block per (64 query rows, head) walks the head's cells in tiles of 64 with an
+//     online softmax and writes the output, each row's max logit and 1/sum, and the queries as f16;
+//  3. hh_pf_colsum: a block per (64 cells, head) computes the same logits again (same f16 operands,
+//     same code: the same values), makes them probabilities with the row statistics and adds them up
+//     over the rows into the scores (the column sums that flash attention never forms).
+// Both skip the tiles no query of the block sees (free cells, the ubatch's later tokens).
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
+
+#if !defined(GGML_USE_HIP) && !defined(GGML_USE_MUSA)
+#include <mma.h>
+#endif
 
 #define HH_CHUNK 64 // cells per block: 8 warps x 8 cells x 4 lanes
 #define HH_WARPS 8
@@ -260,26 +275,360 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     }
 }
 
-bool ggml_cuda_fastgen_hh_attn_supported(const ggml_tensor * op) {
+#define HH_PF_TILE  64 // query rows, and cells, per tile
+#define HH_PF_WARPS 4  // 16 query rows of a tile each
+
+// shared-memory row strides (elements): padded so WMMA pointers stay 32-byte aligned and rows spread over banks
+static __host__ __device__ constexpr int hh_pf_dp(int D) { return D + 8; }            // q, k (f16)
+static __host__ __device__ constexpr int hh_pf_vp()      { return HH_PF_TILE + 8; }   // v transposed, p (f16)
+static __host__ __device__ constexpr int hh_pf_sp()      { return HH_PF_TILE + 4; }   // logits (f32)
+static __host__ __device__ constexpr int hh_pf_op(int Dv) { return Dv + 4; }          // output (f32)
+static size_t hh_pf_attn_smem(int D, int Dv) {
+    return 2*sizeof(half)*HH_PF_TILE*hh_pf_dp(D) + sizeof(half)*Dv*hh_pf_vp() + sizeof(float)*HH_PF_TILE*hh_pf_sp() +
+           sizeof(half)*HH_PF_TILE*hh_pf_vp() + sizeof(float)*HH_PF_TILE*hh_pf_op(Dv);
+}
+static size_t hh_pf_colsum_smem(int D) {
+    return 2*sizeof(half)*HH_PF_TILE*hh_pf_dp(D) + sizeof(float)*HH_PF_TILE*hh_pf_sp();
+}
+
+static __global__ void hh_pf_write(
+        const char * __restrict__ kc, const int64_t kc_nb1, const int64_t kc_nb2,
+        const char * __restrict__ vc, const int64_t vc_nb1, const int64_t vc_nb2,
+        const int64_t * __restrict__ idxs, const int64_t idxs_s1, const int h0,
+        half * __restrict__ K, half * __restrict__ V, float * __restrict__ S, float * __restrict__ P,
+        const float * __restrict__ qpos, const int D, const int Dv, const int C) {
+    const int t = blockIdx.x, j = blockIdx.y;
+    const int64_t c = idxs[(h0 + j)*idxs_s1 + t];
+    const float * kr = (const float *) (kc + j*kc_nb1 + t*kc_nb2);
+    const float * vr = (const float *) (vc + j*vc_nb1 + t*vc_nb2);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        K[((int64_t) j*C + c)*D + d] = __float2half(kr[d]);
+    }
+    for (int d = threadIdx.x; d < Dv; d += blockDim.x) {
+        V[(int64_t) j*C*Dv + (int64_t) d*C + c] = __float2half(vr[d]);
+    }
+    if (threadIdx.x == 0) {
+        P[(int64_t) j*(C + GGML_FASTGEN_HH_P_PAD) + c] = qpos[t] - 0.5f;
+        S[(int64_t) j*C + c] = 0.0f; // a new or reused cell starts from this ubatch's attention
+    }
+}
+
+#if defined(TURING_MMA_AVAILABLE)
+namespace wmma = nvcuda::wmma;
+
+// cells [c0, c0 + 64) of a head: K rows into k_s (zeros past C); C % 8 == 0, so 8 cells are all in or all out
+static __device__ void hh_pf_load_k(half * k_s, const half * Kj, int c0, int C, int D) {
+    const int per = D/8;
+    for (int i = threadIdx.x; i < HH_PF_TILE*per; i += blockDim.x) {
+        const int c = i / per, e = i % per;
+        uint4 u = make_uint4(0, 0, 0, 0);
+        if (c0 + c < C) {
+            u = *(const uint4 *) (Kj + (int64_t) (c0 + c)*D + 8*e);
+        }
+        *(uint4 *) (k_s + c*hh_pf_dp(D) + 8*e) = u;
+    }
+}
+
+// logits of the warp's 16 query rows x the tile's 64 cells into s_s (f32)
+static __device__ void hh_pf_logits(const half * q_s, const half * k_s, float * s_s, int D, int warp) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[HH_PF_TILE/16];
+#pragma unroll
+    for (int b = 0; b < HH_PF_TILE/16; ++b) {
+        wmma::fill_fragment(acc[b], 0.0f);
+    }
+    for (int k = 0; k < D; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a;
+        wmma::load_matrix_sync(a, q_s + 16*warp*hh_pf_dp(D) + k, hh_pf_dp(D));
+#pragma unroll
+        for (int b = 0; b < HH_PF_TILE/16; ++b) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> kb; // K^T: cell b's rows, column-major
+            wmma::load_matrix_sync(kb, k_s + 16*b*hh_pf_dp(D) + k, hh_pf_dp(D));
+            wmma::mma_sync(acc[b], a, kb, acc[b]);
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < HH_PF_TILE/16; ++b) {
+        wmma::store_matrix_sync(s_s + 16*warp*hh_pf_sp() + 16*b, acc[b], hh_pf_sp(), wmma::mem_row_major);
+    }
+}
+#endif // defined(TURING_MMA_AVAILABLE)
+
+static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_attn(
+        const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
+        const half * __restrict__ K, const half * __restrict__ V, const float * __restrict__ P,
+        const float * __restrict__ qpos, float * __restrict__ dst, half * __restrict__ qh,
+        float * __restrict__ row_m, float * __restrict__ row_il,
+        const int D, const int Dv, const int C, const int T, const int G, const float scale) {
+#if defined(TURING_MMA_AVAILABLE)
+    const int j = blockIdx.y, n = gridDim.y, r0 = blockIdx.x*HH_PF_TILE, R = G*T, RP = gridDim.x*HH_PF_TILE;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int dp = hh_pf_dp(D), vp = hh_pf_vp(), sp = hh_pf_sp(), op = hh_pf_op(Dv);
+
+    extern __shared__ __align__(128) char smem_pf[];
+    half  * q_s = (half *) smem_pf;             // [64][dp]
+    half  * k_s = q_s + HH_PF_TILE*dp;          // [64][dp]
+    half  * v_s = k_s + HH_PF_TILE*dp;          // [Dv][vp]: the tile's V, transposed as stored
+    float * s_s = (float *) (v_s + Dv*vp);      // [64][sp]: logits
+    half  * p_s = (half *) (s_s + HH_PF_TILE*sp); // [64][vp]: exp(logit - running max)
+    float * o_s = (float *) (p_s + HH_PF_TILE*vp); // [64][op]: unnormalized output
+    __shared__ float qp_r[HH_PF_TILE], m_r[HH_PF_TILE], l_r[HH_PF_TILE], pc[HH_PF_TILE], qmax_s;
+
+    // the block's query rows (r = t*G + g) as f16, also kept for the column sums (rows past R: zero)
+    for (int i = threadIdx.x; i < HH_PF_TILE*D; i += blockDim.x) {
+        const int rr = i / D, d = i % D, r = r0 + rr;
+        const float x = r < R ? ((const float *) (q + (int64_t) (j*G + r % G)*q_nb1 + (int64_t) (r / G)*q_nb2))[d] : 0.0f;
+        const half h = __float2half(x);
+        q_s[rr*dp + d] = h;
+        qh[((int64_t) j*RP + r)*D + d] = h;
+    }
+    for (int i = threadIdx.x; i < HH_PF_TILE*op; i += blockDim.x) {
+        o_s[i] = 0.0f;
+    }
+    if (threadIdx.x < HH_PF_TILE) {
+        const int r = r0 + threadIdx.x;
+        qp_r[threadIdx.x] = r < R ? qpos[r / G] : -INFINITY;
+        m_r[threadIdx.x]  = -INFINITY;
+        l_r[threadIdx.x]  = 0.0f;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const float m = warp_reduce_max(fmaxf(qp_r[lane], qp_r[lane + WARP_SIZE]));
+        if (lane == 0) {
+            qmax_s = m;
+        }
+    }
+    __syncthreads();
+    const float qmax = qmax_s;
+
+    const half  * Kj = K + (int64_t) j*C*D;
+    const half  * Vj = V + (int64_t) j*C*Dv;
+    const float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
+    for (int c0 = 0; c0 < C; c0 += HH_PF_TILE) {
+        float pv = INFINITY;
+        if (threadIdx.x < HH_PF_TILE) {
+            pv = c0 + (int) threadIdx.x < C ? Pj[c0 + threadIdx.x] : INFINITY;
+            pc[threadIdx.x] = pv;
+        }
+        if (!__syncthreads_or(qmax - pv > 0.0f)) {
+            continue; // no row of the block sees a cell of the tile
+        }
+        hh_pf_load_k(k_s, Kj, c0, C, D);
+        for (int i = threadIdx.x; i < Dv*(HH_PF_TILE/8); i += blockDim.x) {
+            const int d = i / (HH_PF_TILE/8), e = i % (HH_PF_TILE/8), c = c0 + 8*e;
+            uint4 u = make_uint4(0, 0, 0, 0);
+            if (c < C) {
+                u = *(const uint4 *) (Vj + (int64_t) d*C + c);
+            }
+            *(uint4 *) (v_s + d*vp + 8*e) = u;
+        }
+        __syncthreads();
+
+        hh_pf_logits(q_s, k_s, s_s, D, warp);
+        __syncwarp();
+
+        // online softmax over the warp's rows: p_s = exp(l - new max) as f16, output rows rescaled
+        for (int i = 16*warp; i < 16*warp + 16; ++i) {
+            const float qp = qp_r[i];
+            const float l0 = qp - pc[lane]             > 0.0f ? s_s[i*sp + lane]*scale             : -INFINITY;
+            const float l1 = qp - pc[lane + WARP_SIZE] > 0.0f ? s_s[i*sp + lane + WARP_SIZE]*scale : -INFINITY;
+            const float m_old = m_r[i];
+            const float m_new = fmaxf(m_old, warp_reduce_max(fmaxf(l0, l1)));
+            const float e0 = l0 == -INFINITY ? 0.0f : expf(l0 - m_new);
+            const float e1 = l1 == -INFINITY ? 0.0f : expf(l1 - m_new);
+            const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+            p_s[i*vp + lane]             = __float2half(e0);
+            p_s[i*vp + lane + WARP_SIZE] = __float2half(e1);
+            const float sum = warp_reduce_sum(e0 + e1);
+            for (int d = lane; d < Dv; d += WARP_SIZE) {
+                o_s[i*op + d] *= alpha;
+            }
+            if (lane == 0) {
+                m_r[i] = m_new;
+                l_r[i] = l_r[i]*alpha + sum;
+            }
+        }
+        __syncwarp();
+
+        // output rows += p V
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> pa[HH_PF_TILE/16];
+#pragma unroll
+        for (int k = 0; k < HH_PF_TILE/16; ++k) {
+            wmma::load_matrix_sync(pa[k], p_s + 16*warp*vp + 16*k, vp);
+        }
+        for (int b = 0; b < Dv/16; ++b) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+            wmma::load_matrix_sync(o, o_s + 16*warp*op + 16*b, op, wmma::mem_row_major);
+#pragma unroll
+            for (int k = 0; k < HH_PF_TILE/16; ++k) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> vb; // V[cell][d], stored [d][cell]
+                wmma::load_matrix_sync(vb, v_s + 16*b*vp + 16*k, vp);
+                wmma::mma_sync(o, pa[k], vb, o);
+            }
+            wmma::store_matrix_sync(o_s + 16*warp*op + 16*b, o, op, wmma::mem_row_major);
+        }
+        __syncthreads(); // k_s, v_s and pc are the next tile's
+    }
+
+    __syncwarp();
+    for (int i = 16*warp; i < 16*warp + 16; ++i) {
+        const int r = r0 + i;
+        if (r >= R) {
+            break;
+        }
+        const int t = r / G, g = r % G;
+        const float il = l_r[i] > 0.0f ? 1.0f/l_r[i] : 0.0f;
+        for (int d = lane; d < Dv; d += WARP_SIZE) {
+            dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = o_s[i*op + d]*il;
+        }
+        if (lane == 0) {
+            row_m[(int64_t) j*RP + r]  = m_r[i];
+            row_il[(int64_t) j*RP + r] = il;
+        }
+    }
+#else
+    GGML_UNUSED_VARS(q, q_nb1, q_nb2, K, V, P, qpos, dst, qh, row_m, row_il, D, Dv, C, T, G, scale);
+    NO_DEVICE_CODE;
+#endif // defined(TURING_MMA_AVAILABLE)
+}
+
+static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_colsum(
+        const half * __restrict__ K, float * __restrict__ S, const float * __restrict__ P,
+        const float * __restrict__ qpos, const half * __restrict__ qh,
+        const float * __restrict__ row_m, const float * __restrict__ row_il,
+        const int D, const int C, const int T, const int G, const int RP, const float scale) {
+#if defined(TURING_MMA_AVAILABLE)
+    const int j = blockIdx.y, c0 = blockIdx.x*HH_PF_TILE, R = G*T;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int dp = hh_pf_dp(D), sp = hh_pf_sp();
+    static_assert(HH_PF_WARPS*WARP_SIZE == 2*HH_PF_TILE, "two threads per cell");
+
+    extern __shared__ __align__(128) char smem_pf[];
+    half  * q_s = (half *) smem_pf;         // [64][dp]
+    half  * k_s = q_s + HH_PF_TILE*dp;      // [64][dp]
+    float * s_s = (float *) (k_s + HH_PF_TILE*dp); // [64][sp]
+    __shared__ float pc[HH_PF_TILE], qp_r[HH_PF_TILE], m_r[HH_PF_TILE], il_r[HH_PF_TILE], part[HH_PF_TILE], pmin_s[HH_PF_WARPS];
+
+    const float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
+    float pv = INFINITY;
+    if (threadIdx.x < HH_PF_TILE) {
+        pv = c0 + (int) threadIdx.x < C ? Pj[c0 + threadIdx.x] : INFINITY;
+        pc[threadIdx.x] = pv;
+    }
+    const float wmin = -warp_reduce_max(-pv);
+    if (lane == 0) {
+        pmin_s[warp] = wmin;
+    }
+    __syncthreads();
+    float pmin = pmin_s[0];
+    for (int w = 1; w < HH_PF_WARPS; ++w) {
+        pmin = fminf(pmin, pmin_s[w]);
+    }
+    if (pmin == INFINITY) {
+        return; // every cell free: scores stay undefined, as on the decode path
+    }
+    hh_pf_load_k(k_s, K + (int64_t) j*C*D, c0, C, D);
+
+    const int c = threadIdx.x % HH_PF_TILE, half_ = threadIdx.x / HH_PF_TILE;
+    float acc = 0.0f;
+    for (int rt = 0; rt < RP; rt += HH_PF_TILE) {
+        float qv = -INFINITY;
+        if (threadIdx.x < HH_PF_TILE) {
+            const int r = rt + threadIdx.x;
+            qv = r < R ? qpos[r / G] : -INFINITY;
+            qp_r[threadIdx.x] = qv;
+            m_r[threadIdx.x]  = r < R ? row_m[(int64_t) j*RP + r]  : -INFINITY;
+            il_r[threadIdx.x] = r < R ? row_il[(int64_t) j*RP + r] : 0.0f;
+        }
+        if (!__syncthreads_or(qv - pmin > 0.0f)) {
+            continue; // no row of this tile sees a cell of the block
+        }
+        const half * qt = qh + ((int64_t) j*RP + rt)*D;
+        for (int i = threadIdx.x; i < HH_PF_TILE*(D/8); i += blockDim.x) {
+            const int rr = i / (D/8), e = i % (D/8);
+            *(uint4 *) (q_s + rr*dp + 8*e) = *(const uint4 *) (qt + (int64_t) rr*D + 8*e);
+        }
+        __syncthreads();
+        hh_pf_logits(q_s, k_s, s_s, D, warp);
+        __syncthreads();
+        for (int i = half_*(HH_PF_TILE/2); i < (half_ + 1)*(HH_PF_TILE/2); ++i) {
+            if (qp_r[i] - pc[c] > 0.0f) { // seen: the row's max is finite
+                acc += expf(s_s[i*sp + c]*scale - m_r[i])*il_r[i];
+            }
+        }
+        __syncthreads(); // q_s, s_s and the row statistics are the next tile's
+    }
+    if (half_ == 1) {
+        part[c] = acc;
+    }
+    __syncthreads();
+    if (half_ == 0 && c0 + c < C) {
+        const float sum = acc + part[c];
+        float * s = S + (int64_t) j*C + c0 + c;
+        *s = isinf(pc[c]) ? sum : *s + sum; // new cells were set to 0 by hh_pf_write
+    }
+#else
+    GGML_UNUSED_VARS(K, S, P, qpos, qh, row_m, row_il, D, C, T, G, RP, scale);
+    NO_DEVICE_CODE;
+#endif // defined(TURING_MMA_AVAILABLE)
+}
+
+bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op) {
     const ggml_tensor * q = op->src[GGML_FASTGEN_HH_Q];
     const ggml_tensor * K = op->src[GGML_FASTGEN_HH_K];
     const ggml_tensor * V = op->src[GGML_FASTGEN_HH_V];
     const int64_t n = K->ne[2];
-    return K->type == GGML_TYPE_F16 && V->type == GGML_TYPE_F16 && ggml_is_contiguous(K) && ggml_is_contiguous(V) &&
+    const bool common = K->type == GGML_TYPE_F16 && V->type == GGML_TYPE_F16 && ggml_is_contiguous(K) && ggml_is_contiguous(V) &&
            ggml_is_contiguous(op->src[GGML_FASTGEN_HH_S]) && ggml_is_contiguous(op->src[GGML_FASTGEN_HH_P]) &&
            op->src[GGML_FASTGEN_HH_P]->ne[0] == K->ne[1] + GGML_FASTGEN_HH_P_PAD &&
            op->op_params[1] >= 0 && op->op_params[1] + n <= op->src[GGML_FASTGEN_HH_IDXS]->ne[1] &&
            ggml_is_contiguous(op->src[GGML_FASTGEN_HH_QUERY_POS]) &&
            K->ne[0] % WARP_SIZE == 0 && K->ne[0] <= GGML_FASTGEN_HH_MAX_D &&
-           K->ne[1] % 8 == 0 && K->ne[1] <= GGML_FASTGEN_HH_MAX_CELLS &&
-           q->ne[1] % n == 0 && (q->ne[1]/n)*q->ne[2] <= GGML_FASTGEN_HH_MAX_ROWS &&
+           K->ne[1] % 8 == 0 && K->ne[1] <= GGML_FASTGEN_HH_MAX_CELLS && q->ne[1] % n == 0 &&
            q->nb[0] == sizeof(float) && op->src[GGML_FASTGEN_HH_K_CUR]->nb[0] == sizeof(float) &&
            op->src[GGML_FASTGEN_HH_V_CUR]->nb[0] == sizeof(float) && ggml_is_contiguous(op);
+    if (!common) {
+        return false;
+    }
+    if ((q->ne[1]/n)*q->ne[2] <= GGML_FASTGEN_HH_MAX_ROWS) {
+        return true; // decode kernel
+    }
+    // prefill kernels: tensor cores, 16-column tiles of V
+    return turing_mma_available(ggml_cuda_info().devices[device].cc) && V->ne[1] % 16 == 0 && V->ne[1] <= GGML_FASTGEN_HH_MAX_D;
+}
+
+static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_args & a, ggml_tensor * dst) {
+    const int D = a.D, C = a.C, n = a.n, Dv = a.Dv, T = a.T, G = a.G, R = G*T, RP = (R + HH_PF_TILE - 1)/HH_PF_TILE*HH_PF_TILE;
+    cudaStream_t stream = ctx.stream();
+    half  * K = (half *) a.K->data, * V = (half *) a.V->data;
+    float * S = (float *) a.S->data, * P = (float *) a.P->data;
+    const float * qpos = (const float *) a.query_pos->data;
+
+    ggml_cuda_pool_alloc<half>  qh(ctx.pool(), (size_t) n*RP*D);
+    ggml_cuda_pool_alloc<float> row_m(ctx.pool(), (size_t) n*RP);
+    ggml_cuda_pool_alloc<float> row_il(ctx.pool(), (size_t) n*RP);
+
+    hh_pf_write<<<dim3(T, n), 128, 0, stream>>>(
+        (const char *) a.k_cur->data, a.k_cur->nb[1], a.k_cur->nb[2], (const char *) a.v_cur->data, a.v_cur->nb[1], a.v_cur->nb[2],
+        (const int64_t *) a.idxs->data, a.idxs->nb[1]/sizeof(int64_t), a.h0, K, V, S, P, qpos, D, Dv, C);
+
+    // raised once per device to the largest head size's need (the macro remembers)
+    CUDA_SET_SHARED_MEMORY_LIMIT(hh_pf_attn, hh_pf_attn_smem(GGML_FASTGEN_HH_MAX_D, GGML_FASTGEN_HH_MAX_D));
+    CUDA_SET_SHARED_MEMORY_LIMIT(hh_pf_colsum, hh_pf_colsum_smem(GGML_FASTGEN_HH_MAX_D));
+    hh_pf_attn<<<dim3(RP/HH_PF_TILE, n), HH_PF_WARPS*WARP_SIZE, hh_pf_attn_smem(D, Dv), stream>>>(
+        (const char *) a.q->data, a.q->nb[1], a.q->nb[2], K, V, P, qpos, (float *) dst->data, qh.get(),
+        row_m.get(), row_il.get(), D, Dv, C, T, G, a.scale);
+    hh_pf_colsum<<<dim3((C + HH_PF_TILE - 1)/HH_PF_TILE, n), HH_PF_WARPS*WARP_SIZE, hh_pf_colsum_smem(D), stream>>>(
+        K, S, P, qpos, qh.get(), row_m.get(), row_il.get(), D, C, T, G, RP, a.scale);
+    CUDA_CHECK(cudaGetLastError());
 }
 
 void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
-    GGML_ASSERT(ggml_cuda_fastgen_hh_attn_supported(dst));
+    GGML_ASSERT(ggml_cuda_fastgen_hh_attn_supported(ctx.device, dst));
     const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(dst);
+    if (a.G*a.T > GGML_FASTGEN_HH_MAX_ROWS) {
+        hh_prefill(ctx, a, dst);
+        return;
+    }
     const ggml_tensor * q = a.q, * kc = a.k_cur, * vc = a.v_cur, * idxs = a.idxs, * qpos = a.query_pos;
     ggml_tensor * K = a.K, * V = a.V, * S = a.S, * P = a.P;
     const int h0 = a.h0;

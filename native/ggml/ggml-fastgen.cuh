@@ -5,4 +5,4 @@
 #include "common.cuh"
 
 void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
-bool ggml_cuda_fastgen_hh_attn_supported(const ggml_tensor * op);
+bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op);

@@ -1,5 +1,5 @@
 // llama-fastgen: GGML_OP_FASTGEN_HH_ATTN, the fused attention step of the heavy-hitter (frequent) store
-// (decode on every backend; prefill too where the store is in host memory and the CPU runs it).
+// (decode and prefill, on the CPU and CUDA; other backends use the composed path).
 //
 // For each KV head j of one layer's frequent range, in one op instead of ~12 small ones:
 //   1. write the ubatch's new K and V rows into the head's cells c = idxs[t, h0 + j] (rounded to F16), and
@@ -11,7 +11,7 @@
 //      defined: the CUDA kernel skips 64-cell chunks that no query sees (the CPU path zeroes them).
 // The same function as the composed ggml path of llama-graph-fastgen.cpp (set_rows, mul_mat,
 // soft_max_ext, column sums, mul/add in place, with the mask and keep from host inputs), which
-// stays for long ubatches on devices (prefill) and is the reference the fused op is checked against.
+// stays for backends without the op and is the reference the fused op is checked against.
 //
 // Sources (F32 unless noted; "view" = any row strides, contiguous rows):
 //   0 q         [D, G*n, T]  view       1 k_cur [D, n, T] view     2 v_cur [Dv, n, T] view
@@ -41,8 +41,8 @@ enum ggml_fastgen_hh_src {
 
 // floats after each head's cell positions (32 bytes: rows stay aligned)
 #define GGML_FASTGEN_HH_P_PAD 8
-// query rows (group size x tokens) per head the CUDA kernel takes (the CPU op takes any); longer
-// ubatches on a device use the composed path
+// query rows (group size x tokens) per head up to which the decode paths run (CPU: heads over
+// threads; CUDA: one launch, a block per 64 cells); longer ubatches take the prefill paths
 #define GGML_FASTGEN_HH_MAX_ROWS 32
 // head sizes the CUDA kernel takes: multiples of the warp size up to this
 #define GGML_FASTGEN_HH_MAX_D 256
@@ -78,6 +78,23 @@ static inline struct ggml_fastgen_hh_args ggml_fastgen_hh_unpack(const struct gg
     memcpy(&a.scale, dst->op_params, sizeof(float));
     a.h0 = dst->op_params[1];
     return a;
+}
+
+// the op: the graph and the store's capability probe (llama-kv-cache-fastgen-hh.cpp) build it alike
+static inline struct ggml_tensor * ggml_fastgen_hh_attn(struct ggml_context * ctx, struct ggml_tensor * q,
+        struct ggml_tensor * k_cur, struct ggml_tensor * v_cur, struct ggml_tensor * idxs, struct ggml_tensor * K,
+        struct ggml_tensor * V, struct ggml_tensor * S, struct ggml_tensor * P, struct ggml_tensor * query_pos,
+        float scale, int32_t h0) {
+    const int64_t Dv = V->ne[1], n = K->ne[2], G = q->ne[1]/n, T = q->ne[2];
+    struct ggml_tensor * res = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, Dv*G*n, T);
+    struct ggml_tensor * srcs[] = { q, k_cur, v_cur, idxs, K, V, S, P, query_pos };
+    res->op = GGML_OP_FASTGEN_HH_ATTN;
+    memcpy(res->op_params, &scale, sizeof(float));
+    res->op_params[1] = h0;
+    for (int i = 0; i < (int) (sizeof(srcs)/sizeof(srcs[0])); ++i) {
+        res->src[i] = srcs[i];
+    }
+    return res;
 }
 
 struct ggml_compute_params;

@@ -114,21 +114,6 @@ static ggml_tensor * head_range(ggml_context * ctx, ggml_tensor * t, int64_t h0,
     return ggml_view_3d(ctx, t, t->ne[0], n, t->ne[2], t->nb[1], t->nb[2], h0*t->nb[1]);
 }
 
-static ggml_tensor * ggml_fastgen_hh_attn(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_cur, ggml_tensor * v_cur,
-        ggml_tensor * idxs, ggml_tensor * K, ggml_tensor * V, ggml_tensor * S, ggml_tensor * P,
-        ggml_tensor * query_pos, float scale, int32_t h0) {
-    const int64_t Dv = V->ne[1], n = K->ne[2], G = q->ne[1]/n, T = q->ne[2];
-    ggml_tensor * res = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, Dv*G*n, T);
-    res->op = GGML_OP_FASTGEN_HH_ATTN;
-    std::memcpy(res->op_params, &scale, sizeof(float));
-    res->op_params[1] = h0;
-    ggml_tensor * srcs[] = { q, k_cur, v_cur, idxs, K, V, S, P, query_pos };
-    for (int i = 0; i < (int) (sizeof(srcs)/sizeof(srcs[0])); ++i) {
-        res->src[i] = srcs[i];
-    }
-    return res;
-}
-
 // Attention of the frequent classes: explicit softmax over the head's own cells (its probabilities
 // feed the scores), then new tokens' K/V and the scores written back into the store.
 static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fastgen_hh_store & st,
@@ -140,12 +125,12 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
     const int64_t D = q->ne[0], Dv = v->ne[0], n = k->ne[1], T = q->ne[2], h0 = st.head_offset(li);
     const bool on_host = ggml_backend_buffer_is_host(l.s->buffer);
 
-    if (!in.keep) { // decode-sized ubatch: the fused op (ggml-fastgen.h), positions from the store
+    if (!in.keep) { // the fused op (ggml-fastgen.h; the store's fused()), positions from the store
         GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F32 && v->type == GGML_TYPE_F32);
         ggml_tensor * out = ggml_fastgen_hh_attn(ctx0, q, k, v, in.idxs, l.k, l.v, l.s, l.p, in.query_pos, kq_scale, (int32_t) h0);
         if (on_host) {
             // the store is in host memory: run where it is (the op writes it in place), like llama.cpp's
-            // own attention; the same condition as the store's fused()
+            // own attention
             ggml_backend_sched_set_tensor_backend(g.sched, out, g.backend_cpu);
         }
         g.cb(out, "kqv_hh_fused", il);

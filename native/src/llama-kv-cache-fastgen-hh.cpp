@@ -96,16 +96,42 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         n_heads_all += n_h;
         layers.push_back(std::move(l));
     }
-    on_host = true;
     for (auto & [buft, ctx] : ctx_map) {
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
         if (!buf) {
             throw std::runtime_error("fastgen: failed to allocate the heavy-hitter cache buffer");
         }
-        on_host = on_host && ggml_backend_buffer_is_host(buf);
         ggml_backend_buffer_clear(buf, 0);
         ctxs_bufs.emplace_back(std::move(ctx), buf);
     }
+
+    // a layer's store on a device: ask its backend whether it runs the fused op for decode- and
+    // prefill-sized ubatches (CUDA: both, prefill where tensor cores are; RPC: yes, its servers run
+    // this ggml; other backends: no, so the composed path). The CPU op takes any ubatch.
+    for (size_t li = 0; fused_ok && li < layers.size(); ++li) {
+        const layer & l = layers[li];
+        if (ggml_backend_buffer_is_host(l.k->buffer)) {
+            continue;
+        }
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(l.k->buffer));
+        const int64_t g = hp.n_head(l.il) / std::max(hp.n_head_kv(l.il), 1u);
+        dev_decode  = dev_decode  && dev && op_supported(dev, l, g, 1);
+        dev_prefill = dev_prefill && dev && op_supported(dev, l, g, GGML_FASTGEN_HH_MAX_ROWS/g + 1);
+    }
+}
+
+bool llama_fastgen_hh_store::op_supported(ggml_backend_dev_t dev, const layer & l, int64_t n_group, int64_t n_tokens) const {
+    ggml_init_params params = { 8*ggml_tensor_overhead(), nullptr, true };
+    ggml_context_ptr ctx(ggml_init(params));
+    const int64_t D = l.k->ne[0], Dv = l.v->ne[1], n = l.n_head;
+    ggml_tensor * q     = ggml_new_tensor_3d(ctx.get(), GGML_TYPE_F32, D, n_group*n, n_tokens);
+    ggml_tensor * k_cur = ggml_new_tensor_3d(ctx.get(), GGML_TYPE_F32, D, n, n_tokens);
+    ggml_tensor * v_cur = ggml_new_tensor_3d(ctx.get(), GGML_TYPE_F32, Dv, n, n_tokens);
+    ggml_tensor * idxs  = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I64, n_tokens, n_heads_all);
+    ggml_tensor * qpos  = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, 1, n_tokens, 1, 1);
+    ggml_tensor * op = ggml_fastgen_hh_attn(ctx.get(), q, k_cur, v_cur, idxs, l.k, l.v, l.s, l.p, qpos, 1.0f,
+            offsets[&l - layers.data()]);
+    return ggml_backend_dev_supports_op(dev, op);
 }
 
 bool llama_fastgen_hh_store::fused(uint32_t n_tokens) const {
@@ -113,8 +139,7 @@ bool llama_fastgen_hh_store::fused(uint32_t n_tokens) const {
         const char * e = getenv("LLAMA_FASTGEN_HH_FUSED");
         return !(e && std::string(e) == "0");
     }();
-    // the CPU op takes any ubatch; the CUDA kernel decode-sized ones
-    return enabled && fused_ok && (on_host || n_group*n_tokens <= GGML_FASTGEN_HH_MAX_ROWS);
+    return enabled && fused_ok && dev_decode && (n_group*n_tokens <= GGML_FASTGEN_HH_MAX_ROWS || dev_prefill);
 }
 
 void llama_fastgen_hh_store::upload_positions(layer & l) const {

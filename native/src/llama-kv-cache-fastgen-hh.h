@@ -13,8 +13,8 @@
 // (llama-graph-fastgen.cpp) writes new tokens into the slots chosen here, attends with an explicit
 // softmax (flash attention hides the probabilities) and adds each cell's attention, summed over
 // the ubatch's queries and the head's query group, to its score. Short ubatches (decoding) run as
-// one fused op (native/ggml/ggml-fastgen.h), which also writes the new cells' positions; after a
-// long (composed) ubatch, an eviction, clear or state load, the host re-uploads the positions. Eviction runs on the host before a ubatch, batched: a head holding more than
+// one fused op (native/ggml/ggml-fastgen.h), which also writes the new cells' positions, and so do
+// long ones where the store's backend runs it (CPU, CUDA); after a composed ubatch, an eviction, clear or state load, the host re-uploads the positions. Eviction runs on the host before a ubatch, batched: a head holding more than
 // budget + FREQUENT_EVICT_BATCH cells (counting the new ones) drops back to `budget` cells by
 // removing the lowest mean score (score / queries that saw the cell); sinks and the window are
 // never evicted, special tokens only when nothing else is left. One sequence only.
@@ -102,6 +102,7 @@ public:
 private:
     void evict(layer & l, int h, const float * scores, llama_pos p0);
     void upload_positions(layer & l) const;
+    bool op_supported(ggml_backend_dev_t dev, const layer & l, int64_t n_group, int64_t n_tokens) const;
 
     uint32_t cap = 0;
     uint32_t n_active = 0; // set by apply()
@@ -117,7 +118,8 @@ private:
     llama_pos            last_pos = -1;
     bool                 warned_nan = false;
     bool                 fused_ok = false; // shapes and types the fused op takes
-    bool                 on_host  = false; // every layer's store in host memory: the CPU runs the op
+    bool                 dev_decode  = true; // the devices holding the store run the fused op on decode-sized
+    bool                 dev_prefill = true; // and on prefill-sized ubatches (host memory: the CPU op, any)
     uint32_t             n_group = 1;      // query heads per KV head
     mutable llama_pos    pos_min_cache = -1;
     mutable bool         pos_min_valid = true;
