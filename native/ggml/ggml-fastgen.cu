@@ -16,11 +16,13 @@
 // on tensor cores (WMMA: f16 in, f32 accumulate), the CPU op's function in another order:
 //  1. hh_pf_write: the ubatch's K, V and positions into its cells, their scores to 0; the store then
 //     holds what the CPU op calls "cell positions as they will be after this ubatch";
-//  2. hh_pf_attn: a block per (64 query rows, head) walks the head's cells in tiles of 64 with an
-//     online softmax and writes the output, each row's max logit and 1/sum, and the queries as f16;
-//  3. hh_pf_colsum: a block per (64 cells, head) computes the same logits again (same f16 operands,
-//     same code: the same values), makes them probabilities with the row statistics and adds them up
-//     over the rows into the scores (the column sums that flash attention never forms).
+//  2. hh_pf_attn: a block per (64 query rows, head, split) walks its share of the head's cells in
+//     tiles of 64 with an online softmax (hh_pf_merge joins the splits) and gives the output, each
+//     row's max logit and 1/sum, and the queries as f16;
+//  3. hh_pf_colsum: a block per (64 cells, head, split) computes the same logits again (same f16
+//     operands, same code: the same values), makes them probabilities with the row statistics and
+//     adds them up over its share of the rows (hh_pf_scores adds the splits into the scores): the
+//     column sums that flash attention never forms.
 // Both skip the tiles no query of the block sees (free cells, the ubatch's later tokens).
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
@@ -353,14 +355,19 @@ static __device__ void hh_pf_logits(const half * q_s, const half * k_s, float * 
 }
 #endif // defined(TURING_MMA_AVAILABLE)
 
+// Block (row tile, head j, split z) takes the cell tiles z, z + ns, ...: ns splits give the GPU enough
+// blocks when a layer has few heavy-hitter heads. ns == 1: the output and row statistics directly;
+// else the split's max, sum and unnormalized output for hh_pf_merge.
 static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_attn(
         const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
         const half * __restrict__ K, const half * __restrict__ V, const float * __restrict__ P,
         const float * __restrict__ qpos, float * __restrict__ dst, half * __restrict__ qh,
         float * __restrict__ row_m, float * __restrict__ row_il,
+        float * __restrict__ part_m, float * __restrict__ part_l, float * __restrict__ part_o,
         const int D, const int Dv, const int C, const int T, const int G, const float scale) {
 #if defined(TURING_MMA_AVAILABLE)
-    const int j = blockIdx.y, n = gridDim.y, r0 = blockIdx.x*HH_PF_TILE, R = G*T, RP = gridDim.x*HH_PF_TILE;
+    const int j = blockIdx.y, n = gridDim.y, z = blockIdx.z, ns = gridDim.z;
+    const int r0 = blockIdx.x*HH_PF_TILE, R = G*T, RP = gridDim.x*HH_PF_TILE;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int dp = hh_pf_dp(D), vp = hh_pf_vp(), sp = hh_pf_sp(), op = hh_pf_op(Dv);
 
@@ -371,15 +378,17 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_attn(
     float * s_s = (float *) (v_s + Dv*vp);      // [64][sp]: logits
     half  * p_s = (half *) (s_s + HH_PF_TILE*sp); // [64][vp]: exp(logit - running max)
     float * o_s = (float *) (p_s + HH_PF_TILE*vp); // [64][op]: unnormalized output
-    __shared__ float qp_r[HH_PF_TILE], m_r[HH_PF_TILE], l_r[HH_PF_TILE], pc[HH_PF_TILE], qmax_s;
+    __shared__ float qp_r[HH_PF_TILE], m_r[HH_PF_TILE], l_r[HH_PF_TILE], a_r[HH_PF_TILE], pc[HH_PF_TILE], qmax_s;
 
-    // the block's query rows (r = t*G + g) as f16, also kept for the column sums (rows past R: zero)
+    // the block's query rows (r = t*G + g) as f16, kept for the column sums by split 0 (rows past R: zero)
     for (int i = threadIdx.x; i < HH_PF_TILE*D; i += blockDim.x) {
         const int rr = i / D, d = i % D, r = r0 + rr;
         const float x = r < R ? ((const float *) (q + (int64_t) (j*G + r % G)*q_nb1 + (int64_t) (r / G)*q_nb2))[d] : 0.0f;
         const half h = __float2half(x);
         q_s[rr*dp + d] = h;
-        qh[((int64_t) j*RP + r)*D + d] = h;
+        if (z == 0) {
+            qh[((int64_t) j*RP + r)*D + d] = h;
+        }
     }
     for (int i = threadIdx.x; i < HH_PF_TILE*op; i += blockDim.x) {
         o_s[i] = 0.0f;
@@ -403,7 +412,9 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_attn(
     const half  * Kj = K + (int64_t) j*C*D;
     const half  * Vj = V + (int64_t) j*C*Dv;
     const float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
-    for (int c0 = 0; c0 < C; c0 += HH_PF_TILE) {
+    // softmax: two lanes per row (32 cells each), the warp's 16 rows at once
+    const int ri = 16*warp + lane/2, hc = 32*(lane % 2);
+    for (int c0 = z*HH_PF_TILE; c0 < C; c0 += ns*HH_PF_TILE) {
         float pv = INFINITY;
         if (threadIdx.x < HH_PF_TILE) {
             pv = c0 + (int) threadIdx.x < C ? Pj[c0 + threadIdx.x] : INFINITY;
@@ -413,6 +424,7 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_attn(
             continue; // no row of the block sees a cell of the tile
         }
         hh_pf_load_k(k_s, Kj, c0, C, D);
+#pragma unroll 4
         for (int i = threadIdx.x; i < Dv*(HH_PF_TILE/8); i += blockDim.x) {
             const int d = i / (HH_PF_TILE/8), e = i % (HH_PF_TILE/8), c = c0 + 8*e;
             uint4 u = make_uint4(0, 0, 0, 0);
@@ -426,25 +438,40 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_attn(
         hh_pf_logits(q_s, k_s, s_s, D, warp);
         __syncwarp();
 
-        // online softmax over the warp's rows: p_s = exp(l - new max) as f16, output rows rescaled
-        for (int i = 16*warp; i < 16*warp + 16; ++i) {
-            const float qp = qp_r[i];
-            const float l0 = qp - pc[lane]             > 0.0f ? s_s[i*sp + lane]*scale             : -INFINITY;
-            const float l1 = qp - pc[lane + WARP_SIZE] > 0.0f ? s_s[i*sp + lane + WARP_SIZE]*scale : -INFINITY;
-            const float m_old = m_r[i];
-            const float m_new = fmaxf(m_old, warp_reduce_max(fmaxf(l0, l1)));
-            const float e0 = l0 == -INFINITY ? 0.0f : expf(l0 - m_new);
-            const float e1 = l1 == -INFINITY ? 0.0f : expf(l1 - m_new);
-            const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
-            p_s[i*vp + lane]             = __float2half(e0);
-            p_s[i*vp + lane + WARP_SIZE] = __float2half(e1);
-            const float sum = warp_reduce_sum(e0 + e1);
-            for (int d = lane; d < Dv; d += WARP_SIZE) {
-                o_s[i*op + d] *= alpha;
+        {
+            const float qp = qp_r[ri];
+            float l[32];
+            float mt = -INFINITY;
+#pragma unroll
+            for (int k = 0; k < 32; ++k) {
+                l[k] = qp - pc[hc + k] > 0.0f ? s_s[ri*sp + hc + k]*scale : -INFINITY;
+                mt = fmaxf(mt, l[k]);
             }
-            if (lane == 0) {
-                m_r[i] = m_new;
-                l_r[i] = l_r[i]*alpha + sum;
+            mt = fmaxf(mt, __shfl_xor_sync(0xffffffff, mt, 1));
+            const float m_old = m_r[ri], m_new = fmaxf(m_old, mt);
+            float sum = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 32; ++k) {
+                const float e = l[k] == -INFINITY ? 0.0f : expf(l[k] - m_new);
+                p_s[ri*vp + hc + k] = __float2half(e);
+                sum += e;
+            }
+            sum += __shfl_xor_sync(0xffffffff, sum, 1);
+            const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+            __syncwarp(); // both lanes of the row have read m_r
+            if (hc == 0) {
+                m_r[ri] = m_new;
+                l_r[ri] = l_r[ri]*alpha + sum;
+                a_r[ri] = alpha;
+            }
+        }
+        __syncwarp();
+        for (int i = 16*warp; i < 16*warp + 16; ++i) {
+            const float alpha = a_r[i];
+            if (alpha != 1.0f) {
+                for (int d = lane; d < Dv; d += WARP_SIZE) {
+                    o_s[i*op + d] *= alpha;
+                }
             }
         }
         __syncwarp();
@@ -475,29 +502,71 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_attn(
         if (r >= R) {
             break;
         }
-        const int t = r / G, g = r % G;
-        const float il = l_r[i] > 0.0f ? 1.0f/l_r[i] : 0.0f;
-        for (int d = lane; d < Dv; d += WARP_SIZE) {
-            dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = o_s[i*op + d]*il;
-        }
-        if (lane == 0) {
-            row_m[(int64_t) j*RP + r]  = m_r[i];
-            row_il[(int64_t) j*RP + r] = il;
+        if (ns == 1) {
+            const int t = r / G, g = r % G;
+            const float il = l_r[i] > 0.0f ? 1.0f/l_r[i] : 0.0f;
+            for (int d = lane; d < Dv; d += WARP_SIZE) {
+                dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = o_s[i*op + d]*il;
+            }
+            if (lane == 0) {
+                row_m[(int64_t) j*RP + r]  = m_r[i];
+                row_il[(int64_t) j*RP + r] = il;
+            }
+        } else {
+            const int64_t pr = ((int64_t) z*n + j)*RP + r;
+            for (int d = lane; d < Dv; d += WARP_SIZE) {
+                part_o[pr*Dv + d] = o_s[i*op + d];
+            }
+            if (lane == 0) {
+                part_m[pr] = m_r[i];
+                part_l[pr] = l_r[i];
+            }
         }
     }
 #else
-    GGML_UNUSED_VARS(q, q_nb1, q_nb2, K, V, P, qpos, dst, qh, row_m, row_il, D, Dv, C, T, G, scale);
+    GGML_UNUSED_VARS(q, q_nb1, q_nb2, K, V, P, qpos, dst, qh, row_m, row_il, part_m, part_l, part_o, D, Dv, C, T, G, scale);
     NO_DEVICE_CODE;
 #endif // defined(TURING_MMA_AVAILABLE)
 }
 
+// the splits of hh_pf_attn merged: a block per (query row, head)
+static __global__ void hh_pf_merge(const float * __restrict__ part_m, const float * __restrict__ part_l,
+        const float * __restrict__ part_o, float * __restrict__ dst, float * __restrict__ row_m, float * __restrict__ row_il,
+        const int Dv, const int G, const int RP, const int ns) {
+    const int r = blockIdx.x, j = blockIdx.y, n = gridDim.y, t = r / G, g = r % G;
+    float m = -INFINITY;
+    for (int z = 0; z < ns; ++z) {
+        m = fmaxf(m, part_m[((int64_t) z*n + j)*RP + r]);
+    }
+    float l = 0.0f;
+    for (int z = 0; z < ns; ++z) {
+        const int64_t pr = ((int64_t) z*n + j)*RP + r;
+        l += part_m[pr] == -INFINITY ? 0.0f : expf(part_m[pr] - m)*part_l[pr];
+    }
+    const float il = l > 0.0f ? 1.0f/l : 0.0f;
+    for (int d = threadIdx.x; d < Dv; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int z = 0; z < ns; ++z) {
+            const int64_t pr = ((int64_t) z*n + j)*RP + r;
+            acc += part_m[pr] == -INFINITY ? 0.0f : expf(part_m[pr] - m)*part_o[pr*Dv + d];
+        }
+        dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = acc*il;
+    }
+    if (threadIdx.x == 0) {
+        row_m[(int64_t) j*RP + r]  = m;
+        row_il[(int64_t) j*RP + r] = il;
+    }
+}
+
+// Block (cell tile, head j, split z) takes the row tiles z, z + ns, ... and writes its column sums
+// to part_c[z][j][C] (zeros where it saw nothing); hh_pf_scores adds the splits into the scores.
 static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_colsum(
-        const half * __restrict__ K, float * __restrict__ S, const float * __restrict__ P,
+        const half * __restrict__ K, const float * __restrict__ P,
         const float * __restrict__ qpos, const half * __restrict__ qh,
-        const float * __restrict__ row_m, const float * __restrict__ row_il,
+        const float * __restrict__ row_m, const float * __restrict__ row_il, float * __restrict__ part_c,
         const int D, const int C, const int T, const int G, const int RP, const float scale) {
 #if defined(TURING_MMA_AVAILABLE)
-    const int j = blockIdx.y, c0 = blockIdx.x*HH_PF_TILE, R = G*T;
+    const int j = blockIdx.y, n = gridDim.y, z = blockIdx.z, ns = gridDim.z, c0 = blockIdx.x*HH_PF_TILE, R = G*T;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int dp = hh_pf_dp(D), sp = hh_pf_sp();
     static_assert(HH_PF_WARPS*WARP_SIZE == 2*HH_PF_TILE, "two threads per cell");
@@ -507,6 +576,9 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_colsum(
     half  * k_s = q_s + HH_PF_TILE*dp;      // [64][dp]
     float * s_s = (float *) (k_s + HH_PF_TILE*dp); // [64][sp]
     __shared__ float pc[HH_PF_TILE], qp_r[HH_PF_TILE], m_r[HH_PF_TILE], il_r[HH_PF_TILE], part[HH_PF_TILE], pmin_s[HH_PF_WARPS];
+
+    const int c = threadIdx.x % HH_PF_TILE, half_ = threadIdx.x / HH_PF_TILE;
+    float * out = part_c + ((int64_t) z*n + j)*C + c0;
 
     const float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
     float pv = INFINITY;
@@ -523,14 +595,16 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_colsum(
     for (int w = 1; w < HH_PF_WARPS; ++w) {
         pmin = fminf(pmin, pmin_s[w]);
     }
-    if (pmin == INFINITY) {
-        return; // every cell free: scores stay undefined, as on the decode path
+    if (pmin == INFINITY) { // every cell free
+        if (half_ == 0 && c0 + c < C) {
+            out[c] = 0.0f;
+        }
+        return;
     }
     hh_pf_load_k(k_s, K + (int64_t) j*C*D, c0, C, D);
 
-    const int c = threadIdx.x % HH_PF_TILE, half_ = threadIdx.x / HH_PF_TILE;
     float acc = 0.0f;
-    for (int rt = 0; rt < RP; rt += HH_PF_TILE) {
+    for (int rt = z*HH_PF_TILE; rt < RP; rt += ns*HH_PF_TILE) {
         float qv = -INFINITY;
         if (threadIdx.x < HH_PF_TILE) {
             const int r = rt + threadIdx.x;
@@ -543,6 +617,7 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_colsum(
             continue; // no row of this tile sees a cell of the block
         }
         const half * qt = qh + ((int64_t) j*RP + rt)*D;
+#pragma unroll 4
         for (int i = threadIdx.x; i < HH_PF_TILE*(D/8); i += blockDim.x) {
             const int rr = i / (D/8), e = i % (D/8);
             *(uint4 *) (q_s + rr*dp + 8*e) = *(const uint4 *) (qt + (int64_t) rr*D + 8*e);
@@ -550,8 +625,10 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_colsum(
         __syncthreads();
         hh_pf_logits(q_s, k_s, s_s, D, warp);
         __syncthreads();
+        const float pcc = pc[c];
+#pragma unroll 8
         for (int i = half_*(HH_PF_TILE/2); i < (half_ + 1)*(HH_PF_TILE/2); ++i) {
-            if (qp_r[i] - pc[c] > 0.0f) { // seen: the row's max is finite
+            if (qp_r[i] - pcc > 0.0f) { // seen: the row's max is finite
                 acc += expf(s_s[i*sp + c]*scale - m_r[i])*il_r[i];
             }
         }
@@ -562,14 +639,28 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_colsum(
     }
     __syncthreads();
     if (half_ == 0 && c0 + c < C) {
-        const float sum = acc + part[c];
-        float * s = S + (int64_t) j*C + c0 + c;
-        *s = isinf(pc[c]) ? sum : *s + sum; // new cells were set to 0 by hh_pf_write
+        out[c] = acc + part[c];
     }
 #else
-    GGML_UNUSED_VARS(K, S, P, qpos, qh, row_m, row_il, D, C, T, G, RP, scale);
+    GGML_UNUSED_VARS(K, P, qpos, qh, row_m, row_il, part_c, D, C, T, G, RP, scale);
     NO_DEVICE_CODE;
 #endif // defined(TURING_MMA_AVAILABLE)
+}
+
+// scores += the column sums of every split; cells free before the ubatch start again (new ones were
+// set to 0 by hh_pf_write)
+static __global__ void hh_pf_scores(const float * __restrict__ part_c, const float * __restrict__ P, float * __restrict__ S,
+        const int C, const int ns) {
+    const int j = blockIdx.y, n = gridDim.y, c = blockIdx.x*blockDim.x + threadIdx.x;
+    if (c >= C) {
+        return;
+    }
+    float sum = 0.0f;
+    for (int z = 0; z < ns; ++z) {
+        sum += part_c[((int64_t) z*n + j)*C + c];
+    }
+    float * s = S + (int64_t) j*C + c;
+    *s = isinf(P[(int64_t) j*(C + GGML_FASTGEN_HH_P_PAD) + c]) ? sum : *s + sum;
 }
 
 bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op) {
@@ -603,9 +694,19 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
     float * S = (float *) a.S->data, * P = (float *) a.P->data;
     const float * qpos = (const float *) a.query_pos->data;
 
+    // splits over cells (attention) and rows (column sums): about two blocks per SM when a layer has few heads
+    const int nsm = ggml_cuda_info().devices[ctx.device].nsm;
+    const int row_tiles = RP/HH_PF_TILE, cell_tiles = (C + HH_PF_TILE - 1)/HH_PF_TILE;
+    const int ns_a = std::max(1, std::min(cell_tiles, (2*nsm + row_tiles*n - 1)/(row_tiles*n)));
+    const int ns_c = std::max(1, std::min(row_tiles,  (2*nsm + cell_tiles*n - 1)/(cell_tiles*n)));
+
     ggml_cuda_pool_alloc<half>  qh(ctx.pool(), (size_t) n*RP*D);
     ggml_cuda_pool_alloc<float> row_m(ctx.pool(), (size_t) n*RP);
     ggml_cuda_pool_alloc<float> row_il(ctx.pool(), (size_t) n*RP);
+    ggml_cuda_pool_alloc<float> part_m(ctx.pool(), ns_a > 1 ? (size_t) ns_a*n*RP : 1);
+    ggml_cuda_pool_alloc<float> part_l(ctx.pool(), ns_a > 1 ? (size_t) ns_a*n*RP : 1);
+    ggml_cuda_pool_alloc<float> part_o(ctx.pool(), ns_a > 1 ? (size_t) ns_a*n*RP*Dv : 1);
+    ggml_cuda_pool_alloc<float> part_c(ctx.pool(), (size_t) ns_c*n*C);
 
     hh_pf_write<<<dim3(T, n), 128, 0, stream>>>(
         (const char *) a.k_cur->data, a.k_cur->nb[1], a.k_cur->nb[2], (const char *) a.v_cur->data, a.v_cur->nb[1], a.v_cur->nb[2],
@@ -614,11 +715,16 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
     // raised once per device to the largest head size's need (the macro remembers)
     CUDA_SET_SHARED_MEMORY_LIMIT(hh_pf_attn, hh_pf_attn_smem(GGML_FASTGEN_HH_MAX_D, GGML_FASTGEN_HH_MAX_D));
     CUDA_SET_SHARED_MEMORY_LIMIT(hh_pf_colsum, hh_pf_colsum_smem(GGML_FASTGEN_HH_MAX_D));
-    hh_pf_attn<<<dim3(RP/HH_PF_TILE, n), HH_PF_WARPS*WARP_SIZE, hh_pf_attn_smem(D, Dv), stream>>>(
+    hh_pf_attn<<<dim3(row_tiles, n, ns_a), HH_PF_WARPS*WARP_SIZE, hh_pf_attn_smem(D, Dv), stream>>>(
         (const char *) a.q->data, a.q->nb[1], a.q->nb[2], K, V, P, qpos, (float *) dst->data, qh.get(),
-        row_m.get(), row_il.get(), D, Dv, C, T, G, a.scale);
-    hh_pf_colsum<<<dim3((C + HH_PF_TILE - 1)/HH_PF_TILE, n), HH_PF_WARPS*WARP_SIZE, hh_pf_colsum_smem(D), stream>>>(
-        K, S, P, qpos, qh.get(), row_m.get(), row_il.get(), D, C, T, G, RP, a.scale);
+        row_m.get(), row_il.get(), part_m.get(), part_l.get(), part_o.get(), D, Dv, C, T, G, a.scale);
+    if (ns_a > 1) {
+        hh_pf_merge<<<dim3(R, n), 128, 0, stream>>>(part_m.get(), part_l.get(), part_o.get(), (float *) dst->data,
+            row_m.get(), row_il.get(), Dv, G, RP, ns_a);
+    }
+    hh_pf_colsum<<<dim3(cell_tiles, n, ns_c), HH_PF_WARPS*WARP_SIZE, hh_pf_colsum_smem(D), stream>>>(
+        K, P, qpos, qh.get(), row_m.get(), row_il.get(), part_c.get(), D, C, T, G, RP, a.scale);
+    hh_pf_scores<<<dim3((C + 255)/256, n), 256, 0, stream>>>(part_c.get(), P, S, C, ns_c);
     CUDA_CHECK(cudaGetLastError());
 }
 
