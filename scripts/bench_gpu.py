@@ -85,6 +85,14 @@ def correctness(args) -> dict:
     return res
 
 
+def correctness_table(res: dict) -> str:
+    """the correctness step's comparisons as markdown"""
+    out = ["| logits compared | positions | top-1 agreement | max rel | mean abs diff |", "|---|---|---|---|---|"]
+    out += [f"| {k} | {v['positions']} | {v['top1_agreement']:.4f} | {v['max_rel']:.2e} | {v['mean_abs']:.5f} |"
+            for k, v in res.items()]
+    return "\n".join(out)
+
+
 def kv(args) -> list:
     import llama_fastgen
     from llama_cpp import Llama
@@ -231,12 +239,16 @@ def main() -> int:
     ap.add_argument("--no-prefill", dest="prefill", action="store_false", help="speed: decode only")
     ap.add_argument("--configs", nargs="+", help="speed: only these configs (names as printed)")
     ap.add_argument("--reps", type=int, default=5, help="speed: llama-bench repetitions (default 5)")
-    ap.add_argument("--from-json", help="table: print the speed table of this results file as markdown")
+    ap.add_argument("--from-json", help="table: print the correctness and speed tables of this results file as markdown")
     args = ap.parse_args()
     if args.what == "child":
         return child(args)
     if args.what == "table":
-        print(speed_table(json.load(open(args.from_json))["speed"], markdown=True))
+        res = json.load(open(args.from_json))
+        if "correctness" in res:
+            print(correctness_table(res["correctness"]))
+        if "speed" in res:
+            print(speed_table(res["speed"], markdown=True))
         return 0
     try:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],

@@ -24,12 +24,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_fastgen  # noqa: E402  (before llama_cpp: our libllama)
 from llama_cpp import Llama  # noqa: E402
 
-import eval_tasks  # noqa: E402
-from eval import commit, machine  # noqa: E402
+from llama_fastgen.evaluation import tasks as eval_tasks  # noqa: E402
+from llama_fastgen.evaluation.report import commit, machine  # noqa: E402
 
 QUESTIONS = ["What is the first essay about? Answer in one sentence.",
              "Name one person the essays mention.",

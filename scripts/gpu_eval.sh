@@ -20,7 +20,8 @@ if [ ! -f /tmp/models/$NAME ]; then
         rm -f /tmp/models/$NAME.tmp; echo "$NAME: $(ls /tmp/parts | grep -c "^$NAME.part-") parts so far"; exit 0
     fi
 fi
-mkdir -p .cache && rm -rf .cache/models .cache/eval && ln -sfn /tmp/models .cache/models && ln -sfn /tmp/eval .cache/eval
+mkdir -p .cache && rm -rf .cache/models && ln -sfn /tmp/models .cache/models
+export LLAMA_FASTGEN_EVAL_CACHE=/tmp/eval   # the staged package is no checkout
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 # results collect in /tmp/res (kept while warm, so --resume can go on in the next call); eval.py
 # stops at EVAL_TIMEOUT so that they still come back as one tarball

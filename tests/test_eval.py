@@ -1,30 +1,28 @@
 """Evaluation harness: its numbers come from real runs (full vs itself is exact, a tiny window is worse)."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from llama_fastgen.converter import gguf_export
+from llama_fastgen.evaluation import configs, measure, tasks
 
-spec = importlib.util.spec_from_file_location("fastgen_eval", Path(__file__).resolve().parent.parent / "scripts" / "eval.py")
-ev = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ev)
+EVAL = Path(__file__).resolve().parent.parent / "scripts" / "eval.py"
 
 
 @pytest.fixture(scope="module")
 def tiny_ids(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_model_dir)(ev.held_out_text())["input_ids"][:500]
+    return AutoTokenizer.from_pretrained(tiny_model_dir)(tasks.held_out_text())["input_ids"][:500]
 
 
 def test_full_cache_scores_kl_zero_and_full_agreement(tiny_model_dir, tiny_ids, tmp_path):
     g = gguf_export.convert_stock(tiny_model_dir, tmp_path / "tiny.gguf", "f32")
-    a, st = ev.run_config(g, tiny_ids, 512, fastgen=False, kv_q8=False)
-    b, _ = ev.run_config(g, tiny_ids, 512, fastgen=False, kv_q8=False)
-    r = ev.compare(a, b, tiny_ids, 100)
+    a, st = measure.run_config(g, tiny_ids, 512, fastgen=False, kv_q8=False)
+    b, _ = measure.run_config(g, tiny_ids, 512, fastgen=False, kv_q8=False)
+    r = measure.compare(a, b, tiny_ids, 100)
     assert r["kl_mean"] == 0.0 and r["top1"] == 1.0 and r["positions"] == 399
     assert st["kv_bytes"] == st["full_bytes"] == 4 * 2 * 8 * 2 * 2 * 512  # layers x kv heads x head_dim x K,V x f16
 
@@ -33,12 +31,12 @@ def test_a_four_token_window_scores_visibly_worse(model_dir, tmp_path):
     """On the real default model (a random tiny model attends almost uniformly, so it cannot tell)."""
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(model_dir)(ev.held_out_text())["input_ids"][:500]
+    ids = AutoTokenizer.from_pretrained(model_dir)(tasks.held_out_text())["input_ids"][:500]
     g = gguf_export.convert_stock(model_dir, tmp_path / "smol.gguf", "f32")
-    full, _ = ev.run_config(g, ids, 512, fastgen=False, kv_q8=False)
-    bad = ev.uniform_gguf(model_dir, 4, 0.0, tmp_path / "w4.gguf")
-    logits, st = ev.run_config(bad, ids, 512, fastgen=True, kv_q8=False)
-    r = ev.compare(full, logits, ids, 100)
+    full, _ = measure.run_config(g, ids, 512, fastgen=False, kv_q8=False)
+    bad = configs.uniform_gguf(model_dir, 4, 0.0, tmp_path / "w4.gguf")
+    logits, st = measure.run_config(bad, ids, 512, fastgen=True, kv_q8=False)
+    r = measure.compare(full, logits, ids, 100)
     assert st["fastgen"] and st["kv_bytes"] < st["full_bytes"]
     assert r["kl_mean"] > 0.01 and r["top1"] < 0.95
 
@@ -52,13 +50,13 @@ def test_passkey_task_is_solved_with_the_full_cache_and_lost_without_the_history
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     g = gguf_export.convert_stock(model_dir, tmp_path / "smol.gguf", "f32")
-    small = ev.uniform_gguf(model_dir, 16, 0.0, tmp_path / "w16.gguf", punct=False)
+    small = configs.uniform_gguf(model_dir, 16, 0.0, tmp_path / "w16.gguf", punct=False)
     found = {}
     for name, path in (("full", g), ("window16", small)):
         llm = Llama(model_path=str(path), n_ctx=1100, n_batch=512, verbose=False, flash_attn=True)
         try:
-            found[name] = [p.key in ev.eval_tasks.answer(llm, p.ids) for p in
-                           (ev.eval_tasks.make("passkey", tok, 1000, i, 3) for i in range(3))]
+            found[name] = [p.key in tasks.answer(llm, p.ids) for p in
+                           (tasks.make("passkey", tok, 1000, i, 3) for i in range(3))]
         finally:
             llm.close()
     assert all(found["full"]) and not any(found["window16"]), found
@@ -72,7 +70,7 @@ def test_quick_evaluation_runs_end_to_end_with_fair_baselines(tmp_path):
     import sys
 
     out = tmp_path / "quick.json"
-    r = subprocess.run([sys.executable, str(Path(ev.__file__)), "--quick", "--json", str(out), "--markdown",
+    r = subprocess.run([sys.executable, str(EVAL), "--quick", "--json", str(out), "--markdown",
                         str(tmp_path / "quick.md"), "--workdir", str(tmp_path / "work")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())

