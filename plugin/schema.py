@@ -322,10 +322,11 @@ def _arch_int(reader, suffix: str) -> int:
     return int(v)
 
 
-def class_capacity(meta: FastgenMetadata, c: int, n_ctx: int, n_ubatch: int) -> int:
+def class_capacity(meta: FastgenMetadata, c: int, n_ctx: int, n_ubatch: int, n_seq: int = 1) -> int:
     """Cells the native cache allocates for class c (mirror of llama_fastgen_policy::capacity,
-    then padded to 256 like llama.cpp's SWA cache). Compressed classes: sinks + window + n_ubatch +
-    32 + a protected-token budget of (1.5 * protected_frac + 0.02) * n_ctx (special only: 0.02).
+    then padded to 256 like llama.cpp's SWA cache). Compressed classes: n_seq x (sinks + window + 32)
+    + n_ubatch + a protected-token budget of (1.5 * protected_frac + 0.02) * n_ctx (special only: 0.02);
+    n_seq is the number of sequences sharing the cells (a unified cache), else 1.
     Frequent classes share one store whose heads all get the largest of their capacities,
     budget + max(n_ubatch, FREQUENT_EVICT_BATCH), unpadded."""
     import math
@@ -338,7 +339,7 @@ def class_capacity(meta: FastgenMetadata, c: int, n_ctx: int, n_ubatch: int) -> 
         return max(min(n_ctx, f.budget + max(n_ubatch, FREQUENT_EVICT_BATCH))
                    for f in meta.classes if f.kind == Kind.FREQUENT)
     share = 0.02 if cls.kind == Kind.SPECIAL else min(1.0, 1.5 * _f32(meta.protected_frac) + 0.02)
-    need = min(n_ctx, meta.n_sink + cls.window + n_ubatch + 32 + math.ceil(share * n_ctx))
+    need = min(n_ctx, n_seq * (meta.n_sink + cls.window + 32) + n_ubatch + math.ceil(share * n_ctx))
     return min(n_ctx, (need + 255) // 256 * 256)
 
 

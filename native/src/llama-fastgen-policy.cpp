@@ -201,7 +201,7 @@ int32_t llama_fastgen_policy::head_offset(int il, int c) const {
     return off;
 }
 
-uint32_t llama_fastgen_policy::capacity(int c, uint32_t n_ctx, uint32_t n_ubatch) const {
+uint32_t llama_fastgen_policy::capacity(int c, uint32_t n_ctx, uint32_t n_ubatch, uint32_t n_seq) const {
     const auto & cls = classes[c];
     if (cls.kind == LLAMA_FASTGEN_FULL) {
         return n_ctx;
@@ -211,9 +211,11 @@ uint32_t llama_fastgen_policy::capacity(int c, uint32_t n_ctx, uint32_t n_ubatch
         return (uint32_t) std::min<uint64_t>(n_ctx, (uint64_t) cls.budget + std::max(n_ubatch, FREQUENT_EVICT_BATCH));
     }
     // Retained protected tokens grow with the context: budget their observed share with a margin.
-    // Special tokens alone are rare (chat control tokens): 2% of the context plus 32.
+    // Special tokens alone are rare (chat control tokens): 2% of the context plus 32. n_seq sequences
+    // sharing the cells (a unified cache) each keep their sinks and window, as llama.cpp's SWA cache
+    // sizes n_swa*n_seq_max + n_ubatch; the protected share is of n_ctx, all sequences' tokens.
     const double share = cls.kind == LLAMA_FASTGEN_SPECIAL ? 0.02 : std::min(1.0, 1.5*protected_frac + 0.02);
-    const uint64_t need = (uint64_t) n_sink + cls.window + n_ubatch + 32 + (uint64_t) std::ceil(share*n_ctx);
+    const uint64_t need = (uint64_t) n_seq*(n_sink + cls.window + 32) + n_ubatch + (uint64_t) std::ceil(share*n_ctx);
     return (uint32_t) std::min<uint64_t>(n_ctx, need);
 }
 

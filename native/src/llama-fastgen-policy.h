@@ -59,8 +59,9 @@ struct llama_fastgen_policy {
     int32_t n_heads(int il, int c) const { return layer_class_heads[il][c]; }
     int32_t head_offset(int il, int c) const;
 
-    // cells a class needs at context n_ctx with ubatches of n_ubatch tokens (before padding)
-    uint32_t capacity(int c, uint32_t n_ctx, uint32_t n_ubatch) const;
+    // cells a class needs at context n_ctx with ubatches of n_ubatch tokens (before padding), n_seq
+    // sequences sharing them (plugin/schema.py class_capacity mirrors it)
+    uint32_t capacity(int c, uint32_t n_ctx, uint32_t n_ubatch, uint32_t n_seq = 1) const;
 
     // protected token ids of class c (by id)
     std::vector<bool> protected_tokens(int c) const;
