@@ -349,15 +349,16 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def kv_bytes(meta: FastgenMetadata, head_dim: int, n_ctx: int, n_ubatch: int, bytes_per_elem: int = 2) -> list[int]:
+def kv_bytes(meta: FastgenMetadata, head_dim: int, n_ctx: int, n_ubatch: int, bytes_per_elem: int = 2,
+             n_seq: int = 1) -> list[int]:
     """Allocated bytes per class (f16 by default): cells x heads over layers x head_dim x 2 (K and V);
     frequent classes add an F32 score and an F32 position per cell and head (the mask stays on the
     device) plus 32 bytes per head (the CUDA kernel's block counter, in the padding of the
-    positions), and keep f16 K/V under a quantized cache."""
+    positions), and keep f16 K/V under a quantized cache. n_seq: sequences sharing a unified cache."""
     out = []
     for c, cls in enumerate(meta.classes):
         heads = sum(row[c] for row in meta.layer_class_heads)
-        cells = class_capacity(meta, c, n_ctx, n_ubatch) * heads
+        cells = class_capacity(meta, c, n_ctx, n_ubatch, n_seq) * heads
         if cls.kind == Kind.FREQUENT:
             out.append(cells * (head_dim * 2 * max(bytes_per_elem, 2) + 8) + heads * 32)
         else:

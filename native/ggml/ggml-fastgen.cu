@@ -292,6 +292,8 @@ static size_t hh_pf_attn_smem(int D, int Dv) {
 static size_t hh_pf_colsum_smem(int D) {
     return 2*sizeof(half)*HH_PF_TILE*hh_pf_dp(D) + sizeof(float)*HH_PF_TILE*hh_pf_sp();
 }
+// the kernels' static shared memory (row statistics, cell positions; ptxas: 1,152 and 1,408 bytes), rounded up
+#define HH_PF_STATIC_SMEM 2048
 
 static __global__ void hh_pf_write(
         const char * __restrict__ kc, const int64_t kc_nb1, const int64_t kc_nb2,
@@ -683,8 +685,22 @@ bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op) {
     if ((q->ne[1]/n)*q->ne[2] <= GGML_FASTGEN_HH_MAX_ROWS) {
         return true; // decode kernel
     }
-    // prefill kernels: tensor cores, 16-column tiles of V
-    return turing_mma_available(ggml_cuda_info().devices[device].cc) && V->ne[1] % 16 == 0 && V->ne[1] <= GGML_FASTGEN_HH_MAX_D;
+    // prefill kernels: tensor cores, 16-column tiles of V, and the tiles' shared memory (113 KB at head
+    // size 128: H100/H200 and A100 yes, GPUs with 99 KB per block no; those keep the composed path)
+    const ggml_cuda_device_info::cuda_device_info & info = ggml_cuda_info().devices[device];
+    const size_t smem = std::max(hh_pf_attn_smem(K->ne[0], V->ne[1]), hh_pf_colsum_smem(K->ne[0])) + HH_PF_STATIC_SMEM;
+    return turing_mma_available(info.cc) && V->ne[1] % 16 == 0 && V->ne[1] <= GGML_FASTGEN_HH_MAX_D && smem <= info.smpbo;
+}
+
+// dynamic shared memory above the default 48 KB needs an opt-in per kernel and device: raised to what
+// this launch needs when it needs more than any launch before (supported() checked it fits)
+static void hh_pf_smem_limit(const void * kernel, int slot, size_t nbytes) {
+    static size_t raised[2][GGML_CUDA_MAX_DEVICES] = {};
+    const int id = ggml_cuda_get_device();
+    if (nbytes > raised[slot][id]) {
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) nbytes));
+        raised[slot][id] = nbytes;
+    }
 }
 
 static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_args & a, ggml_tensor * dst) {
@@ -712,9 +728,8 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
         (const char *) a.k_cur->data, a.k_cur->nb[1], a.k_cur->nb[2], (const char *) a.v_cur->data, a.v_cur->nb[1], a.v_cur->nb[2],
         (const int64_t *) a.idxs->data, a.idxs->nb[1]/sizeof(int64_t), a.h0, K, V, S, P, qpos, D, Dv, C);
 
-    // raised once per device to the largest head size's need (the macro remembers)
-    CUDA_SET_SHARED_MEMORY_LIMIT(hh_pf_attn, hh_pf_attn_smem(GGML_FASTGEN_HH_MAX_D, GGML_FASTGEN_HH_MAX_D));
-    CUDA_SET_SHARED_MEMORY_LIMIT(hh_pf_colsum, hh_pf_colsum_smem(GGML_FASTGEN_HH_MAX_D));
+    hh_pf_smem_limit((const void *) hh_pf_attn, 0, hh_pf_attn_smem(D, Dv));
+    hh_pf_smem_limit((const void *) hh_pf_colsum, 1, hh_pf_colsum_smem(D));
     hh_pf_attn<<<dim3(row_tiles, n, ns_a), HH_PF_WARPS*WARP_SIZE, hh_pf_attn_smem(D, Dv), stream>>>(
         (const char *) a.q->data, a.q->nb[1], a.q->nb[2], K, V, P, qpos, (float *) dst->data, qh.get(),
         row_m.get(), row_il.get(), part_m.get(), part_l.get(), part_o.get(), D, Dv, C, T, G, a.scale);

@@ -22,6 +22,8 @@
 //                                                  first element and leaves it at zero)
 // idxs and query_pos are the whole graph inputs, shared by every layer: a per-layer view of a host
 // input would be one more host-to-device copy per layer and token.
+// Precision: the CPU paths and the CUDA decode kernel take q in F32; the CUDA prefill kernels round q to
+// F16 for the tensor cores, as llama.cpp's CUDA flash attention does (logits accumulate in F32).
 // op_params: float scale, int32 h0 (this layer's first row in idxs). Result: F32 [Dv*G*n, T], heads in q order (kv head j, then group g).
 // K, V, S and P are updated in place (they live in the cache's buffers, outside the graph allocator).
 #pragma once

