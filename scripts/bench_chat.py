@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -25,7 +24,7 @@ import llama_fastgen  # noqa: E402,F401  (before llama_cpp: our libllama)
 from llama_cpp import Llama  # noqa: E402
 
 from llama_fastgen.evaluation import tasks as eval_tasks  # noqa: E402
-from llama_fastgen.evaluation.report import commit, machine  # noqa: E402
+from llama_fastgen.evaluation.report import commit, machine, spread  # noqa: E402
 
 QUESTIONS = ["Summarize the text above in two sentences.", "What is the main argument of the text above?",
              "Which people does the text above mention?", "What advice does the text above give?"]
@@ -44,10 +43,6 @@ def prompts(llm: Llama, n: int, lo: int, hi: int, seed: int) -> list[str]:
     return out
 
 
-def spread(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-
-
 def common_prefix(a: str, b: str) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -58,7 +53,7 @@ def common_prefix(a: str, b: str) -> int:
 def markdown(res: dict) -> str:
     a = res["args"]
     s = res["summary"]
-    agree = [common_prefix(x["answer"], y["answer"]) for x, y in zip(res["runs"]["fastgen"], res["runs"]["full cache"])]
+    agree = spread([common_prefix(x["answer"], y["answer"]) for x, y in zip(res["runs"]["fastgen"], res["runs"]["full cache"])])
     out = [f"{Path(a['gguf']).name}, {a['n']} chat completions per configuration, {a['min_tokens']}-{a['max_tokens']}-token "
            f"prompts, {a['answer_tokens']} answer tokens, n_ctx {a['n_ctx']}; {res['machine']['cpu']} ({res['machine']['cores']} "
            f"cores), commit `{res['commit'][:12]}{'+dirty' if res['commit'].endswith('+dirty') else ''}`, {res['started']}; `{res['command']}`", "",
@@ -68,8 +63,8 @@ def markdown(res: dict) -> str:
         out.append(f"| {name} | {r['total_seconds']:.1f} | {m['median']:.2f} [{m['min']:.2f}, {m['max']:.2f}] | "
                    f"{t['median']:.0f} [{t['min']:.0f}, {t['max']:.0f}] |")
     out += ["", f"fastgen / full cache total time {s['fastgen']['total_seconds'] / s['full cache']['total_seconds']:.2f}x; "
-                f"identical answers {res['identical_answers']} of {len(agree)}; the two greedy answers agree on the first "
-                f"{statistics.median(agree):.0f} characters (median; min {min(agree)}, max {max(agree)})"]
+                f"identical answers {res['identical_answers']} of {agree['n']}; the two greedy answers agree on the first "
+                f"{agree['median']:.0f} characters (median; min {agree['min']}, max {agree['max']})"]
     return "\n".join(out)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -28,7 +27,7 @@ import llama_fastgen  # noqa: E402  (before llama_cpp: our libllama)
 from llama_cpp import Llama  # noqa: E402
 
 from llama_fastgen.evaluation import tasks as eval_tasks  # noqa: E402
-from llama_fastgen.evaluation.report import commit, machine  # noqa: E402
+from llama_fastgen.evaluation.report import commit, machine, spread  # noqa: E402
 
 QUESTIONS = ["What is the first essay about? Answer in one sentence.",
              "Name one person the essays mention.",
@@ -62,10 +61,6 @@ def one_rep(gguf: str, kw: dict, doc: str, n_ctx: int, answer_tokens: int, quest
         llm.close()
 
 
-def summary(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", required=True, help="a fastgen GGUF (convert.py --profile)")
@@ -95,8 +90,8 @@ def main() -> int:
         else:
             os.environ["LLAMA_FASTGEN_CHECKPOINTS"] = env
         reps = [one_rep(a.gguf, kw, doc, a.ctx, a.answer_tokens, QUESTIONS) for _ in range(a.reps)]
-        row = {"config": name, "first": summary([r["first"] for r in reps]),
-               "later": summary([t for r in reps for t in r["later"]]),
+        row = {"config": name, "first": spread([r["first"] for r in reps]),
+               "later": spread([t for r in reps for t in r["later"]]),
                "restored": [r["restored"] for r in reps], "prompt_tokens": reps[0]["prompt_tokens"],
                "kv_bytes": reps[0]["kv_bytes"], "checkpoint_bytes": max(r["checkpoint_bytes"] for r in reps)}
         rows.append(row)

@@ -73,6 +73,13 @@ def plot(out: dict, stem: Path) -> list[str]:
     return paths
 
 
+def spread(xs: list[float]) -> dict:
+    """median, min, max and count of repeated measurements (the benchmarks' summary of a figure)"""
+    import statistics
+
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
 def machine() -> dict:
     import platform
 
