@@ -221,6 +221,27 @@ def speed_table(rows, markdown: bool = False) -> str:
     return "\n".join([title] + ["  " + "".join(f"{x:>22}" for x in line) for line in [head] + lines])
 
 
+def run_info() -> dict:
+    """what a GPU results file says about its run: machine, command, commit, start time"""
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        gpu = "no GPU"
+    # the device tool's copy of the tree carries the .git of the session's start, not its last commit:
+    # LLAMA_FASTGEN_COMMIT (set by the caller) wins over git there
+    commit = os.environ.get("LLAMA_FASTGEN_COMMIT", "")
+    try:
+        if not commit:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+            commit += "+dirty" if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                                 capture_output=True, text=True).stdout.strip() else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"machine": gpu, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "commit": commit,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["all", "correctness", "kv", "reuse", "speed", "table", "child"])
@@ -250,23 +271,7 @@ def main() -> int:
         if "speed" in res:
             print(speed_table(res["speed"], markdown=True))
         return 0
-    try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True).stdout.strip()
-    except FileNotFoundError:
-        gpu = "no GPU"
-    # the device tool's copy of the tree carries the .git of the session's start, not its last commit:
-    # LLAMA_FASTGEN_COMMIT (set by the caller) wins over git there
-    commit = os.environ.get("LLAMA_FASTGEN_COMMIT", "")
-    try:
-        if not commit:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-            commit += "+dirty" if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                                 capture_output=True, text=True).stdout.strip() else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    out = {"machine": gpu, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "commit": commit,
-           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    out = run_info()
     for step in ("correctness", "kv", "reuse", "speed"):
         if args.what in (step, "all"):
             out[step] = globals()[step](args)

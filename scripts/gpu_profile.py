@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Where decode time goes on the GPU: every kernel of a few llama-bench decode steps under Nsight
-Compute (one metric, gpu__time_duration), summed per kernel name and divided by the tokens, for
+"""Where GPU time goes: every kernel of a few llama-bench decode steps (or of one prompt with
+--prompt N) under Nsight Compute (one metric, gpu__time_duration), summed per kernel name, for
 fastgen and the full cache. Run on the GPU machine after scripts/gpu_run.sh has built llama-bench:
 
-    python scripts/gpu_profile.py --llama-bench BIN --model M.gguf [--depth 0] [--tokens 8] [--json F]
+    python scripts/gpu_profile.py --llama-bench BIN --model M.gguf [--depth 0] [--tokens 8] [--prompt 0] [--json F]
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import subprocess
 from collections import defaultdict
 
 
-def profile(bench: str, model: str, depth: int, tokens: int, env_extra: dict) -> dict:
+def profile(bench: str, model: str, depth: int, tokens: int, env_extra: dict, prompt: int = 0) -> dict:
     cmd = ["ncu", "--csv", "--metrics", "gpu__time_duration.sum", "--graph-profiling", "node",
-           bench, "-m", model, "-ngl", "99", "-fa", "1", "-p", "0", "-n", str(tokens), "-d", str(depth), "-r", "1",
+           bench, "-m", model, "-ngl", "99", "-fa", "1", "-p", str(prompt), "-n", str(tokens), "-d", str(depth), "-r", "1",
            "--no-warmup"]
     out = subprocess.run(cmd, env=dict(os.environ, **env_extra), capture_output=True, text=True).stdout
     rows = list(csv.DictReader(io.StringIO(out[out.index('"ID"'):])))
@@ -37,20 +37,26 @@ def main() -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=0, help="profile a prompt of N tokens (prefill) instead")
     ap.add_argument("--json")
     a = ap.parse_args()
-    res = {}
+    if a.prompt:
+        a.tokens = 0
+    from bench_gpu import run_info  # beside this script
+
+    res = run_info()
     for name, env in (("fastgen", {}), ("full", {"LLAMA_FASTGEN_DISABLE": "1"})):
-        res[name] = profile(a.llama_bench, a.model, a.depth, a.tokens, env)
+        res[name] = profile(a.llama_bench, a.model, a.depth, a.tokens, env, a.prompt)
     # the depth prefill is profiled too: compare the totals, and the kernels by name
-    print(f"GPU kernel time (us, all kernels of prefill to depth {a.depth} + {a.tokens} decode tokens)")
-    names = sorted(set().union(*(r["us_by_kernel"] for r in res.values())),
-                   key=lambda k: -max(r["us_by_kernel"].get(k, 0) for r in res.values()))
-    print(f"  {'kernel':60s}" + "".join(f"{n:>12s}" for n in res))
+    print(f"GPU kernel time (us, all kernels of prefill to depth {a.depth} + a {a.prompt}-token prompt + {a.tokens} decode tokens)")
+    runs = {n: res[n] for n in ("fastgen", "full")}
+    names = sorted(set().union(*(r["us_by_kernel"] for r in runs.values())),
+                   key=lambda k: -max(r["us_by_kernel"].get(k, 0) for r in runs.values()))
+    print(f"  {'kernel':60s}" + "".join(f"{n:>12s}" for n in runs))
     for k in names[:25]:
-        print(f"  {k[:60]:60s}" + "".join(f"{r['us_by_kernel'].get(k, 0.0):12.1f}" for r in res.values()))
-    print(f"  {'TOTAL':60s}" + "".join(f"{sum(r['us_by_kernel'].values()):12.1f}" for r in res.values()))
-    print(f"  {'kernels launched':60s}" + "".join(f"{r['kernels']:12d}" for r in res.values()))
+        print(f"  {k[:60]:60s}" + "".join(f"{r['us_by_kernel'].get(k, 0.0):12.1f}" for r in runs.values()))
+    print(f"  {'TOTAL':60s}" + "".join(f"{sum(r['us_by_kernel'].values()):12.1f}" for r in runs.values()))
+    print(f"  {'kernels launched':60s}" + "".join(f"{r['kernels']:12d}" for r in runs.values()))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -12,18 +12,19 @@
 // a scratch buffer in between, so the probabilities added to the scores are those the output used.
 // One launch per layer: at depth 0 a decode step is dominated by per-kernel latency, not bytes.
 //
-// Prefill (more query rows than GGML_FASTGEN_HH_MAX_ROWS) takes three launches, flash-attention style
-// on tensor cores (WMMA: f16 in, f32 accumulate), the CPU op's function in another order:
+// Prefill (more query rows than GGML_FASTGEN_HH_MAX_ROWS) takes four launches on tensor cores (WMMA:
+// f16 in, f32 accumulate), the CPU op's function in another order:
 //  1. hh_pf_write: the ubatch's K, V and positions into its cells, their scores to 0; the store then
 //     holds what the CPU op calls "cell positions as they will be after this ubatch";
-//  2. hh_pf_attn: a block per (64 query rows, head, split) walks its share of the head's cells in
-//     tiles of 64 with an online softmax (hh_pf_merge joins the splits) and gives the output, each
-//     row's max logit and 1/sum, and the queries as f16;
-//  3. hh_pf_colsum: a block per (64 cells, head, split) computes the same logits again (same f16
-//     operands, same code: the same values), makes them probabilities with the row statistics and
-//     adds them up over its share of the rows (hh_pf_scores adds the splits into the scores): the
-//     column sums that flash attention never forms.
-// Both skip the tiles no query of the block sees (free cells, the ubatch's later tokens).
+//  2. hh_pf_stats: a block per (64 query rows, head, split) walks its share of the head's cells in
+//     tiles of 64: each row's max logit and sum of exponentials (no output);
+//  3. hh_pf_out: the same blocks merge the splits' statistics and compute the same logits again (same
+//     f16 operands, same code: the same values), now as final probabilities: summed over the block's
+//     rows per cell (the column sums flash attention never forms) and multiplied by V into output
+//     accumulators that stay in registers (final probabilities need no rescaling);
+//  4. hh_pf_scores adds the row tiles' column sums into the scores (hh_pf_merge first adds up the
+//     output of the splits when there are several).
+// Both passes skip the tiles no query of the block sees (free cells, the ubatch's later tokens).
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
 
@@ -54,6 +55,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     __shared__ int64_t new_c[GGML_FASTGEN_HH_MAX_ROWS];
     __shared__ float   qp_s[GGML_FASTGEN_HH_MAX_ROWS], m_s[GGML_FASTGEN_HH_MAX_ROWS], inv_s[GGML_FASTGEN_HH_MAX_ROWS];
     __shared__ bool    last;
+    __shared__ __align__(8) unsigned char free_s[HH_CHUNK]; // cells of the chunk that hold no token
 
     if (threadIdx.x < T) {
         new_c[threadIdx.x] = idxs[(h0 + j)*idxs_s1 + threadIdx.x];
@@ -127,10 +129,13 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 }
             }
         }
+        if (sub == 0) {
+            free_s[cl] = isinf(cp); // past C too
+        }
         for (int i = threadIdx.x; i < (RP - R)*HH_CHUNK; i += blockDim.x) {
             w_s[R*HH_CHUNK + i] = 0.0f;
         }
-        __syncthreads(); // q_s
+        __syncthreads(); // q_s, free_s
 
         // 1. logits
         for (int r = 0; r < R; ++r) {
@@ -182,7 +187,15 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             for (int r0 = 0; r0 < R; r0 += RB) {
                 float acc[RB] = { 0.0f };
                 for (int i = 0; i < nc/8; ++i) {
-                    const uint4 u = vrow[i];
+                    uint4 u = vrow[i];
+                    const uint2 fr = *(const uint2 *) (free_s + 8*i);
+                    if (fr.x | fr.y) { // a free cell's V may be anything (0 x NaN is NaN): as the CPU op, 0
+                        half * hv = (half *) &u;
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) {
+                            hv[e] = free_s[8*i + e] ? __float2half(0.0f) : hv[e];
+                        }
+                    }
                     const half2 * h = (const half2 *) &u;
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
@@ -283,17 +296,19 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
 // shared-memory row strides (elements): padded so WMMA pointers stay 32-byte aligned and rows spread over banks
 static __host__ __device__ constexpr int hh_pf_dp(int D) { return D + 8; }            // q, k (f16)
 static __host__ __device__ constexpr int hh_pf_vp()      { return HH_PF_TILE + 8; }   // v transposed, p (f16)
-static __host__ __device__ constexpr int hh_pf_sp()      { return HH_PF_TILE + 4; }   // logits (f32)
-static __host__ __device__ constexpr int hh_pf_op(int Dv) { return Dv + 4; }          // output (f32)
-static size_t hh_pf_attn_smem(int D, int Dv) {
-    return 2*sizeof(half)*HH_PF_TILE*hh_pf_dp(D) + sizeof(half)*Dv*hh_pf_vp() + sizeof(float)*HH_PF_TILE*hh_pf_sp() +
-           sizeof(half)*HH_PF_TILE*hh_pf_vp() + sizeof(float)*HH_PF_TILE*hh_pf_op(Dv);
-}
-static size_t hh_pf_colsum_smem(int D) {
+static __host__ __device__ constexpr int hh_pf_sp()      { return HH_PF_TILE + 4; }   // logits, probabilities (f32)
+static size_t hh_pf_stats_smem(int D) {
     return 2*sizeof(half)*HH_PF_TILE*hh_pf_dp(D) + sizeof(float)*HH_PF_TILE*hh_pf_sp();
 }
-// the kernels' static shared memory (row statistics, cell positions; ptxas: 1,152 and 1,408 bytes), rounded up
+static size_t hh_pf_out_smem(int D, int Dv) {
+    const size_t tiles = hh_pf_stats_smem(D) + sizeof(half)*Dv*hh_pf_vp(); // p (f16) reuses k's space
+    const size_t staging = sizeof(float)*HH_PF_TILE*(Dv + 4); // the output rows, once the tiles are done
+    return std::max(tiles, staging);
+}
+// the kernels' static shared memory (row statistics, cell positions, flags), rounded up
 #define HH_PF_STATIC_SMEM 2048
+// output columns / 16 the output kernel is built for (head sizes 64 ... 256): its accumulators stay in registers
+#define HH_PF_NB_CASES(X) X(4) X(5) X(6) X(7) X(8) X(12) X(16)
 
 static __global__ void hh_pf_write(
         const char * __restrict__ kc, const int64_t kc_nb1, const int64_t kc_nb2,
@@ -320,7 +335,43 @@ static __global__ void hh_pf_write(
 #if defined(TURING_MMA_AVAILABLE)
 namespace wmma = nvcuda::wmma;
 
-// cells [c0, c0 + 64) of a head: K rows into k_s (zeros past C); C % 8 == 0, so 8 cells are all in or all out
+// the block's query rows (r = t*G + g) as f16 into q_s (rows past R: zero), their positions into qp_r
+// (-inf past R); returns the largest position
+static __device__ float hh_pf_load_q(half * q_s, float * qp_r, const char * q, int64_t q_nb1, int64_t q_nb2,
+        const float * qpos, int j, int r0, int R, int G, int D) {
+    __shared__ float qmax_s;
+    for (int i = threadIdx.x; i < HH_PF_TILE*D; i += blockDim.x) {
+        const int rr = i / D, d = i % D, r = r0 + rr;
+        const float x = r < R ? ((const float *) (q + (int64_t) (j*G + r % G)*q_nb1 + (int64_t) (r / G)*q_nb2))[d] : 0.0f;
+        q_s[rr*hh_pf_dp(D) + d] = __float2half(x);
+    }
+    if (threadIdx.x < HH_PF_TILE) {
+        const int r = r0 + threadIdx.x;
+        qp_r[threadIdx.x] = r < R ? qpos[r / G] : -INFINITY;
+    }
+    __syncthreads();
+    if (threadIdx.x < WARP_SIZE) {
+        const float m = warp_reduce_max(fmaxf(qp_r[threadIdx.x], qp_r[threadIdx.x + WARP_SIZE]));
+        if (threadIdx.x == 0) {
+            qmax_s = m;
+        }
+    }
+    __syncthreads();
+    return qmax_s;
+}
+
+// cells [c0, c0 + 64) of a head: their positions into pc (+inf past C); false when no query row of the
+// block sees one of them (free cells, the ubatch's later tokens). Ends in a barrier.
+static __device__ bool hh_pf_tile_seen(float * pc, const float * Pj, int c0, int C, float qmax) {
+    float pv = INFINITY;
+    if (threadIdx.x < HH_PF_TILE) {
+        pv = c0 + (int) threadIdx.x < C ? Pj[c0 + threadIdx.x] : INFINITY;
+        pc[threadIdx.x] = pv;
+    }
+    return __syncthreads_or(qmax - pv > 0.0f);
+}
+
+// K rows of the tile's cells into k_s (zeros past C); C % 8 == 0, so 8 cells are all in or all out
 static __device__ void hh_pf_load_k(half * k_s, const half * Kj, int c0, int C, int D) {
     const int per = D/8;
     for (int i = threadIdx.x; i < HH_PF_TILE*per; i += blockDim.x) {
@@ -333,8 +384,9 @@ static __device__ void hh_pf_load_k(half * k_s, const half * Kj, int c0, int C, 
     }
 }
 
-// logits of the warp's 16 query rows x the tile's 64 cells into s_s (f32)
-static __device__ void hh_pf_logits(const half * q_s, const half * k_s, float * s_s, int D, int warp) {
+// logits (scaled) of the warp's 16 query rows x the tile's 64 cells into s_s (f32). Both kernels call
+// this with the same operands, so the statistics and the probabilities see the same logits.
+static __device__ void hh_pf_logits(const half * q_s, const half * k_s, float * s_s, int D, int warp, float scale) {
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[HH_PF_TILE/16];
 #pragma unroll
     for (int b = 0; b < HH_PF_TILE/16; ++b) {
@@ -352,317 +404,264 @@ static __device__ void hh_pf_logits(const half * q_s, const half * k_s, float * 
     }
 #pragma unroll
     for (int b = 0; b < HH_PF_TILE/16; ++b) {
+#pragma unroll
+        for (int e = 0; e < acc[b].num_elements; ++e) {
+            acc[b].x[e] = __fmul_rn(acc[b].x[e], scale); // never contracted into another operation
+        }
         wmma::store_matrix_sync(s_s + 16*warp*hh_pf_sp() + 16*b, acc[b], hh_pf_sp(), wmma::mem_row_major);
     }
 }
 #endif // defined(TURING_MMA_AVAILABLE)
 
-// Block (row tile, head j, split z) takes the cell tiles z, z + ns, ...: ns splits give the GPU enough
-// blocks when a layer has few heavy-hitter heads. ns == 1: the output and row statistics directly;
-// else the split's max, sum and unnormalized output for hh_pf_merge.
-static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_attn(
+// Pass 1, block (row tile, head j, split z): the max logit and sum of exponentials of each query row
+// over the cell tiles z, z + ns, ... (part_m, part_l [ns][n][RP]); the output pass merges the splits.
+static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_stats(
         const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
-        const half * __restrict__ K, const half * __restrict__ V, const float * __restrict__ P,
-        const float * __restrict__ qpos, float * __restrict__ dst, half * __restrict__ qh,
-        float * __restrict__ row_m, float * __restrict__ row_il,
-        float * __restrict__ part_m, float * __restrict__ part_l, float * __restrict__ part_o,
-        const int D, const int Dv, const int C, const int T, const int G, const float scale) {
+        const half * __restrict__ K, const float * __restrict__ P, const float * __restrict__ qpos,
+        float * __restrict__ part_m, float * __restrict__ part_l,
+        const int D, const int C, const int T, const int G, const float scale) {
 #if defined(TURING_MMA_AVAILABLE)
     const int j = blockIdx.y, n = gridDim.y, z = blockIdx.z, ns = gridDim.z;
     const int r0 = blockIdx.x*HH_PF_TILE, R = G*T, RP = gridDim.x*HH_PF_TILE;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    const int dp = hh_pf_dp(D), vp = hh_pf_vp(), sp = hh_pf_sp(), op = hh_pf_op(Dv);
+    const int sp = hh_pf_sp();
+
+    extern __shared__ __align__(128) char smem_pf[];
+    half  * q_s = (half *) smem_pf;                    // [64][dp]
+    half  * k_s = q_s + HH_PF_TILE*hh_pf_dp(D);        // [64][dp]
+    float * s_s = (float *) (k_s + HH_PF_TILE*hh_pf_dp(D)); // [64][sp]
+    __shared__ float qp_r[HH_PF_TILE], pc[HH_PF_TILE];
+
+    const float qmax = hh_pf_load_q(q_s, qp_r, q, q_nb1, q_nb2, qpos, j, r0, R, G, D);
+    const half  * Kj = K + (int64_t) j*C*D;
+    const float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
+    // two lanes per row (32 cells each), the warp's 16 rows at once
+    const int ri = 16*warp + lane/2, hc = 32*(lane % 2);
+    const float qp = qp_r[ri];
+    float m = -INFINITY, l = 0.0f;
+    for (int c0 = z*HH_PF_TILE; c0 < C; c0 += ns*HH_PF_TILE) {
+        if (!hh_pf_tile_seen(pc, Pj, c0, C, qmax)) {
+            continue;
+        }
+        hh_pf_load_k(k_s, Kj, c0, C, D);
+        __syncthreads();
+        hh_pf_logits(q_s, k_s, s_s, D, warp, scale);
+        __syncwarp();
+        float x[32];
+        float mt = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < 32; ++k) {
+            x[k] = qp - pc[hc + k] > 0.0f ? s_s[ri*sp + hc + k] : -INFINITY;
+            mt = fmaxf(mt, x[k]);
+        }
+        mt = fmaxf(mt, __shfl_xor_sync(0xffffffff, mt, 1));
+        const float m_new = fmaxf(m, mt);
+        float sum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 32; ++k) {
+            sum += x[k] == -INFINITY ? 0.0f : expf(x[k] - m_new);
+        }
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        l = (m == -INFINITY ? 0.0f : l*expf(m - m_new)) + sum;
+        m = m_new;
+        __syncthreads(); // k_s, s_s and pc are the next tile's
+    }
+    if (hc == 0) {
+        const int64_t pr = ((int64_t) z*n + j)*RP + r0 + ri;
+        part_m[pr] = m;
+        part_l[pr] = l;
+    }
+#else
+    GGML_UNUSED_VARS(q, q_nb1, q_nb2, K, P, qpos, part_m, part_l, D, C, T, G, scale);
+    NO_DEVICE_CODE;
+#endif // defined(TURING_MMA_AVAILABLE)
+}
+
+// Pass 2, block (row tile, head j, split z): the rows' statistics merged from pass 1's splits, then the
+// same logits again over the cell tiles z, z + ns, ..., now as final probabilities p = exp(l - m)/sum:
+//  - their sums over the block's rows, per cell: part_c[row tile][j][C] (hh_pf_scores adds the row
+//    tiles into the scores; cells of tiles nobody in the block sees get 0), the column sums flash
+//    attention never forms;
+//  - the output rows += p V on tensor cores, in registers (NB x 16 columns; no rescaling, the
+//    probabilities are final): into dst when ns == 1, else into part_o[z] for hh_pf_merge.
+template <int NB>
+static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_out(
+        const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
+        const half * __restrict__ K, const half * __restrict__ V, const float * __restrict__ P,
+        const float * __restrict__ qpos, const float * __restrict__ part_m, const float * __restrict__ part_l, const int ns_m,
+        float * __restrict__ dst, float * __restrict__ part_o, float * __restrict__ part_c,
+        const int D, const int C, const int T, const int G, const float scale) {
+#if defined(TURING_MMA_AVAILABLE)
+    constexpr int Dv = 16*NB;
+    const int j = blockIdx.y, n = gridDim.y, z = blockIdx.z, ns = gridDim.z, rt = blockIdx.x;
+    const int r0 = rt*HH_PF_TILE, R = G*T, RP = gridDim.x*HH_PF_TILE;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int dp = hh_pf_dp(D), vp = hh_pf_vp(), sp = hh_pf_sp();
+    static_assert(HH_PF_WARPS*WARP_SIZE == 2*HH_PF_TILE, "two threads per cell");
 
     extern __shared__ __align__(128) char smem_pf[];
     half  * q_s = (half *) smem_pf;             // [64][dp]
     half  * k_s = q_s + HH_PF_TILE*dp;          // [64][dp]
-    half  * v_s = k_s + HH_PF_TILE*dp;          // [Dv][vp]: the tile's V, transposed as stored
-    float * s_s = (float *) (v_s + Dv*vp);      // [64][sp]: logits
-    half  * p_s = (half *) (s_s + HH_PF_TILE*sp); // [64][vp]: exp(logit - running max)
-    float * o_s = (float *) (p_s + HH_PF_TILE*vp); // [64][op]: unnormalized output
-    __shared__ float qp_r[HH_PF_TILE], m_r[HH_PF_TILE], l_r[HH_PF_TILE], a_r[HH_PF_TILE], pc[HH_PF_TILE], qmax_s;
+    float * s_s = (float *) (k_s + HH_PF_TILE*dp); // [64][sp]: logits, then probabilities
+    half  * v_s = (half *) (s_s + HH_PF_TILE*sp);  // [Dv][vp]: the tile's V, transposed as stored (free cells: 0)
+    half  * p_s = k_s;                          // [64][vp]: probabilities as f16, once the logits are done with k_s
+    __shared__ float qp_r[HH_PF_TILE], m_r[HH_PF_TILE], il_r[HH_PF_TILE], pc[HH_PF_TILE], colsum[HH_PF_TILE];
 
-    // the block's query rows (r = t*G + g) as f16, kept for the column sums by split 0 (rows past R: zero)
-    for (int i = threadIdx.x; i < HH_PF_TILE*D; i += blockDim.x) {
-        const int rr = i / D, d = i % D, r = r0 + rr;
-        const float x = r < R ? ((const float *) (q + (int64_t) (j*G + r % G)*q_nb1 + (int64_t) (r / G)*q_nb2))[d] : 0.0f;
-        const half h = __float2half(x);
-        q_s[rr*dp + d] = h;
-        if (z == 0) {
-            qh[((int64_t) j*RP + r)*D + d] = h;
-        }
-    }
-    for (int i = threadIdx.x; i < HH_PF_TILE*op; i += blockDim.x) {
-        o_s[i] = 0.0f;
-    }
+    const float qmax = hh_pf_load_q(q_s, qp_r, q, q_nb1, q_nb2, qpos, j, r0, R, G, D);
     if (threadIdx.x < HH_PF_TILE) {
         const int r = r0 + threadIdx.x;
-        qp_r[threadIdx.x] = r < R ? qpos[r / G] : -INFINITY;
-        m_r[threadIdx.x]  = -INFINITY;
-        l_r[threadIdx.x]  = 0.0f;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        const float m = warp_reduce_max(fmaxf(qp_r[lane], qp_r[lane + WARP_SIZE]));
-        if (lane == 0) {
-            qmax_s = m;
+        float m = -INFINITY, l = 0.0f;
+        for (int s = 0; s < ns_m; ++s) {
+            m = fmaxf(m, part_m[((int64_t) s*n + j)*RP + r]);
         }
+        for (int s = 0; s < ns_m; ++s) {
+            const float ms = part_m[((int64_t) s*n + j)*RP + r];
+            l += ms == -INFINITY ? 0.0f : expf(ms - m)*part_l[((int64_t) s*n + j)*RP + r];
+        }
+        m_r[threadIdx.x]  = m;
+        il_r[threadIdx.x] = l > 0.0f ? 1.0f/l : 0.0f;
     }
-    __syncthreads();
-    const float qmax = qmax_s;
+    // (hh_pf_tile_seen's barrier publishes m_r and il_r)
 
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[NB];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+        wmma::fill_fragment(o[b], 0.0f);
+    }
     const half  * Kj = K + (int64_t) j*C*D;
     const half  * Vj = V + (int64_t) j*C*Dv;
     const float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
-    // softmax: two lanes per row (32 cells each), the warp's 16 rows at once
-    const int ri = 16*warp + lane/2, hc = 32*(lane % 2);
+    float * cs = part_c + ((int64_t) rt*n + j)*C;
+    const int ri = 16*warp + lane/2, hc = 32*(lane % 2), c = threadIdx.x % HH_PF_TILE, half_ = threadIdx.x / HH_PF_TILE;
     for (int c0 = z*HH_PF_TILE; c0 < C; c0 += ns*HH_PF_TILE) {
-        float pv = INFINITY;
-        if (threadIdx.x < HH_PF_TILE) {
-            pv = c0 + (int) threadIdx.x < C ? Pj[c0 + threadIdx.x] : INFINITY;
-            pc[threadIdx.x] = pv;
-        }
-        if (!__syncthreads_or(qmax - pv > 0.0f)) {
-            continue; // no row of the block sees a cell of the tile
+        if (!hh_pf_tile_seen(pc, Pj, c0, C, qmax)) {
+            if (half_ == 0 && c0 + c < C) {
+                cs[c0 + c] = 0.0f;
+            }
+            continue;
         }
         hh_pf_load_k(k_s, Kj, c0, C, D);
 #pragma unroll 4
         for (int i = threadIdx.x; i < Dv*(HH_PF_TILE/8); i += blockDim.x) {
-            const int d = i / (HH_PF_TILE/8), e = i % (HH_PF_TILE/8), c = c0 + 8*e;
+            const int d = i / (HH_PF_TILE/8), e = i % (HH_PF_TILE/8), cc = c0 + 8*e;
             uint4 u = make_uint4(0, 0, 0, 0);
-            if (c < C) {
-                u = *(const uint4 *) (Vj + (int64_t) d*C + c);
+            if (cc < C) {
+                u = *(const uint4 *) (Vj + (int64_t) d*C + cc);
+                half * h = (half *) &u;
+#pragma unroll
+                for (int k = 0; k < 8; ++k) { // a free cell's V may be anything (0 x NaN is NaN): as the CPU op, 0
+                    h[k] = pc[8*e + k] == INFINITY ? __float2half(0.0f) : h[k];
+                }
             }
             *(uint4 *) (v_s + d*vp + 8*e) = u;
         }
         __syncthreads();
 
-        hh_pf_logits(q_s, k_s, s_s, D, warp);
-        __syncwarp();
-
+        hh_pf_logits(q_s, k_s, s_s, D, warp, scale);
+        __syncthreads(); // k_s becomes p_s
         {
-            const float qp = qp_r[ri];
-            float l[32];
-            float mt = -INFINITY;
+            const float qp = qp_r[ri], m = m_r[ri], il = il_r[ri];
+            float x[32];
 #pragma unroll
             for (int k = 0; k < 32; ++k) {
-                l[k] = qp - pc[hc + k] > 0.0f ? s_s[ri*sp + hc + k]*scale : -INFINITY;
-                mt = fmaxf(mt, l[k]);
+                x[k] = qp - pc[hc + k] > 0.0f ? expf(s_s[ri*sp + hc + k] - m)*il : 0.0f;
             }
-            mt = fmaxf(mt, __shfl_xor_sync(0xffffffff, mt, 1));
-            const float m_old = m_r[ri], m_new = fmaxf(m_old, mt);
-            float sum = 0.0f;
 #pragma unroll
             for (int k = 0; k < 32; ++k) {
-                const float e = l[k] == -INFINITY ? 0.0f : expf(l[k] - m_new);
-                p_s[ri*vp + hc + k] = __float2half(e);
-                sum += e;
-            }
-            sum += __shfl_xor_sync(0xffffffff, sum, 1);
-            const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
-            __syncwarp(); // both lanes of the row have read m_r
-            if (hc == 0) {
-                m_r[ri] = m_new;
-                l_r[ri] = l_r[ri]*alpha + sum;
-                a_r[ri] = alpha;
+                s_s[ri*sp + hc + k] = x[k];
+                p_s[ri*vp + hc + k] = __float2half(x[k]);
             }
         }
-        __syncwarp();
-        for (int i = 16*warp; i < 16*warp + 16; ++i) {
-            const float alpha = a_r[i];
-            if (alpha != 1.0f) {
-                for (int d = lane; d < Dv; d += WARP_SIZE) {
-                    o_s[i*op + d] *= alpha;
-                }
-            }
-        }
-        __syncwarp();
+        __syncthreads(); // every row's probabilities, for the column sums
 
-        // output rows += p V
+        float acc = 0.0f;
+#pragma unroll 8
+        for (int i = half_*(HH_PF_TILE/2); i < (half_ + 1)*(HH_PF_TILE/2); ++i) {
+            acc += s_s[i*sp + c];
+        }
+        if (half_ == 1) {
+            colsum[c] = acc;
+        }
+
+        // output rows += p V (the warp's rows of p_s, written by this warp)
         wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> pa[HH_PF_TILE/16];
 #pragma unroll
         for (int k = 0; k < HH_PF_TILE/16; ++k) {
             wmma::load_matrix_sync(pa[k], p_s + 16*warp*vp + 16*k, vp);
         }
-        for (int b = 0; b < Dv/16; ++b) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
-            wmma::load_matrix_sync(o, o_s + 16*warp*op + 16*b, op, wmma::mem_row_major);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
 #pragma unroll
             for (int k = 0; k < HH_PF_TILE/16; ++k) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> vb; // V[cell][d], stored [d][cell]
                 wmma::load_matrix_sync(vb, v_s + 16*b*vp + 16*k, vp);
-                wmma::mma_sync(o, pa[k], vb, o);
+                wmma::mma_sync(o[b], pa[k], vb, o[b]);
             }
-            wmma::store_matrix_sync(o_s + 16*warp*op + 16*b, o, op, wmma::mem_row_major);
         }
-        __syncthreads(); // k_s, v_s and pc are the next tile's
+        __syncthreads(); // colsum, and k_s, v_s, s_s and pc are the next tile's
+        if (half_ == 0 && c0 + c < C) {
+            cs[c0 + c] = acc + colsum[c];
+        }
     }
 
+    // the output rows through shared memory (the tiles are done with it): dst rows are not evenly spaced
+    __syncthreads();
+    float * o_s = (float *) smem_pf; // [64][Dv + 4]
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+        wmma::store_matrix_sync(o_s + 16*warp*(Dv + 4) + 16*b, o[b], Dv + 4, wmma::mem_row_major);
+    }
     __syncwarp();
     for (int i = 16*warp; i < 16*warp + 16; ++i) {
         const int r = r0 + i;
         if (r >= R) {
             break;
         }
-        if (ns == 1) {
-            const int t = r / G, g = r % G;
-            const float il = l_r[i] > 0.0f ? 1.0f/l_r[i] : 0.0f;
-            for (int d = lane; d < Dv; d += WARP_SIZE) {
-                dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = o_s[i*op + d]*il;
-            }
-            if (lane == 0) {
-                row_m[(int64_t) j*RP + r]  = m_r[i];
-                row_il[(int64_t) j*RP + r] = il;
-            }
-        } else {
-            const int64_t pr = ((int64_t) z*n + j)*RP + r;
-            for (int d = lane; d < Dv; d += WARP_SIZE) {
-                part_o[pr*Dv + d] = o_s[i*op + d];
-            }
-            if (lane == 0) {
-                part_m[pr] = m_r[i];
-                part_l[pr] = l_r[i];
-            }
+        float * out = ns == 1 ? dst + (int64_t) (r / G)*Dv*G*n + ((int64_t) j*G + r % G)*Dv
+                              : part_o + (((int64_t) z*n + j)*RP + r)*Dv;
+        for (int d = lane; d < Dv; d += WARP_SIZE) {
+            out[d] = o_s[i*(Dv + 4) + d];
         }
     }
 #else
-    GGML_UNUSED_VARS(q, q_nb1, q_nb2, K, V, P, qpos, dst, qh, row_m, row_il, part_m, part_l, part_o, D, Dv, C, T, G, scale);
+    GGML_UNUSED_VARS(q, q_nb1, q_nb2, K, V, P, qpos, part_m, part_l, ns_m, dst, part_o, part_c, D, C, T, G, scale);
     NO_DEVICE_CODE;
 #endif // defined(TURING_MMA_AVAILABLE)
 }
 
-// the splits of hh_pf_attn merged: a block per (query row, head)
-static __global__ void hh_pf_merge(const float * __restrict__ part_m, const float * __restrict__ part_l,
-        const float * __restrict__ part_o, float * __restrict__ dst, float * __restrict__ row_m, float * __restrict__ row_il,
+// the output splits of hh_pf_out added up (their probabilities were already final): a block per (query row, head)
+static __global__ void hh_pf_merge(const float * __restrict__ part_o, float * __restrict__ dst,
         const int Dv, const int G, const int RP, const int ns) {
     const int r = blockIdx.x, j = blockIdx.y, n = gridDim.y, t = r / G, g = r % G;
-    float m = -INFINITY;
-    for (int z = 0; z < ns; ++z) {
-        m = fmaxf(m, part_m[((int64_t) z*n + j)*RP + r]);
-    }
-    float l = 0.0f;
-    for (int z = 0; z < ns; ++z) {
-        const int64_t pr = ((int64_t) z*n + j)*RP + r;
-        l += part_m[pr] == -INFINITY ? 0.0f : expf(part_m[pr] - m)*part_l[pr];
-    }
-    const float il = l > 0.0f ? 1.0f/l : 0.0f;
     for (int d = threadIdx.x; d < Dv; d += blockDim.x) {
         float acc = 0.0f;
         for (int z = 0; z < ns; ++z) {
-            const int64_t pr = ((int64_t) z*n + j)*RP + r;
-            acc += part_m[pr] == -INFINITY ? 0.0f : expf(part_m[pr] - m)*part_o[pr*Dv + d];
+            acc += part_o[(((int64_t) z*n + j)*RP + r)*Dv + d];
         }
-        dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = acc*il;
-    }
-    if (threadIdx.x == 0) {
-        row_m[(int64_t) j*RP + r]  = m;
-        row_il[(int64_t) j*RP + r] = il;
+        dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = acc;
     }
 }
 
-// Block (cell tile, head j, split z) takes the row tiles z, z + ns, ... and writes its column sums
-// to part_c[z][j][C] (zeros where it saw nothing); hh_pf_scores adds the splits into the scores.
-static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_colsum(
-        const half * __restrict__ K, const float * __restrict__ P,
-        const float * __restrict__ qpos, const half * __restrict__ qh,
-        const float * __restrict__ row_m, const float * __restrict__ row_il, float * __restrict__ part_c,
-        const int D, const int C, const int T, const int G, const int RP, const float scale) {
-#if defined(TURING_MMA_AVAILABLE)
-    const int j = blockIdx.y, n = gridDim.y, z = blockIdx.z, ns = gridDim.z, c0 = blockIdx.x*HH_PF_TILE, R = G*T;
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    const int dp = hh_pf_dp(D), sp = hh_pf_sp();
-    static_assert(HH_PF_WARPS*WARP_SIZE == 2*HH_PF_TILE, "two threads per cell");
-
-    extern __shared__ __align__(128) char smem_pf[];
-    half  * q_s = (half *) smem_pf;         // [64][dp]
-    half  * k_s = q_s + HH_PF_TILE*dp;      // [64][dp]
-    float * s_s = (float *) (k_s + HH_PF_TILE*dp); // [64][sp]
-    __shared__ float pc[HH_PF_TILE], qp_r[HH_PF_TILE], m_r[HH_PF_TILE], il_r[HH_PF_TILE], part[HH_PF_TILE], pmin_s[HH_PF_WARPS];
-
-    const int c = threadIdx.x % HH_PF_TILE, half_ = threadIdx.x / HH_PF_TILE;
-    float * out = part_c + ((int64_t) z*n + j)*C + c0;
-
-    const float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
-    float pv = INFINITY;
-    if (threadIdx.x < HH_PF_TILE) {
-        pv = c0 + (int) threadIdx.x < C ? Pj[c0 + threadIdx.x] : INFINITY;
-        pc[threadIdx.x] = pv;
-    }
-    const float wmin = -warp_reduce_max(-pv);
-    if (lane == 0) {
-        pmin_s[warp] = wmin;
-    }
-    __syncthreads();
-    float pmin = pmin_s[0];
-    for (int w = 1; w < HH_PF_WARPS; ++w) {
-        pmin = fminf(pmin, pmin_s[w]);
-    }
-    if (pmin == INFINITY) { // every cell free
-        if (half_ == 0 && c0 + c < C) {
-            out[c] = 0.0f;
-        }
-        return;
-    }
-    hh_pf_load_k(k_s, K + (int64_t) j*C*D, c0, C, D);
-
-    float acc = 0.0f;
-    for (int rt = z*HH_PF_TILE; rt < RP; rt += ns*HH_PF_TILE) {
-        float qv = -INFINITY;
-        if (threadIdx.x < HH_PF_TILE) {
-            const int r = rt + threadIdx.x;
-            qv = r < R ? qpos[r / G] : -INFINITY;
-            qp_r[threadIdx.x] = qv;
-            m_r[threadIdx.x]  = r < R ? row_m[(int64_t) j*RP + r]  : -INFINITY;
-            il_r[threadIdx.x] = r < R ? row_il[(int64_t) j*RP + r] : 0.0f;
-        }
-        if (!__syncthreads_or(qv - pmin > 0.0f)) {
-            continue; // no row of this tile sees a cell of the block
-        }
-        const half * qt = qh + ((int64_t) j*RP + rt)*D;
-#pragma unroll 4
-        for (int i = threadIdx.x; i < HH_PF_TILE*(D/8); i += blockDim.x) {
-            const int rr = i / (D/8), e = i % (D/8);
-            *(uint4 *) (q_s + rr*dp + 8*e) = *(const uint4 *) (qt + (int64_t) rr*D + 8*e);
-        }
-        __syncthreads();
-        hh_pf_logits(q_s, k_s, s_s, D, warp);
-        __syncthreads();
-        const float pcc = pc[c];
-#pragma unroll 8
-        for (int i = half_*(HH_PF_TILE/2); i < (half_ + 1)*(HH_PF_TILE/2); ++i) {
-            if (qp_r[i] - pcc > 0.0f) { // seen: the row's max is finite
-                acc += expf(s_s[i*sp + c]*scale - m_r[i])*il_r[i];
-            }
-        }
-        __syncthreads(); // q_s, s_s and the row statistics are the next tile's
-    }
-    if (half_ == 1) {
-        part[c] = acc;
-    }
-    __syncthreads();
-    if (half_ == 0 && c0 + c < C) {
-        out[c] = acc + part[c];
-    }
-#else
-    GGML_UNUSED_VARS(K, P, qpos, qh, row_m, row_il, part_c, D, C, T, G, RP, scale);
-    NO_DEVICE_CODE;
-#endif // defined(TURING_MMA_AVAILABLE)
-}
-
-// scores += the column sums of every split; cells free before the ubatch start again (new ones were
+// scores += the column sums of every row tile; cells free before the ubatch start again (new ones were
 // set to 0 by hh_pf_write)
 static __global__ void hh_pf_scores(const float * __restrict__ part_c, const float * __restrict__ P, float * __restrict__ S,
-        const int C, const int ns) {
+        const int C, const int n_rt) {
     const int j = blockIdx.y, n = gridDim.y, c = blockIdx.x*blockDim.x + threadIdx.x;
     if (c >= C) {
         return;
     }
     float sum = 0.0f;
-    for (int z = 0; z < ns; ++z) {
-        sum += part_c[((int64_t) z*n + j)*C + c];
+    for (int rt = 0; rt < n_rt; ++rt) {
+        sum += part_c[((int64_t) rt*n + j)*C + c];
     }
     float * s = S + (int64_t) j*C + c;
     *s = isinf(P[(int64_t) j*(C + GGML_FASTGEN_HH_P_PAD) + c]) ? sum : *s + sum;
+}
+
+static bool hh_pf_nb_built(int nb) {
+#define HH_PF_NB_IS(NB) nb == NB ||
+    return HH_PF_NB_CASES(HH_PF_NB_IS) false;
+#undef HH_PF_NB_IS
 }
 
 bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op) {
@@ -685,21 +684,20 @@ bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op) {
     if ((q->ne[1]/n)*q->ne[2] <= GGML_FASTGEN_HH_MAX_ROWS) {
         return true; // decode kernel
     }
-    // prefill kernels: tensor cores, 16-column tiles of V, and the tiles' shared memory (113 KB at head
-    // size 128: H100/H200 and A100 yes, GPUs with 99 KB per block no; those keep the composed path)
+    // prefill kernels: tensor cores, an output kernel built for the head size, and the tiles' shared
+    // memory (70 KB at head size 128, three blocks per SM on H100/H200; 121 KB at 256: H100/H200 and
+    // A100 yes, GPUs with 99 KB per block no, those keep the composed path)
     const ggml_cuda_device_info::cuda_device_info & info = ggml_cuda_info().devices[device];
-    const size_t smem = std::max(hh_pf_attn_smem(K->ne[0], V->ne[1]), hh_pf_colsum_smem(K->ne[0])) + HH_PF_STATIC_SMEM;
-    return turing_mma_available(info.cc) && V->ne[1] % 16 == 0 && V->ne[1] <= GGML_FASTGEN_HH_MAX_D && smem <= info.smpbo;
+    const size_t smem = std::max(hh_pf_stats_smem(K->ne[0]), hh_pf_out_smem(K->ne[0], V->ne[1])) + HH_PF_STATIC_SMEM;
+    return turing_mma_available(info.cc) && V->ne[1] % 16 == 0 && hh_pf_nb_built((int) (V->ne[1]/16)) && smem <= info.smpbo;
 }
 
 // dynamic shared memory above the default 48 KB needs an opt-in per kernel and device: raised to what
 // this launch needs when it needs more than any launch before (supported() checked it fits)
-static void hh_pf_smem_limit(const void * kernel, int slot, size_t nbytes) {
-    static size_t raised[2][GGML_CUDA_MAX_DEVICES] = {};
-    const int id = ggml_cuda_get_device();
-    if (nbytes > raised[slot][id]) {
+static void hh_pf_smem_limit(const void * kernel, size_t & raised, size_t nbytes) {
+    if (nbytes > raised) {
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) nbytes));
-        raised[slot][id] = nbytes;
+        raised = nbytes;
     }
 }
 
@@ -710,36 +708,40 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
     float * S = (float *) a.S->data, * P = (float *) a.P->data;
     const float * qpos = (const float *) a.query_pos->data;
 
-    // splits over cells (attention) and rows (column sums): about two blocks per SM when a layer has few heads
+    // both passes split the cells when a layer has few heavy-hitter heads: about three blocks per SM
     const int nsm = ggml_cuda_info().devices[ctx.device].nsm;
     const int row_tiles = RP/HH_PF_TILE, cell_tiles = (C + HH_PF_TILE - 1)/HH_PF_TILE;
-    const int ns_a = std::max(1, std::min(cell_tiles, (2*nsm + row_tiles*n - 1)/(row_tiles*n)));
-    const int ns_c = std::max(1, std::min(row_tiles,  (2*nsm + cell_tiles*n - 1)/(cell_tiles*n)));
+    const int ns = std::max(1, std::min(cell_tiles, (3*nsm + row_tiles*n - 1)/(row_tiles*n)));
 
-    ggml_cuda_pool_alloc<half>  qh(ctx.pool(), (size_t) n*RP*D);
-    ggml_cuda_pool_alloc<float> row_m(ctx.pool(), (size_t) n*RP);
-    ggml_cuda_pool_alloc<float> row_il(ctx.pool(), (size_t) n*RP);
-    ggml_cuda_pool_alloc<float> part_m(ctx.pool(), ns_a > 1 ? (size_t) ns_a*n*RP : 1);
-    ggml_cuda_pool_alloc<float> part_l(ctx.pool(), ns_a > 1 ? (size_t) ns_a*n*RP : 1);
-    ggml_cuda_pool_alloc<float> part_o(ctx.pool(), ns_a > 1 ? (size_t) ns_a*n*RP*Dv : 1);
-    ggml_cuda_pool_alloc<float> part_c(ctx.pool(), (size_t) ns_c*n*C);
+    ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) ns*n*RP);
+    ggml_cuda_pool_alloc<float> part_l(ctx.pool(), (size_t) ns*n*RP);
+    ggml_cuda_pool_alloc<float> part_o(ctx.pool(), ns > 1 ? (size_t) ns*n*RP*Dv : 1);
+    ggml_cuda_pool_alloc<float> part_c(ctx.pool(), (size_t) row_tiles*n*C);
 
     hh_pf_write<<<dim3(T, n), 128, 0, stream>>>(
         (const char *) a.k_cur->data, a.k_cur->nb[1], a.k_cur->nb[2], (const char *) a.v_cur->data, a.v_cur->nb[1], a.v_cur->nb[2],
         (const int64_t *) a.idxs->data, a.idxs->nb[1]/sizeof(int64_t), a.h0, K, V, S, P, qpos, D, Dv, C);
 
-    hh_pf_smem_limit((const void *) hh_pf_attn, 0, hh_pf_attn_smem(D, Dv));
-    hh_pf_smem_limit((const void *) hh_pf_colsum, 1, hh_pf_colsum_smem(D));
-    hh_pf_attn<<<dim3(row_tiles, n, ns_a), HH_PF_WARPS*WARP_SIZE, hh_pf_attn_smem(D, Dv), stream>>>(
-        (const char *) a.q->data, a.q->nb[1], a.q->nb[2], K, V, P, qpos, (float *) dst->data, qh.get(),
-        row_m.get(), row_il.get(), part_m.get(), part_l.get(), part_o.get(), D, Dv, C, T, G, a.scale);
-    if (ns_a > 1) {
-        hh_pf_merge<<<dim3(R, n), 128, 0, stream>>>(part_m.get(), part_l.get(), part_o.get(), (float *) dst->data,
-            row_m.get(), row_il.get(), Dv, G, RP, ns_a);
+    const dim3 grid(row_tiles, n, ns), block(HH_PF_WARPS*WARP_SIZE);
+    static size_t raised_stats[GGML_CUDA_MAX_DEVICES] = {};
+    hh_pf_smem_limit((const void *) hh_pf_stats, raised_stats[ctx.device], hh_pf_stats_smem(D));
+    hh_pf_stats<<<grid, block, hh_pf_stats_smem(D), stream>>>(
+        (const char *) a.q->data, a.q->nb[1], a.q->nb[2], K, P, qpos, part_m.get(), part_l.get(), D, C, T, G, a.scale);
+#define HH_PF_OUT_CASE(NB) case NB: { \
+        static size_t raised[GGML_CUDA_MAX_DEVICES] = {}; \
+        hh_pf_smem_limit((const void *) hh_pf_out<NB>, raised[ctx.device], hh_pf_out_smem(D, Dv)); \
+        hh_pf_out<NB><<<grid, block, hh_pf_out_smem(D, Dv), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
+            K, V, P, qpos, part_m.get(), part_l.get(), ns, (float *) dst->data, part_o.get(), part_c.get(), D, C, T, G, a.scale); \
+        } break;
+    switch (Dv/16) {
+        HH_PF_NB_CASES(HH_PF_OUT_CASE)
+        default: GGML_ABORT("fastgen: value head size %d not supported by the prefill kernels", Dv);
     }
-    hh_pf_colsum<<<dim3(cell_tiles, n, ns_c), HH_PF_WARPS*WARP_SIZE, hh_pf_colsum_smem(D), stream>>>(
-        K, P, qpos, qh.get(), row_m.get(), row_il.get(), part_c.get(), D, C, T, G, RP, a.scale);
-    hh_pf_scores<<<dim3((C + 255)/256, n), 256, 0, stream>>>(part_c.get(), P, S, C, ns_c);
+#undef HH_PF_OUT_CASE
+    if (ns > 1) {
+        hh_pf_merge<<<dim3(R, n), 128, 0, stream>>>(part_o.get(), (float *) dst->data, Dv, G, RP, ns);
+    }
+    hh_pf_scores<<<dim3((C + 255)/256, n), 256, 0, stream>>>(part_c.get(), P, S, C, row_tiles);
     CUDA_CHECK(cudaGetLastError());
 }
 
