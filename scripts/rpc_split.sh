@@ -10,8 +10,7 @@ source .venv/bin/activate
 G=$1 OUTJ=${2:-out/rpc-split.json} B=${RPC_BUILD:-.cache/build-rpc}
 CTX=${CTX:-2048} UB=${UB:-16} CHUNKS=${CHUNKS:-2}
 echo "==> building ggml-rpc-server and llama-perplexity with GGML_RPC in $B (log $B.log)"
-cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_RPC=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON > "$B.log" 2>&1
-cmake --build "$B" -j "$(nproc)" --target ggml-rpc-server llama-perplexity >> "$B.log" 2>&1
+TOOLS_BUILD=$B scripts/build_tools.sh ggml-rpc-server llama-perplexity > /dev/null
 export LD_LIBRARY_PATH="$B/bin"
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
 python -c 'import sys; from llama_fastgen.evaluation import tasks; open(sys.argv[1], "w").write(tasks.essays()[0][:60000])' "$W/text.txt"
