@@ -25,3 +25,50 @@ def teacher_forced(model_path, ids: list[int], n_ctx: int = 2048, n_batch: int =
         return np.array(llm.scores[: len(ids)], dtype=np.float32), native.cache_stats(llm)
     finally:
         llm.close()
+
+
+def several_sequences(model_path, streams: list[list[int]], prefill: int, unified: bool = True, n_ubatch: int = 16,
+                      n_ctx: int = 1024, n_gpu_layers: int = 0, n_threads: int = 2) -> list[np.ndarray]:
+    """Several sequences in one context (n_seq_max = len(streams)): every stream's first `prefill`
+    tokens in one batch, then one token of every stream per decode call. Returns per stream the
+    logits [len - prefill + 1, n_vocab] from the last prefill position on. llama.cpp splits the batch
+    into ubatches of n_ubatch tokens, equally by sequence where the cache asks for it."""
+    lc = llama_cpp
+    mp = lc.llama_model_default_params()
+    mp.n_gpu_layers = n_gpu_layers
+    model = lc.llama_model_load_from_file(str(model_path).encode(), mp)
+    if not model:
+        raise RuntimeError(f"cannot load {model_path}")
+    cp = lc.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, max(512, len(streams) * prefill), n_ubatch
+    cp.n_seq_max, cp.kv_unified = len(streams), unified
+    cp.n_threads = cp.n_threads_batch = n_threads
+    ctx = lc.llama_init_from_model(model, cp)
+    if not ctx:
+        lc.llama_model_free(model)
+        raise RuntimeError(f"context creation failed: {native.last_error()}")
+    batch = lc.llama_batch_init(max(512, len(streams) * prefill), 0, len(streams))
+    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+
+    def decode(items):  # (token, pos, seq) -> logits of every item
+        batch.n_tokens = len(items)
+        for i, (tok, pos, seq) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, True
+            batch.seq_id[i][0] = seq
+        if lc.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        return [np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for i in range(len(items))]
+
+    try:
+        out = [[] for _ in streams]
+        logits = decode([(ids[p], p, s) for s, ids in enumerate(streams) for p in range(prefill)])
+        for s in range(len(streams)):
+            out[s].append(logits[(s + 1) * prefill - 1])
+        for p in range(prefill, min(len(ids) for ids in streams)):
+            for s, lg in enumerate(decode([(ids[p], p, s) for s, ids in enumerate(streams)])):
+                out[s].append(lg)
+        return [np.stack(o) for o in out]
+    finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)

@@ -350,19 +350,22 @@ def _f32(x: float) -> float:
 
 
 def kv_bytes(meta: FastgenMetadata, head_dim: int, n_ctx: int, n_ubatch: int, bytes_per_elem: int = 2,
-             n_seq: int = 1) -> list[int]:
+             n_seq: int = 1, unified: bool = True) -> list[int]:
     """Allocated bytes per class (f16 by default): cells x heads over layers x head_dim x 2 (K and V);
     frequent classes add an F32 score and an F32 position per cell and head (the mask stays on the
     device) plus 32 bytes per head (the CUDA kernel's block counter, in the padding of the
-    positions), and keep f16 K/V under a quantized cache. n_seq: sequences sharing a unified cache."""
+    positions), and keep f16 K/V under a quantized cache. n_seq sequences: a unified cache's slices
+    hold them all (n_ctx: the context's); per sequence (unified=False, n_ctx: one stream's) every
+    slice is there n_seq times; the frequent classes keep a store per sequence either way."""
     out = []
     for c, cls in enumerate(meta.classes):
         heads = sum(row[c] for row in meta.layer_class_heads)
-        cells = class_capacity(meta, c, n_ctx, n_ubatch, n_seq) * heads
         if cls.kind == Kind.FREQUENT:
-            out.append(cells * (head_dim * 2 * max(bytes_per_elem, 2) + 8) + heads * 32)
+            cells = class_capacity(meta, c, n_ctx, n_ubatch) * heads
+            out.append(n_seq * (cells * (head_dim * 2 * max(bytes_per_elem, 2) + 8) + heads * 32))
         else:
-            out.append(cells * head_dim * 2 * bytes_per_elem)
+            cells = class_capacity(meta, c, n_ctx, n_ubatch, n_seq if unified else 1) * heads
+            out.append(cells * head_dim * 2 * bytes_per_elem * (1 if unified else n_seq))
     return out
 
 

@@ -5,6 +5,9 @@
                fastgen logits CPU vs CUDA, and the stock full cache CPU vs CUDA as the noise floor;
                in ubatches of 64 (GGML_OP_FASTGEN_HH_ATTN's prefill kernels) and then one token per
                decode (its decode kernel), plus the fused op vs the composed ggml path on CUDA in both
+  sequences    three sequences decoded together (a heavy-hitter store each, ubatches split by sequence:
+               one op per sequence on views of the ubatch) against each alone in ubatches of its share,
+               on CUDA, and CUDA against the CPU; per-sequence and unified layouts
   kv           KV bytes allocated at several n_ctx: fastgen, full f16, full q8_0 (C API)
   reuse        decode 64 tokens through llama-cpp-python: tokens/s and how many graphs llama.cpp
                reused (a rebuilt graph costs host time and CUDA graph captures), fastgen vs full
@@ -91,6 +94,47 @@ def correctness_table(res: dict) -> str:
     out += [f"| {k} | {v['positions']} | {v['top1_agreement']:.4f} | {v['max_rel']:.2e} | {v['mean_abs']:.5f} |"
             for k, v in res.items()]
     return "\n".join(out)
+
+
+SEQ_N, SEQ_PREFILL = 900, 800  # past the small models' heavy-hitter budgets at n_ctx 4096
+
+
+def seq_child(args) -> int:
+    from llama_fastgen.logits import several_sequences
+
+    rng = np.random.default_rng(2)
+    streams = [[int(t) for t in rng.integers(100, 40000, SEQ_N)] for _ in range(args.n_seq)]
+    out = several_sequences(args.model, streams[: args.n_seq], SEQ_PREFILL, args.unified, args.ubatch, n_ctx=4096,
+                            n_gpu_layers=99 if args.gpu else 0)
+    np.save(args.save, np.stack(out).astype(np.float32))
+    return 0
+
+
+def sequences(args) -> dict:
+    """per model and layout: CUDA joint vs CUDA alone (each stream alone, the same ubatches per
+    stream), CPU joint vs CUDA joint"""
+    res = {}
+
+    def run(model, n_seq, ubatch, unified, gpu, stream=None):
+        cmd = [sys.executable, __file__, "seqchild", "--model", model, "--n-seq", str(n_seq), "--ubatch", str(ubatch),
+               "--save", "/tmp/seq.npy"] + (["--gpu"] if gpu else []) + (["--unified"] if unified else [])
+        subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        return np.load("/tmp/seq.npy")
+
+    for small in args.small:
+        name = os.path.basename(small)
+        for unified in (False, True):
+            lay = "unified" if unified else "per-sequence"
+            joint = run(small, 3, 48, unified, True)    # 16 tokens of each sequence per ubatch
+            alone = run(small, 1, 16, unified, True)    # the first stream alone, ubatches of 16
+            cpu = run(small, 3, 48, unified, False)
+            res[f"{name} {lay} 3 sequences CUDA: joint vs alone (stream 0)"] = compare(alone[0], joint[0], 0)
+            res[f"{name} {lay} 3 sequences joint: CPU vs CUDA"] = compare(cpu.reshape(-1, cpu.shape[-1]),
+                                                                          joint.reshape(-1, joint.shape[-1]), 0)
+    print("several sequences (random-weight small models, %d tokens, the last %d decoded)" % (SEQ_N, SEQ_N - SEQ_PREFILL))
+    for k, v in res.items():
+        print(f"  {k:64s} top-1 {v['top1_agreement']:.4f}  max rel {v['max_rel']:.2e}  mean|diff| {v['mean_abs']:.5f}", flush=True)
+    return res
 
 
 def kv(args) -> list:
@@ -244,7 +288,7 @@ def run_info() -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["all", "correctness", "kv", "reuse", "speed", "table", "child"])
+    ap.add_argument("what", choices=["all", "correctness", "sequences", "kv", "reuse", "speed", "table", "child", "seqchild"])
     ap.add_argument("--model", help="8B-shape fastgen GGUF (kv, speed)")
     ap.add_argument("--small", nargs="+", default=[], help="small random fastgen GGUFs (correctness)")
     ap.add_argument("--model-nohh", help="the --model mix with its frequent heads full (speed baseline)")
@@ -257,6 +301,9 @@ def main() -> int:
     ap.add_argument("--fastgen", action="store_true")
     ap.add_argument("--save")
     ap.add_argument("--decode-from", type=int)
+    ap.add_argument("--n-seq", type=int, default=3)
+    ap.add_argument("--ubatch", type=int, default=48)
+    ap.add_argument("--unified", action="store_true")
     ap.add_argument("--no-prefill", dest="prefill", action="store_false", help="speed: decode only")
     ap.add_argument("--configs", nargs="+", help="speed: only these configs (names as printed)")
     ap.add_argument("--reps", type=int, default=5, help="speed: llama-bench repetitions (default 5)")
@@ -264,15 +311,18 @@ def main() -> int:
     args = ap.parse_args()
     if args.what == "child":
         return child(args)
+    if args.what == "seqchild":
+        return seq_child(args)
     if args.what == "table":
         res = json.load(open(args.from_json))
-        if "correctness" in res:
-            print(correctness_table(res["correctness"]))
+        for step in ("correctness", "sequences"):
+            if step in res:
+                print(correctness_table(res[step]))
         if "speed" in res:
             print(speed_table(res["speed"], markdown=True))
         return 0
     out = run_info()
-    for step in ("correctness", "kv", "reuse", "speed"):
+    for step in ("correctness", "sequences", "kv", "reuse", "speed"):
         if args.what in (step, "all"):
             out[step] = globals()[step](args)
             if args.json:

@@ -40,25 +40,35 @@ def sample_text() -> str:
     return "\n\n".join(t for _, t in load_texts())
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(model_dir, tmp_path_factory) -> Path:
-    """A tiny random GQA Llama (4 layers, 8 query / 2 KV heads) with the default model's tokenizer."""
+def _tiny_model(model_dir, out: Path, hidden: int, n_head: int) -> Path:
+    """A tiny random GQA Llama (4 layers, n_head query / 2 KV heads) with the default model's tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+                      num_attention_heads=n_head, num_key_value_heads=2, max_position_embeddings=4096,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # sharper attention than the default init, so policies differ per head
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8.0)
-    out = tmp_path_factory.mktemp("tiny")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(model_dir, tmp_path_factory) -> Path:
+    """A tiny random GQA Llama (4 layers, 8 query / 2 KV heads of 8 dimensions)."""
+    return _tiny_model(model_dir, tmp_path_factory.mktemp("tiny"), 64, 8)
+
+
+@pytest.fixture(scope="session")
+def tiny_d32_model_dir(model_dir, tmp_path_factory) -> Path:
+    """The same with heads of 32 dimensions (4 query / 2 KV heads), a size the fused heavy-hitter op takes."""
+    return _tiny_model(model_dir, tmp_path_factory.mktemp("tiny32"), 128, 4)
 
 
 @pytest.fixture(scope="session")

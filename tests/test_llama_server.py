@@ -1,8 +1,9 @@
 """llama.cpp's own llama-server on our libllama (scripts/build_tools.sh) with parallel slots: four
 concurrent greedy requests must give the answers of the same four requests one by one (the oracle of
 issue 15: several sequences decoded together = each alone), with the fastgen cache on, for both of
-llama.cpp's KV layouts (a stream per slot, and one unified buffer). Heavy-hitter heads keep one
-sequence: there the server must stop with the reason instead of serving something else."""
+llama.cpp's KV layouts (a stream per slot, and one unified buffer), with static classes and with
+heavy-hitter heads (a store per slot). Where the heavy-hitter op cannot run (heads of 8 dimensions),
+the server must stop with the reason instead of serving something else."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,11 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [f"List {k}: " + ", ".join(f"item {i} is {(i * (k + 3)) % 13}" for i in range(36)) + f". Which item is {k}?"
            for k in range(4)]
 GREEDY = {"n_predict": 24, "temperature": 0.0, "seed": 7, "cache_prompt": False}
+# ~50 tokens each: heavy-hitter eviction (at 40 + 32 cells) starts while decoding, one token per slot
+# and step alone or together; in a prompt it would run per ubatch, and slots prefilled together get
+# other ubatches than one alone (llama.cpp's equal split), so other evictions (tests/test_sequences.py
+# checks that case with the ubatches matched)
+SHORT = [f"Note {k}: " + ", ".join(f"{i} is {(i * (k + 3)) % 13}" for i in range(8)) + f". Which is {k}?" for k in range(4)]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +48,14 @@ def static_gguf(tiny_model_dir, tmp_path_factory):
     kv = {**TINY_BASE, "fastgen.class.kind": ("i32[]", [0, 3]), "fastgen.class.window": ("i32[]", [0, 16]),
           "fastgen.layer_class_heads": ("i32[]", [1, 1] * 4)}
     return gguf_export.convert(tiny_model_dir, tmp_path_factory.mktemp("llama-server") / "static.gguf", "f32", extra_kv=kv)
+
+
+@pytest.fixture(scope="module")
+def heavy_gguf(tiny_d32_model_dir, tmp_path_factory):
+    """The 32-dimension tiny model with a windowed and a heavy-hitter class (40 cells) in every layer."""
+    kv = {**TINY_BASE, "fastgen.class.kind": ("i32[]", [3, 4]), "fastgen.class.window": ("i32[]", [16, 8]),
+          "fastgen.class.budget": ("i32[]", [0, 40]), "fastgen.layer_class_heads": ("i32[]", [1, 1] * 4)}
+    return gguf_export.convert(tiny_d32_model_dir, tmp_path_factory.mktemp("llama-server") / "heavy.gguf", "f32", extra_kv=kv)
 
 
 class LlamaServer:
@@ -66,8 +80,8 @@ class LlamaServer:
             time.sleep(0.5)
         raise TimeoutError(f"llama-server not ready after {timeout} s:\n{self.log.read_text()[-2000:]}")
 
-    def complete(self, prompt: str) -> list[int]:
-        body = json.dumps({"prompt": prompt, "return_tokens": True, **GREEDY}).encode()
+    def complete(self, prompt: str, **opts) -> list[int]:
+        body = json.dumps({"prompt": prompt, "return_tokens": True, **GREEDY, **opts}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=300) as r:
@@ -84,17 +98,8 @@ class LlamaServer:
 
 @pytest.mark.parametrize("layout", ["per-slot", "unified"])
 def test_four_parallel_slots_answer_as_one_request_at_a_time(server_bin, static_gguf, tmp_path, layout):
-    srv = LlamaServer(server_bin, static_gguf, tmp_path / "server.log", "-np", "4",
-                      "-kvu" if layout == "unified" else "-no-kvu")
-    try:
-        assert srv.wait_ready(), srv.stop()[-3000:]
-        alone = [srv.complete(p) for p in PROMPTS]
-        with ThreadPoolExecutor(4) as ex:
-            together = list(ex.map(srv.complete, PROMPTS))
-    finally:
-        log = srv.stop()
-    assert all(len(a) == GREEDY["n_predict"] for a in alone), alone
-    assert together == alone
+    _four_slots(server_bin, static_gguf, tmp_path, layout)
+    log = (tmp_path / "server.log").read_text()
     # the per-class cache served them (its log lines), the compressed class sized by the formula for
     # 4 sequences in one buffer, or for one per stream of n_ctx / 4
     cells = re.search(r"class 1 special\+punct\+local16 +4 heads, +(\d+) cells", log)
@@ -105,9 +110,53 @@ def test_four_parallel_slots_answer_as_one_request_at_a_time(server_bin, static_
     assert int(cells.group(1)) == expect
 
 
-def test_parallel_slots_with_heavy_hitter_heads_stop_with_the_reason(server_bin, mixed_gguf, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("layout", ["per-slot", "unified"])
+def test_four_parallel_slots_with_heavy_hitter_heads_answer_as_one_at_a_time(server_bin, heavy_gguf, tmp_path, layout):
+    """Each slot's heavy-hitter store evicts by its own sequence's attention while the slots decode
+    together (40 tokens per answer: an eviction in every slot)."""
+    _four_slots(server_bin, heavy_gguf, tmp_path, layout, SHORT, {"n_predict": 40})
+    log = (tmp_path / "server.log").read_text()
+    assert "special+frequent40+local8" in log and "instead of" in log, log[-3000:]
+
+
+def _four_slots(server_bin, gguf, tmp_path, layout, prompts=PROMPTS, opts=None):
+    srv = LlamaServer(server_bin, gguf, tmp_path / "server.log", "-np", "4", "-kvu" if layout == "unified" else "-no-kvu")
+    complete = lambda p: srv.complete(p, **(opts or {}))
+    try:
+        assert srv.wait_ready(), srv.stop()[-3000:]
+        alone = [complete(p) for p in prompts]
+        with ThreadPoolExecutor(4) as ex:
+            together = list(ex.map(complete, prompts))
+    finally:
+        srv.stop()
+    assert all(len(a) == {**GREEDY, **(opts or {})}["n_predict"] for a in alone), alone
+    assert together == alone
+
+
+def test_parallel_slots_where_the_heavy_hitter_op_cannot_run_stop_with_the_reason(server_bin, mixed_gguf, tmp_path):  # noqa: F811
     srv = LlamaServer(server_bin, mixed_gguf, tmp_path / "server.log", "-np", "4")
     ready = srv.wait_ready()
     log = srv.stop()
     assert not ready and srv.proc.returncode not in (0, None)
-    assert "n_seq_max = 1" in log, log[-3000:]
+    assert "only through the fused op" in log and "n_seq_max = 1" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("fixture", ["static_gguf", "heavy_gguf"])
+def test_a_slot_reuses_its_prompt_only_where_the_cache_can_roll_back(server_bin, fixture, tmp_path, request):
+    """llama-server keeps each slot's tokens (cache_prompt, its default) and, for a new prompt that
+    shares a prefix, removes the rest with a call whose refusal it ignores; it asks seq_pos_min
+    how far back the cache is complete. A compressed cache cannot drop evicted history, so it answers
+    like a recurrent one (its newest position): the server then restores one of its context
+    checkpoints or evaluates the prompt again. Oracle: the second prompt answered as by a fresh slot."""
+    gguf = request.getfixturevalue(fixture)
+    first, second = PROMPTS[0], PROMPTS[0][:-12] + " Which is 3?"  # a shared prefix of ~280 tokens
+    srv = LlamaServer(server_bin, gguf, tmp_path / "server.log", "-np", "1")
+    try:
+        assert srv.wait_ready(), srv.stop()[-3000:]
+        fresh = srv.complete(second, cache_prompt=False)
+        srv.complete(first, cache_prompt=True)
+        reused = srv.complete(second, cache_prompt=True)
+        again = srv.complete(second, cache_prompt=True)  # the same prompt once more: its last token again
+    finally:
+        srv.stop()
+    assert reused == fresh and again == fresh

@@ -13,47 +13,24 @@ import pytest
 import llama_fastgen  # noqa: F401  (our libllama before llama_cpp loads its own)
 import llama_cpp as lc
 from llama_fastgen.evaluation import configs
+from llama_fastgen.logits import several_sequences
 
 N_TOK, PREFILL, WINDOW, UBATCH = 200, 120, 96, 16  # past every head's window: retention and eviction run
 
 
-def _context(model, n_seq: int, unified: bool, n_ctx: int = 1024):
+def _context(model, n_seq: int, unified: bool, n_ctx: int = 1024, ubatch: int = UBATCH):
     cp = lc.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = n_ctx, 512, UBATCH, n_seq, unified
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = n_ctx, 512, ubatch, n_seq, unified
     cp.n_threads = cp.n_threads_batch = 2
     ctx = lc.llama_init_from_model(model, cp)
     assert ctx, "context creation failed"
     return ctx
 
 
-def _decode(ctx, batch, items) -> list[np.ndarray]:
-    """items: (token, pos, seq); returns the logits of every item"""
-    batch.n_tokens = len(items)
-    for i, (tok, pos, seq) in enumerate(items):
-        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, True
-        batch.seq_id[i][0] = seq
-    assert lc.llama_decode(ctx, batch) == 0
-    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(lc.llama_get_model(ctx)))
-    return [np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for i in range(len(items))]
-
-
-def _run(model, streams: list[list[int]], unified: bool) -> list[np.ndarray]:
+def _run(gguf, streams: list[list[int]], unified: bool, ubatch: int = UBATCH) -> list[np.ndarray]:
     """Prefill every stream's first PREFILL tokens in one batch, then decode one token of every
     stream per call; logits [N_TOK - PREFILL + 1, n_vocab] per stream (last prefill position on)."""
-    ctx = _context(model, len(streams), unified)
-    batch = lc.llama_batch_init(512, 0, len(streams))
-    try:
-        out = [[] for _ in streams]
-        logits = _decode(ctx, batch, [(ids[p], p, s) for s, ids in enumerate(streams) for p in range(PREFILL)])
-        for s in range(len(streams)):
-            out[s].append(logits[(s + 1) * PREFILL - 1])
-        for p in range(PREFILL, N_TOK):
-            for s, lg in enumerate(_decode(ctx, batch, [(ids[p], p, s) for s, ids in enumerate(streams)])):
-                out[s].append(lg)
-        return [np.stack(o) for o in out]
-    finally:
-        lc.llama_batch_free(batch)
-        lc.llama_free(ctx)
+    return several_sequences(gguf, streams, PREFILL, unified, ubatch)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +44,9 @@ def windowed(tiny_model_dir, tmp_path_factory):
     lc.llama_model_free(model)
 
 
-def _references(model_dir, gguf, streams):
-    """(reference with the GGUF's policies, full-cache reference) per stream, float32 PyTorch"""
+def _references(model_dir, gguf, streams, chunks=None):
+    """(reference with the GGUF's policies, full-cache reference) per stream, float32 PyTorch;
+    chunks: the native run's ubatch sizes per sequence (heavy-hitter eviction runs per ubatch)"""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -81,20 +59,20 @@ def _references(model_dir, gguf, streams):
     out = []
     for ids in streams:
         ctx = token_context(ids, set(meta.special_token_ids), set(meta.punct_token_ids), meta.n_sink)
-        out.append((reference.logits(m, ids, meta.original_head_policies(), ctx).numpy()[PREFILL - 1:],
+        out.append((reference.logits(m, ids, meta.original_head_policies(), ctx, chunks).numpy()[PREFILL - 1:],
                     reference.logits(m, ids, None, None).numpy()[PREFILL - 1:]))
     return out
 
 
 @pytest.mark.parametrize("unified", [True, False])
 def test_static_classes_serve_several_sequences_like_one(windowed, tiny_model_dir, unified):
-    gguf, model = windowed
+    gguf, _ = windowed
     rng = np.random.default_rng(3)
     streams = [[int(t) for t in rng.integers(10, 500, N_TOK)] for _ in range(3)]
-    joint = _run(model, streams, unified)
+    joint = _run(gguf, streams, unified)
     p99 = lambda a, b: float(np.quantile(np.abs(a - b).max(-1), 0.99))
     for s, (ids, (ref, full)) in enumerate(zip(streams, _references(tiny_model_dir, gguf, streams))):
-        alone = _run(model, [ids], unified)[0]
+        alone = _run(gguf, [ids], unified)[0]
         top1 = lambda a: float((a.argmax(-1) == ref.argmax(-1)).mean())
         assert top1(joint[s]) >= min(0.97, top1(alone) - 0.02), (s, top1(joint[s]), top1(alone))  # near-ties of a random model
         # as close to the reference as one sequence alone (f16 cells, another summation order)
@@ -119,3 +97,64 @@ def test_slices_are_sized_for_every_sequence_they_hold(windowed, unified):
             lc.llama_free(ctx)
         n_ctx = 1024 if unified else (1024 // n_seq + 255) // 256 * 256  # llama.cpp pads n_ctx_seq to 256
         assert cells == schema.class_capacity(meta, 0, n_ctx, UBATCH, n_seq if unified else 1), (n_seq, cells)
+
+
+# ------------------------------------------------------------------ heavy-hitter heads, a store per sequence
+HH_BUDGET = 48  # below PREFILL: every sequence's store evicts by its own scores
+
+
+@pytest.fixture(scope="module")
+def heavy(tiny_d32_model_dir, tmp_path_factory):
+    """Every head special + frequent (48 cells: sinks, special tokens, an 8-token window, heavy hitters);
+    heads of 32 dimensions: several sequences need the fused op"""
+    from llama_fastgen import schema
+
+    policy = schema.HeadPolicy(schema.Kind.FREQUENT, 8, HH_BUDGET)
+    g = configs.uniform_gguf(tiny_d32_model_dir, 8, 0.05, tmp_path_factory.mktemp("seq") / "hh48.gguf", policy=policy)
+    model = lc.llama_model_load_from_file(str(g).encode(), lc.llama_model_default_params())
+    assert model
+    yield g, model
+    lc.llama_model_free(model)
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_heavy_hitter_heads_serve_several_sequences_like_one(heavy, tiny_d32_model_dir, unified):
+    """Each sequence evicts by the attention of its own queries: decoded together (one store per
+    sequence, the ubatch split by sequence), every sequence gets the logits it gets alone in
+    ubatches of the same size, and follows the PyTorch reference of the same eviction. Ubatches of
+    15 tokens hold 5 of each of the three sequences (llama.cpp's equal split), so alone: 5."""
+    gguf, _ = heavy
+    rng = np.random.default_rng(5)
+    streams = [[int(t) for t in rng.integers(10, 500, N_TOK)] for _ in range(3)]
+    joint = _run(gguf, streams, unified, ubatch=15)
+    chunks = [5] * (PREFILL // 5) + [1] * (N_TOK - PREFILL)
+    p99 = lambda a, b: float(np.quantile(np.abs(a - b).max(-1), 0.99))
+    for s, (ids, (ref, full)) in enumerate(zip(streams, _references(tiny_d32_model_dir, gguf, streams, chunks))):
+        alone = _run(gguf, [ids], unified, ubatch=5)[0]
+        # the same op on the same cells of the same store: the same numbers
+        assert p99(joint[s], alone) <= 1e-4, (s, p99(joint[s], alone))
+        assert float((joint[s].argmax(-1) == alone.argmax(-1)).mean()) == 1.0
+        top1 = float((joint[s].argmax(-1) == ref.argmax(-1)).mean())
+        assert top1 >= 0.97 and p99(joint[s], ref) <= 0.05 * p99(full, ref), (s, top1, p99(joint[s], ref), p99(full, ref))
+
+
+def test_heavy_hitter_stores_are_per_sequence_in_bytes_and_refused_past_the_full_cache(heavy):
+    """n stores take n times one store's bytes (C API); when they would take more than the full
+    cache, the context is refused with the reason instead of allocating them."""
+    from llama_fastgen import native, schema
+
+    gguf, model = heavy
+    sizes = {}
+    for n_seq in (1, 2, 3):
+        ctx = _context(model, n_seq, True)
+        try:
+            sizes[n_seq] = native.lib.llama_fastgen_ctx_class_bytes(native.ffi.cast("void *", ctx), 0)
+        finally:
+            lc.llama_free(ctx)
+    assert sizes[2] == 2 * sizes[1] and sizes[3] == 3 * sizes[1], sizes
+    meta = schema.read(gguf)
+    assert all(sizes[n] == schema.kv_bytes(meta, 32, 1024, UBATCH, n_seq=n)[0] for n in sizes), sizes
+    cp = lc.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = 256, 256, UBATCH, 64, True
+    assert not lc.llama_init_from_model(model, cp)
+    assert "more than the full cache" in native.last_error()

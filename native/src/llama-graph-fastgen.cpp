@@ -32,10 +32,13 @@ llm_graph_input_attn_kv_fastgen::llm_graph_input_attn_kv_fastgen(
 }
 
 void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
-    if (const auto * st = mctx_fg->get_cache()->hh_store()) {
-        st->set_input_idxs(hh.idxs);
+    if (const auto * cache = mctx_fg->get_cache(); cache->hh_store()) {
+        for (uint32_t g = 0; g < hh_n_groups(*ubatch); ++g) {
+            cache->hh_store(hh_group_seq(*ubatch, g))->set_input_idxs(hh.idxs, g*(ubatch->n_tokens/hh_n_groups(*ubatch)));
+        }
         llama_fastgen_hh_store::set_input_query_pos(hh.query_pos, *ubatch);
-        if (hh.keep) { // composed ubatch
+        if (hh.keep) { // composed ubatch: one sequence
+            const auto * st = cache->hh_store(hh_group_seq(*ubatch, 0));
             st->set_input_keep(hh.keep);
             st->set_input_cell_pos(hh.cell_pos);
         }
@@ -60,6 +63,9 @@ bool llm_graph_input_attn_kv_fastgen::can_reuse(const llm_graph_params & params)
     const auto n_stream = params.cparams.kv_unified ? 1 : params.ubatch.n_seqs_unq;
     bool res = true;
     res &= !hh.idxs || hh.idxs->ne[0] == params.ubatch.n_tokens;
+    for (uint32_t g = 0; hh.idxs && g < hh_n_groups(params.ubatch); ++g) {
+        res &= hh.seqs.size() == hh_n_groups(params.ubatch) && hh.seqs[g] == hh_group_seq(params.ubatch, g);
+    }
     res &= !hh.keep || hh.keep->ne[0] == mctx_fg->hh_n_active();
     for (size_t c = 0; c < cls.size(); ++c) {
         const auto * m = mctx_fg->get((int) c);
@@ -90,6 +96,9 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
         in.query_pos = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, 1, n_tokens, 1, 1);
         ggml_set_input(in.idxs);
         ggml_set_input(in.query_pos);
+        for (uint32_t gr = 0; gr < hh_n_groups(g.ubatch); ++gr) {
+            in.seqs.push_back(hh_group_seq(g.ubatch, gr));
+        }
         if (!st->fused((uint32_t) n_tokens)) {
             in.keep     = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, C, H);
             in.cell_pos = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, C, 1, 1, H);
@@ -114,12 +123,20 @@ static ggml_tensor * head_range(ggml_context * ctx, ggml_tensor * t, int64_t h0,
     return ggml_view_3d(ctx, t, t->ne[0], n, t->ne[2], t->nb[1], t->nb[2], h0*t->nb[1]);
 }
 
+// a [.., .., T] tensor's tokens [t0, t0 + n) (dimension 2), or an input's [T, ..] ones (dimension 0 or 1)
+static ggml_tensor * token_range(ggml_context * ctx, ggml_tensor * t, int dim, int64_t t0, int64_t n) {
+    int64_t ne[4] = { t->ne[0], t->ne[1], t->ne[2], t->ne[3] };
+    ne[dim] = n;
+    return ggml_view_4d(ctx, t, ne[0], ne[1], ne[2], ne[3], t->nb[1], t->nb[2], t->nb[3], t0*t->nb[dim]);
+}
+
 // Attention of the frequent classes: explicit softmax over the head's own cells (its probabilities
 // feed the scores), then new tokens' K/V and the scores written back into the store.
-static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fastgen_hh_store & st,
+static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_kv_cache_fastgen & cache,
         llm_graph_input_attn_kv_fastgen::per_hh & in, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
         int64_t n_group, float kq_scale, int il) {
     ggml_context * ctx0 = g.ctx0;
+    const llama_fastgen_hh_store & st = *cache.hh_store(in.seqs[0]);
     const int32_t li = st.layer_of(il);
     const auto & l = st.get_layer(li);
     const int64_t D = q->ne[0], Dv = v->ne[0], n = k->ne[1], T = q->ne[2], h0 = st.head_offset(li);
@@ -127,14 +144,25 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_fast
 
     if (!in.keep) { // the fused op (ggml-fastgen.h; the store's fused()), positions from the store
         GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F32 && v->type == GGML_TYPE_F32);
-        ggml_tensor * out = ggml_fastgen_hh_attn(ctx0, q, k, v, in.idxs, l.k, l.v, l.s, l.p, in.query_pos, kq_scale, (int32_t) h0);
-        if (on_host) {
-            // the store is in host memory: run where it is (the op writes it in place), like llama.cpp's
-            // own attention
-            ggml_backend_sched_set_tensor_backend(g.sched, out, g.backend_cpu);
+        // one op per sequence of the ubatch, on its tokens and its store (a single group: the whole ubatch)
+        const int64_t n_g = (int64_t) in.seqs.size(), T_g = T/n_g;
+        ggml_tensor * res = nullptr;
+        for (int64_t gr = 0; gr < n_g; ++gr) {
+            const auto & lg = cache.hh_store(in.seqs[gr])->get_layer(li);
+            ggml_tensor * out = n_g == 1
+                ? ggml_fastgen_hh_attn(ctx0, q, k, v, in.idxs, lg.k, lg.v, lg.s, lg.p, in.query_pos, kq_scale, (int32_t) h0)
+                : ggml_fastgen_hh_attn(ctx0, token_range(ctx0, q, 2, gr*T_g, T_g), token_range(ctx0, k, 2, gr*T_g, T_g),
+                        token_range(ctx0, v, 2, gr*T_g, T_g), token_range(ctx0, in.idxs, 0, gr*T_g, T_g),
+                        lg.k, lg.v, lg.s, lg.p, token_range(ctx0, in.query_pos, 1, gr*T_g, T_g), kq_scale, (int32_t) h0);
+            if (on_host) {
+                // the store is in host memory: run where it is (the op writes it in place), like llama.cpp's
+                // own attention
+                ggml_backend_sched_set_tensor_backend(g.sched, out, g.backend_cpu);
+            }
+            res = res ? ggml_concat(ctx0, res, out, 1) : out;
         }
-        g.cb(out, "kqv_hh_fused", il);
-        return out;
+        g.cb(res, "kqv_hh_fused", il);
+        return res;
     }
 
     // attention over the store's occupied prefix [0, C) of every head (views: K rows, V and score
@@ -236,7 +264,7 @@ ggml_tensor * llama_fastgen_build_attn(
         ggml_tensor * v = head_range(ctx0, v_cur, h0, n);
 
         if (policy.classes[c].kind == LLAMA_FASTGEN_FREQUENT) {
-            ggml_tensor * out = build_attn_hh(g, *st, inp->hh, q, k, v, n_group, kq_scale, il);
+            ggml_tensor * out = build_attn_hh(g, *inp->mctx_fg->get_cache(), inp->hh, q, k, v, n_group, kq_scale, il);
             cur = cur ? ggml_concat(ctx0, cur, out, 0) : out;
             continue;
         }

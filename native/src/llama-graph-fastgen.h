@@ -32,6 +32,7 @@ public:
         ggml_tensor * cell_pos  = nullptr; // F32 [cap, 1, 1, H]
         ggml_tensor * query_pos = nullptr; // F32 [1, n_tokens]
         ggml_tensor * mask      = nullptr; // F32 [cap, n_tokens, 1, H], computed in the graph (composed path only)
+        std::vector<llama_seq_id> seqs;    // the sequence of each token group (hh_group): its store's tensors are in the graph
     };
     per_hh hh; // members stay nullptr without frequent classes
 

@@ -196,16 +196,19 @@ std::map<ggml_backend_buffer_type_t, size_t> llama_fastgen_hh_store::memory_brea
     return res;
 }
 
-bool llama_fastgen_hh_store::fits(const std::vector<llama_ubatch> & ubatches) const {
+bool llama_fastgen_hh_store::fits(const std::vector<uint32_t> & n_new) const {
     // replay the eviction trigger per head (eviction itself frees cells, the batch never does)
     for (const auto & l : layers) {
         for (int h = 0; h < l.n_head; ++h) {
             uint32_t used = l.n_used[h];
-            for (const auto & ub : ubatches) {
-                if (evicts(used, ub.n_tokens, l.budget[h])) {
+            for (const uint32_t n : n_new) {
+                if (n == 0) {
+                    continue; // apply() does not run for a ubatch without this sequence's tokens
+                }
+                if (evicts(used, n, l.budget[h])) {
                     used = l.budget[h];
                 }
-                used += ub.n_tokens;
+                used += n;
                 if (used > cap) {
                     return false;
                 }
@@ -247,7 +250,6 @@ void llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama
     }
     l.n_used[h] -= (uint32_t) n_evict;
     l.dirty = l.dirty || n_evict > 0;
-    pos_min_valid = pos_min_valid && n_evict == 0;
 }
 
 bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx) {
@@ -339,16 +341,20 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx
             }
         }
     }
-    pos_min_valid = pos_min_valid && pos_min_cache >= 0;
     last_pos = std::max(last_pos, ub.pos[n - 1]);
     return true;
 }
 
-void llama_fastgen_hh_store::set_input_idxs(ggml_tensor * dst) const {
-    auto * out = (int64_t *) dst->data;
+void llama_fastgen_hh_store::set_input_idxs(ggml_tensor * dst, uint32_t t0) const {
+    const int64_t row = dst->ne[0]; // the ubatch's tokens; this store's are [t0, t0 + n)
+    auto * out = (int64_t *) dst->data + t0;
     for (const auto & l : layers) {
-        std::memcpy(out, l.slots.data(), l.slots.size()*sizeof(int64_t));
-        out += l.slots.size();
+        const size_t n = l.slots.size()/l.n_head;
+        GGML_ASSERT(t0 + n <= (size_t) row);
+        for (int h = 0; h < l.n_head; ++h) {
+            std::memcpy(out, l.slots.data() + h*n, n*sizeof(int64_t));
+            out += row;
+        }
     }
 }
 
@@ -394,26 +400,6 @@ void llama_fastgen_hh_store::clear() {
         l.dirty = true;
     }
     last_pos = -1;
-    pos_min_valid = false;
-}
-
-llama_pos llama_fastgen_hh_store::pos_min() const {
-    if (pos_min_valid) {
-        return pos_min_cache;
-    }
-    llama_pos res = -1;
-    for (const auto & l : layers) {
-        for (const auto & pos : l.pos) {
-            for (llama_pos p : pos) {
-                if (p >= 0 && (res < 0 || p < res)) {
-                    res = p;
-                }
-            }
-        }
-    }
-    pos_min_cache = res;
-    pos_min_valid = true;
-    return res;
 }
 
 void llama_fastgen_hh_store::state_write(llama_io_write_i & io) const {
@@ -489,5 +475,4 @@ void llama_fastgen_hh_store::state_read(llama_io_read_i & io) {
         clear();
         throw;
     }
-    pos_min_valid = false;
 }

@@ -17,7 +17,8 @@
 // long ones where the store's backend runs it (CPU, CUDA); after a composed ubatch, an eviction, clear or state load, the host re-uploads the positions. Eviction runs on the host before a ubatch, batched: a head holding more than
 // budget + FREQUENT_EVICT_BATCH cells (counting the new ones) drops back to `budget` cells by
 // removing the lowest mean score (score / queries that saw the cell); sinks and the window are
-// never evicted, special tokens only when nothing else is left. One sequence only.
+// never evicted, special tokens only when nothing else is left. One sequence: the cache keeps a store per
+// sequence.
 #pragma once
 
 #include "llama-fastgen-policy.h"
@@ -81,19 +82,18 @@ public:
 
     // evict if needed, then choose the slots of the ubatch's tokens and commit them (false: no room)
     bool apply(const llama_ubatch & ubatch, llama_context * lctx);
-    // would a batch of ubatches fit (cells are freed by eviction, never by the batch itself)
-    bool fits(const std::vector<llama_ubatch> & ubatches) const;
+    // would a batch fit, n_new[u] of its tokens in ubatch u (cells are freed by eviction, never by the batch itself)
+    bool fits(const std::vector<uint32_t> & n_new) const;
 
     // graph inputs for the current ubatch, all layers: slots I64 [n_tokens, n_head_total] and query
     // positions F32 [n_tokens]; composed ubatches also keep F32 [n_active, n_head_total] and cell
     // positions F32 [n_active, n_head_total] (pos - 0.5, +inf when free), which the graph turns into the mask
-    void set_input_idxs(ggml_tensor * dst) const;
+    void set_input_idxs(ggml_tensor * dst, uint32_t t0 = 0) const; // this store's tokens from t0 of the ubatch
     void set_input_keep(ggml_tensor * dst) const;
     void set_input_cell_pos(ggml_tensor * dst) const;
     static void set_input_query_pos(ggml_tensor * dst, const llama_ubatch & ubatch);
 
     void clear();
-    llama_pos pos_min() const; // cached: a scan of every cell is too slow per decode call
     llama_pos pos_max() const { return last_pos; }
 
     void state_write(llama_io_write_i & io) const;
@@ -121,8 +121,6 @@ private:
     bool                 dev_decode  = true; // the devices holding the store run the fused op on decode-sized
     bool                 dev_prefill = true; // and on prefill-sized ubatches (host memory: the CPU op, any)
     uint32_t             n_group = 1;      // query heads per KV head
-    mutable llama_pos    pos_min_cache = -1;
-    mutable bool         pos_min_valid = true;
 
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
 };

@@ -38,12 +38,8 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
         }
         const auto & cls = policy->classes[c];
         if (cls.kind == LLAMA_FASTGEN_FREQUENT) {
-            if (any && !hh) {
-                if (n_seq_max > 1) {
-                    throw std::runtime_error("fastgen: heavy-hitter (frequent) heads keep one sequence; create the context "
-                            "with n_seq_max = 1, or disable fastgen (kv_overrides fastgen.enable=false)");
-                }
-                hh = std::make_unique<llama_fastgen_hh_store>(model, *policy, type_k, type_v, offload, kv_size, n_ubatch);
+            if (any && hh.empty()) {
+                hh.push_back(std::make_unique<llama_fastgen_hh_store>(model, *policy, type_k, type_v, offload, kv_size, n_ubatch));
             }
             if (any && (uint32_t) cls.budget >= kv_size) {
                 LLAMA_LOG_WARN("%s: class %s: budget %d >= n_ctx %u, it never evicts (behaves as full)\n", __func__,
@@ -84,6 +80,32 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
     }
     bytes_full *= unified ? 1 : n_seq_max;
 
+    // heavy-hitter cells are per head and sequence: a store per sequence (its ops take the ubatch's
+    // tokens of that sequence, which an equal split keeps together)
+    if (!hh.empty() && n_seq_max > 1) {
+        const auto & st = *hh[0];
+        if (!st.fused(1) || !st.fused(n_ubatch)) {
+            throw std::runtime_error("fastgen: heavy-hitter heads serve several sequences only through the fused op, "
+                    "which this device does not run on every ubatch size (or LLAMA_FASTGEN_HH_FUSED=0): create the "
+                    "context with n_seq_max = 1, or disable fastgen (kv_overrides fastgen.enable=false)");
+        }
+        size_t other = 0;
+        for (const auto & sl : slices) {
+            for (const auto & [_, size] : sl ? sl->memory_breakdown() : std::map<ggml_backend_buffer_type_t, size_t>{}) {
+                other += size;
+            }
+        }
+        const size_t need = other + (size_t) n_seq_max*st.total_bytes();
+        if (need > bytes_full) {
+            throw std::runtime_error(format("fastgen: %u sequences with a heavy-hitter store each take %.1f MiB, more than "
+                    "the full cache (%.1f MiB): use fewer sequences (n_seq_max), a GGUF without heavy-hitter heads, or "
+                    "disable fastgen (kv_overrides fastgen.enable=false)", n_seq_max, need/1048576.0, bytes_full/1048576.0));
+        }
+        while (hh.size() < n_seq_max) {
+            hh.push_back(std::make_unique<llama_fastgen_hh_store>(model, *policy, type_k, type_v, offload, kv_size, n_ubatch));
+        }
+    }
+
     size_t total = 0;
     for (size_t c = 0; c < slices.size(); ++c) {
         if (!slices[c] && !class_cells((int) c)) {
@@ -103,12 +125,19 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
 }
 
 uint32_t llama_kv_cache_fastgen::class_cells(int c) const {
-    const bool freq = hh && policy->classes[c].kind == LLAMA_FASTGEN_FREQUENT && hh->class_bytes(c) > 0;
-    return slices[c] ? slices[c]->get_size() : freq ? hh->get_size() : 0;
+    const bool freq = !hh.empty() && policy->classes[c].kind == LLAMA_FASTGEN_FREQUENT && hh[0]->class_bytes(c) > 0;
+    return slices[c] ? slices[c]->get_size() : freq ? hh[0]->get_size() : 0;
 }
 
 uint32_t llama_kv_cache_fastgen::class_used(int c) const {
-    return slices[c] ? slices[c]->n_used_cells() : hh ? hh->max_used(c) : 0;
+    if (slices[c]) {
+        return slices[c]->n_used_cells();
+    }
+    uint32_t n = 0;
+    for (const auto & st : hh) {
+        n = std::max(n, st->max_used(c));
+    }
+    return n;
 }
 
 llama_pos llama_kv_cache_fastgen::class_dropped_upto(int c, llama_seq_id s) const {
@@ -117,8 +146,8 @@ llama_pos llama_kv_cache_fastgen::class_dropped_upto(int c, llama_seq_id s) cons
 }
 
 size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
-    if (hh && policy->classes[c].kind == LLAMA_FASTGEN_FREQUENT) {
-        return hh->class_bytes(c);
+    if (!hh.empty() && policy->classes[c].kind == LLAMA_FASTGEN_FREQUENT) {
+        return hh.size()*hh[0]->class_bytes(c);
     }
     size_t n = 0;
     if (slices[c]) {
@@ -131,8 +160,8 @@ size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
 
 void llama_kv_cache_fastgen::clear(bool data) {
     evicted_upto.assign(slices.size(), {});
-    if (hh) {
-        hh->clear();
+    for (auto & st : hh) {
+        st->clear();
     }
     for (auto & s : slices) {
         if (s) {
@@ -150,18 +179,11 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
     if (p0 < 0) {
         p0 = 0;
     }
-    llama_pos pmax = -1, pmax_compressed = -1; // seq_id < 0: every sequence
+    llama_pos pmax = -1; // seq_id < 0: every sequence
     for (llama_seq_id s = seq_id < 0 ? 0 : seq_id; s < (seq_id < 0 ? (llama_seq_id) n_seq_max : seq_id + 1); ++s) {
         pmax = std::max(pmax, seq_pos_max(s));
-        for (size_t c = 0; c < slices.size(); ++c) {
-            if (slices[c] && policy->classes[c].kind != LLAMA_FASTGEN_FULL) {
-                pmax_compressed = std::max(pmax_compressed, slices[c]->seq_pos_max(s));
-            }
-        }
-        if (hh && s == 0) {
-            pmax_compressed = std::max(pmax_compressed, hh->pos_max());
-        }
     }
+    const llama_pos pmax_compressed = pos_max_compressed(seq_id);
     const bool everything = p0 == 0 && (p1 < 0 || p1 > pmax);
     if (!everything && p0 <= pmax_compressed) {
         LLAMA_LOG_DEBUG("%s: refusing to remove positions [%d, %d) of a compressed cache\n", __func__, p0, p1);
@@ -171,8 +193,10 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
         for (auto & m : evicted_upto) {
             seq_id < 0 ? m.clear() : (void) m.erase(seq_id);
         }
-        if (hh) {
-            hh->clear(); // one sequence only
+        for (llama_seq_id s = 0; s < (llama_seq_id) hh.size(); ++s) {
+            if (seq_id < 0 || s == seq_id) {
+                hh[s]->clear();
+            }
         }
     }
     bool res = true;
@@ -185,6 +209,11 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
 }
 
 void llama_kv_cache_fastgen::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) {
+    if (!hh.empty() && seq_id_src != seq_id_dst) {
+        LLAMA_LOG_ERROR("%s: copying a sequence is not supported with heavy-hitter heads (their cells are per "
+                "sequence); sequence %d unchanged\n", __func__, seq_id_dst);
+        return;
+    }
     for (auto & s : slices) {
         if (s) {
             s->seq_cp(seq_id_src, seq_id_dst, p0, p1);
@@ -193,6 +222,16 @@ void llama_kv_cache_fastgen::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id
 }
 
 void llama_kv_cache_fastgen::seq_keep(llama_seq_id seq_id) {
+    for (llama_seq_id s = 0; s < (llama_seq_id) hh.size(); ++s) {
+        if (s != seq_id) {
+            hh[s]->clear();
+        }
+    }
+    for (auto & m : evicted_upto) {
+        for (auto it = m.begin(); it != m.end();) {
+            it = it->first == seq_id ? std::next(it) : m.erase(it);
+        }
+    }
     for (auto & s : slices) {
         if (s) {
             s->seq_keep(seq_id);
@@ -224,15 +263,35 @@ void llama_kv_cache_fastgen::seq_div(llama_seq_id seq_id, llama_pos p0, llama_po
     }
 }
 
-llama_pos llama_kv_cache_fastgen::seq_pos_min(llama_seq_id seq_id) const {
+llama_pos llama_kv_cache_fastgen::pos_max_compressed(llama_seq_id seq_id) const {
     llama_pos res = -1;
-    if (hh && seq_id <= 0) {
-        res = hh->pos_min();
+    for (llama_seq_id s = seq_id < 0 ? 0 : seq_id; s < (seq_id < 0 ? (llama_seq_id) n_seq_max : seq_id + 1); ++s) {
+        for (size_t c = 0; c < slices.size(); ++c) {
+            if (slices[c] && policy->classes[c].kind != LLAMA_FASTGEN_FULL) {
+                res = std::max(res, slices[c]->seq_pos_max(s));
+            }
+        }
+        if (!hh.empty()) {
+            res = std::max(res, hh[s]->pos_max());
+        }
     }
+    return res;
+}
+
+llama_pos llama_kv_cache_fastgen::seq_pos_min(llama_seq_id seq_id) const {
+    // The oldest position a removal may cut at, as llama.cpp's recurrent memory answers: compressed
+    // classes keep only their newest position removable (seq_rm), so that one; llama-server then
+    // restores a context checkpoint (LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) or evaluates the prompt
+    // again instead of removing inside evicted history. Full classes alone: their own.
+    const llama_pos pc = pos_max_compressed(seq_id);
+    if (pc >= 0) {
+        return pc;
+    }
+    llama_pos res = -1;
     for (const auto & s : slices) {
         if (s) {
             const llama_pos p = s->seq_pos_min(seq_id);
-            res = res < 0 ? p : std::min(res, p);
+            res = res < 0 ? p : p < 0 ? res : std::min(res, p);
         }
     }
     return res;
@@ -240,8 +299,8 @@ llama_pos llama_kv_cache_fastgen::seq_pos_min(llama_seq_id seq_id) const {
 
 llama_pos llama_kv_cache_fastgen::seq_pos_max(llama_seq_id seq_id) const {
     llama_pos res = -1;
-    if (hh && seq_id <= 0) {
-        res = hh->pos_max();
+    for (llama_seq_id s = 0; s < (llama_seq_id) hh.size(); ++s) {
+        res = seq_id < 0 || s == seq_id ? std::max(res, hh[s]->pos_max()) : res;
     }
     for (const auto & s : slices) {
         if (s) {
@@ -253,8 +312,8 @@ llama_pos llama_kv_cache_fastgen::seq_pos_max(llama_seq_id seq_id) const {
 
 std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_fastgen::memory_breakdown() const {
     std::map<ggml_backend_buffer_type_t, size_t> mb;
-    if (hh) {
-        for (const auto & [buft, size] : hh->memory_breakdown()) {
+    for (const auto & st : hh) {
+        for (const auto & [buft, size] : st->memory_breakdown()) {
             mb[buft] += size;
         }
     }
@@ -271,9 +330,11 @@ std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_fastgen::memory_brea
 llama_memory_context_ptr llama_kv_cache_fastgen::init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {
     GGML_UNUSED(embd_all);
 
-    // as llama_kv_cache_iswa: try a simple split, then an equal split; every slice must fit
+    // as llama_kv_cache_iswa: try a simple split, then an equal split; every slice must fit. Several
+    // sequences with heavy-hitter stores: equal splits only (each sequence's tokens together, for its store)
+    const bool per_seq_hh = hh.size() > 1;
     for (int attempt = 0; attempt < 2; ++attempt) {
-        if (attempt == 0 && !unified) {
+        if (attempt == 0 && (!unified || per_seq_hh)) {
             continue; // requires equal splits
         }
         balloc.split_reset();
@@ -290,10 +351,27 @@ llama_memory_context_ptr llama_kv_cache_fastgen::init_batch(llama_batch_allocr &
         }
         std::vector<llama_kv_cache::slot_info_vec_t> sinfos(slices.size());
         bool ok = true;
-        if (hh && !hh->fits(ubatches)) {
-            LLAMA_LOG_ERROR("%s: the heavy-hitter store (%u cells per head) cannot take this batch; use a smaller n_ubatch\n",
-                    __func__, hh->get_size());
-            ok = false;
+        if (!hh.empty()) {
+            std::vector<std::vector<uint32_t>> n_new(hh.size(), std::vector<uint32_t>(ubatches.size(), 0));
+            for (size_t u = 0; u < ubatches.size() && ok; ++u) {
+                const auto & ub = ubatches[u];
+                for (uint32_t i = 0; i < ub.n_tokens; ++i) {
+                    const llama_seq_id s = ub.seq_id[i][0];
+                    if (ub.n_seq_id[i] != 1 || s < 0 || (size_t) s >= hh.size()) {
+                        LLAMA_LOG_ERROR("%s: a token of several sequences (or of sequence %d) with heavy-hitter heads: their "
+                                "cells are per sequence; give each token one sequence below n_seq_max\n", __func__, s);
+                        return std::make_unique<llama_kv_cache_fastgen_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
+                    }
+                    n_new[s][u]++;
+                }
+            }
+            for (size_t s = 0; s < hh.size() && ok; ++s) {
+                if (!hh[s]->fits(n_new[s])) {
+                    LLAMA_LOG_ERROR("%s: the heavy-hitter store (%u cells per head) cannot take this batch; use a smaller n_ubatch\n",
+                            __func__, hh[s]->get_size());
+                    ok = false;
+                }
+            }
         }
         for (size_t c = 0; c < slices.size() && ok; ++c) {
             if (!slices[c]) {
@@ -387,8 +465,8 @@ uint64_t llama_kv_cache_fastgen::state_fingerprint() const {
     for (size_t c = 0; c < slices.size(); ++c) {
         mix(slices[c] ? (int64_t) slices[c]->get_size() : -1);
     }
-    mix(hh ? (int64_t) hh->get_size() : -1);
-    mix(hh ? (int64_t) hh->total_bytes() : -1); // the K/V types too: the store reads raw tensor bytes
+    mix(hh.empty() ? -1 : (int64_t) hh[0]->get_size());
+    mix(hh.empty() ? -1 : (int64_t) hh[0]->total_bytes()); // the K/V types too: the store reads raw tensor bytes
     return h;
 }
 
@@ -412,8 +490,11 @@ void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq
             }
         }
     }
-    if (hh) {
-        hh->state_write(io);
+    // heavy-hitter stores: every sequence's (seq_id < 0), else the one of seq_id
+    for (llama_seq_id s = 0; s < (llama_seq_id) hh.size(); ++s) {
+        if (seq_id < 0 || s == seq_id) {
+            hh[s]->state_write(io);
+        }
     }
     for (size_t c = 0; c < slices.size(); ++c) {
         if (slices[c] && slice_in_state(*policy, c, partial)) {
@@ -460,8 +541,10 @@ void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_i
                 m[seq_id < 0 ? s : seq_id] = pos;
             }
         }
-        if (hh) {
-            hh->state_read(io);
+        for (llama_seq_id s = 0; s < (llama_seq_id) hh.size(); ++s) {
+            if (seq_id < 0 || s == seq_id) {
+                hh[s]->state_read(io);
+            }
         }
         for (size_t c = 0; c < slices.size(); ++c) {
             if (slices[c] && slice_in_state(*policy, c, partial)) {
@@ -550,9 +633,10 @@ bool llama_kv_cache_fastgen_context::next() {
 bool llama_kv_cache_fastgen_context::apply() {
     assert(!llama_memory_status_is_fail(status));
     bool res = true;
-    if (!ubatches.empty()) { // a batch: heavy-hitter stores evict and place this ubatch
-        if (auto * h = kv->hh_store()) {
-            res = h->apply(ubatches[i_next], kv->sched_ctx()) && res;
+    if (!ubatches.empty()) { // a batch: heavy-hitter stores evict and place this ubatch, each its sequence's tokens
+        const llama_ubatch & ub = ubatches[i_next];
+        for (uint32_t g = 0; kv->hh_store() && g < hh_n_groups(ub); ++g) {
+            res = kv->hh_store(hh_group_seq(ub, g))->apply(hh_group(ub, g), kv->sched_ctx()) && res;
         }
     }
     for (auto & c : ctxs) {
@@ -565,7 +649,28 @@ bool llama_kv_cache_fastgen_context::apply() {
 
 uint32_t llama_kv_cache_fastgen_context::hh_n_active() const {
     const auto * h = kv->hh_store();
-    return !h ? 0 : ubatches.empty() ? h->get_size() : h->get_n_active();
+    return !h ? 0 : ubatches.empty() ? h->get_size() : h->get_n_active(); // composed ubatches: one sequence
+}
+
+uint32_t hh_n_groups(const llama_ubatch & ub) {
+    return ub.n_seqs_unq > 1 ? ub.n_seqs : 1;
+}
+
+llama_seq_id hh_group_seq(const llama_ubatch & ub, uint32_t g) {
+    const uint32_t t = g*(ub.n_tokens/hh_n_groups(ub));
+    if (ub.n_tokens > 0 && ub.seq_id && ub.seq_id[t]) {
+        return ub.seq_id[t][0];
+    }
+    return ub.seq_id_unq && g < ub.n_seqs_unq ? ub.seq_id_unq[g] : 0; // a reserve ubatch has no per-token ids
+}
+
+llama_ubatch hh_group(const llama_ubatch & ub, uint32_t g) {
+    llama_ubatch r = ub;
+    const uint32_t n = ub.n_tokens/hh_n_groups(ub), t0 = g*n;
+    r.n_tokens = n;
+    r.pos   = ub.pos + t0;
+    r.token = ub.token ? ub.token + t0 : nullptr;
+    return r;
 }
 
 llama_memory_status llama_kv_cache_fastgen_context::get_status() const {

@@ -58,8 +58,8 @@ public:
     // per class: nullptr when no layer has a head of that class (or, for slice(), when it is frequent)
     size_t           n_class()   const { return slices.size(); }
     llama_kv_cache * slice(int c) const { return slices[c].get(); }
-    // the heavy-hitter store shared by all frequent classes (nullptr without any)
-    llama_fastgen_hh_store * hh_store() const { return hh.get(); }
+    // the heavy-hitter store of sequence s, shared by all frequent classes (nullptr without any)
+    llama_fastgen_hh_store * hh_store(llama_seq_id s = 0) const { return hh.empty() ? nullptr : hh[s].get(); }
     uint32_t         class_cells(int c) const;
     uint32_t         class_used(int c) const;
     llama_pos        class_dropped_upto(int c, llama_seq_id s) const; // protected tokens dropped below this
@@ -75,6 +75,8 @@ public:
 private:
     // identifies the policy table and the slices' sizes in a saved state
     uint64_t state_fingerprint() const;
+    // newest position any compressed class (or heavy-hitter store) holds of the sequence (-1: none, seq_id < 0: any)
+    llama_pos pos_max_compressed(llama_seq_id seq_id) const;
     // when retained tokens fill a compressed class: drop its oldest protected tokens (not sinks)
     bool evict_oldest_protected(int c);
 
@@ -82,7 +84,7 @@ private:
 
     std::vector<std::unique_ptr<llama_hparams>>  hparams_c; // referenced by the slices: stable addresses
     std::vector<std::unique_ptr<llama_kv_cache>> slices;
-    std::unique_ptr<llama_fastgen_hh_store>      hh;        // all frequent classes
+    std::vector<std::unique_ptr<llama_fastgen_hh_store>> hh; // all frequent classes: one store per sequence
     std::vector<std::string>                     tags;      // tensor name suffix per class
     std::vector<std::map<llama_seq_id, llama_pos>> evicted_upto; // per class: protected tokens dropped below this
 
@@ -91,6 +93,12 @@ private:
     bool     unified;
     uint32_t n_seq_max;
 };
+
+// A ubatch as the heavy-hitter stores see it: with several sequences (an equal split) a group of
+// n_tokens / n_seqs consecutive tokens per sequence, else one group; each group goes to its sequence's store.
+uint32_t     hh_n_groups(const llama_ubatch & ub);
+llama_seq_id hh_group_seq(const llama_ubatch & ub, uint32_t g);
+llama_ubatch hh_group(const llama_ubatch & ub, uint32_t g); // token and pos offset, n_tokens of the group
 
 class llama_kv_cache_fastgen_context : public llama_memory_context_i {
 public:
