@@ -10,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,8 @@ import pytest
 from llama_fastgen import schema
 from llama_fastgen.converter import gguf_export
 from test_native import TINY_BASE
-from test_serving import _free_port, mixed_gguf  # noqa: F401  (the heavy-hitter fixture)
+from helpers import ServerProcess, free_port
+from test_serving import mixed_gguf  # noqa: F401  (the heavy-hitter fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 # ~250-300 tokens each, past the window (16) of the compressed class, so every slot evicts
@@ -58,27 +58,12 @@ def heavy_gguf(tiny_d32_model_dir, tmp_path_factory):
     return gguf_export.convert(tiny_d32_model_dir, tmp_path_factory.mktemp("llama-server") / "heavy.gguf", "f32", extra_kv=kv)
 
 
-class LlamaServer:
+class LlamaServer(ServerProcess):
     def __init__(self, binary, gguf, log, *args):
-        self.port, self.log = _free_port(), log
+        self.port = free_port()
         cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port), "-c", "2048",
                "-ub", "64", "-b", "256", "-t", str(os.cpu_count() or 2), "--no-warmup", "-lv", "4", *args]
-        env = dict(os.environ, LD_LIBRARY_PATH=str(binary.parent))
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
-
-    def wait_ready(self, timeout=180.0) -> bool:
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return True
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"llama-server not ready after {timeout} s:\n{self.log.read_text()[-2000:]}")
+        self.start(cmd, log, dict(os.environ, LD_LIBRARY_PATH=str(binary.parent)))
 
     def complete(self, prompt: str, **opts) -> list[int]:
         body = json.dumps({"prompt": prompt, "return_tokens": True, **GREEDY, **opts}).encode()
@@ -87,13 +72,6 @@ class LlamaServer:
         with urllib.request.urlopen(req, timeout=300) as r:
             return json.loads(r.read())["tokens"]
 
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        return self.log.read_text()
 
 
 @pytest.mark.parametrize("layout", ["per-slot", "unified"])

@@ -5,7 +5,6 @@ of a joint run agrees with it as closely as the same sequence run alone in a one
 in another order: up to 1e-3 relative in a unified cache, where the sequences' cells interleave.)"""
 from __future__ import annotations
 
-import ctypes
 
 import numpy as np
 import pytest

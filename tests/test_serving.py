@@ -18,6 +18,7 @@ import pytest
 
 from llama_fastgen.converter import gguf_export
 from llama_cpp import Llama
+from helpers import ServerProcess, free_port
 from test_native import TINY_BASE
 
 GREEDY = {"max_tokens": 16, "temperature": 0.0, "repeat_penalty": 1.0, "seed": 7}
@@ -34,33 +35,14 @@ def mixed_gguf(tiny_model_dir, tmp_path_factory):
     return gguf_export.convert(tiny_model_dir, tmp_path_factory.mktemp("serve") / "mixed.gguf", "f32", extra_kv=kv)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    ready_path = "/v1/models"
 
-
-class Server:
     def __init__(self, gguf, tmp_path, *args):
-        self.port = _free_port()
-        self.log = tmp_path / f"server-{self.port}.log"
+        self.port = free_port()
         cmd = [sys.executable, "-m", "llama_fastgen", "serve", str(gguf), "--host", "127.0.0.1",
                "--port", str(self.port), "--n_ctx", "1024", "--n_ubatch", "64", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
-
-    def wait_ready(self, timeout=120.0) -> bool:
-        """True once /v1/models answers; False when the process exits first."""
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=5) as r:
-                    if r.status == 200:
-                        return True
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.5)
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log.read_text()[-2000:]}")
+        self.start(cmd, tmp_path / f"server-{self.port}.log")
 
     def post(self, messages, stream=False) -> str:
         body = json.dumps({"messages": messages, "stream": stream, **GREEDY}).encode()
@@ -76,13 +58,6 @@ class Server:
                     text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
             return text
 
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        return self.log.read_text()
 
 
 def _in_process(gguf, conversations):
@@ -239,7 +214,7 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
     servers, logs = [], []
     try:
         for _ in range(2):
-            port = _free_port()
+            port = free_port()
             logs.append(tmp_path / f"rpc-{port}.log")
             servers.append((port, subprocess.Popen([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port",
                                                     str(port), "--threads", "1"], stdout=logs[-1].open("w"),
@@ -278,4 +253,4 @@ def test_an_rpc_server_that_does_not_answer_is_refused_with_the_reason():
     from llama_fastgen import rpc
 
     with pytest.raises(rpc.RpcError, match="no RPC server answers at 127.0.0.1"):
-        rpc.add_servers([f"127.0.0.1:{_free_port()}"])
+        rpc.add_servers([f"127.0.0.1:{free_port()}"])
