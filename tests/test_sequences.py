@@ -157,3 +157,36 @@ def test_heavy_hitter_stores_are_per_sequence_in_bytes_and_refused_past_the_full
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = 256, 256, UBATCH, 64, True
     assert not lc.llama_init_from_model(model, cp)
     assert "more than the full cache" in native.last_error()
+
+
+def test_a_whole_sequence_is_copied_store_to_store(heavy):
+    """llama-server copies a prompt's sequence to other slots (several completions): seq_cp of a whole
+    sequence copies its heavy-hitter store; both then continue as the same sequence would."""
+    gguf, model = heavy
+    rng = np.random.default_rng(7)
+    ids = [int(t) for t in rng.integers(10, 500, N_TOK)]
+    ctx = _context(model, 2, True)
+    batch = lc.llama_batch_init(512, 0, 2)
+    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+
+    def decode(items):
+        batch.n_tokens = len(items)
+        for i, (tok, pos, seq) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, True
+            batch.seq_id[i][0] = seq
+        assert lc.llama_decode(ctx, batch) == 0
+        return [np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for i in range(len(items))]
+
+    try:
+        decode([(ids[p], p, 0) for p in range(PREFILL)])  # past the budget: the store has evicted
+        mem = lc.llama_get_memory(ctx)
+        lc.llama_memory_seq_cp(mem, 0, 1, -1, -1)
+        assert lc.llama_memory_seq_pos_max(mem, 1) == PREFILL - 1
+        for p in range(PREFILL, N_TOK):
+            a, b = decode([(ids[p], p, 0), (ids[p], p, 1)])
+            assert np.abs(a - b).max() <= 1e-5, p
+    finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+    alone = _run(gguf, [ids], True)[0]
+    assert np.abs(alone[-1] - b).max() <= 1e-3  # and as the sequence decoded alone (other ubatches: near, not equal)

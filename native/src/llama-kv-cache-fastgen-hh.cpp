@@ -402,6 +402,27 @@ void llama_fastgen_hh_store::clear() {
     last_pos = -1;
 }
 
+void llama_fastgen_hh_store::copy_from(const llama_fastgen_hh_store & src, llama_context * lctx) {
+    GGML_ASSERT(src.cap == cap && src.layers.size() == layers.size());
+    if (lctx) {
+        ggml_backend_sched_synchronize(lctx->get_sched()); // the source's tensors may still be computing
+    }
+    for (size_t li = 0; li < layers.size(); ++li) {
+        layer & l = layers[li];
+        const layer & r = src.layers[li];
+        ggml_backend_tensor_copy(r.k, l.k);
+        ggml_backend_tensor_copy(r.v, l.v);
+        ggml_backend_tensor_copy(r.s, l.s);
+        ggml_backend_tensor_copy(r.p, l.p);
+        l.pos = r.pos;
+        l.tok = r.tok;
+        l.n_used = r.n_used;
+        l.hint = r.hint;
+        l.dirty = true;
+    }
+    last_pos = src.last_pos;
+}
+
 void llama_fastgen_hh_store::state_write(llama_io_write_i & io) const {
     const uint32_t n_layer = layers.size();
     io.write(&cap, sizeof(cap));

@@ -94,6 +94,8 @@ public:
     static void set_input_query_pos(ggml_tensor * dst, const llama_ubatch & ubatch);
 
     void clear();
+    // become a copy of another store of the same cache (a whole sequence copied); lctx: synchronized first
+    void copy_from(const llama_fastgen_hh_store & src, llama_context * lctx);
     llama_pos pos_max() const { return last_pos; }
 
     void state_write(llama_io_write_i & io) const;

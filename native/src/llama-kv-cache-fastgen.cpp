@@ -209,14 +209,28 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
 }
 
 void llama_kv_cache_fastgen::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) {
-    if (!hh.empty() && seq_id_src != seq_id_dst) {
-        LLAMA_LOG_ERROR("%s: copying a sequence is not supported with heavy-hitter heads (their cells are per "
-                "sequence); sequence %d unchanged\n", __func__, seq_id_dst);
+    if (seq_id_src == seq_id_dst) {
         return;
+    }
+    if (!hh.empty()) {
+        // heavy-hitter cells are per sequence: a whole sequence is copied store to store (llama-server
+        // does that for several completions of one prompt); a part of one cannot be
+        if (p0 > 0 || (p1 >= 0 && p1 <= seq_pos_max(seq_id_src)) || seq_id_src < 0 || seq_id_dst < 0 ||
+                (size_t) seq_id_src >= hh.size() || (size_t) seq_id_dst >= hh.size()) {
+            LLAMA_LOG_ERROR("%s: heavy-hitter heads copy whole sequences only; sequence %d unchanged\n", __func__, seq_id_dst);
+            return;
+        }
+        hh[seq_id_dst]->copy_from(*hh[seq_id_src], lctx);
     }
     for (auto & s : slices) {
         if (s) {
             s->seq_cp(seq_id_src, seq_id_dst, p0, p1);
+        }
+    }
+    for (auto & m : evicted_upto) { // the copy has dropped what the source has
+        const auto it = m.find(seq_id_src);
+        if (it != m.end() && p0 <= 0) {
+            m[seq_id_dst] = it->second;
         }
     }
 }
@@ -271,7 +285,7 @@ llama_pos llama_kv_cache_fastgen::pos_max_compressed(llama_seq_id seq_id) const 
                 res = std::max(res, slices[c]->seq_pos_max(s));
             }
         }
-        if (!hh.empty()) {
+        if ((size_t) s < hh.size()) {
             res = std::max(res, hh[s]->pos_max());
         }
     }
