@@ -90,10 +90,8 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
                     "context with n_seq_max = 1, or disable fastgen (kv_overrides fastgen.enable=false)");
         }
         size_t other = 0;
-        for (const auto & sl : slices) {
-            for (const auto & [_, size] : sl ? sl->memory_breakdown() : std::map<ggml_backend_buffer_type_t, size_t>{}) {
-                other += size;
-            }
+        for (size_t c = 0; c < slices.size(); ++c) {
+            other += slices[c] ? slice_bytes((int) c) : 0;
         }
         const size_t need = other + (size_t) n_seq_max*st.total_bytes();
         if (need > bytes_full) {
@@ -193,10 +191,8 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
         for (auto & m : evicted_upto) {
             seq_id < 0 ? m.clear() : (void) m.erase(seq_id);
         }
-        for (llama_seq_id s = 0; s < (llama_seq_id) hh.size(); ++s) {
-            if (seq_id < 0 || s == seq_id) {
-                hh[s]->clear();
-            }
+        for (auto * st : stores_of(seq_id)) {
+            st->clear();
         }
     }
     bool res = true;
@@ -277,6 +273,16 @@ void llama_kv_cache_fastgen::seq_div(llama_seq_id seq_id, llama_pos p0, llama_po
     }
 }
 
+std::vector<llama_fastgen_hh_store *> llama_kv_cache_fastgen::stores_of(llama_seq_id seq_id) const {
+    std::vector<llama_fastgen_hh_store *> res;
+    for (llama_seq_id s = 0; s < (llama_seq_id) hh.size(); ++s) {
+        if (seq_id < 0 || s == seq_id) {
+            res.push_back(hh[s].get());
+        }
+    }
+    return res;
+}
+
 llama_pos llama_kv_cache_fastgen::pos_max_compressed(llama_seq_id seq_id) const {
     llama_pos res = -1;
     for (llama_seq_id s = seq_id < 0 ? 0 : seq_id; s < (seq_id < 0 ? (llama_seq_id) n_seq_max : seq_id + 1); ++s) {
@@ -285,9 +291,9 @@ llama_pos llama_kv_cache_fastgen::pos_max_compressed(llama_seq_id seq_id) const 
                 res = std::max(res, slices[c]->seq_pos_max(s));
             }
         }
-        if ((size_t) s < hh.size()) {
-            res = std::max(res, hh[s]->pos_max());
-        }
+    }
+    for (const auto * st : stores_of(seq_id)) {
+        res = std::max(res, st->pos_max());
     }
     return res;
 }
@@ -313,8 +319,8 @@ llama_pos llama_kv_cache_fastgen::seq_pos_min(llama_seq_id seq_id) const {
 
 llama_pos llama_kv_cache_fastgen::seq_pos_max(llama_seq_id seq_id) const {
     llama_pos res = -1;
-    for (llama_seq_id s = 0; s < (llama_seq_id) hh.size(); ++s) {
-        res = seq_id < 0 || s == seq_id ? std::max(res, hh[s]->pos_max()) : res;
+    for (const auto * st : stores_of(seq_id)) {
+        res = std::max(res, st->pos_max());
     }
     for (const auto & s : slices) {
         if (s) {
@@ -367,7 +373,7 @@ llama_memory_context_ptr llama_kv_cache_fastgen::init_batch(llama_batch_allocr &
         bool ok = true;
         if (!hh.empty()) {
             std::vector<std::vector<uint32_t>> n_new(hh.size(), std::vector<uint32_t>(ubatches.size(), 0));
-            for (size_t u = 0; u < ubatches.size() && ok; ++u) {
+            for (size_t u = 0; u < ubatches.size(); ++u) {
                 const auto & ub = ubatches[u];
                 for (uint32_t i = 0; i < ub.n_tokens; ++i) {
                     const llama_seq_id s = ub.seq_id[i][0];
@@ -504,11 +510,8 @@ void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq
             }
         }
     }
-    // heavy-hitter stores: every sequence's (seq_id < 0), else the one of seq_id
-    for (llama_seq_id s = 0; s < (llama_seq_id) hh.size(); ++s) {
-        if (seq_id < 0 || s == seq_id) {
-            hh[s]->state_write(io);
-        }
+    for (const auto * st : stores_of(seq_id)) {
+        st->state_write(io);
     }
     for (size_t c = 0; c < slices.size(); ++c) {
         if (slices[c] && slice_in_state(*policy, c, partial)) {
@@ -555,10 +558,8 @@ void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_i
                 m[seq_id < 0 ? s : seq_id] = pos;
             }
         }
-        for (llama_seq_id s = 0; s < (llama_seq_id) hh.size(); ++s) {
-            if (seq_id < 0 || s == seq_id) {
-                hh[s]->state_read(io);
-            }
+        for (auto * st : stores_of(seq_id)) {
+            st->state_read(io);
         }
         for (size_t c = 0; c < slices.size(); ++c) {
             if (slices[c] && slice_in_state(*policy, c, partial)) {

@@ -75,6 +75,8 @@ public:
 private:
     // identifies the policy table and the slices' sizes in a saved state
     uint64_t state_fingerprint() const;
+    // the heavy-hitter stores of sequence seq_id, or of every sequence when seq_id < 0
+    std::vector<llama_fastgen_hh_store *> stores_of(llama_seq_id seq_id) const;
     // newest position any compressed class (or heavy-hitter store) holds of the sequence (-1: none, seq_id < 0: any)
     llama_pos pos_max_compressed(llama_seq_id seq_id) const;
     // when retained tokens fill a compressed class: drop its oldest protected tokens (not sinks)
