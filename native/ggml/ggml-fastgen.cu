@@ -12,25 +12,25 @@
 // a scratch buffer in between, so the probabilities added to the scores are those the output used.
 // One launch per layer: at depth 0 a decode step is dominated by per-kernel latency, not bytes.
 //
-// Prefill (more query rows than GGML_FASTGEN_HH_MAX_ROWS) takes four launches on tensor cores (WMMA:
-// f16 in, f32 accumulate), the CPU op's function in another order:
+// Prefill (more query rows than GGML_FASTGEN_HH_MAX_ROWS) takes four launches on tensor cores (mma.sync
+// m16n8k16 through PTX, f16 in, f32 accumulate, as llama.cpp's mma flash attention), the CPU op's
+// function in another order:
 //  1. hh_pf_write: the ubatch's K, V and positions into its cells, their scores to 0; the store then
 //     holds what the CPU op calls "cell positions as they will be after this ubatch";
 //  2. hh_pf_stats: a block per (64 query rows, head, split) walks its share of the head's cells in
 //     tiles of 64: each row's max logit and sum of exponentials (no output);
 //  3. hh_pf_out: the same blocks merge the splits' statistics and compute the same logits again (same
 //     f16 operands, same code: the same values), now as final probabilities: summed over the block's
-//     rows per cell (the column sums flash attention never forms) and multiplied by V into output
-//     accumulators that stay in registers (final probabilities need no rescaling);
+//     rows per cell (the column sums flash attention never forms) and multiplied by V (the logits' C
+//     fragments become the A fragments of p V; no rescaling, the probabilities are final);
 //  4. hh_pf_scores adds the row tiles' column sums into the scores (hh_pf_merge first adds up the
 //     output of the splits when there are several).
-// Both passes skip the tiles no query of the block sees (free cells, the ubatch's later tokens).
+// Both passes keep the queries in registers, list the tiles some query of the block sees (free cells
+// and the ubatch's later tokens are skipped) and load the next tile with cp.async while computing one.
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
 
-#if !defined(GGML_USE_HIP) && !defined(GGML_USE_MUSA)
-#include <mma.h>
-#endif
+#include "cp-async.cuh"
 
 #define HH_CHUNK 64 // cells per block: 8 warps x 8 cells x 4 lanes
 #define HH_WARPS 8
@@ -57,12 +57,6 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     __shared__ bool    last;
     __shared__ __align__(8) unsigned char free_s[HH_CHUNK]; // cells of the chunk that hold no token
 
-    if (threadIdx.x < T) {
-        new_c[threadIdx.x] = idxs[(h0 + j)*idxs_s1 + threadIdx.x];
-        qp_s[threadIdx.x]  = qpos[threadIdx.x];
-    }
-    __syncthreads();
-
     half  * Kj = K + (int64_t) j*C*D;
     half  * Vj = V + (int64_t) j*C*Dv;
     float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
@@ -71,9 +65,15 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     float * pm = part_m + ((int64_t) j*ns + sp)*R;
     float * pl = part_l + ((int64_t) j*ns + sp)*R;
 
-    // this lane's cell: lane `sub` of 4 holds elements (i*4 + sub)*8 .. +8 (16-byte loads)
+    // this lane's cell: lane `sub` of 4 holds elements (i*4 + sub)*8 .. +8 (16-byte loads); its position
+    // is read together with the slots (one memory round trip, not two)
     const int cl = warp*(WARP_SIZE/4) + lane/4, sub = lane % 4, c = c0 + cl;
     float cp = c < C ? Pj[c] : INFINITY;
+    if (threadIdx.x < T) {
+        new_c[threadIdx.x] = idxs[(h0 + j)*idxs_s1 + threadIdx.x];
+        qp_s[threadIdx.x]  = qpos[threadIdx.x];
+    }
+    __syncthreads();
     int tn = -1;
     float qp_max = -INFINITY;
     for (int t = 0; t < T; ++t) {
@@ -180,14 +180,21 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         }
         __syncthreads();
 
-        // 3. unnormalized output: one thread per V row, 8 contiguous cells per load
-        const int nc = min(HH_CHUNK, C - c0); // a multiple of 8 (C is)
+        // 3. unnormalized output: one thread per V row, 8 contiguous cells per load, all loads in flight
+        //    at once (cells past C: 0, and their weights are 0)
+        const int nc8 = min(HH_CHUNK, C - c0)/8; // C % 8 == 0
         for (int d = threadIdx.x; d < Dv; d += blockDim.x) {
             const uint4 * vrow = (const uint4 *) (Vj + (int64_t) d*C + c0);
+            uint4 vu[HH_CHUNK/8];
+#pragma unroll
+            for (int i = 0; i < HH_CHUNK/8; ++i) {
+                vu[i] = i < nc8 ? vrow[i] : make_uint4(0, 0, 0, 0);
+            }
             for (int r0 = 0; r0 < R; r0 += RB) {
                 float acc[RB] = { 0.0f };
-                for (int i = 0; i < nc/8; ++i) {
-                    uint4 u = vrow[i];
+#pragma unroll
+                for (int i = 0; i < HH_CHUNK/8; ++i) {
+                    uint4 u = vu[i];
                     const uint2 fr = *(const uint2 *) (free_s + 8*i);
                     if (fr.x | fr.y) { // a free cell's V may be anything (0 x NaN is NaN): as the CPU op, 0
                         half * hv = (half *) &u;
@@ -278,6 +285,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             continue;
         }
         float acc = 0.0f;
+#pragma unroll 4
         for (int r = 0; r < R; ++r) {
             const float l = __ldcg(logits + ((int64_t) j*R + r)*C + c1);
             acc += l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
@@ -290,25 +298,24 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     }
 }
 
-#define HH_PF_TILE  64 // query rows, and cells, per tile
-#define HH_PF_WARPS 4  // 16 query rows of a tile each
+#define HH_PF_TILE  64 // query rows per block (16 per warp), and cells per tile
+#define HH_PF_WARPS 4
+#define HH_PF_MAX_TILES (GGML_FASTGEN_HH_MAX_CELLS/HH_PF_TILE)
+// head sizes (K and V alike) the prefill kernels are built for: the queries' fragments and the output
+// accumulators stay in registers; other sizes keep the composed path
+#define HH_PF_D_CASES(X) X(64) X(128)
+#if defined(AMPERE_MMA_AVAILABLE) && defined(CP_ASYNC_AVAILABLE)
+#define HH_PF_AVAILABLE
+#endif
 
-// shared-memory row strides (elements): padded so WMMA pointers stay 32-byte aligned and rows spread over banks
-static __host__ __device__ constexpr int hh_pf_dp(int D) { return D + 8; }            // q, k (f16)
-static __host__ __device__ constexpr int hh_pf_vp()      { return HH_PF_TILE + 8; }   // v transposed, p (f16)
-static __host__ __device__ constexpr int hh_pf_sp()      { return HH_PF_TILE + 4; }   // logits, probabilities (f32)
-static size_t hh_pf_stats_smem(int D) {
-    return 2*sizeof(half)*HH_PF_TILE*hh_pf_dp(D) + sizeof(float)*HH_PF_TILE*hh_pf_sp();
+// dynamic shared memory: two buffers (the next tile loads while this one computes), each the tile's K
+// rows [64][D], its V rows [Dv][64] (transposed, as stored; Dv = 0: the statistics pass) and its cells'
+// positions [64]
+static size_t hh_pf_smem(int D, int Dv) {
+    return 2*(sizeof(half)*HH_PF_TILE*(D + Dv) + sizeof(float)*HH_PF_TILE);
 }
-static size_t hh_pf_out_smem(int D, int Dv) {
-    const size_t tiles = hh_pf_stats_smem(D) + sizeof(half)*Dv*hh_pf_vp(); // p (f16) reuses k's space
-    const size_t staging = sizeof(float)*HH_PF_TILE*(Dv + 4); // the output rows, once the tiles are done
-    return std::max(tiles, staging);
-}
-// the kernels' static shared memory (row statistics, cell positions, flags), rounded up
-#define HH_PF_STATIC_SMEM 2048
-// output columns / 16 the output kernel is built for (head sizes 64 ... 256): its accumulators stay in registers
-#define HH_PF_NB_CASES(X) X(4) X(5) X(6) X(7) X(8) X(12) X(16)
+// the kernels' static shared memory (row statistics, column sums, the list of tiles), rounded up
+#define HH_PF_STATIC_SMEM 4096
 
 static __global__ void hh_pf_write(
         const char * __restrict__ kc, const int64_t kc_nb1, const int64_t kc_nb2,
@@ -332,182 +339,280 @@ static __global__ void hh_pf_write(
     }
 }
 
-#if defined(TURING_MMA_AVAILABLE)
-namespace wmma = nvcuda::wmma;
+#if defined(HH_PF_AVAILABLE)
+// Tiles live in shared memory as rows of w halves (w >= 64) whose 16-byte chunks are XOR-swizzled by the
+// row: ldmatrix then reads 8 rows without bank conflicts, and no padding is needed. Half index of chunk ch of row r:
+static __device__ __forceinline__ int hh_pf_swz(int r, int ch, int w) {
+    return r*w + ((ch ^ (r & 7)) << 3);
+}
 
-// the block's query rows (r = t*G + g) as f16 into q_s (rows past R: zero), their positions into qp_r
-// (-inf past R); returns the largest position
-static __device__ float hh_pf_load_q(half * q_s, float * qp_r, const char * q, int64_t q_nb1, int64_t q_nb2,
-        const float * qpos, int j, int r0, int R, int G, int D) {
+static __device__ __forceinline__ void hh_ldmatrix_x4(uint32_t (&r)[4], const half * p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(ggml_cuda_cvta_generic_to_shared((void *) p)));
+}
+
+// d += a b on tensor cores: a 16 x 16 (row-major fragment), b 16 x 8 (column-major), f16 in, f32 accumulate
+static __device__ __forceinline__ void hh_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t b0, const uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// What both passes start with, block (row tile at r0, head j, split z of ns):
+//  - the block's query rows (r = t*G + g) as f16 A fragments in registers, the warp's 16 rows (rows past R:
+//    zero), staged through `stage` ([64][D] halves, swizzled); their positions in qp_r (-inf past R);
+//  - which of the split's cell tiles (z, z + ns, ...) some row of the block sees (seen[k]; free cells and
+//    the ubatch's later tokens are seen by nobody), and those tiles' indices k in order (list).
+// Returns how many are seen. Ends in a barrier.
+template <int D>
+static __device__ int hh_pf_begin(uint32_t (&qa)[D/16][4], half * stage, float * qp_r, unsigned char * seen, uint16_t * list,
+        const char * q, const int64_t q_nb1, const int64_t q_nb2, const float * qpos, const float * Pj,
+        const int j, const int r0, const int R, const int G, const int C, const int z, const int ns, const int nt) {
     __shared__ float qmax_s;
-    for (int i = threadIdx.x; i < HH_PF_TILE*D; i += blockDim.x) {
-        const int rr = i / D, d = i % D, r = r0 + rr;
-        const float x = r < R ? ((const float *) (q + (int64_t) (j*G + r % G)*q_nb1 + (int64_t) (r / G)*q_nb2))[d] : 0.0f;
-        q_s[rr*hh_pf_dp(D) + d] = __float2half(x);
+    __shared__ int   n_seen_s;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    for (int i = threadIdx.x; i < HH_PF_TILE*D/8; i += blockDim.x) {
+        const int rr = i / (D/8), ch = i % (D/8), r = r0 + rr;
+        __align__(16) half h[8];
+        const float * x = (const float *) (q + (int64_t) (j*G + r % G)*q_nb1 + (int64_t) (r / G)*q_nb2) + 8*ch;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            h[e] = __float2half(r < R ? x[e] : 0.0f);
+        }
+        *(uint4 *) (stage + hh_pf_swz(rr, ch, D)) = *(const uint4 *) h;
     }
     if (threadIdx.x < HH_PF_TILE) {
         const int r = r0 + threadIdx.x;
         qp_r[threadIdx.x] = r < R ? qpos[r / G] : -INFINITY;
     }
     __syncthreads();
-    if (threadIdx.x < WARP_SIZE) {
-        const float m = warp_reduce_max(fmaxf(qp_r[threadIdx.x], qp_r[threadIdx.x + WARP_SIZE]));
-        if (threadIdx.x == 0) {
+    if (warp == 0) {
+        const float m = warp_reduce_max(fmaxf(qp_r[lane], qp_r[lane + WARP_SIZE]));
+        if (lane == 0) {
             qmax_s = m;
         }
     }
     __syncthreads();
-    return qmax_s;
-}
-
-// cells [c0, c0 + 64) of a head: their positions into pc (+inf past C); false when no query row of the
-// block sees one of them (free cells, the ubatch's later tokens). Ends in a barrier.
-static __device__ bool hh_pf_tile_seen(float * pc, const float * Pj, int c0, int C, float qmax) {
-    float pv = INFINITY;
-    if (threadIdx.x < HH_PF_TILE) {
-        pv = c0 + (int) threadIdx.x < C ? Pj[c0 + threadIdx.x] : INFINITY;
-        pc[threadIdx.x] = pv;
+    const float qmax = qmax_s;
+    for (int k = warp; k < nt; k += HH_PF_WARPS) { // a warp per tile, two cells per lane
+        const int c = (z + k*ns)*HH_PF_TILE + lane;
+        const float p0 = c < C ? Pj[c] : INFINITY, p1 = c + WARP_SIZE < C ? Pj[c + WARP_SIZE] : INFINITY;
+        const bool s = __any_sync(0xffffffff, qmax - p0 > 0.0f || qmax - p1 > 0.0f);
+        if (lane == 0) {
+            seen[k] = s;
+        }
     }
-    return __syncthreads_or(qmax - pv > 0.0f);
+#pragma unroll
+    for (int ks = 0; ks < D/16; ++ks) { // A fragment: rows lane % 16, columns 16 ks + 8 (lane / 16)
+        hh_ldmatrix_x4(qa[ks], stage + hh_pf_swz(16*warp + lane % 16, 2*ks + lane/16, D));
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int cnt = 0;
+        for (int k0 = 0; k0 < nt; k0 += WARP_SIZE) {
+            const bool s = k0 + lane < nt && seen[k0 + lane];
+            const unsigned int b = __ballot_sync(0xffffffff, s);
+            if (s) {
+                list[cnt + __popc(b & ((1u << lane) - 1))] = (uint16_t) (k0 + lane);
+            }
+            cnt += __popc(b);
+        }
+        if (lane == 0) {
+            n_seen_s = cnt;
+        }
+    }
+    __syncthreads();
+    return n_seen_s;
 }
 
-// K rows of the tile's cells into k_s (zeros past C); C % 8 == 0, so 8 cells are all in or all out
-static __device__ void hh_pf_load_k(half * k_s, const half * Kj, int c0, int C, int D) {
-    const int per = D/8;
-    for (int i = threadIdx.x; i < HH_PF_TILE*per; i += blockDim.x) {
-        const int c = i / per, e = i % per;
-        uint4 u = make_uint4(0, 0, 0, 0);
+// cells [c0, c0 + 64) of a head into a tile buffer, asynchronously: K rows, V rows (Dv > 0) and positions;
+// past C zeros and +inf. C % 8 == 0, so 8 cells (one chunk of a V row) are all in or all out.
+template <int D, int Dv>
+static __device__ void hh_pf_load_tile(half * k_s, half * v_s, float * p_s, const half * Kj, const half * Vj, const float * Pj,
+        const int c0, const int C) {
+    for (int i = threadIdx.x; i < HH_PF_TILE*(D/8); i += HH_PF_WARPS*WARP_SIZE) {
+        const int c = i / (D/8), ch = i % (D/8);
+        half * d = k_s + hh_pf_swz(c, ch, D);
         if (c0 + c < C) {
-            u = *(const uint4 *) (Kj + (int64_t) (c0 + c)*D + 8*e);
+            cp_async_cg_16<0>(ggml_cuda_cvta_generic_to_shared(d), Kj + (int64_t) (c0 + c)*D + 8*ch);
+        } else {
+            *(uint4 *) d = make_uint4(0, 0, 0, 0);
         }
-        *(uint4 *) (k_s + c*hh_pf_dp(D) + 8*e) = u;
+    }
+    if constexpr (Dv > 0) {
+        for (int i = threadIdx.x; i < Dv*(HH_PF_TILE/8); i += HH_PF_WARPS*WARP_SIZE) {
+            const int dv = i / (HH_PF_TILE/8), ch = i % (HH_PF_TILE/8);
+            half * d = v_s + hh_pf_swz(dv, ch, HH_PF_TILE);
+            if (c0 + 8*ch < C) {
+                cp_async_cg_16<0>(ggml_cuda_cvta_generic_to_shared(d), Vj + (int64_t) dv*C + c0 + 8*ch);
+            } else {
+                *(uint4 *) d = make_uint4(0, 0, 0, 0);
+            }
+        }
+    }
+    if (threadIdx.x < HH_PF_TILE/4) {
+        const int c = c0 + 4*threadIdx.x;
+        if (c < C) {
+            cp_async_cg_16<0>(ggml_cuda_cvta_generic_to_shared(p_s + 4*threadIdx.x), Pj + c);
+        } else {
+            *(float4 *) (p_s + 4*threadIdx.x) = make_float4(INFINITY, INFINITY, INFINITY, INFINITY);
+        }
     }
 }
 
-// logits (scaled) of the warp's 16 query rows x the tile's 64 cells into s_s (f32). Both kernels call
-// this with the same operands, so the statistics and the probabilities see the same logits.
-static __device__ void hh_pf_logits(const half * q_s, const half * k_s, float * s_s, int D, int warp, float scale) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[HH_PF_TILE/16];
+// logits (scaled) of the warp's 16 query rows x the tile's 64 cells, as 8 C fragments: s[b] holds cells
+// 8 b + 2 (lane % 4) + {0, 1} of rows lane / 4 (s[b][0..1]) and lane / 4 + 8 (s[b][2..3]). Both passes
+// call this with the same operands, so the statistics and the probabilities see the same logits.
+template <int D>
+static __device__ __forceinline__ void hh_pf_logits(float (&s)[HH_PF_TILE/8][4], const uint32_t (&qa)[D/16][4],
+        const half * k_s, const float scale) {
+    const int lane = threadIdx.x % WARP_SIZE;
 #pragma unroll
-    for (int b = 0; b < HH_PF_TILE/16; ++b) {
-        wmma::fill_fragment(acc[b], 0.0f);
+    for (int b = 0; b < HH_PF_TILE/8; ++b) {
+        s[b][0] = s[b][1] = s[b][2] = s[b][3] = 0.0f;
     }
-    for (int k = 0; k < D; k += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a;
-        wmma::load_matrix_sync(a, q_s + 16*warp*hh_pf_dp(D) + k, hh_pf_dp(D));
 #pragma unroll
-        for (int b = 0; b < HH_PF_TILE/16; ++b) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> kb; // K^T: cell b's rows, column-major
-            wmma::load_matrix_sync(kb, k_s + 16*b*hh_pf_dp(D) + k, hh_pf_dp(D));
-            wmma::mma_sync(acc[b], a, kb, acc[b]);
+    for (int ks = 0; ks < D/16; ++ks) {
+#pragma unroll
+        for (int b = 0; b < HH_PF_TILE/16; ++b) { // B fragments of cells 16 b .. 16 b + 15: K rows, as stored
+            uint32_t kb[4];
+            hh_ldmatrix_x4(kb, k_s + hh_pf_swz(16*b + lane % 8 + 8*(lane/16), 2*ks + (lane/8) % 2, D));
+            hh_mma(s[2*b + 0], qa[ks], kb[0], kb[1]);
+            hh_mma(s[2*b + 1], qa[ks], kb[2], kb[3]);
         }
     }
 #pragma unroll
-    for (int b = 0; b < HH_PF_TILE/16; ++b) {
+    for (int b = 0; b < HH_PF_TILE/8; ++b) {
 #pragma unroll
-        for (int e = 0; e < acc[b].num_elements; ++e) {
-            acc[b].x[e] = __fmul_rn(acc[b].x[e], scale); // never contracted into another operation
+        for (int e = 0; e < 4; ++e) {
+            s[b][e] = __fmul_rn(s[b][e], scale); // never contracted into another operation
         }
-        wmma::store_matrix_sync(s_s + 16*warp*hh_pf_sp() + 16*b, acc[b], hh_pf_sp(), wmma::mem_row_major);
     }
 }
-#endif // defined(TURING_MMA_AVAILABLE)
+#endif // defined(HH_PF_AVAILABLE)
 
 // Pass 1, block (row tile, head j, split z): the max logit and sum of exponentials of each query row
-// over the cell tiles z, z + ns, ... (part_m, part_l [ns][n][RP]); the output pass merges the splits.
+// over the seen cell tiles z, z + ns, ... (part_m, part_l [ns][n][RP]); the output pass merges the splits.
+template <int D>
 static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_stats(
         const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
         const half * __restrict__ K, const float * __restrict__ P, const float * __restrict__ qpos,
         float * __restrict__ part_m, float * __restrict__ part_l,
-        const int D, const int C, const int T, const int G, const float scale) {
-#if defined(TURING_MMA_AVAILABLE)
+        const int C, const int T, const int G, const float scale) {
+#if defined(HH_PF_AVAILABLE)
     const int j = blockIdx.y, n = gridDim.y, z = blockIdx.z, ns = gridDim.z;
     const int r0 = blockIdx.x*HH_PF_TILE, R = G*T, RP = gridDim.x*HH_PF_TILE;
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    const int sp = hh_pf_sp();
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, tig = lane % 4;
+    const int nt = ((C + HH_PF_TILE - 1)/HH_PF_TILE - z + ns - 1)/ns;
 
     extern __shared__ __align__(128) char smem_pf[];
-    half  * q_s = (half *) smem_pf;                    // [64][dp]
-    half  * k_s = q_s + HH_PF_TILE*hh_pf_dp(D);        // [64][dp]
-    float * s_s = (float *) (k_s + HH_PF_TILE*hh_pf_dp(D)); // [64][sp]
-    __shared__ float qp_r[HH_PF_TILE], pc[HH_PF_TILE];
+    half  * k_s = (half *) smem_pf;                  // [2][64][D]
+    float * p_s = (float *) (k_s + 2*HH_PF_TILE*D);  // [2][64]
+    __shared__ float qp_r[HH_PF_TILE];
+    __shared__ unsigned char seen[HH_PF_MAX_TILES];
+    __shared__ uint16_t list[HH_PF_MAX_TILES];
 
-    const float qmax = hh_pf_load_q(q_s, qp_r, q, q_nb1, q_nb2, qpos, j, r0, R, G, D);
     const half  * Kj = K + (int64_t) j*C*D;
     const float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
-    // two lanes per row (32 cells each), the warp's 16 rows at once
-    const int ri = 16*warp + lane/2, hc = 32*(lane % 2);
-    const float qp = qp_r[ri];
-    float m = -INFINITY, l = 0.0f;
-    for (int c0 = z*HH_PF_TILE; c0 < C; c0 += ns*HH_PF_TILE) {
-        if (!hh_pf_tile_seen(pc, Pj, c0, C, qmax)) {
-            continue;
-        }
-        hh_pf_load_k(k_s, Kj, c0, C, D);
-        __syncthreads();
-        hh_pf_logits(q_s, k_s, s_s, D, warp, scale);
-        __syncwarp();
-        float x[32];
-        float mt = -INFINITY;
-#pragma unroll
-        for (int k = 0; k < 32; ++k) {
-            x[k] = qp - pc[hc + k] > 0.0f ? s_s[ri*sp + hc + k] : -INFINITY;
-            mt = fmaxf(mt, x[k]);
-        }
-        mt = fmaxf(mt, __shfl_xor_sync(0xffffffff, mt, 1));
-        const float m_new = fmaxf(m, mt);
-        float sum = 0.0f;
-#pragma unroll
-        for (int k = 0; k < 32; ++k) {
-            sum += x[k] == -INFINITY ? 0.0f : expf(x[k] - m_new);
-        }
-        sum += __shfl_xor_sync(0xffffffff, sum, 1);
-        l = (m == -INFINITY ? 0.0f : l*expf(m - m_new)) + sum;
-        m = m_new;
-        __syncthreads(); // k_s, s_s and pc are the next tile's
+    uint32_t qa[D/16][4];
+    const int n_seen = hh_pf_begin<D>(qa, k_s + HH_PF_TILE*D, qp_r, seen, list, q, q_nb1, q_nb2, qpos, Pj, j, r0, R, G, C, z, ns, nt);
+    const int ra = 16*warp + lane/4; // this thread's rows: ra and ra + 8
+    const float qp[2] = { qp_r[ra], qp_r[ra + 8] };
+    float m[2] = { -INFINITY, -INFINITY }, l[2] = { 0.0f, 0.0f }; // over this thread's cells
+
+    if (n_seen > 0) {
+        hh_pf_load_tile<D, 0>(k_s, nullptr, p_s, Kj, nullptr, Pj, (z + list[0]*ns)*HH_PF_TILE, C);
     }
-    if (hc == 0) {
-        const int64_t pr = ((int64_t) z*n + j)*RP + r0 + ri;
-        part_m[pr] = m;
-        part_l[pr] = l;
+    for (int i = 0; i < n_seen; ++i) {
+        const int bf = i % 2;
+        cp_async_wait_all();
+        __syncthreads(); // tile i is here; every warp is done with tile i - 1, whose buffer takes tile i + 1
+        if (i + 1 < n_seen) {
+            hh_pf_load_tile<D, 0>(k_s + (1 - bf)*HH_PF_TILE*D, nullptr, p_s + (1 - bf)*HH_PF_TILE, Kj, nullptr, Pj,
+                (z + list[i + 1]*ns)*HH_PF_TILE, C);
+        }
+        float s[HH_PF_TILE/8][4];
+        hh_pf_logits<D>(s, qa, k_s + bf*HH_PF_TILE*D, scale);
+        const float * pc = p_s + bf*HH_PF_TILE;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mt = -INFINITY;
+#pragma unroll
+            for (int b = 0; b < HH_PF_TILE/8; ++b) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float & x = s[b][2*h + e];
+                    x = qp[h] - pc[8*b + 2*tig + e] > 0.0f ? x : -INFINITY;
+                    mt = fmaxf(mt, x);
+                }
+            }
+            const float mn = fmaxf(m[h], mt);
+            if (mn == -INFINITY) {
+                continue; // nothing of the tile seen by this row yet
+            }
+            float sum = 0.0f;
+#pragma unroll
+            for (int b = 0; b < HH_PF_TILE/8; ++b) {
+                sum += expf(s[b][2*h] - mn) + expf(s[b][2*h + 1] - mn);
+            }
+            l[h] = (m[h] == -INFINITY ? 0.0f : l[h]*expf(m[h] - mn)) + sum;
+            m[h] = mn;
+        }
+    }
+    // the 4 lanes of a row merge their statistics
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int off = 1; off < 4; off *= 2) {
+            const float mo = __shfl_xor_sync(0xffffffff, m[h], off), lo = __shfl_xor_sync(0xffffffff, l[h], off);
+            const float mn = fmaxf(m[h], mo);
+            if (mn != -INFINITY) {
+                l[h] = (m[h] == -INFINITY ? 0.0f : l[h]*expf(m[h] - mn)) + (mo == -INFINITY ? 0.0f : lo*expf(mo - mn));
+            }
+            m[h] = mn;
+        }
+        if (tig == 0) {
+            const int64_t pr = ((int64_t) z*n + j)*RP + r0 + ra + 8*h;
+            part_m[pr] = m[h];
+            part_l[pr] = l[h];
+        }
     }
 #else
-    GGML_UNUSED_VARS(q, q_nb1, q_nb2, K, P, qpos, part_m, part_l, D, C, T, G, scale);
+    GGML_UNUSED_VARS(q, q_nb1, q_nb2, K, P, qpos, part_m, part_l, C, T, G, scale);
     NO_DEVICE_CODE;
-#endif // defined(TURING_MMA_AVAILABLE)
+#endif // defined(HH_PF_AVAILABLE)
 }
 
 // Pass 2, block (row tile, head j, split z): the rows' statistics merged from pass 1's splits, then the
-// same logits again over the cell tiles z, z + ns, ..., now as final probabilities p = exp(l - m)/sum:
-//  - their sums over the block's rows, per cell: part_c[row tile][j][C] (hh_pf_scores adds the row
-//    tiles into the scores; cells of tiles nobody in the block sees get 0), the column sums flash
-//    attention never forms;
-//  - the output rows += p V on tensor cores, in registers (NB x 16 columns; no rescaling, the
-//    probabilities are final): into dst when ns == 1, else into part_o[z] for hh_pf_merge.
-template <int NB>
-static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_out(
+// same logits again over the seen cell tiles z, z + ns, ..., now as final probabilities p = exp(l - m)/sum,
+// all in registers:
+//  - their sums over the block's rows, per cell: part_c[row tile][j][C] (hh_pf_scores adds the row tiles
+//    into the scores; cells of tiles nobody in the block sees get 0), the column sums flash attention
+//    never forms;
+//  - the output rows += p V on tensor cores (p's C fragments are A fragments of the next product; no
+//    rescaling, the probabilities are final): into dst when ns == 1, else into part_o[z] for hh_pf_merge.
+template <int D>
+static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, 3) hh_pf_out(
         const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
         const half * __restrict__ K, const half * __restrict__ V, const float * __restrict__ P,
         const float * __restrict__ qpos, const float * __restrict__ part_m, const float * __restrict__ part_l, const int ns_m,
         float * __restrict__ dst, float * __restrict__ part_o, float * __restrict__ part_c,
-        const int D, const int C, const int T, const int G, const float scale) {
-#if defined(TURING_MMA_AVAILABLE)
-    constexpr int Dv = 16*NB;
+        const int C, const int T, const int G, const float scale) {
+#if defined(HH_PF_AVAILABLE)
+    constexpr int Dv = D;
     const int j = blockIdx.y, n = gridDim.y, z = blockIdx.z, ns = gridDim.z, rt = blockIdx.x;
     const int r0 = rt*HH_PF_TILE, R = G*T, RP = gridDim.x*HH_PF_TILE;
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    const int dp = hh_pf_dp(D), vp = hh_pf_vp(), sp = hh_pf_sp();
-    static_assert(HH_PF_WARPS*WARP_SIZE == 2*HH_PF_TILE, "two threads per cell");
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, tig = lane % 4;
+    const int nt = ((C + HH_PF_TILE - 1)/HH_PF_TILE - z + ns - 1)/ns;
 
     extern __shared__ __align__(128) char smem_pf[];
-    half  * q_s = (half *) smem_pf;             // [64][dp]
-    half  * k_s = q_s + HH_PF_TILE*dp;          // [64][dp]
-    float * s_s = (float *) (k_s + HH_PF_TILE*dp); // [64][sp]: logits, then probabilities
-    half  * v_s = (half *) (s_s + HH_PF_TILE*sp);  // [Dv][vp]: the tile's V, transposed as stored (free cells: 0)
-    half  * p_s = k_s;                          // [64][vp]: probabilities as f16, once the logits are done with k_s
-    __shared__ float qp_r[HH_PF_TILE], m_r[HH_PF_TILE], il_r[HH_PF_TILE], pc[HH_PF_TILE], colsum[HH_PF_TILE];
+    half  * k_s = (half *) smem_pf;                   // [2][64][D]
+    half  * v_s = k_s + 2*HH_PF_TILE*D;               // [2][Dv][64]
+    float * p_s = (float *) (v_s + 2*Dv*HH_PF_TILE);  // [2][64]
+    __shared__ float qp_r[HH_PF_TILE], m_r[HH_PF_TILE], il_r[HH_PF_TILE];
+    __shared__ float cs_s[2][HH_PF_WARPS][HH_PF_TILE]; // each warp's column sums of a tile
+    __shared__ unsigned char seen[HH_PF_MAX_TILES];
+    __shared__ uint16_t list[HH_PF_MAX_TILES];
 
-    const float qmax = hh_pf_load_q(q_s, qp_r, q, q_nb1, q_nb2, qpos, j, r0, R, G, D);
     if (threadIdx.x < HH_PF_TILE) {
         const int r = r0 + threadIdx.x;
         float m = -INFINITY, l = 0.0f;
@@ -521,112 +626,118 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_out(
         m_r[threadIdx.x]  = m;
         il_r[threadIdx.x] = l > 0.0f ? 1.0f/l : 0.0f;
     }
-    // (hh_pf_tile_seen's barrier publishes m_r and il_r)
-
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[NB];
-#pragma unroll
-    for (int b = 0; b < NB; ++b) {
-        wmma::fill_fragment(o[b], 0.0f);
-    }
     const half  * Kj = K + (int64_t) j*C*D;
     const half  * Vj = V + (int64_t) j*C*Dv;
     const float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
+    uint32_t qa[D/16][4];
+    const int n_seen = hh_pf_begin<D>(qa, k_s + HH_PF_TILE*D, qp_r, seen, list, q, q_nb1, q_nb2, qpos, Pj, j, r0, R, G, C, z, ns, nt);
+
     float * cs = part_c + ((int64_t) rt*n + j)*C;
-    const int ri = 16*warp + lane/2, hc = 32*(lane % 2), c = threadIdx.x % HH_PF_TILE, half_ = threadIdx.x / HH_PF_TILE;
-    for (int c0 = z*HH_PF_TILE; c0 < C; c0 += ns*HH_PF_TILE) {
-        if (!hh_pf_tile_seen(pc, Pj, c0, C, qmax)) {
-            if (half_ == 0 && c0 + c < C) {
-                cs[c0 + c] = 0.0f;
-            }
-            continue;
+    for (int i = threadIdx.x; i < nt*HH_PF_TILE; i += blockDim.x) { // tiles nobody in the block sees
+        const int k = i / HH_PF_TILE, c = (z + k*ns)*HH_PF_TILE + i % HH_PF_TILE;
+        if (!seen[k] && c < C) {
+            cs[c] = 0.0f;
         }
-        hh_pf_load_k(k_s, Kj, c0, C, D);
-#pragma unroll 4
-        for (int i = threadIdx.x; i < Dv*(HH_PF_TILE/8); i += blockDim.x) {
-            const int d = i / (HH_PF_TILE/8), e = i % (HH_PF_TILE/8), cc = c0 + 8*e;
-            uint4 u = make_uint4(0, 0, 0, 0);
-            if (cc < C) {
-                u = *(const uint4 *) (Vj + (int64_t) d*C + cc);
-                half * h = (half *) &u;
+    }
+    const int ra = 16*warp + lane/4; // this thread's rows: ra and ra + 8
+    const float qp[2] = { qp_r[ra], qp_r[ra + 8] }, m[2] = { m_r[ra], m_r[ra + 8] }, il[2] = { il_r[ra], il_r[ra + 8] };
+    float o[Dv/8][4];
 #pragma unroll
-                for (int k = 0; k < 8; ++k) { // a free cell's V may be anything (0 x NaN is NaN): as the CPU op, 0
-                    h[k] = pc[8*e + k] == INFINITY ? __float2half(0.0f) : h[k];
+    for (int b = 0; b < Dv/8; ++b) {
+        o[b][0] = o[b][1] = o[b][2] = o[b][3] = 0.0f;
+    }
+
+    if (n_seen > 0) {
+        hh_pf_load_tile<D, Dv>(k_s, v_s, p_s, Kj, Vj, Pj, (z + list[0]*ns)*HH_PF_TILE, C);
+    }
+    for (int i = 0; i < n_seen; ++i) {
+        const int bf = i % 2;
+        cp_async_wait_all();
+        __syncthreads(); // tile i is here; every warp is done with tile i - 1, whose buffer takes tile i + 1
+        if (i > 0 && threadIdx.x < HH_PF_TILE) { // tile i - 1's column sums, added over the warps
+            const int c = (z + list[i - 1]*ns)*HH_PF_TILE + threadIdx.x;
+            if (c < C) {
+                cs[c] = cs_s[1 - bf][0][threadIdx.x] + cs_s[1 - bf][1][threadIdx.x] + cs_s[1 - bf][2][threadIdx.x] + cs_s[1 - bf][3][threadIdx.x];
+            }
+        }
+        if (i + 1 < n_seen) {
+            hh_pf_load_tile<D, Dv>(k_s + (1 - bf)*HH_PF_TILE*D, v_s + (1 - bf)*Dv*HH_PF_TILE, p_s + (1 - bf)*HH_PF_TILE,
+                Kj, Vj, Pj, (z + list[i + 1]*ns)*HH_PF_TILE, C);
+        }
+        float s[HH_PF_TILE/8][4];
+        hh_pf_logits<D>(s, qa, k_s + bf*HH_PF_TILE*D, scale);
+        const float * pc = p_s + bf*HH_PF_TILE;
+
+        uint32_t pa[HH_PF_TILE/16][4]; // the probabilities as A fragments of p V: cells 16 k .. 16 k + 15
+#pragma unroll
+        for (int b = 0; b < HH_PF_TILE/8; ++b) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float pce = pc[8*b + 2*tig + e];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float & x = s[b][2*h + e];
+                    x = qp[h] - pce > 0.0f ? expf(x - m[h])*il[h] : 0.0f;
                 }
             }
-            *(uint4 *) (v_s + d*vp + 8*e) = u;
-        }
-        __syncthreads();
-
-        hh_pf_logits(q_s, k_s, s_s, D, warp, scale);
-        __syncthreads(); // k_s becomes p_s
-        {
-            const float qp = qp_r[ri], m = m_r[ri], il = il_r[ri];
-            float x[32];
+            float c0 = s[b][0] + s[b][2], c1 = s[b][1] + s[b][3]; // the warp's 16 rows, per cell
 #pragma unroll
-            for (int k = 0; k < 32; ++k) {
-                x[k] = qp - pc[hc + k] > 0.0f ? expf(s_s[ri*sp + hc + k] - m)*il : 0.0f;
+            for (int off = 4; off < WARP_SIZE; off *= 2) {
+                c0 += __shfl_xor_sync(0xffffffff, c0, off);
+                c1 += __shfl_xor_sync(0xffffffff, c1, off);
             }
-#pragma unroll
-            for (int k = 0; k < 32; ++k) {
-                s_s[ri*sp + hc + k] = x[k];
-                p_s[ri*vp + hc + k] = __float2half(x[k]);
+            if (lane < 4) {
+                cs_s[bf][warp][8*b + 2*tig + 0] = c0;
+                cs_s[bf][warp][8*b + 2*tig + 1] = c1;
             }
-        }
-        __syncthreads(); // every row's probabilities, for the column sums
-
-        float acc = 0.0f;
-#pragma unroll 8
-        for (int i = half_*(HH_PF_TILE/2); i < (half_ + 1)*(HH_PF_TILE/2); ++i) {
-            acc += s_s[i*sp + c];
-        }
-        if (half_ == 1) {
-            colsum[c] = acc;
+            const half2 lo = __floats2half2_rn(s[b][0], s[b][1]), hi = __floats2half2_rn(s[b][2], s[b][3]);
+            pa[b/2][2*(b % 2) + 0] = *(const uint32_t *) &lo;
+            pa[b/2][2*(b % 2) + 1] = *(const uint32_t *) &hi;
         }
 
-        // output rows += p V (the warp's rows of p_s, written by this warp)
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> pa[HH_PF_TILE/16];
+        // a free cell's V may be anything (0 x NaN is NaN): as the CPU op, 0 (masks on the B fragments'
+        // halves: cells 16 k + 2 (lane % 4) + {0, 1} and + 8)
+        const unsigned int f_lo = __ballot_sync(0xffffffff, isinf(pc[lane])), f_hi = __ballot_sync(0xffffffff, isinf(pc[lane + WARP_SIZE]));
+        const uint64_t f = ((uint64_t) f_hi << 32) | f_lo;
 #pragma unroll
         for (int k = 0; k < HH_PF_TILE/16; ++k) {
-            wmma::load_matrix_sync(pa[k], p_s + 16*warp*vp + 16*k, vp);
-        }
+            const int c = 16*k + 2*tig;
+            const uint32_t m0 = ((f >> c) & 1 ? 0u : 0x0000ffffu) | ((f >> (c + 1)) & 1 ? 0u : 0xffff0000u);
+            const uint32_t m1 = ((f >> (c + 8)) & 1 ? 0u : 0x0000ffffu) | ((f >> (c + 9)) & 1 ? 0u : 0xffff0000u);
 #pragma unroll
-        for (int b = 0; b < NB; ++b) {
-#pragma unroll
-            for (int k = 0; k < HH_PF_TILE/16; ++k) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> vb; // V[cell][d], stored [d][cell]
-                wmma::load_matrix_sync(vb, v_s + 16*b*vp + 16*k, vp);
-                wmma::mma_sync(o[b], pa[k], vb, o[b]);
+            for (int b = 0; b < Dv/16; ++b) { // B fragments of output columns 16 b .. 16 b + 15: V rows, as stored
+                uint32_t vb[4];
+                hh_ldmatrix_x4(vb, v_s + bf*Dv*HH_PF_TILE + hh_pf_swz(16*b + lane % 8 + 8*(lane/16), 2*k + (lane/8) % 2, HH_PF_TILE));
+                hh_mma(o[2*b + 0], pa[k], vb[0] & m0, vb[1] & m1);
+                hh_mma(o[2*b + 1], pa[k], vb[2] & m0, vb[3] & m1);
             }
         }
-        __syncthreads(); // colsum, and k_s, v_s, s_s and pc are the next tile's
-        if (half_ == 0 && c0 + c < C) {
-            cs[c0 + c] = acc + colsum[c];
+    }
+    __syncthreads();
+    if (n_seen > 0 && threadIdx.x < HH_PF_TILE) { // the last tile's column sums
+        const int bf = (n_seen - 1) % 2, c = (z + list[n_seen - 1]*ns)*HH_PF_TILE + threadIdx.x;
+        if (c < C) {
+            cs[c] = cs_s[bf][0][threadIdx.x] + cs_s[bf][1][threadIdx.x] + cs_s[bf][2][threadIdx.x] + cs_s[bf][3][threadIdx.x];
         }
     }
 
-    // the output rows through shared memory (the tiles are done with it): dst rows are not evenly spaced
-    __syncthreads();
-    float * o_s = (float *) smem_pf; // [64][Dv + 4]
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
-        wmma::store_matrix_sync(o_s + 16*warp*(Dv + 4) + 16*b, o[b], Dv + 4, wmma::mem_row_major);
-    }
-    __syncwarp();
-    for (int i = 16*warp; i < 16*warp + 16; ++i) {
-        const int r = r0 + i;
+    for (int h = 0; h < 2; ++h) {
+        const int r = r0 + ra + 8*h;
         if (r >= R) {
-            break;
+            continue;
         }
         float * out = ns == 1 ? dst + (int64_t) (r / G)*Dv*G*n + ((int64_t) j*G + r % G)*Dv
                               : part_o + (((int64_t) z*n + j)*RP + r)*Dv;
-        for (int d = lane; d < Dv; d += WARP_SIZE) {
-            out[d] = o_s[i*(Dv + 4) + d];
+#pragma unroll
+        for (int b = 0; b < Dv/8; ++b) {
+            *(float2 *) (out + 8*b + 2*tig) = make_float2(o[b][2*h], o[b][2*h + 1]);
         }
     }
 #else
-    GGML_UNUSED_VARS(q, q_nb1, q_nb2, K, V, P, qpos, part_m, part_l, ns_m, dst, part_o, part_c, D, C, T, G, scale);
+    GGML_UNUSED_VARS(q, q_nb1, q_nb2, K, V, P, qpos, part_m, part_l, ns_m, dst, part_o, part_c, C, T, G, scale);
     NO_DEVICE_CODE;
-#endif // defined(TURING_MMA_AVAILABLE)
+#endif // defined(HH_PF_AVAILABLE)
 }
 
 // the output splits of hh_pf_out added up (their probabilities were already final): a block per (query row, head)
@@ -658,10 +769,10 @@ static __global__ void hh_pf_scores(const float * __restrict__ part_c, const flo
     *s = isinf(P[(int64_t) j*(C + GGML_FASTGEN_HH_P_PAD) + c]) ? sum : *s + sum;
 }
 
-static bool hh_pf_nb_built(int nb) {
-#define HH_PF_NB_IS(NB) nb == NB ||
-    return HH_PF_NB_CASES(HH_PF_NB_IS) false;
-#undef HH_PF_NB_IS
+static bool hh_pf_d_built(int64_t D) {
+#define HH_PF_D_IS(D_) D == D_ ||
+    return HH_PF_D_CASES(HH_PF_D_IS) false;
+#undef HH_PF_D_IS
 }
 
 bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op) {
@@ -684,12 +795,13 @@ bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op) {
     if ((q->ne[1]/n)*q->ne[2] <= GGML_FASTGEN_HH_MAX_ROWS) {
         return true; // decode kernel
     }
-    // prefill kernels: tensor cores, an output kernel built for the head size, and the tiles' shared
-    // memory (70 KB at head size 128, three blocks per SM on H100/H200; 121 KB at 256: H100/H200 and
-    // A100 yes, GPUs with 99 KB per block no, those keep the composed path)
+    // prefill kernels: tensor cores and asynchronous copies (Ampere and newer), kernels built for the head
+    // size (K and V alike), and the tiles' shared memory (76 KB at head size 128: three blocks per SM on
+    // H100/H200, two on A100; GPUs with 99 KB per block, e.g. consumer Ampere, fit it too)
     const ggml_cuda_device_info::cuda_device_info & info = ggml_cuda_info().devices[device];
-    const size_t smem = std::max(hh_pf_stats_smem(K->ne[0]), hh_pf_out_smem(K->ne[0], V->ne[1])) + HH_PF_STATIC_SMEM;
-    return turing_mma_available(info.cc) && V->ne[1] % 16 == 0 && hh_pf_nb_built((int) (V->ne[1]/16)) && smem <= info.smpbo;
+    const size_t smem = hh_pf_smem(K->ne[0], V->ne[1]) + HH_PF_STATIC_SMEM;
+    return ampere_mma_available(info.cc) && cp_async_available(info.cc) && K->ne[0] == V->ne[1] && hh_pf_d_built(K->ne[0]) &&
+           smem <= info.smpbo;
 }
 
 // dynamic shared memory above the default 48 KB needs an opt-in per kernel and device: raised to what
@@ -723,21 +835,20 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
         (const int64_t *) a.idxs->data, a.idxs->nb[1]/sizeof(int64_t), a.h0, K, V, S, P, qpos, D, Dv, C);
 
     const dim3 grid(row_tiles, n, ns), block(HH_PF_WARPS*WARP_SIZE);
-    static size_t raised_stats[GGML_CUDA_MAX_DEVICES] = {};
-    hh_pf_smem_limit((const void *) hh_pf_stats, raised_stats[ctx.device], hh_pf_stats_smem(D));
-    hh_pf_stats<<<grid, block, hh_pf_stats_smem(D), stream>>>(
-        (const char *) a.q->data, a.q->nb[1], a.q->nb[2], K, P, qpos, part_m.get(), part_l.get(), D, C, T, G, a.scale);
-#define HH_PF_OUT_CASE(NB) case NB: { \
-        static size_t raised[GGML_CUDA_MAX_DEVICES] = {}; \
-        hh_pf_smem_limit((const void *) hh_pf_out<NB>, raised[ctx.device], hh_pf_out_smem(D, Dv)); \
-        hh_pf_out<NB><<<grid, block, hh_pf_out_smem(D, Dv), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
-            K, V, P, qpos, part_m.get(), part_l.get(), ns, (float *) dst->data, part_o.get(), part_c.get(), D, C, T, G, a.scale); \
+#define HH_PF_CASE(D_) case D_: { \
+        static size_t raised_stats[GGML_CUDA_MAX_DEVICES] = {}, raised_out[GGML_CUDA_MAX_DEVICES] = {}; \
+        hh_pf_smem_limit((const void *) hh_pf_stats<D_>, raised_stats[ctx.device], hh_pf_smem(D, 0)); \
+        hh_pf_stats<D_><<<grid, block, hh_pf_smem(D, 0), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
+            K, P, qpos, part_m.get(), part_l.get(), C, T, G, a.scale); \
+        hh_pf_smem_limit((const void *) hh_pf_out<D_>, raised_out[ctx.device], hh_pf_smem(D, Dv)); \
+        hh_pf_out<D_><<<grid, block, hh_pf_smem(D, Dv), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
+            K, V, P, qpos, part_m.get(), part_l.get(), ns, (float *) dst->data, part_o.get(), part_c.get(), C, T, G, a.scale); \
         } break;
-    switch (Dv/16) {
-        HH_PF_NB_CASES(HH_PF_OUT_CASE)
-        default: GGML_ABORT("fastgen: value head size %d not supported by the prefill kernels", Dv);
+    switch (D) {
+        HH_PF_D_CASES(HH_PF_CASE)
+        default: GGML_ABORT("fastgen: head size %d not supported by the prefill kernels", D);
     }
-#undef HH_PF_OUT_CASE
+#undef HH_PF_CASE
     if (ns > 1) {
         hh_pf_merge<<<dim3(R, n), 128, 0, stream>>>(part_o.get(), (float *) dst->data, Dv, G, RP, ns);
     }
