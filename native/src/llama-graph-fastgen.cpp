@@ -86,6 +86,7 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
     if (!m) {
         return nullptr;
     }
+    m->get_cache()->hh_memory().set_sched(g.sched); // the scheduler that will compute over the stores
     auto inp = std::make_unique<llm_graph_input_attn_kv_fastgen>(g.hparams, g.cparams, m);
     inp->cls.resize(m->get_cache()->n_class());
     const int64_t n_tokens = g.ubatch.n_tokens;

@@ -2,7 +2,6 @@
 
 #include "ggml-fastgen.h"
 
-#include "llama-context.h"
 #include "llama-impl.h"
 #include "llama-io.h"
 #include "llama-model.h"
@@ -252,7 +251,7 @@ void llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama
     l.dirty = l.dirty || n_evict > 0;
 }
 
-bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx) {
+bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t sched) {
     const uint32_t n = ub.n_tokens;
     const llama_pos p0 = ub.pos[0];
 
@@ -266,9 +265,9 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx
         if (!need) {
             continue;
         }
-        if (!synced && lctx) {
+        if (!synced && sched) {
             // the scores of the previous ubatch may still be computing on an asynchronous backend
-            ggml_backend_sched_synchronize(lctx->get_sched());
+            ggml_backend_sched_synchronize(sched);
             synced = true;
         }
         scores.resize((size_t) l.n_head*cap); // one read-back per layer, not per head
@@ -333,8 +332,8 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, llama_context * lctx
     if (fz) {
         for (auto & l : layers) {
             if (l.dirty) {
-                if (!synced && lctx) {
-                    ggml_backend_sched_synchronize(lctx->get_sched()); // l.p may be in use by the last graph
+                if (!synced && sched) {
+                    ggml_backend_sched_synchronize(sched); // l.p may be in use by the last graph
                     synced = true;
                 }
                 upload_positions(l);
@@ -402,10 +401,10 @@ void llama_fastgen_hh_store::clear() {
     last_pos = -1;
 }
 
-void llama_fastgen_hh_store::copy_from(const llama_fastgen_hh_store & src, llama_context * lctx) {
+void llama_fastgen_hh_store::copy_from(const llama_fastgen_hh_store & src, ggml_backend_sched_t sched) {
     GGML_ASSERT(src.cap == cap && src.layers.size() == layers.size());
-    if (lctx) {
-        ggml_backend_sched_synchronize(lctx->get_sched()); // the source's tensors may still be computing
+    if (sched) {
+        ggml_backend_sched_synchronize(sched); // the source's tensors may still be computing
     }
     for (size_t li = 0; li < layers.size(); ++li) {
         layer & l = layers[li];
@@ -496,4 +495,151 @@ void llama_fastgen_hh_store::state_read(llama_io_read_i & io) {
         clear();
         throw;
     }
+}
+
+//
+// llama_fastgen_hh_memory
+//
+
+std::vector<llama_fastgen_hh_store *> llama_fastgen_hh_memory::stores_of(llama_seq_id seq_id) const {
+    std::vector<llama_fastgen_hh_store *> res;
+    for (llama_seq_id s = 0; s < (llama_seq_id) stores.size(); ++s) {
+        if (seq_id < 0 || s == seq_id) {
+            res.push_back(stores[s].get());
+        }
+    }
+    return res;
+}
+
+bool llama_fastgen_hh_memory::takes_seqs(const std::vector<llama_ubatch> & ubatches) const {
+    for (const auto & ub : ubatches) {
+        for (uint32_t i = 0; !stores.empty() && i < ub.n_tokens; ++i) {
+            const llama_seq_id s = ub.seq_id[i][0];
+            if (ub.n_seq_id[i] != 1 || s < 0 || (size_t) s >= stores.size()) {
+                LLAMA_LOG_ERROR("%s: a token of several sequences (or of sequence %d) with heavy-hitter heads: their "
+                        "cells are per sequence; give each token one sequence below n_seq_max\n", __func__, s);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+bool llama_fastgen_hh_memory::fits(const std::vector<llama_ubatch> & ubatches) const {
+    std::vector<std::vector<uint32_t>> n_new(stores.size(), std::vector<uint32_t>(ubatches.size(), 0));
+    for (size_t u = 0; u < ubatches.size() && !stores.empty(); ++u) {
+        for (uint32_t i = 0; i < ubatches[u].n_tokens; ++i) {
+            n_new[ubatches[u].seq_id[i][0]][u]++;
+        }
+    }
+    for (size_t s = 0; s < stores.size(); ++s) {
+        if (!stores[s]->fits(n_new[s])) {
+            LLAMA_LOG_ERROR("%s: the heavy-hitter store (%u cells per head) cannot take this batch; use a smaller n_ubatch\n",
+                    __func__, stores[s]->get_size());
+            return false;
+        }
+    }
+    return true;
+}
+
+bool llama_fastgen_hh_memory::apply(const llama_ubatch & ub) {
+    bool res = true;
+    for (uint32_t g = 0; !stores.empty() && g < hh_n_groups(ub); ++g) {
+        res = stores[hh_group_seq(ub, g)]->apply(hh_group(ub, g), sched) && res;
+    }
+    return res;
+}
+
+void llama_fastgen_hh_memory::clear() {
+    seq_rm(-1);
+}
+
+void llama_fastgen_hh_memory::seq_rm(llama_seq_id seq_id) {
+    for (auto * st : stores_of(seq_id)) {
+        st->clear();
+    }
+}
+
+bool llama_fastgen_hh_memory::seq_cp(llama_seq_id src, llama_seq_id dst, bool whole) {
+    if (stores.empty()) {
+        return true;
+    }
+    // llama-server copies a prompt's sequence for several completions: store to store; a part of one cannot be
+    if (!whole || src < 0 || dst < 0 || (size_t) src >= stores.size() || (size_t) dst >= stores.size()) {
+        LLAMA_LOG_ERROR("%s: heavy-hitter heads copy whole sequences only; sequence %d unchanged\n", __func__, dst);
+        return false;
+    }
+    stores[dst]->copy_from(*stores[src], sched);
+    return true;
+}
+
+void llama_fastgen_hh_memory::seq_keep(llama_seq_id seq_id) {
+    for (llama_seq_id s = 0; s < (llama_seq_id) stores.size(); ++s) {
+        if (s != seq_id) {
+            stores[s]->clear();
+        }
+    }
+}
+
+llama_pos llama_fastgen_hh_memory::seq_pos_max(llama_seq_id seq_id) const {
+    llama_pos res = -1;
+    for (const auto * st : stores_of(seq_id)) {
+        res = std::max(res, st->pos_max());
+    }
+    return res;
+}
+
+uint32_t llama_fastgen_hh_memory::max_used(int c) const {
+    uint32_t n = 0;
+    for (const auto & st : stores) {
+        n = std::max(n, st->max_used(c));
+    }
+    return n;
+}
+
+size_t llama_fastgen_hh_memory::class_bytes(int c) const {
+    return stores.empty() ? 0 : stores.size()*stores[0]->class_bytes(c);
+}
+
+std::map<ggml_backend_buffer_type_t, size_t> llama_fastgen_hh_memory::memory_breakdown() const {
+    std::map<ggml_backend_buffer_type_t, size_t> res;
+    for (const auto & st : stores) {
+        for (const auto & [buft, size] : st->memory_breakdown()) {
+            res[buft] += size;
+        }
+    }
+    return res;
+}
+
+void llama_fastgen_hh_memory::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
+    for (const auto * st : stores_of(seq_id)) {
+        st->state_write(io);
+    }
+}
+
+void llama_fastgen_hh_memory::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
+    for (auto * st : stores_of(seq_id)) {
+        st->state_read(io);
+    }
+}
+
+uint32_t hh_n_groups(const llama_ubatch & ub) {
+    return ub.n_seqs_unq > 1 ? ub.n_seqs : 1;
+}
+
+llama_seq_id hh_group_seq(const llama_ubatch & ub, uint32_t g) {
+    const uint32_t t = g*(ub.n_tokens/hh_n_groups(ub));
+    if (ub.n_tokens > 0 && ub.seq_id && ub.seq_id[t]) {
+        return ub.seq_id[t][0];
+    }
+    return ub.seq_id_unq && g < ub.n_seqs_unq ? ub.seq_id_unq[g] : 0; // a reserve ubatch has no per-token ids
+}
+
+llama_ubatch hh_group(const llama_ubatch & ub, uint32_t g) {
+    llama_ubatch r = ub;
+    const uint32_t n = ub.n_tokens/hh_n_groups(ub), t0 = g*n;
+    r.n_tokens = n;
+    r.pos   = ub.pos + t0;
+    r.token = ub.token ? ub.token + t0 : nullptr;
+    return r;
 }

@@ -17,8 +17,8 @@
 // long ones where the store's backend runs it (CPU, CUDA); after a composed ubatch, an eviction, clear or state load, the host re-uploads the positions. Eviction runs on the host before a ubatch, batched: a head holding more than
 // budget + FREQUENT_EVICT_BATCH cells (counting the new ones) drops back to `budget` cells by
 // removing the lowest mean score (score / queries that saw the cell); sinks and the window are
-// never evicted, special tokens only when nothing else is left. One sequence: the cache keeps a store per
-// sequence.
+// never evicted, special tokens only when nothing else is left. One sequence: llama_fastgen_hh_memory
+// keeps a store per sequence.
 #pragma once
 
 #include "llama-fastgen-policy.h"
@@ -27,10 +27,10 @@
 #include "ggml-cpp.h"
 
 #include <map>
+#include <memory>
 #include <vector>
 
 struct llama_model;
-struct llama_context;
 class llama_io_write_i;
 class llama_io_read_i;
 
@@ -80,8 +80,9 @@ public:
     size_t   total_bytes() const;
     std::map<ggml_backend_buffer_type_t, size_t> memory_breakdown() const;
 
-    // evict if needed, then choose the slots of the ubatch's tokens and commit them (false: no room)
-    bool apply(const llama_ubatch & ubatch, llama_context * lctx);
+    // evict if needed, then choose the slots of the ubatch's tokens and commit them (false: no room);
+    // sched: synchronized before reading or writing tensors the last graph may still be using
+    bool apply(const llama_ubatch & ubatch, ggml_backend_sched_t sched);
     // would a batch fit, n_new[u] of its tokens in ubatch u (cells are freed by eviction, never by the batch itself)
     bool fits(const std::vector<uint32_t> & n_new) const;
 
@@ -94,8 +95,8 @@ public:
     static void set_input_query_pos(ggml_tensor * dst, const llama_ubatch & ubatch);
 
     void clear();
-    // become a copy of another store of the same cache (a whole sequence copied); lctx: synchronized first
-    void copy_from(const llama_fastgen_hh_store & src, llama_context * lctx);
+    // become a copy of another store of the same cache (a whole sequence copied); sched: synchronized first
+    void copy_from(const llama_fastgen_hh_store & src, ggml_backend_sched_t sched);
     llama_pos pos_max() const { return last_pos; }
 
     void state_write(llama_io_write_i & io) const;
@@ -126,3 +127,53 @@ private:
 
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
 };
+
+// The heavy-hitter stores of a cache, one per sequence (none without frequent heads), with the
+// operations the composite runs on each of its children: no special case for them there.
+class llama_fastgen_hh_memory {
+public:
+    void   add(std::unique_ptr<llama_fastgen_hh_store> st) { stores.push_back(std::move(st)); }
+    bool   empty() const { return stores.empty(); }
+    size_t size()  const { return stores.size(); }
+    // the store of sequence s (nullptr without stores)
+    llama_fastgen_hh_store * get(llama_seq_id s = 0) const { return stores.empty() ? nullptr : stores[s].get(); }
+
+    // The scheduler that computes the graphs using the stores' tensors, recorded by the graph build
+    // (first at the worst-case reserve in llama_context's constructor, before any graph runs; const:
+    // the graph sees the cache as const). Graphs run asynchronously on the backends' own streams
+    // (CUDA: not the stream ggml_backend_tensor_get/set/copy use), so the host synchronizes it before
+    // reading scores, re-uploading positions or copying a store.
+    void set_sched(ggml_backend_sched_t s) const { sched = s; }
+
+    // one sequence per token, below the number of stores (else logs why)
+    bool takes_seqs(const std::vector<llama_ubatch> & ubatches) const;
+    // would the ubatches fit, each store taking its sequence's tokens
+    bool fits(const std::vector<llama_ubatch> & ubatches) const;
+    // each sequence's tokens of the ubatch to its store (false: no room)
+    bool apply(const llama_ubatch & ubatch);
+
+    void      clear();
+    void      seq_rm(llama_seq_id seq_id); // the whole sequence (every one when < 0): cells are per sequence
+    bool      seq_cp(llama_seq_id src, llama_seq_id dst, bool whole); // whole sequences only (else false, unchanged)
+    void      seq_keep(llama_seq_id seq_id);
+    llama_pos seq_pos_max(llama_seq_id seq_id) const; // -1: none; seq_id < 0: any sequence
+
+    uint32_t max_used(int c) const;    // most cells any (layer, head) of class c holds in any store
+    size_t   class_bytes(int c) const; // class c's bytes over all stores
+    std::map<ggml_backend_buffer_type_t, size_t> memory_breakdown() const;
+
+    void state_write(llama_io_write_i & io, llama_seq_id seq_id) const;
+    void state_read (llama_io_read_i  & io, llama_seq_id seq_id);
+
+private:
+    std::vector<llama_fastgen_hh_store *> stores_of(llama_seq_id seq_id) const; // seq_id < 0: all
+
+    std::vector<std::unique_ptr<llama_fastgen_hh_store>> stores;
+    mutable ggml_backend_sched_t sched = nullptr;
+};
+
+// A ubatch as the heavy-hitter stores see it: with several sequences (an equal split) a group of
+// n_tokens / n_seqs consecutive tokens per sequence, else one group; each group goes to its sequence's store.
+uint32_t     hh_n_groups(const llama_ubatch & ub);
+llama_seq_id hh_group_seq(const llama_ubatch & ub, uint32_t g);
+llama_ubatch hh_group(const llama_ubatch & ub, uint32_t g); // token and pos offset, n_tokens of the group

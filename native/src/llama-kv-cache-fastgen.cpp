@@ -39,7 +39,7 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
         const auto & cls = policy->classes[c];
         if (cls.kind == LLAMA_FASTGEN_FREQUENT) {
             if (any && hh.empty()) {
-                hh.push_back(std::make_unique<llama_fastgen_hh_store>(model, *policy, type_k, type_v, offload, kv_size, n_ubatch));
+                hh.add(std::make_unique<llama_fastgen_hh_store>(model, *policy, type_k, type_v, offload, kv_size, n_ubatch));
             }
             if (any && (uint32_t) cls.budget >= kv_size) {
                 LLAMA_LOG_WARN("%s: class %s: budget %d >= n_ctx %u, it never evicts (behaves as full)\n", __func__,
@@ -83,7 +83,7 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
     // heavy-hitter cells are per head and sequence: a store per sequence (its ops take the ubatch's
     // tokens of that sequence, which an equal split keeps together)
     if (!hh.empty() && n_seq_max > 1) {
-        const auto & st = *hh[0];
+        const auto & st = *hh.get();
         if (!st.fused(1) || !st.fused(n_ubatch)) {
             throw std::runtime_error("fastgen: heavy-hitter heads serve several sequences only through the fused op, "
                     "which this device does not run on every ubatch size (or LLAMA_FASTGEN_HH_FUSED=0): create the "
@@ -100,7 +100,7 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
                     "disable fastgen (kv_overrides fastgen.enable=false)", n_seq_max, need/1048576.0, bytes_full/1048576.0));
         }
         while (hh.size() < n_seq_max) {
-            hh.push_back(std::make_unique<llama_fastgen_hh_store>(model, *policy, type_k, type_v, offload, kv_size, n_ubatch));
+            hh.add(std::make_unique<llama_fastgen_hh_store>(model, *policy, type_k, type_v, offload, kv_size, n_ubatch));
         }
     }
 
@@ -123,19 +123,12 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
 }
 
 uint32_t llama_kv_cache_fastgen::class_cells(int c) const {
-    const bool freq = !hh.empty() && policy->classes[c].kind == LLAMA_FASTGEN_FREQUENT && hh[0]->class_bytes(c) > 0;
-    return slices[c] ? slices[c]->get_size() : freq ? hh[0]->get_size() : 0;
+    const bool freq = policy->classes[c].kind == LLAMA_FASTGEN_FREQUENT && hh.class_bytes(c) > 0;
+    return slices[c] ? slices[c]->get_size() : freq ? hh.get()->get_size() : 0;
 }
 
 uint32_t llama_kv_cache_fastgen::class_used(int c) const {
-    if (slices[c]) {
-        return slices[c]->n_used_cells();
-    }
-    uint32_t n = 0;
-    for (const auto & st : hh) {
-        n = std::max(n, st->max_used(c));
-    }
-    return n;
+    return slices[c] ? slices[c]->n_used_cells() : hh.max_used(c);
 }
 
 llama_pos llama_kv_cache_fastgen::class_dropped_upto(int c, llama_seq_id s) const {
@@ -144,8 +137,8 @@ llama_pos llama_kv_cache_fastgen::class_dropped_upto(int c, llama_seq_id s) cons
 }
 
 size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
-    if (!hh.empty() && policy->classes[c].kind == LLAMA_FASTGEN_FREQUENT) {
-        return hh.size()*hh[0]->class_bytes(c);
+    if (policy->classes[c].kind == LLAMA_FASTGEN_FREQUENT) { // no slice: the heavy-hitter stores
+        return hh.class_bytes(c);
     }
     size_t n = 0;
     if (slices[c]) {
@@ -158,9 +151,7 @@ size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
 
 void llama_kv_cache_fastgen::clear(bool data) {
     evicted_upto.assign(slices.size(), {});
-    for (auto & st : hh) {
-        st->clear();
-    }
+    hh.clear();
     for (auto & s : slices) {
         if (s) {
             s->clear(data);
@@ -191,9 +182,7 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
         for (auto & m : evicted_upto) {
             seq_id < 0 ? m.clear() : (void) m.erase(seq_id);
         }
-        for (auto * st : stores_of(seq_id)) {
-            st->clear();
-        }
+        hh.seq_rm(seq_id);
     }
     bool res = true;
     for (auto & s : slices) {
@@ -208,15 +197,8 @@ void llama_kv_cache_fastgen::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id
     if (seq_id_src == seq_id_dst) {
         return;
     }
-    if (!hh.empty()) {
-        // heavy-hitter cells are per sequence: a whole sequence is copied store to store (llama-server
-        // does that for several completions of one prompt); a part of one cannot be
-        if (p0 > 0 || (p1 >= 0 && p1 <= seq_pos_max(seq_id_src)) || seq_id_src < 0 || seq_id_dst < 0 ||
-                (size_t) seq_id_src >= hh.size() || (size_t) seq_id_dst >= hh.size()) {
-            LLAMA_LOG_ERROR("%s: heavy-hitter heads copy whole sequences only; sequence %d unchanged\n", __func__, seq_id_dst);
-            return;
-        }
-        hh[seq_id_dst]->copy_from(*hh[seq_id_src], lctx);
+    if (!hh.seq_cp(seq_id_src, seq_id_dst, p0 <= 0 && (p1 < 0 || p1 > seq_pos_max(seq_id_src)))) {
+        return;
     }
     for (auto & s : slices) {
         if (s) {
@@ -232,11 +214,7 @@ void llama_kv_cache_fastgen::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id
 }
 
 void llama_kv_cache_fastgen::seq_keep(llama_seq_id seq_id) {
-    for (llama_seq_id s = 0; s < (llama_seq_id) hh.size(); ++s) {
-        if (s != seq_id) {
-            hh[s]->clear();
-        }
-    }
+    hh.seq_keep(seq_id);
     for (auto & m : evicted_upto) {
         for (auto it = m.begin(); it != m.end();) {
             it = it->first == seq_id ? std::next(it) : m.erase(it);
@@ -273,27 +251,14 @@ void llama_kv_cache_fastgen::seq_div(llama_seq_id seq_id, llama_pos p0, llama_po
     }
 }
 
-std::vector<llama_fastgen_hh_store *> llama_kv_cache_fastgen::stores_of(llama_seq_id seq_id) const {
-    std::vector<llama_fastgen_hh_store *> res;
-    for (llama_seq_id s = 0; s < (llama_seq_id) hh.size(); ++s) {
-        if (seq_id < 0 || s == seq_id) {
-            res.push_back(hh[s].get());
-        }
-    }
-    return res;
-}
-
 llama_pos llama_kv_cache_fastgen::pos_max_compressed(llama_seq_id seq_id) const {
-    llama_pos res = -1;
+    llama_pos res = hh.seq_pos_max(seq_id);
     for (llama_seq_id s = seq_id < 0 ? 0 : seq_id; s < (seq_id < 0 ? (llama_seq_id) n_seq_max : seq_id + 1); ++s) {
         for (size_t c = 0; c < slices.size(); ++c) {
             if (slices[c] && policy->classes[c].kind != LLAMA_FASTGEN_FULL) {
                 res = std::max(res, slices[c]->seq_pos_max(s));
             }
         }
-    }
-    for (const auto * st : stores_of(seq_id)) {
-        res = std::max(res, st->pos_max());
     }
     return res;
 }
@@ -318,10 +283,7 @@ llama_pos llama_kv_cache_fastgen::seq_pos_min(llama_seq_id seq_id) const {
 }
 
 llama_pos llama_kv_cache_fastgen::seq_pos_max(llama_seq_id seq_id) const {
-    llama_pos res = -1;
-    for (const auto * st : stores_of(seq_id)) {
-        res = std::max(res, st->pos_max());
-    }
+    llama_pos res = hh.seq_pos_max(seq_id);
     for (const auto & s : slices) {
         if (s) {
             res = std::max(res, s->seq_pos_max(seq_id));
@@ -331,12 +293,7 @@ llama_pos llama_kv_cache_fastgen::seq_pos_max(llama_seq_id seq_id) const {
 }
 
 std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_fastgen::memory_breakdown() const {
-    std::map<ggml_backend_buffer_type_t, size_t> mb;
-    for (const auto & st : hh) {
-        for (const auto & [buft, size] : st->memory_breakdown()) {
-            mb[buft] += size;
-        }
-    }
+    auto mb = hh.memory_breakdown();
     for (const auto & s : slices) {
         if (s) {
             for (const auto & [buft, size] : s->memory_breakdown()) {
@@ -369,30 +326,11 @@ llama_memory_context_ptr llama_kv_cache_fastgen::init_batch(llama_batch_allocr &
         if (balloc.get_n_used() < balloc.get_n_tokens()) {
             continue;
         }
-        std::vector<llama_kv_cache::slot_info_vec_t> sinfos(slices.size());
-        bool ok = true;
-        if (!hh.empty()) {
-            std::vector<std::vector<uint32_t>> n_new(hh.size(), std::vector<uint32_t>(ubatches.size(), 0));
-            for (size_t u = 0; u < ubatches.size(); ++u) {
-                const auto & ub = ubatches[u];
-                for (uint32_t i = 0; i < ub.n_tokens; ++i) {
-                    const llama_seq_id s = ub.seq_id[i][0];
-                    if (ub.n_seq_id[i] != 1 || s < 0 || (size_t) s >= hh.size()) {
-                        LLAMA_LOG_ERROR("%s: a token of several sequences (or of sequence %d) with heavy-hitter heads: their "
-                                "cells are per sequence; give each token one sequence below n_seq_max\n", __func__, s);
-                        return std::make_unique<llama_kv_cache_fastgen_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
-                    }
-                    n_new[s][u]++;
-                }
-            }
-            for (size_t s = 0; s < hh.size() && ok; ++s) {
-                if (!hh[s]->fits(n_new[s])) {
-                    LLAMA_LOG_ERROR("%s: the heavy-hitter store (%u cells per head) cannot take this batch; use a smaller n_ubatch\n",
-                            __func__, hh[s]->get_size());
-                    ok = false;
-                }
-            }
+        if (!hh.takes_seqs(ubatches)) {
+            return std::make_unique<llama_kv_cache_fastgen_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
         }
+        std::vector<llama_kv_cache::slot_info_vec_t> sinfos(slices.size());
+        bool ok = hh.fits(ubatches);
         for (size_t c = 0; c < slices.size() && ok; ++c) {
             if (!slices[c]) {
                 continue;
@@ -451,7 +389,6 @@ llama_memory_context_ptr llama_kv_cache_fastgen::init_full() {
 }
 
 llama_memory_context_ptr llama_kv_cache_fastgen::init_update(llama_context * lctx, bool optimize) {
-    this->lctx = lctx;
     return std::make_unique<llama_kv_cache_fastgen_context>(this, lctx, optimize);
 }
 
@@ -485,8 +422,8 @@ uint64_t llama_kv_cache_fastgen::state_fingerprint() const {
     for (size_t c = 0; c < slices.size(); ++c) {
         mix(slices[c] ? (int64_t) slices[c]->get_size() : -1);
     }
-    mix(hh.empty() ? -1 : (int64_t) hh[0]->get_size());
-    mix(hh.empty() ? -1 : (int64_t) hh[0]->total_bytes()); // the K/V types too: the store reads raw tensor bytes
+    mix(hh.empty() ? -1 : (int64_t) hh.get()->get_size());
+    mix(hh.empty() ? -1 : (int64_t) hh.get()->total_bytes()); // the K/V types too: the store reads raw tensor bytes
     return h;
 }
 
@@ -510,9 +447,7 @@ void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq
             }
         }
     }
-    for (const auto * st : stores_of(seq_id)) {
-        st->state_write(io);
-    }
+    hh.state_write(io, seq_id);
     for (size_t c = 0; c < slices.size(); ++c) {
         if (slices[c] && slice_in_state(*policy, c, partial)) {
             slices[c]->state_write(io, seq_id, flags & ~LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
@@ -558,9 +493,7 @@ void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_i
                 m[seq_id < 0 ? s : seq_id] = pos;
             }
         }
-        for (auto * st : stores_of(seq_id)) {
-            st->state_read(io);
-        }
+        hh.state_read(io, seq_id);
         for (size_t c = 0; c < slices.size(); ++c) {
             if (slices[c] && slice_in_state(*policy, c, partial)) {
                 slices[c]->state_read(io, seq_id, flags & ~LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
@@ -647,13 +580,8 @@ bool llama_kv_cache_fastgen_context::next() {
 
 bool llama_kv_cache_fastgen_context::apply() {
     assert(!llama_memory_status_is_fail(status));
-    bool res = true;
-    if (!ubatches.empty()) { // a batch: heavy-hitter stores evict and place this ubatch, each its sequence's tokens
-        const llama_ubatch & ub = ubatches[i_next];
-        for (uint32_t g = 0; kv->hh_store() && g < hh_n_groups(ub); ++g) {
-            res = kv->hh_store(hh_group_seq(ub, g))->apply(hh_group(ub, g), kv->sched_ctx()) && res;
-        }
-    }
+    // a batch: the heavy-hitter stores evict and place this ubatch
+    bool res = ubatches.empty() || kv->hh_memory().apply(ubatches[i_next]);
     for (auto & c : ctxs) {
         if (c) {
             res = c->apply() && res;
@@ -665,27 +593,6 @@ bool llama_kv_cache_fastgen_context::apply() {
 uint32_t llama_kv_cache_fastgen_context::hh_n_active() const {
     const auto * h = kv->hh_store();
     return !h ? 0 : ubatches.empty() ? h->get_size() : h->get_n_active(); // composed ubatches: one sequence
-}
-
-uint32_t hh_n_groups(const llama_ubatch & ub) {
-    return ub.n_seqs_unq > 1 ? ub.n_seqs : 1;
-}
-
-llama_seq_id hh_group_seq(const llama_ubatch & ub, uint32_t g) {
-    const uint32_t t = g*(ub.n_tokens/hh_n_groups(ub));
-    if (ub.n_tokens > 0 && ub.seq_id && ub.seq_id[t]) {
-        return ub.seq_id[t][0];
-    }
-    return ub.seq_id_unq && g < ub.n_seqs_unq ? ub.seq_id_unq[g] : 0; // a reserve ubatch has no per-token ids
-}
-
-llama_ubatch hh_group(const llama_ubatch & ub, uint32_t g) {
-    llama_ubatch r = ub;
-    const uint32_t n = ub.n_tokens/hh_n_groups(ub), t0 = g*n;
-    r.n_tokens = n;
-    r.pos   = ub.pos + t0;
-    r.token = ub.token ? ub.token + t0 : nullptr;
-    return r;
 }
 
 llama_memory_status llama_kv_cache_fastgen_context::get_status() const {

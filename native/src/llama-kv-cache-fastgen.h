@@ -5,7 +5,8 @@
 // and only as many cells as the class needs: full -> n_ctx, compressed -> sinks + window +
 // protected budget + n_ubatch. Compressed slices evict lazily like llama.cpp's SWA cache
 // (n_swa = window) and retain sinks and protected token ids (llama_kv_cache::set_retention).
-// Sequence bookkeeping follows llama_kv_cache_iswa, generalised to N children.
+// Sequence bookkeeping follows llama_kv_cache_iswa, generalised to N children: the slices and the
+// heavy-hitter stores of the frequent classes (llama_fastgen_hh_memory, same sequence operations).
 #pragma once
 
 #include "llama-fastgen-policy.h"
@@ -59,13 +60,12 @@ public:
     size_t           n_class()   const { return slices.size(); }
     llama_kv_cache * slice(int c) const { return slices[c].get(); }
     // the heavy-hitter store of sequence s, shared by all frequent classes (nullptr without any)
-    llama_fastgen_hh_store * hh_store(llama_seq_id s = 0) const { return hh.empty() ? nullptr : hh[s].get(); }
+    llama_fastgen_hh_store * hh_store(llama_seq_id s = 0) const { return hh.get(s); }
+    const llama_fastgen_hh_memory & hh_memory() const { return hh; }
+          llama_fastgen_hh_memory & hh_memory()       { return hh; }
     uint32_t         class_cells(int c) const;
     uint32_t         class_used(int c) const;
     llama_pos        class_dropped_upto(int c, llama_seq_id s) const; // protected tokens dropped below this
-    // the context whose scheduler computes this cache (captured in init_update, which decode calls
-    // before every batch): heavy-hitter eviction synchronizes it before reading scores
-    llama_context *  sched_ctx() const { return lctx; }
     size_t           slice_bytes(int c) const;
     // bytes an ordinary cache of the same types would allocate for n_ctx = kv_size
     size_t           full_bytes() const { return bytes_full; }
@@ -75,8 +75,6 @@ public:
 private:
     // identifies the policy table and the slices' sizes in a saved state
     uint64_t state_fingerprint() const;
-    // the heavy-hitter stores of sequence seq_id, or of every sequence when seq_id < 0
-    std::vector<llama_fastgen_hh_store *> stores_of(llama_seq_id seq_id) const;
     // newest position any compressed class (or heavy-hitter store) holds of the sequence (-1: none, seq_id < 0: any)
     llama_pos pos_max_compressed(llama_seq_id seq_id) const;
     // when retained tokens fill a compressed class: drop its oldest protected tokens (not sinks)
@@ -86,21 +84,14 @@ private:
 
     std::vector<std::unique_ptr<llama_hparams>>  hparams_c; // referenced by the slices: stable addresses
     std::vector<std::unique_ptr<llama_kv_cache>> slices;
-    std::vector<std::unique_ptr<llama_fastgen_hh_store>> hh; // all frequent classes: one store per sequence
+    llama_fastgen_hh_memory                      hh;        // all frequent classes: one store per sequence
     std::vector<std::string>                     tags;      // tensor name suffix per class
     std::vector<std::map<llama_seq_id, llama_pos>> evicted_upto; // per class: protected tokens dropped below this
 
     size_t   bytes_full = 0;
-    llama_context * lctx = nullptr;
     bool     unified;
     uint32_t n_seq_max;
 };
-
-// A ubatch as the heavy-hitter stores see it: with several sequences (an equal split) a group of
-// n_tokens / n_seqs consecutive tokens per sequence, else one group; each group goes to its sequence's store.
-uint32_t     hh_n_groups(const llama_ubatch & ub);
-llama_seq_id hh_group_seq(const llama_ubatch & ub, uint32_t g);
-llama_ubatch hh_group(const llama_ubatch & ub, uint32_t g); // token and pos offset, n_tokens of the group
 
 class llama_kv_cache_fastgen_context : public llama_memory_context_i {
 public:
