@@ -820,10 +820,17 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
     float * S = (float *) a.S->data, * P = (float *) a.P->data;
     const float * qpos = (const float *) a.query_pos->data;
 
-    // both passes split the cells when a layer has few heavy-hitter heads: about three blocks per SM
-    const int nsm = ggml_cuda_info().devices[ctx.device].nsm;
+    // both passes split the cells when a layer has too few (row tile, head) blocks to fill the GPU (three
+    // per SM): the fewest splits whose waves x tiles per block is least, and only when that saves more
+    // than a quarter (the splits' outputs then take one more launch to add up)
+    const int slots = 3*ggml_cuda_info().devices[ctx.device].nsm;
     const int row_tiles = RP/HH_PF_TILE, cell_tiles = (C + HH_PF_TILE - 1)/HH_PF_TILE;
-    const int ns = std::max(1, std::min(cell_tiles, (3*nsm + row_tiles*n - 1)/(row_tiles*n)));
+    const auto cost = [&](int s) { return (int64_t) ((row_tiles*n*s + slots - 1)/slots) * ((cell_tiles + s - 1)/s); };
+    int ns = 1;
+    for (int s = 2; s <= cell_tiles; ++s) {
+        ns = cost(s) < cost(ns) ? s : ns;
+    }
+    ns = 4*cost(ns) < 3*cost(1) ? ns : 1;
 
     ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) ns*n*RP);
     ggml_cuda_pool_alloc<float> part_l(ctx.pool(), (size_t) ns*n*RP);
