@@ -291,15 +291,18 @@ def _with_state(state, raw: bytes):
 
 def _hh_offsets(raw: bytes, n_class: int) -> dict:
     """Byte offsets in a saved state of our header and the heavy-hitter store's first head:
-    magic, fingerprint u64, per class (u32 count, count x (seq, pos)), then cap, n_layer, last_pos,
-    and per head n_used, pos[cap], tok[cap] (llama-kv-cache-fastgen{,-hh}.cpp state_write)."""
+    magic, fingerprint u64, per class (u32 count, count x (seq, pos)), the number of stores (u32), then
+    the first store's cap, n_layer, last_pos, and per head n_used, pos[cap], tok[cap]
+    (llama-kv-cache-fastgen{,-hh}.cpp state_write)."""
     import struct
 
-    at = raw.find(struct.pack("<I", 0x31534746))
-    assert at >= 0 and raw.find(struct.pack("<I", 0x31534746), at + 1) < 0
+    at = raw.find(struct.pack("<I", 0x32534746))
+    assert at >= 0 and raw.find(struct.pack("<I", 0x32534746), at + 1) < 0
     off = at + 12
     for _ in range(n_class):
         off += 4 + 8 * struct.unpack_from("<I", raw, off)[0]
+    assert struct.unpack_from("<I", raw, off)[0] == 1  # one sequence: one store
+    off += 4
     cap = struct.unpack_from("<I", raw, off)[0]
     head = off + 12
     pos = np.frombuffer(raw, dtype="<i4", count=cap, offset=head + 4)

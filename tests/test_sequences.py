@@ -190,3 +190,62 @@ def test_a_whole_sequence_is_copied_store_to_store(heavy):
         lc.llama_free(ctx)
     alone = _run(gguf, [ids], True)[0]
     assert np.abs(alone[-1] - b).max() <= 1e-3  # and as the sequence decoded alone (other ubatches: near, not equal)
+
+
+def test_a_whole_state_restores_only_into_as_many_sequences(heavy):
+    """A whole saved state holds one heavy-hitter store per sequence of the context that saved it (the
+    policy fingerprint does not cover n_seq_max): it restores into a context with as many sequences,
+    equal to the original, and another count is refused with the reason and leaves the cache empty."""
+    import ctypes
+
+    from llama_fastgen import native
+
+    gguf, model = heavy
+    ids = [int(t) for t in np.random.default_rng(3).integers(10, 500, PREFILL)]
+    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+
+    def fill(ctx):
+        batch = lc.llama_batch_init(2 * PREFILL, 0, 2)
+        try:
+            batch.n_tokens = 2 * PREFILL
+            for i in range(2 * PREFILL):
+                s, p = divmod(i, PREFILL)
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = ids[p], p, 1, False
+                batch.seq_id[i][0] = s
+            assert lc.llama_decode(ctx, batch) == 0
+        finally:
+            lc.llama_batch_free(batch)
+
+    def next_logits(ctx, seq):
+        batch = lc.llama_batch_init(1, 0, 1)
+        try:
+            batch.n_tokens = 1
+            batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = ids[0], PREFILL, 1, True
+            batch.seq_id[0][0] = seq
+            assert lc.llama_decode(ctx, batch) == 0
+            return np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, 0), shape=(n_vocab,)).copy()
+        finally:
+            lc.llama_batch_free(batch)
+
+    src = _context(model, 2, True)
+    try:
+        fill(src)
+        size = lc.llama_state_get_size(src)
+        buf = (ctypes.c_uint8 * size)()
+        assert lc.llama_state_get_data(src, buf, size) == size
+        want = next_logits(src, 1)
+    finally:
+        lc.llama_free(src)
+    same = _context(model, 2, True)
+    try:
+        assert lc.llama_state_set_data(same, buf, size) == size
+        assert np.abs(next_logits(same, 1) - want).max() <= 1e-6
+    finally:
+        lc.llama_free(same)
+    one = _context(model, 1, True)
+    try:
+        assert lc.llama_state_set_data(one, buf, size) == 0
+        assert "same n_seq_max" in native.last_error()
+        assert lc.llama_memory_seq_pos_max(lc.llama_get_memory(one), 0) == -1
+    finally:
+        lc.llama_free(one)

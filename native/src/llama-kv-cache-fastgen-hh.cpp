@@ -611,14 +611,28 @@ std::map<ggml_backend_buffer_type_t, size_t> llama_fastgen_hh_memory::memory_bre
     return res;
 }
 
+// the stores a state holds are counted first: a whole state (seq_id < 0) has one per sequence of the
+// context that saved it, which the fingerprint does not cover (n_seq_max may differ between contexts)
 void llama_fastgen_hh_memory::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
-    for (const auto * st : stores_of(seq_id)) {
+    const auto sts = stores_of(seq_id);
+    const uint32_t n = (uint32_t) sts.size();
+    io.write(&n, sizeof(n));
+    for (const auto * st : sts) {
         st->state_write(io);
     }
 }
 
 void llama_fastgen_hh_memory::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
-    for (auto * st : stores_of(seq_id)) {
+    const auto sts = stores_of(seq_id);
+    uint32_t n = 0;
+    io.read(&n, sizeof(n));
+    if (n != sts.size()) {
+        throw std::runtime_error(seq_id < 0
+            ? format("fastgen: the saved state holds %u sequences' heavy-hitter cells, this context has %zu: restore a "
+                     "whole state into a context with the same n_seq_max (or save and restore one sequence)", n, sts.size())
+            : format("fastgen: corrupt saved state (%u heavy-hitter stores for sequence %d)", n, seq_id));
+    }
+    for (auto * st : sts) {
         st->state_read(io);
     }
 }

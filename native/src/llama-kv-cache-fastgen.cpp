@@ -399,8 +399,8 @@ bool llama_kv_cache_fastgen::get_can_shift() const {
 
 // A saved state starts with what it was made for: restoring it into a cache of another policy or
 // size would read cells into the wrong heads, so both are checked before anything is read.
-static constexpr uint32_t STATE_MAGIC         = 0x31534746; // "FGS1"
-static constexpr uint32_t STATE_MAGIC_PARTIAL = 0x31504746; // "FGP1": the compressed classes only (checkpoints)
+static constexpr uint32_t STATE_MAGIC         = 0x32534746; // "FGS2" (2: the heavy-hitter stores are counted)
+static constexpr uint32_t STATE_MAGIC_PARTIAL = 0x32504746; // "FGP2": the compressed classes only (checkpoints)
 
 // the slices a state holds: all, or in a partial state the compressed ones (full heads drop a suffix natively)
 static bool slice_in_state(const llama_fastgen_policy & policy, size_t c, bool partial) {
