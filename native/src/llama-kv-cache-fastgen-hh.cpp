@@ -516,8 +516,8 @@ bool llama_fastgen_hh_memory::takes_seqs(const std::vector<llama_ubatch> & ubatc
         for (uint32_t i = 0; !stores.empty() && i < ub.n_tokens; ++i) {
             const llama_seq_id s = ub.seq_id[i][0];
             if (ub.n_seq_id[i] != 1 || s < 0 || (size_t) s >= stores.size()) {
-                LLAMA_LOG_ERROR("%s: a token of several sequences (or of sequence %d) with heavy-hitter heads: their "
-                        "cells are per sequence; give each token one sequence below n_seq_max\n", __func__, s);
+                LLAMA_LOG_ERROR("init_batch: a token of several sequences (or of sequence %d) with heavy-hitter heads: their "
+                        "cells are per sequence; give each token one sequence below n_seq_max\n", s);
                 return false;
             }
         }
@@ -529,13 +529,13 @@ bool llama_fastgen_hh_memory::fits(const std::vector<llama_ubatch> & ubatches) c
     std::vector<std::vector<uint32_t>> n_new(stores.size(), std::vector<uint32_t>(ubatches.size(), 0));
     for (size_t u = 0; u < ubatches.size() && !stores.empty(); ++u) {
         for (uint32_t i = 0; i < ubatches[u].n_tokens; ++i) {
-            n_new[ubatches[u].seq_id[i][0]][u]++;
+            n_new[ubatches[u].seq_id[i][0]][u]++; // in range: takes_seqs() ran first
         }
     }
     for (size_t s = 0; s < stores.size(); ++s) {
         if (!stores[s]->fits(n_new[s])) {
-            LLAMA_LOG_ERROR("%s: the heavy-hitter store (%u cells per head) cannot take this batch; use a smaller n_ubatch\n",
-                    __func__, stores[s]->get_size());
+            LLAMA_LOG_ERROR("init_batch: the heavy-hitter store (%u cells per head) cannot take this batch; use a smaller n_ubatch\n",
+                    stores[s]->get_size());
             return false;
         }
     }
@@ -560,12 +560,13 @@ void llama_fastgen_hh_memory::seq_rm(llama_seq_id seq_id) {
     }
 }
 
-bool llama_fastgen_hh_memory::seq_cp(llama_seq_id src, llama_seq_id dst, bool whole) {
+bool llama_fastgen_hh_memory::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
     if (stores.empty()) {
         return true;
     }
     // llama-server copies a prompt's sequence for several completions: store to store; a part of one cannot be
-    if (!whole || src < 0 || dst < 0 || (size_t) src >= stores.size() || (size_t) dst >= stores.size()) {
+    if (src < 0 || dst < 0 || (size_t) src >= stores.size() || (size_t) dst >= stores.size() ||
+            p0 > 0 || (p1 >= 0 && p1 <= stores[src]->pos_max())) {
         LLAMA_LOG_ERROR("%s: heavy-hitter heads copy whole sequences only; sequence %d unchanged\n", __func__, dst);
         return false;
     }

@@ -129,7 +129,8 @@ private:
 };
 
 // The heavy-hitter stores of a cache, one per sequence (none without frequent heads), with the
-// operations the composite runs on each of its children: no special case for them there.
+// operations the composite runs on each of its children (no stores: no-ops). Not a full llama_memory_i:
+// position shifts (seq_add/seq_div) and partial removals are refused by the composite for these heads.
 class llama_fastgen_hh_memory {
 public:
     void   add(std::unique_ptr<llama_fastgen_hh_store> st) { stores.push_back(std::move(st)); }
@@ -142,19 +143,21 @@ public:
     // (first at the worst-case reserve in llama_context's constructor, before any graph runs; const:
     // the graph sees the cache as const). Graphs run asynchronously on the backends' own streams
     // (CUDA: not the stream ggml_backend_tensor_get/set/copy use), so the host synchronizes it before
-    // reading scores, re-uploading positions or copying a store.
+    // reading scores, re-uploading positions or copying a store. This holds while llama_context
+    // builds a graph with this memory after every scheduler it creates (sched_reserve does), before
+    // any ubatch is applied.
     void set_sched(ggml_backend_sched_t s) const { sched = s; }
 
     // one sequence per token, below the number of stores (else logs why)
     bool takes_seqs(const std::vector<llama_ubatch> & ubatches) const;
-    // would the ubatches fit, each store taking its sequence's tokens
+    // would the ubatches fit, each store taking its sequence's tokens (after takes_seqs)
     bool fits(const std::vector<llama_ubatch> & ubatches) const;
     // each sequence's tokens of the ubatch to its store (false: no room)
     bool apply(const llama_ubatch & ubatch);
 
     void      clear();
     void      seq_rm(llama_seq_id seq_id); // the whole sequence (every one when < 0): cells are per sequence
-    bool      seq_cp(llama_seq_id src, llama_seq_id dst, bool whole); // whole sequences only (else false, unchanged)
+    bool      seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1); // whole sequences only (else false, unchanged)
     void      seq_keep(llama_seq_id seq_id);
     llama_pos seq_pos_max(llama_seq_id seq_id) const; // -1: none; seq_id < 0: any sequence
 

@@ -197,7 +197,7 @@ void llama_kv_cache_fastgen::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id
     if (seq_id_src == seq_id_dst) {
         return;
     }
-    if (!hh.seq_cp(seq_id_src, seq_id_dst, p0 <= 0 && (p1 < 0 || p1 > seq_pos_max(seq_id_src)))) {
+    if (!hh.seq_cp(seq_id_src, seq_id_dst, p0, p1)) {
         return;
     }
     for (auto & s : slices) {

@@ -6,7 +6,8 @@
 // protected budget + n_ubatch. Compressed slices evict lazily like llama.cpp's SWA cache
 // (n_swa = window) and retain sinks and protected token ids (llama_kv_cache::set_retention).
 // Sequence bookkeeping follows llama_kv_cache_iswa, generalised to N children: the slices and the
-// heavy-hitter stores of the frequent classes (llama_fastgen_hh_memory, same sequence operations).
+// heavy-hitter stores of the frequent classes (llama_fastgen_hh_memory: clear, whole-sequence
+// removal, copy and keep, positions, fit, state; shifts and partial removals refused).
 #pragma once
 
 #include "llama-fastgen-policy.h"
