@@ -6,6 +6,20 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+# .gpu/src.tar (pack_gpu.sh: git archive of a commit): build and run exactly that commit from /tmp/src,
+# not the copied working tree (which carries whatever is uncommitted, a helper's half-done edit too);
+# results then record its id. Without it, the working tree as copied.
+if [ -f .gpu/src.tar ] && [ "$PWD" != /tmp/src ]; then
+    export LLAMA_FASTGEN_COMMIT="$(python3 -c 'import sys, tarfile; print(tarfile.open(sys.argv[1]).pax_headers.get("comment", "unknown")[:12])' .gpu/src.tar)"
+    rm -rf /tmp/src.new && mkdir /tmp/src.new && tar -C /tmp/src.new -xf .gpu/src.tar && cp -r .gpu /tmp/src.new/
+    # keep /tmp/src's timestamps where the files did not change, so a warm machine rebuilds only those
+    mkdir -p /tmp/src && (cd /tmp/src.new && find . -type f) | while read -r f; do
+        cmp -s "/tmp/src.new/$f" "/tmp/src/$f" || { mkdir -p "$(dirname "/tmp/src/$f")"; cp -p "/tmp/src.new/$f" "/tmp/src/$f"; }
+    done
+    (cd /tmp/src && find . -type f) | while read -r f; do [ -e "/tmp/src.new/$f" ] || rm -f "/tmp/src/$f"; done
+    cd /tmp/src
+    echo "building commit $LLAMA_FASTGEN_COMMIT from .gpu/src.tar"
+fi
 export LLAMA_FASTGEN_CACHE=/tmp/fgcache PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 if [ -f .gpu/base/tree.tar.xz ] && [ ! -d $LLAMA_FASTGEN_CACHE/pristine-0c1e57098 ]; then
     mkdir -p $LLAMA_FASTGEN_CACHE && tar -C $LLAMA_FASTGEN_CACHE -xJf .gpu/base/tree.tar.xz

