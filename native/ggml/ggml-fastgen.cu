@@ -796,7 +796,7 @@ bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op) {
         return true; // decode kernel
     }
     // prefill kernels: tensor cores and asynchronous copies (Ampere and newer), kernels built for the head
-    // size (K and V alike), and the tiles' shared memory (76 KB at head size 128: three blocks per SM on
+    // size (K and V alike), and the tiles' shared memory (70 KB at head size 128: three blocks per SM on
     // H100/H200, two on A100; GPUs with 99 KB per block, e.g. consumer Ampere, fit it too)
     const ggml_cuda_device_info::cuda_device_info & info = ggml_cuda_info().devices[device];
     const size_t smem = hh_pf_smem(K->ne[0], V->ne[1]) + HH_PF_STATIC_SMEM;
