@@ -4,6 +4,10 @@
 fastgen and the full cache. Run on the GPU machine after scripts/gpu_run.sh has built llama-bench:
 
     python scripts/gpu_profile.py --llama-bench BIN --model M.gguf [--depth 0] [--tokens 8] [--prompt 0] [--json F]
+
+--kernels REGEX --launch-count N profiles only the first N launches of the kernels whose names match
+(a long prompt's attention kernels in seconds, not the whole graph); the table then also gives the
+time per launch.
 """
 from __future__ import annotations
 
@@ -17,18 +21,21 @@ import subprocess
 from collections import defaultdict
 
 
-def profile(bench: str, model: str, depth: int, tokens: int, env_extra: dict, prompt: int = 0) -> dict:
-    cmd = ["ncu", "--csv", "--metrics", "gpu__time_duration.sum", "--graph-profiling", "node",
+def profile(bench: str, model: str, depth: int, tokens: int, env_extra: dict, prompt: int = 0,
+            kernels: str | None = None, launch_count: int = 0) -> dict:
+    only = (["--kernel-name", f"regex:{kernels}"] if kernels else []) + (["--launch-count", str(launch_count)] if launch_count else [])
+    cmd = ["ncu", "--csv", "--metrics", "gpu__time_duration.sum", "--graph-profiling", "node", *only,
            bench, "-m", model, "-ngl", "99", "-fa", "1", "-p", str(prompt), "-n", str(tokens), "-d", str(depth), "-r", "1",
            "--no-warmup"]
     out = subprocess.run(cmd, env=dict(os.environ, **env_extra), capture_output=True, text=True).stdout
     rows = list(csv.DictReader(io.StringIO(out[out.index('"ID"'):])))
-    per = defaultdict(float)
+    per, launches = defaultdict(float), defaultdict(int)
     for r in rows:
         name = re.sub(r"[<(].*", "", r["Kernel Name"])
         scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[r["Metric Unit"]]
         per[name] += float(r["Metric Value"].replace(",", "")) * scale  # -> us
-    return {"kernels": len(rows), "us_by_kernel": dict(per)}
+        launches[name] += 1
+    return {"kernels": len(rows), "us_by_kernel": dict(per), "launches_by_kernel": dict(launches)}
 
 
 def main() -> int:
@@ -38,6 +45,8 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=0, help="profile a prompt of N tokens (prefill) instead")
+    ap.add_argument("--kernels", help="only kernels whose names match this regex")
+    ap.add_argument("--launch-count", type=int, default=0, help="only the first N matching launches")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.prompt:
@@ -46,7 +55,7 @@ def main() -> int:
 
     res = run_info()
     for name, env in (("fastgen", {}), ("full", {"LLAMA_FASTGEN_DISABLE": "1"})):
-        res[name] = profile(a.llama_bench, a.model, a.depth, a.tokens, env, a.prompt)
+        res[name] = profile(a.llama_bench, a.model, a.depth, a.tokens, env, a.prompt, a.kernels, a.launch_count)
     # the depth prefill is profiled too: compare the totals, and the kernels by name
     print(f"GPU kernel time (us, all kernels of prefill to depth {a.depth} + a {a.prompt}-token prompt + {a.tokens} decode tokens)")
     runs = {n: res[n] for n in ("fastgen", "full")}
@@ -57,6 +66,12 @@ def main() -> int:
         print(f"  {k[:60]:60s}" + "".join(f"{r['us_by_kernel'].get(k, 0.0):12.1f}" for r in runs.values()))
     print(f"  {'TOTAL':60s}" + "".join(f"{sum(r['us_by_kernel'].values()):12.1f}" for r in runs.values()))
     print(f"  {'kernels launched':60s}" + "".join(f"{r['kernels']:12d}" for r in runs.values()))
+    if a.kernels or a.launch_count:
+        print("us per launch (launches)")
+        for k in names[:25]:
+            print(f"  {k[:60]:60s}" + "".join(
+                f"{r['us_by_kernel'][k] / r['launches_by_kernel'][k]:7.1f} ({r['launches_by_kernel'][k]:3d})" if k in r["us_by_kernel"]
+                else f"{'-':>12s}" for r in runs.values()))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
