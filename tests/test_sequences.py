@@ -32,6 +32,23 @@ def _run(gguf, streams: list[list[int]], unified: bool, ubatch: int = UBATCH) ->
     return several_sequences(gguf, streams, PREFILL, unified, ubatch)
 
 
+def _decode(ctx, items, model=None) -> list[np.ndarray]:
+    """Decode (token, pos, seq) items as one batch; with the model, every item's logits (else none asked)."""
+    batch = lc.llama_batch_init(len(items), 0, 1)
+    try:
+        batch.n_tokens = len(items)
+        for i, (tok, pos, seq) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, model is not None
+            batch.seq_id[i][0] = seq
+        assert lc.llama_decode(ctx, batch) == 0
+        if model is None:
+            return []
+        n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+        return [np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for i in range(len(items))]
+    finally:
+        lc.llama_batch_free(batch)
+
+
 @pytest.fixture(scope="module")
 def windowed(tiny_model_dir, tmp_path_factory):
     """Every head special + punct + a 96-token window (no heavy-hitter heads): one sequence's cells
@@ -166,27 +183,15 @@ def test_a_whole_sequence_is_copied_store_to_store(heavy):
     rng = np.random.default_rng(7)
     ids = [int(t) for t in rng.integers(10, 500, N_TOK)]
     ctx = _context(model, 2, True)
-    batch = lc.llama_batch_init(512, 0, 2)
-    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
-
-    def decode(items):
-        batch.n_tokens = len(items)
-        for i, (tok, pos, seq) in enumerate(items):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, True
-            batch.seq_id[i][0] = seq
-        assert lc.llama_decode(ctx, batch) == 0
-        return [np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for i in range(len(items))]
-
     try:
-        decode([(ids[p], p, 0) for p in range(PREFILL)])  # past the budget: the store has evicted
+        _decode(ctx, [(ids[p], p, 0) for p in range(PREFILL)])  # past the budget: the store has evicted
         mem = lc.llama_get_memory(ctx)
         lc.llama_memory_seq_cp(mem, 0, 1, -1, -1)
         assert lc.llama_memory_seq_pos_max(mem, 1) == PREFILL - 1
         for p in range(PREFILL, N_TOK):
-            a, b = decode([(ids[p], p, 0), (ids[p], p, 1)])
+            a, b = _decode(ctx, [(ids[p], p, 0), (ids[p], p, 1)], model)
             assert np.abs(a - b).max() <= 1e-5, p
     finally:
-        lc.llama_batch_free(batch)
         lc.llama_free(ctx)
     alone = _run(gguf, [ids], True)[0]
     assert np.abs(alone[-1] - b).max() <= 1e-3  # and as the sequence decoded alone (other ubatches: near, not equal)
@@ -202,44 +207,19 @@ def test_a_whole_state_restores_only_into_as_many_sequences(heavy):
 
     gguf, model = heavy
     ids = [int(t) for t in np.random.default_rng(3).integers(10, 500, PREFILL)]
-    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
-
-    def fill(ctx):
-        batch = lc.llama_batch_init(2 * PREFILL, 0, 2)
-        try:
-            batch.n_tokens = 2 * PREFILL
-            for i in range(2 * PREFILL):
-                s, p = divmod(i, PREFILL)
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = ids[p], p, 1, False
-                batch.seq_id[i][0] = s
-            assert lc.llama_decode(ctx, batch) == 0
-        finally:
-            lc.llama_batch_free(batch)
-
-    def next_logits(ctx, seq):
-        batch = lc.llama_batch_init(1, 0, 1)
-        try:
-            batch.n_tokens = 1
-            batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = ids[0], PREFILL, 1, True
-            batch.seq_id[0][0] = seq
-            assert lc.llama_decode(ctx, batch) == 0
-            return np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, 0), shape=(n_vocab,)).copy()
-        finally:
-            lc.llama_batch_free(batch)
-
     src = _context(model, 2, True)
     try:
-        fill(src)
+        _decode(src, [(ids[p], p, s) for s in range(2) for p in range(PREFILL)])  # both sequences
         size = lc.llama_state_get_size(src)
         buf = (ctypes.c_uint8 * size)()
         assert lc.llama_state_get_data(src, buf, size) == size
-        want = next_logits(src, 1)
+        want = _decode(src, [(ids[0], PREFILL, 1)], model)[0]
     finally:
         lc.llama_free(src)
     same = _context(model, 2, True)
     try:
         assert lc.llama_state_set_data(same, buf, size) == size
-        assert np.abs(next_logits(same, 1) - want).max() <= 1e-6
+        assert np.abs(_decode(same, [(ids[0], PREFILL, 1)], model)[0] - want).max() <= 1e-6
     finally:
         lc.llama_free(same)
     one = _context(model, 1, True)
