@@ -7,9 +7,11 @@
 // unnormalized output (one thread per V row: V is stored transposed, so a thread's cells are
 // contiguous). Chunks nobody sees (free cells, the empty end of a young cache) stop after reading
 // their positions: decoding a short context costs what its occupied cells cost, not the capacity.
-// The last block of a head to finish (a per-head counter) merges the chunks: it writes the output
-// and adds each cell's probability, summed over the query rows, to the cell's score. Logits stay in
-// a scratch buffer in between, so the probabilities added to the scores are those the output used.
+// A head of one chunk finishes in its block. Otherwise the last block of a head to finish (a
+// per-head counter) merges the chunks: it writes the output and adds each cell's probability, summed
+// over the query rows, to the cell's score. Logits stay in a scratch buffer in between, so the
+// probabilities added to the scores are those the output used. Each step issues its loads together:
+// at decode the kernel's time is its chain of memory round trips, not its bytes.
 // One launch per layer: at depth 0 a decode step is dominated by per-kernel latency, not bytes.
 //
 // Prefill (more query rows than GGML_FASTGEN_HH_MAX_ROWS) takes four launches on tensor cores (mma.sync
@@ -52,6 +54,8 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
 
     extern __shared__ float smem[];
+    float * q_s = smem;        // [R][D]
+    float * w_s = smem + R*D;  // [RP][HH_CHUNK]: logits, then weights exp(l - m) (rows >= R: 0)
     __shared__ int64_t new_c[GGML_FASTGEN_HH_MAX_ROWS];
     __shared__ float   qp_s[GGML_FASTGEN_HH_MAX_ROWS], m_s[GGML_FASTGEN_HH_MAX_ROWS], inv_s[GGML_FASTGEN_HH_MAX_ROWS];
     __shared__ bool    last;
@@ -65,13 +69,20 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     float * pm = part_m + ((int64_t) j*ns + sp)*R;
     float * pl = part_l + ((int64_t) j*ns + sp)*R;
 
-    // this lane's cell: lane `sub` of 4 holds elements (i*4 + sub)*8 .. +8 (16-byte loads); its position
-    // is read together with the slots (one memory round trip, not two)
+    // Decoding is a chain of memory round trips, not bandwidth: the chunk's work takes two (what the
+    // cells hold; then their K and V), and a head of one chunk finishes in its block (no merge).
+    // 1. this lane's cell (lane `sub` of 4 holds elements (i*4 + sub)*8 .. +8) and position, its score
+    //    when this block finishes alone, the new tokens' cells and positions, the queries
     const int cl = warp*(WARP_SIZE/4) + lane/4, sub = lane % 4, c = c0 + cl;
-    float cp = c < C ? Pj[c] : INFINITY;
+    const float cp_old = c < C ? Pj[c] : INFINITY;
+    const float s_old  = ns == 1 && c < C ? Sj[c] : 0.0f;
     if (threadIdx.x < T) {
         new_c[threadIdx.x] = idxs[(h0 + j)*idxs_s1 + threadIdx.x];
         qp_s[threadIdx.x]  = qpos[threadIdx.x];
+    }
+    for (int i = threadIdx.x; i < R*D; i += blockDim.x) {
+        const int r = i / D, d = i % D, t = r / G, g = r % G;
+        q_s[i] = ((const float *) (q + (int64_t) (j*G + g)*q_nb1 + t*q_nb2))[d];
     }
     __syncthreads();
     int tn = -1;
@@ -80,21 +91,18 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         tn = new_c[t] == c ? t : tn;
         qp_max = fmaxf(qp_max, qp_s[t]);
     }
-    if (!__syncthreads_or(tn >= 0 || qp_max - cp > 0.0f)) {
+    const bool any = qp_max - cp_old > 0.0f; // occupied and before some query
+    float cp = cp_old;
+    if (!__syncthreads_or(tn >= 0 || any)) {
         for (int r = threadIdx.x; r < R; r += blockDim.x) {
             pm[r] = -INFINITY; // the merge skips this chunk
             pl[r] = 0.0f;
         }
     } else {
-        float * q_s = smem;        // [R][D]
-        float * w_s = smem + R*D;  // [RP][HH_CHUNK]: logits, then weights exp(l - m) (rows >= R: 0)
-        for (int i = threadIdx.x; i < R*D; i += blockDim.x) {
-            const int r = i / D, d = i % D, t = r / G, g = r % G;
-            q_s[i] = ((const float *) (q + (int64_t) (j*G + g)*q_nb1 + t*q_nb2))[d];
-        }
-
+        // 2. K of this lane's cell (a new token's from k_cur: into the store first, rounded as stored)
+        //    and the V row of this thread's output column, all loads in flight together
         float k[DL*8];
-        if (tn >= 0) { // a new token: into the store first (rounded as stored), then attended
+        if (tn >= 0) {
             const float * kr = (const float *) (kc + j*kc_nb1 + tn*kc_nb2);
 #pragma unroll
             for (int i = 0; i < DL; ++i) {
@@ -115,7 +123,6 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 Pj[c] = cp;
             }
         } else {
-            const bool any = qp_max - cp > 0.0f; // occupied and before some query
 #pragma unroll
             for (int i = 0; i < DL; ++i) {
                 uint4 u = make_uint4(0, 0, 0, 0);
@@ -129,15 +136,42 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 }
             }
         }
+        // one thread per V row (Dv <= the block's threads): V is stored transposed, so the row's 64
+        // cells are 8 contiguous 16-byte loads (cells past C: 0, and their weights are 0). A new
+        // token's cell is being written right now by its own lanes: its value comes from v_cur.
+        const int d = threadIdx.x;
+        const int nc8 = min(HH_CHUNK, C - c0)/8; // C % 8 == 0
+        uint4 vu[HH_CHUNK/8];
+        if (d < Dv) {
+            const uint4 * vrow = (const uint4 *) (Vj + (int64_t) d*C + c0);
+#pragma unroll
+            for (int i = 0; i < HH_CHUNK/8; ++i) {
+                vu[i] = i < nc8 ? vrow[i] : make_uint4(0, 0, 0, 0);
+            }
+            for (int t = 0; t < T; ++t) {
+                const int64_t cn = new_c[t] - c0;
+                if (cn >= 0 && cn < HH_CHUNK) {
+                    const half hv = __float2half(((const float *) (vc + j*vc_nb1 + t*vc_nb2))[d]);
+#pragma unroll
+                    for (int i = 0; i < HH_CHUNK/8; ++i) {
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) {
+                            if (8*i + e == cn) {
+                                ((half *) &vu[i])[e] = hv;
+                            }
+                        }
+                    }
+                }
+            }
+        }
         if (sub == 0) {
             free_s[cl] = isinf(cp); // past C too
         }
         for (int i = threadIdx.x; i < (RP - R)*HH_CHUNK; i += blockDim.x) {
             w_s[R*HH_CHUNK + i] = 0.0f;
         }
-        __syncthreads(); // q_s, free_s
 
-        // 1. logits
+        // 3. logits
         for (int r = 0; r < R; ++r) {
             float acc = 0.0f;
 #pragma unroll
@@ -155,7 +189,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         }
         __syncthreads();
 
-        // 2. per query row: the chunk's max and sum of exponentials; logits kept for the merge
+        // 4. per query row: the chunk's max and sum of exponentials; logits kept for the merge
         for (int r = warp; r < R; r += HH_WARPS) {
             float m = -INFINITY;
             for (int i = lane; i < HH_CHUNK; i += WARP_SIZE) {
@@ -166,7 +200,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             for (int i = lane; i < HH_CHUNK; i += WARP_SIZE) {
                 const float l = w_s[r*HH_CHUNK + i];
                 const float w = l == -INFINITY ? 0.0f : expf(l - m);
-                if (c0 + i < C) {
+                if (ns > 1 && c0 + i < C) {
                     logits[((int64_t) j*R + r)*C + c0 + i] = l;
                 }
                 w_s[r*HH_CHUNK + i] = w;
@@ -174,22 +208,16 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             }
             s = warp_reduce_sum(s);
             if (lane == 0) {
-                pm[r] = m;
-                pl[r] = s;
+                pm[r]    = m;
+                pl[r]    = s;
+                m_s[r]   = m;
+                inv_s[r] = s > 0.0f ? 1.0f/s : 0.0f;
             }
         }
         __syncthreads();
 
-        // 3. unnormalized output: one thread per V row, 8 contiguous cells per load, all loads in flight
-        //    at once (cells past C: 0, and their weights are 0)
-        const int nc8 = min(HH_CHUNK, C - c0)/8; // C % 8 == 0
-        for (int d = threadIdx.x; d < Dv; d += blockDim.x) {
-            const uint4 * vrow = (const uint4 *) (Vj + (int64_t) d*C + c0);
-            uint4 vu[HH_CHUNK/8];
-#pragma unroll
-            for (int i = 0; i < HH_CHUNK/8; ++i) {
-                vu[i] = i < nc8 ? vrow[i] : make_uint4(0, 0, 0, 0);
-            }
+        // 5. output: the chunk's unnormalized sums (several chunks) or the result (one chunk)
+        if (d < Dv) {
             for (int r0 = 0; r0 < R; r0 += RB) {
                 float acc[RB] = { 0.0f };
 #pragma unroll
@@ -216,12 +244,33 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 }
 #pragma unroll
                 for (int rr = 0; rr < RB; ++rr) {
-                    if (r0 + rr < R) {
-                        part_o[(((int64_t) j*ns + sp)*R + r0 + rr)*Dv + d] = acc[rr];
+                    const int r = r0 + rr;
+                    if (r >= R) {
+                        continue;
+                    }
+                    if (ns == 1) {
+                        dst[(int64_t) (r / G)*Dv*G*n + ((int64_t) j*G + r % G)*Dv + d] = acc[rr]*inv_s[r];
+                    } else {
+                        part_o[(((int64_t) j*ns + sp)*R + r)*Dv + d] = acc[rr];
                     }
                 }
             }
         }
+        if (ns == 1) {
+            // the cells' scores: their probabilities summed over the query rows; a free or reused
+            // cell starts again from 0
+            if (sub == 0 && c < C) {
+                float acc = 0.0f;
+                for (int r = 0; r < R; ++r) {
+                    acc += w_s[r*HH_CHUNK + cl]*inv_s[r];
+                }
+                Sj[c] = isinf(cp_old) || tn >= 0 ? acc : s_old + acc;
+            }
+            return;
+        }
+    }
+    if (ns == 1) {
+        return; // nothing in the chunk is seen: no query (cannot happen: the new tokens are in it)
     }
 
     // the last block of head j to get here merges its chunks (threadFenceReduction pattern)
@@ -239,20 +288,34 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     }
     __threadfence();
 
-    // other blocks' results: read past L1 (__ldcg), which is not coherent between blocks
+    // Other blocks' results: read past L1 (__ldcg), which is not coherent between blocks. Each step's
+    // loads are issued together: one round trip for the rows' statistics, a few for the output and the scores.
+    constexpr int NS_LANE = GGML_FASTGEN_HH_MAX_CELLS/HH_CHUNK/WARP_SIZE; // chunks per lane, at most
     float * f_s = smem; // [ns][R]: weight of each chunk's partial sums
+    __shared__ bool seen_s[GGML_FASTGEN_HH_MAX_CELLS/HH_CHUNK];
     for (int r = warp; r < R; r += HH_WARPS) {
+        float ms[NS_LANE], ls[NS_LANE];
+#pragma unroll
+        for (int k = 0; k < NS_LANE; ++k) {
+            const int s = lane + k*WARP_SIZE;
+            ms[k] = s < ns ? __ldcg(part_m + ((int64_t) j*ns + s)*R + r) : -INFINITY;
+            ls[k] = s < ns ? __ldcg(part_l + ((int64_t) j*ns + s)*R + r) : 0.0f;
+        }
         float m = -INFINITY;
-        for (int s = lane; s < ns; s += WARP_SIZE) {
-            m = fmaxf(m, __ldcg(part_m + ((int64_t) j*ns + s)*R + r));
+#pragma unroll
+        for (int k = 0; k < NS_LANE; ++k) {
+            m = fmaxf(m, ms[k]);
         }
         m = warp_reduce_max(m);
         float l = 0.0f;
-        for (int s = lane; s < ns; s += WARP_SIZE) {
-            const float ms = __ldcg(part_m + ((int64_t) j*ns + s)*R + r);
-            const float f  = ms == -INFINITY ? 0.0f : expf(ms - m);
-            f_s[s*R + r] = f;
-            l += f*__ldcg(part_l + ((int64_t) j*ns + s)*R + r);
+#pragma unroll
+        for (int k = 0; k < NS_LANE; ++k) {
+            const int s = lane + k*WARP_SIZE;
+            const float f = ms[k] == -INFINITY ? 0.0f : expf(ms[k] - m);
+            if (s < ns) {
+                f_s[s*R + r] = f;
+            }
+            l += f*ls[k];
         }
         l = warp_reduce_sum(l);
         if (lane == 0) {
@@ -261,40 +324,61 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         }
     }
     __syncthreads();
-
-    for (int i = threadIdx.x; i < R*Dv; i += blockDim.x) {
-        const int r = i / Dv, d = i % Dv, t = r / G, g = r % G;
-        float acc = 0.0f;
-        for (int s = 0; s < ns; ++s) {
-            const float f = f_s[s*R + r];
-            if (f != 0.0f) { // chunks nobody saw wrote no partial output
-                acc += f*__ldcg(part_o + (((int64_t) j*ns + s)*R + r)*Dv + d);
-            }
-        }
-        dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = acc*inv_s[r];
-    }
-
-    // scores of the cells of the chunks somebody saw; a free or reused cell starts again from 0
-    for (int c1 = threadIdx.x; c1 < C; c1 += blockDim.x) {
-        const int s = c1 / HH_CHUNK;
+    for (int s = threadIdx.x; s < ns; s += blockDim.x) {
         bool seen = false;
         for (int r = 0; r < R; ++r) {
             seen = seen || f_s[s*R + r] != 0.0f;
         }
-        if (!seen) {
-            continue;
-        }
+        seen_s[s] = seen;
+    }
+
+    // chunks nobody saw wrote no partial output: their f is 0, and what their slots hold is not used
+    for (int i = threadIdx.x; i < R*Dv; i += blockDim.x) {
+        const int r = i / Dv, d = i % Dv, t = r / G, g = r % G;
         float acc = 0.0f;
+#pragma unroll 16
+        for (int s = 0; s < ns; ++s) {
+            const float f = f_s[s*R + r];
+            const float o = __ldcg(part_o + (((int64_t) j*ns + s)*R + r)*Dv + d);
+            acc += f != 0.0f ? f*o : 0.0f;
+        }
+        dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = acc*inv_s[r];
+    }
+    __syncthreads(); // seen_s
+
+    // scores of the cells of the chunks somebody saw, four cells a thread at a time; a free or reused
+    // cell starts again from 0
+    for (int cb = threadIdx.x; cb < C; cb += 4*blockDim.x) {
+        bool  ok[4];
+        float p_old[4], s_prev[4], acc[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int c1 = cb + u*blockDim.x;
+            ok[u]     = c1 < C && seen_s[c1 / HH_CHUNK];
+            p_old[u]  = ok[u] ? __ldcg(Pj + c1) : 0.0f;
+            s_prev[u] = ok[u] ? Sj[c1] : 0.0f;
+            acc[u]    = 0.0f;
+        }
 #pragma unroll 4
         for (int r = 0; r < R; ++r) {
-            const float l = __ldcg(logits + ((int64_t) j*R + r)*C + c1);
-            acc += l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const float l = ok[u] ? __ldcg(logits + ((int64_t) j*R + r)*C + cb + u*blockDim.x) : -INFINITY;
+                acc[u] += l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
+            }
         }
-        bool reset = isinf(__ldcg(Pj + c1));
-        for (int t = 0; t < T; ++t) {
-            reset = reset || new_c[t] == c1;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int c1 = cb + u*blockDim.x;
+            if (!ok[u]) {
+                continue;
+            }
+            bool reset = isinf(p_old[u]);
+            for (int t = 0; t < T; ++t) {
+                reset = reset || new_c[t] == c1;
+            }
+            Sj[c1] = reset ? acc[u] : s_prev[u] + acc[u];
         }
-        Sj[c1] = reset ? acc : Sj[c1] + acc;
     }
 }
 

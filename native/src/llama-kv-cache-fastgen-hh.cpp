@@ -7,11 +7,13 @@
 #include "llama-model.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const llama_fastgen_policy & policy,
         ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch) :
@@ -217,11 +219,24 @@ bool llama_fastgen_hh_store::fits(const std::vector<uint32_t> & n_new) const {
     return true;
 }
 
-void llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama_pos p0) {
+// A cell the eviction may remove: special tokens (tier 1) go only when nothing else is left, then the
+// lowest mean score, then the oldest. A total order (positions are unique in a head), so the set of
+// the n smallest is one set whichever selection algorithm finds it.
+struct llama_fastgen_hh_cand {
+    int       tier;
+    float     score;
+    llama_pos pos;
+    uint32_t  cell;
+    bool operator<(const llama_fastgen_hh_cand & o) const {
+        return tier != o.tier ? tier < o.tier : score != o.score ? score < o.score : pos < o.pos;
+    }
+};
+
+size_t llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama_pos p0, std::vector<llama_fastgen_hh_cand> & cands,
+        bool & nan) const {
     auto & pos = l.pos[h];
     auto & tok = l.tok[h];
-    struct cand { int tier; float score; llama_pos pos; uint32_t cell; };
-    std::vector<cand> cands;
+    cands.clear();
     for (uint32_t i = 0; i < cap; ++i) {
         const llama_pos p = pos[i];
         if (p < 0 || p < (llama_pos) n_sink || p0 - p < (llama_pos) l.window[h]) {
@@ -229,54 +244,87 @@ void llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama
         }
         float s = scores[i] / (float) (p0 - p); // mean over the queries p .. p0-1 that saw it
         if (std::isnan(s)) {
-            if (!warned_nan) {
-                LLAMA_LOG_WARN("%s: NaN attention scores (non-finite activations?): those cells are evicted first\n", __func__);
-                warned_nan = true;
-            }
+            nan = true;
             s = -INFINITY;
         }
         const bool sp = tok[i] >= 0 && (size_t) tok[i] < special.size() && special[tok[i]];
         cands.push_back({ sp ? 1 : 0, s, p, i });
     }
     const size_t n_evict = std::min<size_t>(cands.size(), l.n_used[h] - l.budget[h]);
-    std::partial_sort(cands.begin(), cands.begin() + n_evict, cands.end(), [](const cand & a, const cand & b) {
-        return a.tier != b.tier ? a.tier < b.tier : a.score != b.score ? a.score < b.score : a.pos < b.pos;
-    });
+    // which cells go, not their order: a selection in linear time
+    std::nth_element(cands.begin(), cands.begin() + n_evict, cands.end());
     for (size_t j = 0; j < n_evict; ++j) {
         pos[cands[j].cell] = -1;
         tok[cands[j].cell] = -1;
         l.hint[h] = std::min(l.hint[h], cands[j].cell);
     }
     l.n_used[h] -= (uint32_t) n_evict;
-    l.dirty = l.dirty || n_evict > 0;
+    return n_evict;
+}
+
+// f(i, scratch) for i in [0, n), spread over threads when there is enough work (a prompt's ubatch
+// evicts from every heavy-hitter head at once: hundreds of heads of a few thousand cells, while the
+// device waits); each thread has its own scratch
+template <typename F>
+static void hh_parallel_for(size_t n, size_t work, F && f) {
+    const size_t n_threads = work < (1u << 16) ? 1 : std::min<size_t>({ n, 8, std::max(1u, std::thread::hardware_concurrency()) });
+    std::atomic<size_t> next{0};
+    const auto run = [&]() {
+        std::vector<llama_fastgen_hh_cand> scratch;
+        for (size_t i; (i = next.fetch_add(1)) < n;) {
+            f(i, scratch);
+        }
+    };
+    std::vector<std::thread> workers;
+    for (size_t t = 1; t < n_threads; ++t) {
+        workers.emplace_back(run);
+    }
+    run();
+    for (auto & w : workers) {
+        w.join();
+    }
 }
 
 bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t sched) {
     const uint32_t n = ub.n_tokens;
     const llama_pos p0 = ub.pos[0];
 
-    std::vector<float> scores;
+    // the heads that evict, with their layer's scores (one read-back per layer, not per head)
+    std::vector<std::vector<float>> scores(layers.size());
+    std::vector<std::pair<size_t, int>> heads; // (layer, head)
     bool synced = false;
-    for (auto & l : layers) {
-        bool need = false;
+    for (size_t li = 0; li < layers.size(); ++li) {
+        auto & l = layers[li];
         for (int h = 0; h < l.n_head; ++h) {
-            need = need || evicts(l.n_used[h], n, l.budget[h]);
-        }
-        if (!need) {
-            continue;
-        }
-        if (!synced && sched) {
-            // the scores of the previous ubatch may still be computing on an asynchronous backend
-            ggml_backend_sched_synchronize(sched);
-            synced = true;
-        }
-        scores.resize((size_t) l.n_head*cap); // one read-back per layer, not per head
-        ggml_backend_tensor_get(l.s, scores.data(), 0, scores.size()*sizeof(float));
-        for (int h = 0; h < l.n_head; ++h) {
-            if (evicts(l.n_used[h], n, l.budget[h])) {
-                evict(l, h, scores.data() + (size_t) h*cap, p0);
+            if (!evicts(l.n_used[h], n, l.budget[h])) {
+                continue;
             }
+            if (scores[li].empty()) {
+                if (!synced && sched) {
+                    // the scores of the previous ubatch may still be computing on an asynchronous backend
+                    ggml_backend_sched_synchronize(sched);
+                    synced = true;
+                }
+                scores[li].resize((size_t) l.n_head*cap);
+                ggml_backend_tensor_get(l.s, scores[li].data(), 0, scores[li].size()*sizeof(float));
+            }
+            heads.emplace_back(li, h);
         }
+    }
+    std::vector<size_t> n_evicted(heads.size());
+    std::vector<char>   nan(heads.size(), 0);
+    hh_parallel_for(heads.size(), heads.size()*cap, [&](size_t i, std::vector<llama_fastgen_hh_cand> & scratch) {
+        bool nan_i = false;
+        n_evicted[i] = evict(layers[heads[i].first], heads[i].second, scores[heads[i].first].data() + (size_t) heads[i].second*cap,
+                p0, scratch, nan_i);
+        nan[i] = nan_i;
+    });
+    for (size_t i = 0; i < heads.size(); ++i) {
+        layers[heads[i].first].dirty = layers[heads[i].first].dirty || n_evicted[i] > 0;
+    }
+    if (!warned_nan && std::find(nan.begin(), nan.end(), 1) != nan.end()) {
+        LLAMA_LOG_WARN("%s: NaN attention scores (non-finite activations?): those cells are evicted first\n", __func__);
+        warned_nan = true;
     }
 
     // per decoding step only O(heads) host work: slots from a hint, keep and positions for

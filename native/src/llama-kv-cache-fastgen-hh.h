@@ -103,7 +103,11 @@ public:
     void state_read (llama_io_read_i  & io);
 
 private:
-    void evict(layer & l, int h, const float * scores, llama_pos p0);
+    // evict head h of l back to its budget from its scores (scratch: the candidates, a thread's own;
+    // nan: set when a score was NaN, such cells go first); returns the cells evicted. Touches only that
+    // head's state, so heads evict in parallel.
+    size_t evict(layer & l, int h, const float * scores, llama_pos p0, std::vector<struct llama_fastgen_hh_cand> & scratch,
+                 bool & nan) const;
     void upload_positions(layer & l) const;
     bool op_supported(ggml_backend_dev_t dev, const layer & l, int64_t n_group, int64_t n_tokens) const;
 
