@@ -34,13 +34,13 @@ from llama_fastgen import llama_cpp  # noqa: F401,E402  (importing llama_fastgen
 import numpy as np  # noqa: E402
 
 
-def logits(gguf: str, ids: list[int], gpu: bool, fastgen: bool, decode_from=None, n_batch: int = 64, n_ctx: int = 0) -> np.ndarray:
+def logits(gguf: str, ids: list[int], gpu: bool, fastgen: bool, decode_from=None, n_batch: int = 64) -> np.ndarray:
     from llama_fastgen.logits import teacher_forced
 
     # CPU: no layer, no KV and no op offloaded, in the same CUDA build (hiding the GPU with
     # CUDA_VISIBLE_DEVICES="" made this build crash at load). verbose=True: on the GPU machine's
     # CUDA build, llama-cpp-python's stdout/stderr redirection crashed in llama.cpp's print_info.
-    return teacher_forced(gguf, ids, n_ctx=n_ctx or max(2048, len(ids)), n_batch=n_batch, decode_from=decode_from, verbose=True, flash_attn=True,
+    return teacher_forced(gguf, ids, n_ctx=max(2048, len(ids)), n_batch=n_batch, decode_from=decode_from, verbose=True, flash_attn=True,
                           n_gpu_layers=99 if gpu else 0, offload_kqv=gpu, op_offload=gpu,
                           kv_overrides=None if fastgen else {"fastgen.enable": False})[0]
 
@@ -48,14 +48,13 @@ def logits(gguf: str, ids: list[int], gpu: bool, fastgen: bool, decode_from=None
 def child(args) -> int:
     ids = [int(i) for i in np.random.default_rng(1).integers(100, 100000, args.n_tokens)]
     np.save(args.save, logits(args.model, ids, args.gpu, args.fastgen, decode_from=args.decode_from,
-                              n_batch=args.batch, n_ctx=args.n_ctx).astype(np.float16))
+                              n_batch=args.batch).astype(np.float16))
     return 0
 
 
-def run_child(model, n, gpu, fastgen, path, decode_from=None, env_extra=None, batch=64, n_ctx=0):
+def run_child(model, n, gpu, fastgen, path, decode_from=None, env_extra=None, batch=64):
     env = dict(os.environ, **(env_extra or {}))
-    cmd = [sys.executable, __file__, "child", "--model", model, "--n-tokens", str(n), "--save", path, "--batch", str(batch),
-           "--n-ctx", str(n_ctx)]
+    cmd = [sys.executable, __file__, "child", "--model", model, "--n-tokens", str(n), "--save", path, "--batch", str(batch)]
     cmd += ["--gpu"] if gpu else []
     cmd += ["--fastgen"] if fastgen else []
     cmd += ["--decode-from", str(decode_from)] if decode_from is not None else []
@@ -73,21 +72,18 @@ def correctness(args) -> dict:
     """Positions compared: from 600 (past every window of the policy mix) in ubatches of --batch
     (default 64: many small blocks, the prefill kernels split the cells; 2048: the (row tile, head)
     blocks fill the GPU, no split); the last 400, decoded one token at a time after a prefill, in
-    decode mode (skipped with --no-decode). --n-ctx 64 with --n-tokens 60: a store of one chunk, whose
-    decode kernel finishes in one block (llama-bench's depth 0)."""
+    decode mode (skipped with --no-decode)."""
     res = {}
-    n, b, nc = args.n_tokens, args.batch, args.n_ctx
+    n, b = args.n_tokens, args.batch
     for small in args.small:
         name = os.path.basename(small)
-        first_dec = max(8, n - 400)
-        for mode, dec, s in ((f"ubatch{b}", None, min(600, n // 2)), ("decode", first_dec, first_dec))[:2 if args.decode else 1]:
-            mode += f" n_ctx {nc}" if nc else ""
+        for mode, dec, s in ((f"ubatch{b}", None, 600), ("decode", n - 400, n - 400))[:2 if args.decode else 1]:
             for fg in (True, False):
-                cpu = run_child(small, n, False, fg, "/tmp/cpu.npy", dec, batch=b, n_ctx=nc)
-                gpu = run_child(small, n, True, fg, "/tmp/gpu.npy", dec, batch=b, n_ctx=nc)
+                cpu = run_child(small, n, False, fg, "/tmp/cpu.npy", dec, batch=b)
+                gpu = run_child(small, n, True, fg, "/tmp/gpu.npy", dec, batch=b)
                 res[f"{name} {mode} {'fastgen' if fg else 'full'} CPU vs CUDA"] = compare(cpu, gpu, s)
                 if fg:
-                    composed = run_child(small, n, True, True, "/tmp/gpu0.npy", dec, {"LLAMA_FASTGEN_HH_FUSED": "0"}, batch=b, n_ctx=nc)
+                    composed = run_child(small, n, True, True, "/tmp/gpu0.npy", dec, {"LLAMA_FASTGEN_HH_FUSED": "0"}, batch=b)
                     res[f"{name} {mode} fastgen CUDA composed vs fused"] = compare(composed, gpu, s)
     print("CPU vs CUDA (random-weight small models, %d tokens)" % n)
     for k, v in res.items():
@@ -311,7 +307,6 @@ def main() -> int:
     ap.add_argument("--n-seq", type=int, default=3)
     ap.add_argument("--ubatch", type=int, default=48)
     ap.add_argument("--batch", type=int, default=64, help="correctness: ubatch size of the prefill comparison")
-    ap.add_argument("--n-ctx", type=int, default=0, help="correctness: context size (default: max(2048, --n-tokens))")
     ap.add_argument("--no-decode", dest="decode", action="store_false", help="correctness: the prefill comparison only")
     ap.add_argument("--unified", action="store_true")
     ap.add_argument("--no-prefill", dest="prefill", action="store_false", help="speed: decode only")

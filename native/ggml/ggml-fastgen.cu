@@ -7,11 +7,11 @@
 // unnormalized output (one thread per V row: V is stored transposed, so a thread's cells are
 // contiguous). Chunks nobody sees (free cells, the empty end of a young cache) stop after reading
 // their positions: decoding a short context costs what its occupied cells cost, not the capacity.
-// A head of one chunk finishes in its block. Otherwise the last block of a head to finish (a
-// per-head counter) merges the chunks: it writes the output and adds each cell's probability, summed
-// over the query rows, to the cell's score. Logits stay in a scratch buffer in between, so the
-// probabilities added to the scores are those the output used. Each step issues its loads together:
-// at decode the kernel's time is its chain of memory round trips, not its bytes.
+// The last block of a head to finish (a per-head counter) merges the chunks: it writes the output
+// and adds each cell's probability, summed over the query rows, to the cell's score. Logits stay in
+// a scratch buffer in between, so the probabilities added to the scores are those the output used.
+// Each step issues its loads together: at decode the kernel's time is its chain of memory round
+// trips, not its bytes.
 // One launch per layer: at depth 0 a decode step is dominated by per-kernel latency, not bytes.
 //
 // Prefill (more query rows than GGML_FASTGEN_HH_MAX_ROWS) takes four launches on tensor cores (mma.sync
@@ -70,12 +70,11 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     float * pl = part_l + ((int64_t) j*ns + sp)*R;
 
     // Decoding is a chain of memory round trips, not bandwidth: the chunk's work takes two (what the
-    // cells hold; then their K and V), and a head of one chunk finishes in its block (no merge).
-    // 1. this lane's cell (lane `sub` of 4 holds elements (i*4 + sub)*8 .. +8) and position, its score
-    //    when this block finishes alone, the new tokens' cells and positions, the queries
+    // cells hold; then their K and V).
+    // 1. this lane's cell (lane `sub` of 4 holds elements (i*4 + sub)*8 .. +8) and position, the new
+    //    tokens' cells and positions, the queries
     const int cl = warp*(WARP_SIZE/4) + lane/4, sub = lane % 4, c = c0 + cl;
-    const float cp_old = c < C ? Pj[c] : INFINITY;
-    const float s_old  = ns == 1 && c < C ? Sj[c] : 0.0f;
+    float cp = c < C ? Pj[c] : INFINITY;
     if (threadIdx.x < T) {
         new_c[threadIdx.x] = idxs[(h0 + j)*idxs_s1 + threadIdx.x];
         qp_s[threadIdx.x]  = qpos[threadIdx.x];
@@ -91,8 +90,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         tn = new_c[t] == c ? t : tn;
         qp_max = fmaxf(qp_max, qp_s[t]);
     }
-    const bool any = qp_max - cp_old > 0.0f; // occupied and before some query
-    float cp = cp_old;
+    const bool any = qp_max - cp > 0.0f; // occupied and before some query
     if (!__syncthreads_or(tn >= 0 || any)) {
         for (int r = threadIdx.x; r < R; r += blockDim.x) {
             pm[r] = -INFINITY; // the merge skips this chunk
@@ -200,7 +198,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             for (int i = lane; i < HH_CHUNK; i += WARP_SIZE) {
                 const float l = w_s[r*HH_CHUNK + i];
                 const float w = l == -INFINITY ? 0.0f : expf(l - m);
-                if (ns > 1 && c0 + i < C) {
+                if (c0 + i < C) {
                     logits[((int64_t) j*R + r)*C + c0 + i] = l;
                 }
                 w_s[r*HH_CHUNK + i] = w;
@@ -208,15 +206,13 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             }
             s = warp_reduce_sum(s);
             if (lane == 0) {
-                pm[r]    = m;
-                pl[r]    = s;
-                m_s[r]   = m;
-                inv_s[r] = s > 0.0f ? 1.0f/s : 0.0f;
+                pm[r] = m;
+                pl[r] = s;
             }
         }
         __syncthreads();
 
-        // 5. output: the chunk's unnormalized sums (several chunks) or the result (one chunk)
+        // 5. the chunk's unnormalized output
         if (d < Dv) {
             for (int r0 = 0; r0 < R; r0 += RB) {
                 float acc[RB] = { 0.0f };
@@ -244,33 +240,12 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 }
 #pragma unroll
                 for (int rr = 0; rr < RB; ++rr) {
-                    const int r = r0 + rr;
-                    if (r >= R) {
-                        continue;
-                    }
-                    if (ns == 1) {
-                        dst[(int64_t) (r / G)*Dv*G*n + ((int64_t) j*G + r % G)*Dv + d] = acc[rr]*inv_s[r];
-                    } else {
-                        part_o[(((int64_t) j*ns + sp)*R + r)*Dv + d] = acc[rr];
+                    if (r0 + rr < R) {
+                        part_o[(((int64_t) j*ns + sp)*R + r0 + rr)*Dv + d] = acc[rr];
                     }
                 }
             }
         }
-        if (ns == 1) {
-            // the cells' scores: their probabilities summed over the query rows; a free or reused
-            // cell starts again from 0
-            if (sub == 0 && c < C) {
-                float acc = 0.0f;
-                for (int r = 0; r < R; ++r) {
-                    acc += w_s[r*HH_CHUNK + cl]*inv_s[r];
-                }
-                Sj[c] = isinf(cp_old) || tn >= 0 ? acc : s_old + acc;
-            }
-            return;
-        }
-    }
-    if (ns == 1) {
-        return; // nothing in the chunk is seen: no query (cannot happen: the new tokens are in it)
     }
 
     // the last block of head j to get here merges its chunks (threadFenceReduction pattern)
