@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -285,9 +287,33 @@ static void hh_parallel_for(size_t n, size_t work, F && f) {
     }
 }
 
+// LLAMA_FASTGEN_TIMING=1: where a ubatch's host time goes in apply() (waiting for the device, reading
+// scores, evicting, placing and uploading), summed over the process and printed at its exit; the
+// device idles during everything after the wait, so this is the bubble the stores add per ubatch
+struct hh_timing {
+    enum phase { WAIT, READ, EVICT, PLACE, N_PHASE };
+    const bool on = [] { const char * e = getenv("LLAMA_FASTGEN_TIMING"); return e && std::string(e) == "1"; }();
+    double ms[N_PHASE] = {};
+    size_t n_apply = 0, n_evicting = 0;
+    ~hh_timing() {
+        if (on && n_apply) {
+            fprintf(stderr, "fastgen timing: %zu ubatches (%zu evicting): wait %.2f ms, read %.2f ms, evict %.2f ms, "
+                    "place+upload %.2f ms\n", n_apply, n_evicting, ms[WAIT], ms[READ], ms[EVICT], ms[PLACE]);
+        }
+    }
+    // adds the time since t to phase p and restarts t
+    void lap(phase p, std::chrono::steady_clock::time_point & t) {
+        const auto now = std::chrono::steady_clock::now();
+        ms[p] += std::chrono::duration<double, std::milli>(now - t).count();
+        t = now;
+    }
+};
+static hh_timing g_timing;
+
 bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t sched) {
     const uint32_t n = ub.n_tokens;
     const llama_pos p0 = ub.pos[0];
+    auto t = std::chrono::steady_clock::now();
 
     // the heads that evict, with their layer's scores (one read-back per layer, not per head)
     std::vector<std::vector<float>> scores(layers.size());
@@ -304,12 +330,20 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
                     // the scores of the previous ubatch may still be computing on an asynchronous backend
                     ggml_backend_sched_synchronize(sched);
                     synced = true;
+                    if (g_timing.on) {
+                        g_timing.lap(hh_timing::WAIT, t);
+                    }
                 }
                 scores[li].resize((size_t) l.n_head*cap);
                 ggml_backend_tensor_get(l.s, scores[li].data(), 0, scores[li].size()*sizeof(float));
             }
             heads.emplace_back(li, h);
         }
+    }
+    if (g_timing.on) {
+        g_timing.lap(hh_timing::READ, t);
+        g_timing.n_apply++;
+        g_timing.n_evicting += !heads.empty();
     }
     std::vector<size_t> n_evicted(heads.size());
     std::vector<char>   nan(heads.size(), 0);
@@ -325,6 +359,10 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
     if (!warned_nan && std::find(nan.begin(), nan.end(), 1) != nan.end()) {
         LLAMA_LOG_WARN("%s: NaN attention scores (non-finite activations?): those cells are evicted first\n", __func__);
         warned_nan = true;
+    }
+
+    if (g_timing.on) {
+        g_timing.lap(hh_timing::EVICT, t);
     }
 
     // per decoding step only O(heads) host work: slots from a hint, keep and positions for
@@ -381,14 +419,23 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
         for (auto & l : layers) {
             if (l.dirty) {
                 if (!synced && sched) {
+                    if (g_timing.on) {
+                        g_timing.lap(hh_timing::PLACE, t);
+                    }
                     ggml_backend_sched_synchronize(sched); // l.p may be in use by the last graph
                     synced = true;
+                    if (g_timing.on) {
+                        g_timing.lap(hh_timing::WAIT, t);
+                    }
                 }
                 upload_positions(l);
             }
         }
     }
     last_pos = std::max(last_pos, ub.pos[n - 1]);
+    if (g_timing.on) {
+        g_timing.lap(hh_timing::PLACE, t);
+    }
     return true;
 }
 
