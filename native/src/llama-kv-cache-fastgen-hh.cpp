@@ -55,30 +55,56 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     auto ctx_for_buft = [&](ggml_backend_buffer_type_t buft) -> ggml_context * {
         auto it = ctx_map.find(buft);
         if (it == ctx_map.end()) {
-            ggml_init_params params = { size_t(4u*hp.n_layer()*ggml_tensor_overhead()), nullptr, true };
+            ggml_init_params params = { size_t((4u*hp.n_layer() + 2)*ggml_tensor_overhead()), nullptr, true };
             it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(params))).first;
         }
         return it->second.get();
     };
 
+    // scores and positions of all layers on one buffer type are one tensor each, the layers' views side
+    // by side: a ubatch reads the scores back and uploads the positions in one copy, not one per layer
     index.assign(hp.n_layer(), -1);
+    std::vector<int32_t> n_h_of(hp.n_layer(), 0);
+    std::map<ggml_backend_buffer_type_t, int64_t> heads_of_buft;
+    const auto buft_of = [&](uint32_t il) {
+        return offload ? ggml_backend_dev_buffer_type(model.dev_layer(il)) : ggml_backend_cpu_buffer_type();
+    };
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
-        int32_t n_h = 0;
         for (int c = c_first; c >= 0 && c <= c_last; ++c) {
-            n_h += policy.n_heads((int) il, c);
+            n_h_of[il] += policy.n_heads((int) il, c);
         }
+        heads_of_buft[buft_of(il)] += n_h_of[il];
+    }
+    std::map<ggml_backend_buffer_type_t, int64_t> heads_placed;
+    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+        const int32_t n_h = n_h_of[il];
         if (n_h == 0) {
             continue;
         }
-        ggml_backend_buffer_type_t buft = offload ? ggml_backend_dev_buffer_type(model.dev_layer(il)) : ggml_backend_cpu_buffer_type();
+        ggml_backend_buffer_type_t buft = buft_of(il);
         ggml_context * ctx = ctx_for_buft(buft);
+        auto blk = std::find_if(blocks.begin(), blocks.end(), [&](const block & b) { return b.buft == buft; });
+        if (blk == blocks.end()) {
+            block b;
+            b.buft = buft;
+            b.s = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cap, heads_of_buft[buft]);
+            b.p = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cap + GGML_FASTGEN_HH_P_PAD, heads_of_buft[buft]);
+            ggml_format_name(b.s, "cache_fg_hh_s");
+            ggml_format_name(b.p, "cache_fg_hh_p");
+            b.p_host.assign((size_t) ggml_nelements(b.p), 0.0f);
+            blocks.push_back(std::move(b));
+            blk = blocks.end() - 1;
+        }
         layer l;
         l.il     = (int32_t) il;
         l.n_head = n_h;
+        l.blk    = (int32_t) (blk - blocks.begin());
+        l.h_blk  = heads_placed[buft];
+        heads_placed[buft] += n_h;
         l.k = ggml_new_tensor_3d(ctx, type_k, hp.n_embd_head_k(il), cap, n_h);
         l.v = ggml_new_tensor_3d(ctx, type_v, cap, hp.n_embd_head_v(il), n_h);
-        l.s = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cap, n_h);
-        l.p = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cap + GGML_FASTGEN_HH_P_PAD, n_h);
+        l.s = ggml_view_2d(ctx, blk->s, cap, n_h, blk->s->nb[1], l.h_blk*blk->s->nb[1]);
+        l.p = ggml_view_2d(ctx, blk->p, cap + GGML_FASTGEN_HH_P_PAD, n_h, blk->p->nb[1], l.h_blk*blk->p->nb[1]);
         ggml_format_name(l.k, "cache_fg_hh_k_l%u", il);
         ggml_format_name(l.v, "cache_fg_hh_v_l%u", il);
         ggml_format_name(l.s, "cache_fg_hh_s_l%u", il);
@@ -148,16 +174,36 @@ bool llama_fastgen_hh_store::fused(uint32_t n_tokens) const {
     return enabled && fused_ok && dev_decode && (n_group*n_tokens <= GGML_FASTGEN_HH_MAX_ROWS || dev_prefill);
 }
 
-void llama_fastgen_hh_store::upload_positions(layer & l) const {
+void llama_fastgen_hh_store::upload_positions() {
     const size_t row = cap + GGML_FASTGEN_HH_P_PAD; // the padding stays zero
-    std::vector<float> p((size_t) l.n_head*row, 0.0f);
-    for (int h = 0; h < l.n_head; ++h) {
-        for (uint32_t i = 0; i < cap; ++i) {
-            p[h*row + i] = l.pos[h][i] >= 0 ? (float) l.pos[h][i] - 0.5f : INFINITY;
+    for (size_t b = 0; b < blocks.size(); ++b) {
+        auto & blk = blocks[b];
+        // one copy from the first dirty layer's rows to the last's; the clean layers between them are
+        // rewritten too (the device's positions of new tokens were written by the op, pos has them as well)
+        int64_t h_lo = INT64_MAX, h_hi = 0;
+        for (const auto & l : layers) {
+            if (l.blk == (int32_t) b && l.dirty) {
+                h_lo = std::min(h_lo, l.h_blk);
+                h_hi = std::max(h_hi, l.h_blk + l.n_head);
+            }
         }
+        if (h_lo >= h_hi) {
+            continue;
+        }
+        for (auto & l : layers) {
+            if (l.blk != (int32_t) b || l.h_blk < h_lo || l.h_blk >= h_hi) {
+                continue;
+            }
+            for (int h = 0; h < l.n_head; ++h) {
+                float * p = blk.p_host.data() + (l.h_blk + h)*row;
+                for (uint32_t i = 0; i < cap; ++i) {
+                    p[i] = l.pos[h][i] >= 0 ? (float) l.pos[h][i] - 0.5f : INFINITY;
+                }
+            }
+            l.dirty = false;
+        }
+        ggml_backend_tensor_set(blk.p, blk.p_host.data() + h_lo*row, h_lo*row*sizeof(float), (h_hi - h_lo)*row*sizeof(float));
     }
-    ggml_backend_tensor_set(l.p, p.data(), 0, p.size()*sizeof(float));
-    l.dirty = false;
 }
 
 uint32_t llama_fastgen_hh_store::max_used(int c) const {
@@ -315,30 +361,33 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
     const llama_pos p0 = ub.pos[0];
     auto t = std::chrono::steady_clock::now();
 
-    // the heads that evict, with their layer's scores (one read-back per layer, not per head)
-    std::vector<std::vector<float>> scores(layers.size());
+    // the heads that evict, and their blocks' scores (one read-back per buffer type, not per layer or head)
     std::vector<std::pair<size_t, int>> heads; // (layer, head)
-    bool synced = false;
+    std::vector<char> read(blocks.size(), 0);
     for (size_t li = 0; li < layers.size(); ++li) {
         auto & l = layers[li];
         for (int h = 0; h < l.n_head; ++h) {
-            if (!evicts(l.n_used[h], n, l.budget[h])) {
-                continue;
+            if (evicts(l.n_used[h], n, l.budget[h])) {
+                heads.emplace_back(li, h);
+                read[l.blk] = 1;
             }
-            if (scores[li].empty()) {
-                if (!synced && sched) {
-                    // the scores of the previous ubatch may still be computing on an asynchronous backend
-                    ggml_backend_sched_synchronize(sched);
-                    synced = true;
-                    if (g_timing.on) {
-                        g_timing.lap(hh_timing::WAIT, t);
-                    }
-                }
-                scores[li].resize((size_t) l.n_head*cap);
-                ggml_backend_tensor_get(l.s, scores[li].data(), 0, scores[li].size()*sizeof(float));
-            }
-            heads.emplace_back(li, h);
         }
+    }
+    bool synced = false;
+    for (size_t b = 0; b < blocks.size(); ++b) {
+        if (!read[b]) {
+            continue;
+        }
+        if (!synced && sched) {
+            // the scores of the previous ubatch may still be computing on an asynchronous backend
+            ggml_backend_sched_synchronize(sched);
+            synced = true;
+            if (g_timing.on) {
+                g_timing.lap(hh_timing::WAIT, t);
+            }
+        }
+        blocks[b].s_host.resize((size_t) ggml_nelements(blocks[b].s));
+        ggml_backend_tensor_get(blocks[b].s, blocks[b].s_host.data(), 0, ggml_nbytes(blocks[b].s));
     }
     if (g_timing.on) {
         g_timing.lap(hh_timing::READ, t);
@@ -349,8 +398,9 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
     std::vector<char>   nan(heads.size(), 0);
     hh_parallel_for(heads.size(), heads.size()*cap, [&](size_t i, std::vector<llama_fastgen_hh_cand> & scratch) {
         bool nan_i = false;
-        n_evicted[i] = evict(layers[heads[i].first], heads[i].second, scores[heads[i].first].data() + (size_t) heads[i].second*cap,
-                p0, scratch, nan_i);
+        const layer & l = layers[heads[i].first];
+        n_evicted[i] = evict(layers[heads[i].first], heads[i].second,
+                blocks[l.blk].s_host.data() + (size_t) (l.h_blk + heads[i].second)*cap, p0, scratch, nan_i);
         nan[i] = nan_i;
     });
     for (size_t i = 0; i < heads.size(); ++i) {
@@ -415,22 +465,18 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
     // a composed ubatch attends over the occupied prefix only: while the store fills (a prompt's
     // first ubatches, or a context larger than the prompt) the free cells behind it cost nothing
     n_active = fz ? cap : std::min(cap, GGML_PAD(hi, 128));
-    if (fz) {
-        for (auto & l : layers) {
-            if (l.dirty) {
-                if (!synced && sched) {
-                    if (g_timing.on) {
-                        g_timing.lap(hh_timing::PLACE, t);
-                    }
-                    ggml_backend_sched_synchronize(sched); // l.p may be in use by the last graph
-                    synced = true;
-                    if (g_timing.on) {
-                        g_timing.lap(hh_timing::WAIT, t);
-                    }
-                }
-                upload_positions(l);
+    if (fz && std::any_of(layers.begin(), layers.end(), [](const layer & l) { return l.dirty; })) {
+        if (!synced && sched) {
+            if (g_timing.on) {
+                g_timing.lap(hh_timing::PLACE, t);
+            }
+            ggml_backend_sched_synchronize(sched); // the positions may be in use by the last graph
+            synced = true;
+            if (g_timing.on) {
+                g_timing.lap(hh_timing::WAIT, t);
             }
         }
+        upload_positions();
     }
     last_pos = std::max(last_pos, ub.pos[n - 1]);
     if (g_timing.on) {

@@ -48,8 +48,10 @@ public:
         std::vector<uint32_t> window; // [head]
         ggml_tensor * k; // [D, cap, n_head]
         ggml_tensor * v; // [cap, D, n_head]
-        ggml_tensor * s; // [cap, n_head] F32
-        ggml_tensor * p; // [cap + GGML_FASTGEN_HH_P_PAD, n_head] F32 cell positions - 0.5, +inf when free
+        ggml_tensor * s; // [cap, n_head] F32, a view of its block's
+        ggml_tensor * p; // [cap + GGML_FASTGEN_HH_P_PAD, n_head] F32 cell positions - 0.5, +inf when free; a view
+        int32_t       blk;   // its block (buffer type) in `blocks`
+        int64_t       h_blk; // its first head's row in the block's s and p
         std::vector<std::vector<llama_pos>>   pos; // [head][cell], -1 when free
         std::vector<std::vector<llama_token>> tok; // [head][cell]
         std::vector<uint32_t>                 n_used;
@@ -108,7 +110,7 @@ private:
     // head's state, so heads evict in parallel.
     size_t evict(layer & l, int h, const float * scores, llama_pos p0, std::vector<struct llama_fastgen_hh_cand> & scratch,
                  bool & nan) const;
-    void upload_positions(layer & l) const;
+    void upload_positions(); // the dirty layers', one copy per block
     bool op_supported(ggml_backend_dev_t dev, const layer & l, int64_t n_group, int64_t n_tokens) const;
 
     uint32_t cap = 0;
@@ -118,6 +120,16 @@ private:
     size_t   bytes_per_head = 0;
     std::vector<bool> special; // by token id: evicted only when nothing else is left
 
+    // per buffer type: the scores and positions of all its layers' heads, and host copies for the
+    // read-back and the upload
+    struct block {
+        ggml_backend_buffer_type_t buft;
+        ggml_tensor *      s;
+        ggml_tensor *      p;
+        std::vector<float> s_host;
+        std::vector<float> p_host;
+    };
+    std::vector<block>   blocks;
     std::vector<layer>   layers;
     std::vector<int32_t> index;
     std::vector<int32_t> offsets;
