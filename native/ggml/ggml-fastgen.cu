@@ -890,6 +890,8 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
         ns = cost(s) < cost(ns) ? s : ns;
     }
     ns = 4*cost(ns) < 3*cost(1) ? ns : 1;
+    static const int forced = getenv("LLAMA_FASTGEN_PF_SPLIT") ? atoi(getenv("LLAMA_FASTGEN_PF_SPLIT")) : 0; // experiment only
+    ns = forced > 0 ? std::min(forced, cell_tiles) : ns;
 
     ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) ns*n*RP);
     ggml_cuda_pool_alloc<float> part_l(ctx.pool(), (size_t) ns*n*RP);
