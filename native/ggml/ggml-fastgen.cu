@@ -359,6 +359,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
 
 #define HH_PF_TILE  64 // query rows per block (16 per warp), and cells per tile
 #define HH_PF_WARPS 4
+#define HH_PF_MAX_SPLIT 4 // cell splits of one prefill layer (hh_prefill says why)
 #define HH_PF_MAX_TILES (GGML_FASTGEN_HH_MAX_CELLS/HH_PF_TILE)
 // head sizes (K and V alike) the prefill kernels are built for: the queries' fragments and the output
 // accumulators stay in registers; other sizes keep the composed path
@@ -881,17 +882,18 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
 
     // both passes split the cells when a layer has too few (row tile, head) blocks to fill the GPU (three
     // per SM): the fewest splits whose waves x tiles per block is least, and only when that saves more
-    // than a quarter (the splits' outputs then take one more launch to add up)
+    // than a quarter (the splits' outputs then take one more launch to add up). At most HH_PF_MAX_SPLIT:
+    // every split writes its own output rows for the merge, which the wave count does not see (8B shape,
+    // pp8192 at ubatch 512 on the H200: splits of up to 16 on the layers with few heavy-hitter heads ran at
+    // 9,361 tok/s, never splitting at 10,027, splitting every layer in 4 at 10,023)
     const int slots = 3*ggml_cuda_info().devices[ctx.device].nsm;
     const int row_tiles = RP/HH_PF_TILE, cell_tiles = (C + HH_PF_TILE - 1)/HH_PF_TILE;
     const auto cost = [&](int s) { return (int64_t) ((row_tiles*n*s + slots - 1)/slots) * ((cell_tiles + s - 1)/s); };
     int ns = 1;
-    for (int s = 2; s <= cell_tiles; ++s) {
+    for (int s = 2; s <= std::min(cell_tiles, HH_PF_MAX_SPLIT); ++s) {
         ns = cost(s) < cost(ns) ? s : ns;
     }
     ns = 4*cost(ns) < 3*cost(1) ? ns : 1;
-    static const int forced = getenv("LLAMA_FASTGEN_PF_SPLIT") ? atoi(getenv("LLAMA_FASTGEN_PF_SPLIT")) : 0; // experiment only
-    ns = forced > 0 ? std::min(forced, cell_tiles) : ns;
 
     ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) ns*n*RP);
     ggml_cuda_pool_alloc<float> part_l(ctx.pool(), (size_t) ns*n*RP);
