@@ -75,7 +75,6 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         }
         heads_of_buft[buft_of(il)] += n_h_of[il];
     }
-    std::map<ggml_backend_buffer_type_t, int64_t> heads_placed;
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         const int32_t n_h = n_h_of[il];
         if (n_h == 0) {
@@ -99,8 +98,8 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         l.il     = (int32_t) il;
         l.n_head = n_h;
         l.blk    = (int32_t) (blk - blocks.begin());
-        l.h_blk  = heads_placed[buft];
-        heads_placed[buft] += n_h;
+        l.h_blk  = blk->n_placed;
+        blk->n_placed += n_h;
         l.k = ggml_new_tensor_3d(ctx, type_k, hp.n_embd_head_k(il), cap, n_h);
         l.v = ggml_new_tensor_3d(ctx, type_v, cap, hp.n_embd_head_v(il), n_h);
         l.s = ggml_view_2d(ctx, blk->s, cap, n_h, blk->s->nb[1], l.h_blk*blk->s->nb[1]);
@@ -347,8 +346,11 @@ struct hh_timing {
                     "place+upload %.2f ms\n", n_apply, n_evicting, ms[WAIT], ms[READ], ms[EVICT], ms[PLACE]);
         }
     }
-    // adds the time since t to phase p and restarts t
+    // adds the time since t to phase p and restarts t (nothing when off)
     void lap(phase p, std::chrono::steady_clock::time_point & t) {
+        if (!on) {
+            return;
+        }
         const auto now = std::chrono::steady_clock::now();
         ms[p] += std::chrono::duration<double, std::milli>(now - t).count();
         t = now;
@@ -382,25 +384,21 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
             // the scores of the previous ubatch may still be computing on an asynchronous backend
             ggml_backend_sched_synchronize(sched);
             synced = true;
-            if (g_timing.on) {
-                g_timing.lap(hh_timing::WAIT, t);
-            }
+            g_timing.lap(hh_timing::WAIT, t);
         }
         blocks[b].s_host.resize((size_t) ggml_nelements(blocks[b].s));
         ggml_backend_tensor_get(blocks[b].s, blocks[b].s_host.data(), 0, ggml_nbytes(blocks[b].s));
     }
-    if (g_timing.on) {
-        g_timing.lap(hh_timing::READ, t);
-        g_timing.n_apply++;
-        g_timing.n_evicting += !heads.empty();
-    }
+    g_timing.lap(hh_timing::READ, t);
+    g_timing.n_apply++;
+    g_timing.n_evicting += !heads.empty();
     std::vector<size_t> n_evicted(heads.size());
     std::vector<char>   nan(heads.size(), 0);
     hh_parallel_for(heads.size(), heads.size()*cap, [&](size_t i, std::vector<llama_fastgen_hh_cand> & scratch) {
         bool nan_i = false;
-        const layer & l = layers[heads[i].first];
-        n_evicted[i] = evict(layers[heads[i].first], heads[i].second,
-                blocks[l.blk].s_host.data() + (size_t) (l.h_blk + heads[i].second)*cap, p0, scratch, nan_i);
+        layer & l = layers[heads[i].first];
+        n_evicted[i] = evict(l, heads[i].second, blocks[l.blk].s_host.data() + (size_t) (l.h_blk + heads[i].second)*cap,
+                p0, scratch, nan_i);
         nan[i] = nan_i;
     });
     for (size_t i = 0; i < heads.size(); ++i) {
@@ -411,9 +409,7 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
         warned_nan = true;
     }
 
-    if (g_timing.on) {
-        g_timing.lap(hh_timing::EVICT, t);
-    }
+    g_timing.lap(hh_timing::EVICT, t);
 
     // per decoding step only O(heads) host work: slots from a hint, keep and positions for
     // composed ubatches only
@@ -467,21 +463,15 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
     n_active = fz ? cap : std::min(cap, GGML_PAD(hi, 128));
     if (fz && std::any_of(layers.begin(), layers.end(), [](const layer & l) { return l.dirty; })) {
         if (!synced && sched) {
-            if (g_timing.on) {
-                g_timing.lap(hh_timing::PLACE, t);
-            }
+            g_timing.lap(hh_timing::PLACE, t);
             ggml_backend_sched_synchronize(sched); // the positions may be in use by the last graph
             synced = true;
-            if (g_timing.on) {
-                g_timing.lap(hh_timing::WAIT, t);
-            }
+            g_timing.lap(hh_timing::WAIT, t);
         }
         upload_positions();
     }
     last_pos = std::max(last_pos, ub.pos[n - 1]);
-    if (g_timing.on) {
-        g_timing.lap(hh_timing::PLACE, t);
-    }
+    g_timing.lap(hh_timing::PLACE, t);
     return true;
 }
 

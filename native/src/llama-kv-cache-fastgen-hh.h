@@ -126,6 +126,7 @@ private:
         ggml_backend_buffer_type_t buft;
         ggml_tensor *      s;
         ggml_tensor *      p;
+        int64_t            n_placed = 0; // rows given to layers so far
         std::vector<float> s_host;
         std::vector<float> p_host;
     };
