@@ -47,7 +47,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         half * __restrict__ K, half * __restrict__ V, float * __restrict__ S, float * __restrict__ P,
         const float * __restrict__ qpos, float * __restrict__ dst,
         float * __restrict__ logits, float * __restrict__ part_m, float * __restrict__ part_l, float * __restrict__ part_o,
-        const int Dv, const int C, const int T, const int G, const float scale) {
+        const int Dv, const int C, const int T, const int G, const float scale, const bool use_hi) {
     constexpr int D = DL*WARP_SIZE;
     const int j = blockIdx.x, sp = blockIdx.y, ns = gridDim.y, c0 = sp*HH_CHUNK, n = gridDim.x;
     const int R = G*T, RP = (R + RB - 1)/RB*RB;
@@ -59,12 +59,14 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     __shared__ int64_t new_c[GGML_FASTGEN_HH_MAX_ROWS];
     __shared__ float   qp_s[GGML_FASTGEN_HH_MAX_ROWS], m_s[GGML_FASTGEN_HH_MAX_ROWS], inv_s[GGML_FASTGEN_HH_MAX_ROWS];
     __shared__ bool    last;
+    __shared__ int     hi_s;
     __shared__ __align__(8) unsigned char free_s[HH_CHUNK]; // cells of the chunk that hold no token
 
     half  * Kj = K + (int64_t) j*C*D;
     half  * Vj = V + (int64_t) j*C*Dv;
     float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
-    unsigned int * done = (unsigned int *) (Pj + C); // the row's padding, zero between launches
+    unsigned int * done = (unsigned int *) (Pj + C); // the row's padding: [0] zero between launches,
+    float * hi_p = Pj + C + 1;                         // [1] cells [hi, C) are free (ggml-fastgen.h)
     float * Sj = S + (int64_t) j*C;
     float * pm = part_m + ((int64_t) j*ns + sp)*R;
     float * pl = part_l + ((int64_t) j*ns + sp)*R;
@@ -75,6 +77,10 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     //    tokens' cells and positions, the queries
     const int cl = warp*(WARP_SIZE/4) + lane/4, sub = lane % 4, c = c0 + cl;
     float cp = c < C ? Pj[c] : INFINITY;
+    const float s_old = sub == 0 && c < C ? Sj[c] : 0.0f; // for the single-chunk path below
+    if (threadIdx.x == 0) {
+        hi_s = use_hi ? (int) *hi_p : C;
+    }
     if (threadIdx.x < T) {
         new_c[threadIdx.x] = idxs[(h0 + j)*idxs_s1 + threadIdx.x];
         qp_s[threadIdx.x]  = qpos[threadIdx.x];
@@ -84,12 +90,24 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         q_s[i] = ((const float *) (q + (int64_t) (j*G + g)*q_nb1 + t*q_nb2))[d];
     }
     __syncthreads();
-    int tn = -1;
+    int tn = -1, hi = hi_s;
     float qp_max = -INFINITY;
     for (int t = 0; t < T; ++t) {
         tn = new_c[t] == c ? t : tn;
         qp_max = fmaxf(qp_max, qp_s[t]);
+        hi = max(hi, (int) new_c[t] + 1);
     }
+    // Only the chunks below hi hold tokens: the others stop here (and are not counted). A young
+    // cache (hi <= 64: decoding the first tokens) is one chunk: its block finishes the head alone,
+    // with no partial results in global memory and no merge.
+    const int na = min(ns, (hi + HH_CHUNK - 1)/HH_CHUNK);
+    if (sp >= na) {
+        return;
+    }
+    if (sp == 0 && threadIdx.x == 0 && hi > hi_s) {
+        *hi_p = (float) hi; // the other blocks of this launch read hi_s or this: both give the same hi
+    }
+    const bool single = na == 1; // then chunk 0 holds the new tokens: the block computes below
     const bool any = qp_max - cp > 0.0f; // occupied and before some query
     if (!__syncthreads_or(tn >= 0 || any)) {
         for (int r = threadIdx.x; r < R; r += blockDim.x) {
@@ -198,7 +216,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             for (int i = lane; i < HH_CHUNK; i += WARP_SIZE) {
                 const float l = w_s[r*HH_CHUNK + i];
                 const float w = l == -INFINITY ? 0.0f : expf(l - m);
-                if (c0 + i < C) {
+                if (!single && c0 + i < C) {
                     logits[((int64_t) j*R + r)*C + c0 + i] = l;
                 }
                 w_s[r*HH_CHUNK + i] = w;
@@ -206,8 +224,9 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             }
             s = warp_reduce_sum(s);
             if (lane == 0) {
-                pm[r] = m;
-                pl[r] = s;
+                pm[r]    = m;
+                pl[r]    = s;
+                inv_s[r] = s > 0.0f ? 1.0f/s : 0.0f; // single: the row's final normalization
             }
         }
         __syncthreads();
@@ -240,11 +259,26 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 }
 #pragma unroll
                 for (int rr = 0; rr < RB; ++rr) {
-                    if (r0 + rr < R) {
-                        part_o[(((int64_t) j*ns + sp)*R + r0 + rr)*Dv + d] = acc[rr];
+                    const int r = r0 + rr;
+                    if (r < R && single) {
+                        dst[(int64_t) (r / G)*Dv*G*n + ((int64_t) j*G + r % G)*Dv + d] = acc[rr]*inv_s[r];
+                    } else if (r < R) {
+                        part_o[(((int64_t) j*ns + sp)*R + r)*Dv + d] = acc[rr];
                     }
                 }
             }
+        }
+        if (single) {
+            // the chunk's probabilities summed over the query rows into its cells' scores; a free
+            // cell (its weights are 0) or a new token's starts again from 0
+            if (sub == 0 && c < C) {
+                float acc = 0.0f;
+                for (int r = 0; r < R; ++r) {
+                    acc += w_s[r*HH_CHUNK + cl]*inv_s[r];
+                }
+                Sj[c] = isinf(cp) || tn >= 0 ? acc : s_old + acc;
+            }
+            return;
         }
     }
 
@@ -252,7 +286,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-        last = atomicAdd(done, 1u) == (unsigned int) ns - 1;
+        last = atomicAdd(done, 1u) == (unsigned int) na - 1;
         if (last) {
             *done = 0; // ready for the next launch (stream order)
         }
@@ -273,8 +307,8 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
 #pragma unroll
         for (int k = 0; k < NS_LANE; ++k) {
             const int s = lane + k*WARP_SIZE;
-            ms[k] = s < ns ? __ldcg(part_m + ((int64_t) j*ns + s)*R + r) : -INFINITY;
-            ls[k] = s < ns ? __ldcg(part_l + ((int64_t) j*ns + s)*R + r) : 0.0f;
+            ms[k] = s < na ? __ldcg(part_m + ((int64_t) j*ns + s)*R + r) : -INFINITY;
+            ls[k] = s < na ? __ldcg(part_l + ((int64_t) j*ns + s)*R + r) : 0.0f;
         }
         float m = -INFINITY;
 #pragma unroll
@@ -287,7 +321,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         for (int k = 0; k < NS_LANE; ++k) {
             const int s = lane + k*WARP_SIZE;
             const float f = ms[k] == -INFINITY ? 0.0f : expf(ms[k] - m);
-            if (s < ns) {
+            if (s < na) {
                 f_s[s*R + r] = f;
             }
             l += f*ls[k];
@@ -300,7 +334,11 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     }
     __syncthreads();
     for (int s = threadIdx.x; s < ns; s += blockDim.x) {
-        bool seen = false;
+        bool seen = false; // chunks from na on: f_s not written, not seen
+        if (s >= na) {
+            seen_s[s] = false;
+            continue;
+        }
         for (int r = 0; r < R; ++r) {
             seen = seen || f_s[s*R + r] != 0.0f;
         }
@@ -312,7 +350,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         const int r = i / Dv, d = i % Dv, t = r / G, g = r % G;
         float acc = 0.0f;
 #pragma unroll 16
-        for (int s = 0; s < ns; ++s) {
+        for (int s = 0; s < na; ++s) {
             const float f = f_s[s*R + r];
             const float o = __ldcg(part_o + (((int64_t) j*ns + s)*R + r)*Dv + d);
             acc += f != 0.0f ? f*o : 0.0f;
@@ -394,7 +432,9 @@ static __global__ void hh_pf_write(
         V[(int64_t) j*C*Dv + (int64_t) d*C + c] = __float2half(vr[d]);
     }
     if (threadIdx.x == 0) {
-        P[(int64_t) j*(C + GGML_FASTGEN_HH_P_PAD) + c] = qpos[t] - 0.5f;
+        float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
+        Pj[c] = qpos[t] - 0.5f;
+        atomicMax((int *) (Pj + C + 1), __float_as_int((float) (c + 1))); // non-negative floats order as ints
         S[(int64_t) j*C + c] = 0.0f; // a new or reused cell starts from this ubatch's attention
     }
 }
@@ -939,6 +979,7 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     const int D = a.D, C = a.C, n = a.n, Dv = a.Dv, T = a.T, G = a.G, R = G*T;
     const int ns = (C + HH_CHUNK - 1)/HH_CHUNK, RB = R <= 4 ? 4 : 8, RP = (R + RB - 1)/RB*RB;
     const float scale = a.scale;
+    static const bool use_hi = !getenv("LLAMA_FASTGEN_HH_HI") || atoi(getenv("LLAMA_FASTGEN_HH_HI")) != 0; // EXPERIMENT
 
     ggml_cuda_pool_alloc<float> logits(ctx.pool(), (size_t) n*R*C);
     ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) n*ns*R);
@@ -952,7 +993,7 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
         (const char *) vc->data, vc->nb[1], vc->nb[2], (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), h0, \
         (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data, \
         (float *) dst->data, \
-        logits.get(), part_m.get(), part_l.get(), part_o.get(), Dv, C, T, G, scale)
+        logits.get(), part_m.get(), part_l.get(), part_o.get(), Dv, C, T, G, scale, use_hi)
 #define HH_CASE(DL) case DL: if (RB == 4) { HH_LAUNCH(DL, 4); } else { HH_LAUNCH(DL, 8); } break
     switch (D / WARP_SIZE) {
         HH_CASE(1); HH_CASE(2); HH_CASE(3); HH_CASE(4); HH_CASE(5); HH_CASE(6); HH_CASE(7); HH_CASE(8);

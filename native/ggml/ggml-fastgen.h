@@ -19,7 +19,10 @@
 //   6 S         [C, n]                  7 P     [C + GGML_FASTGEN_HH_P_PAD, n]: cell positions - 0.5,
 //   8 query_pos [T] (any shape)                            +inf when free; the row's padding starts at zero
 //                                                  (the CUDA kernel counts its finished blocks in its
-//                                                  first element and leaves it at zero)
+//                                                  first element and leaves it at zero); its second is
+//                                                  hi, cells [hi, C) are free: the host writes it with
+//                                                  the positions, the CUDA kernels raise it as they place
+//                                                  tokens (a bound, not exact: cells below may be free)
 // idxs and query_pos are the whole graph inputs, shared by every layer: a per-layer view of a host
 // input would be one more host-to-device copy per layer and token.
 // Precision: the CPU paths and the CUDA decode kernel take q in F32; the CUDA prefill kernels round q to

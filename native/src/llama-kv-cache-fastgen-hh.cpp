@@ -174,7 +174,7 @@ bool llama_fastgen_hh_store::fused(uint32_t n_tokens) const {
 }
 
 void llama_fastgen_hh_store::upload_positions() {
-    const size_t row = cap + GGML_FASTGEN_HH_P_PAD; // the padding stays zero
+    const size_t row = cap + GGML_FASTGEN_HH_P_PAD; // the padding: zero, and hi (ggml-fastgen.h)
     for (size_t b = 0; b < blocks.size(); ++b) {
         auto & blk = blocks[b];
         // one copy from the first dirty layer's rows to the last's; the clean layers between them are
@@ -195,9 +195,12 @@ void llama_fastgen_hh_store::upload_positions() {
             }
             for (int h = 0; h < l.n_head; ++h) {
                 float * p = blk.p_host.data() + (l.h_blk + h)*row;
+                uint32_t hi = 0;
                 for (uint32_t i = 0; i < cap; ++i) {
                     p[i] = l.pos[h][i] >= 0 ? (float) l.pos[h][i] - 0.5f : INFINITY;
+                    hi   = l.pos[h][i] >= 0 ? i + 1 : hi;
                 }
+                p[cap + 1] = (float) hi;
             }
             l.dirty = false;
         }
