@@ -34,6 +34,8 @@
 
 #include "cp-async.cuh"
 
+#include <map>
+
 #define HH_CHUNK 64 // cells per block: 8 warps x 8 cells x 4 lanes
 #define HH_WARPS 8
 
@@ -47,7 +49,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         half * __restrict__ K, half * __restrict__ V, float * __restrict__ S, float * __restrict__ P,
         const float * __restrict__ qpos, float * __restrict__ dst,
         float * __restrict__ logits, float * __restrict__ part_m, float * __restrict__ part_l, float * __restrict__ part_o,
-        const int Dv, const int C, const int T, const int G, const float scale, const bool use_hi) {
+        const int Dv, const int C, const int T, const int G, const float scale, const bool use_hi, const bool coop) {
     constexpr int D = DL*WARP_SIZE;
     const int j = blockIdx.x, sp = blockIdx.y, ns = gridDim.y, c0 = sp*HH_CHUNK, n = gridDim.x;
     const int R = G*T, RP = (R + RB - 1)/RB*RB;
@@ -56,6 +58,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     extern __shared__ float smem[];
     float * q_s = smem;        // [R][D]
     float * w_s = smem + R*D;  // [RP][HH_CHUNK]: logits, then weights exp(l - m) (rows >= R: 0)
+    float * lg_s = w_s + RP*HH_CHUNK; // coop: [R][HH_CHUNK] the chunk's logits, kept for its scores
     __shared__ int64_t new_c[GGML_FASTGEN_HH_MAX_ROWS];
     __shared__ float   qp_s[GGML_FASTGEN_HH_MAX_ROWS], m_s[GGML_FASTGEN_HH_MAX_ROWS], inv_s[GGML_FASTGEN_HH_MAX_ROWS];
     __shared__ bool    last;
@@ -66,7 +69,8 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     half  * Vj = V + (int64_t) j*C*Dv;
     float * Pj = P + (int64_t) j*(C + GGML_FASTGEN_HH_P_PAD);
     unsigned int * done = (unsigned int *) (Pj + C); // the row's padding: [0] zero between launches,
-    float * hi_p = Pj + C + 1;                         // [1] cells [hi, C) are free (ggml-fastgen.h)
+    float * hi_p = Pj + C + 1;                         // [1] cells [hi, C) are free (ggml-fastgen.h),
+    unsigned int * left = (unsigned int *) (Pj + C + 2); // [2] coop: blocks done merging, zero between launches
     float * Sj = S + (int64_t) j*C;
     float * pm = part_m + ((int64_t) j*ns + sp)*R;
     float * pl = part_l + ((int64_t) j*ns + sp)*R;
@@ -216,7 +220,9 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             for (int i = lane; i < HH_CHUNK; i += WARP_SIZE) {
                 const float l = w_s[r*HH_CHUNK + i];
                 const float w = l == -INFINITY ? 0.0f : expf(l - m);
-                if (!single && c0 + i < C) {
+                if (coop) {
+                    lg_s[r*HH_CHUNK + i] = l;
+                } else if (!single && c0 + i < C) {
                     logits[((int64_t) j*R + r)*C + c0 + i] = l;
                 }
                 w_s[r*HH_CHUNK + i] = w;
@@ -282,25 +288,37 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         }
     }
 
-    // the last block of head j to get here merges its chunks (threadFenceReduction pattern)
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(done, 1u) == (unsigned int) na - 1;
-        if (last) {
-            *done = 0; // ready for the next launch (stream order)
+    if (coop) {
+        // Every block of the head merges (the launch checked that all blocks fit on the device at
+        // once, so waiting for the others cannot deadlock): each scores its own cells from the logits
+        // it still holds and writes a share of the output. No block waits for one merging block.
+        if (threadIdx.x == 0) {
+            atomicAdd(done, 1u);
+            while (*(volatile unsigned int *) done < (unsigned int) na) {
+            }
         }
-    }
-    __syncthreads();
-    if (!last) {
-        return;
+        __syncthreads();
+    } else {
+        // the last block of head j to get here merges its chunks (threadFenceReduction pattern)
+        if (threadIdx.x == 0) {
+            last = atomicAdd(done, 1u) == (unsigned int) na - 1;
+            if (last) {
+                *done = 0; // ready for the next launch (stream order)
+            }
+        }
+        __syncthreads();
+        if (!last) {
+            return;
+        }
     }
     __threadfence();
 
     // Other blocks' results: read past L1 (__ldcg), which is not coherent between blocks. Each step's
     // loads are issued together: one round trip for the rows' statistics, a few for the output and the scores.
     constexpr int NS_LANE = GGML_FASTGEN_HH_MAX_CELLS/HH_CHUNK/WARP_SIZE; // chunks per lane, at most
-    float * f_s = smem; // [ns][R]: weight of each chunk's partial sums
+    float * f_s = coop ? lg_s + R*HH_CHUNK : smem; // [ns][R]: weight of each chunk's partial sums
     __shared__ bool seen_s[GGML_FASTGEN_HH_MAX_CELLS/HH_CHUNK];
     for (int r = warp; r < R; r += HH_WARPS) {
         float ms[NS_LANE], ls[NS_LANE];
@@ -346,7 +364,8 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     }
 
     // chunks nobody saw wrote no partial output: their f is 0, and what their slots hold is not used
-    for (int i = threadIdx.x; i < R*Dv; i += blockDim.x) {
+    // coop: the head's outputs spread over its na blocks
+    for (int i = (coop ? sp*blockDim.x : 0) + threadIdx.x; i < R*Dv; i += (coop ? na : 1)*blockDim.x) {
         const int r = i / Dv, d = i % Dv, t = r / G, g = r % G;
         float acc = 0.0f;
 #pragma unroll 16
@@ -358,6 +377,25 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = acc*inv_s[r];
     }
     __syncthreads(); // seen_s
+
+    if (coop) {
+        // this chunk's cells, from the logits in shared memory, as the loop below does from global
+        if (seen_s[sp] && sub == 0 && c < C) {
+            float acc = 0.0f;
+#pragma unroll 4
+            for (int r = 0; r < R; ++r) {
+                const float l = lg_s[r*HH_CHUNK + cl];
+                acc += l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
+            }
+            Sj[c] = isinf(cp) || tn >= 0 ? acc : s_old + acc;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0 && atomicAdd(left, 1u) == (unsigned int) na - 1) {
+            *done = 0; // every block is past the wait: ready for the next launch (stream order)
+            *left = 0;
+        }
+        return;
+    }
 
     // scores of the cells of the chunks somebody saw, four cells a thread at a time; a free or reused
     // cell starts again from 0
@@ -966,6 +1004,20 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
     CUDA_CHECK(cudaGetLastError());
 }
 
+// Whether the merge may have every block of a head wait for the others: only if all n*ns blocks of the
+// launch are resident at once (else a waiting block could hold the SM a missing one needs).
+#define HH_COOP_MAX_SMEM (48*1024)
+static bool hh_coop_fits(const void * fn, int device, size_t smem, int blocks) {
+    thread_local std::map<std::pair<const void *, size_t>, int> per_sm; // occupancy per kernel and shared memory
+    auto it = per_sm.find({ fn, smem });
+    if (it == per_sm.end()) {
+        int n = 0;
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, HH_WARPS*WARP_SIZE, smem));
+        it = per_sm.emplace(std::make_pair(fn, smem), n).first;
+    }
+    return blocks <= it->second*ggml_cuda_info().devices[device].nsm;
+}
+
 void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     GGML_ASSERT(ggml_cuda_fastgen_hh_attn_supported(ctx.device, dst));
     const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(dst);
@@ -987,13 +1039,18 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     ggml_cuda_pool_alloc<float> part_o(ctx.pool(), (size_t) n*ns*R*Dv);
 
     const dim3 grid(n, ns), block(HH_WARPS*WARP_SIZE);
-    const size_t smem = std::max<size_t>(R*D + RP*HH_CHUNK, (size_t) ns*R)*sizeof(float); // chunk, then merge
+    const size_t smem_chunk = (size_t) (R*D + RP*HH_CHUNK)*sizeof(float);
+    const size_t smem_coop  = smem_chunk + (size_t) (R*HH_CHUNK + ns*R)*sizeof(float); // + logits, chunk weights
+    static const bool use_coop = !getenv("LLAMA_FASTGEN_HH_COOP") || atoi(getenv("LLAMA_FASTGEN_HH_COOP")) != 0; // EXPERIMENT
+    // the larger of the two layouts (coop or not is decided per launch below)
+    const size_t smem = std::max({ smem_chunk, (size_t) ns*R*sizeof(float), smem_coop <= HH_COOP_MAX_SMEM ? smem_coop : 0 });
 #define HH_LAUNCH(DL, RB_) hh_attn<DL, RB_><<<grid, block, smem, ctx.stream()>>>( \
         (const char *) q->data, q->nb[1], q->nb[2], (const char *) kc->data, kc->nb[1], kc->nb[2], \
         (const char *) vc->data, vc->nb[1], vc->nb[2], (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), h0, \
         (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data, \
         (float *) dst->data, \
-        logits.get(), part_m.get(), part_l.get(), part_o.get(), Dv, C, T, G, scale, use_hi)
+        logits.get(), part_m.get(), part_l.get(), part_o.get(), Dv, C, T, G, scale, use_hi, \
+        use_coop && smem == smem_coop && hh_coop_fits((const void *) hh_attn<DL, RB_>, ctx.device, smem, (int) (n*ns)))
 #define HH_CASE(DL) case DL: if (RB == 4) { HH_LAUNCH(DL, 4); } else { HH_LAUNCH(DL, 8); } break
     switch (D / WARP_SIZE) {
         HH_CASE(1); HH_CASE(2); HH_CASE(3); HH_CASE(4); HH_CASE(5); HH_CASE(6); HH_CASE(7); HH_CASE(8);
