@@ -72,18 +72,20 @@ def correctness(args) -> dict:
     """Positions compared: from 600 (past every window of the policy mix) in ubatches of --batch
     (default 64: many small blocks, the prefill kernels split the cells; 2048: the (row tile, head)
     blocks fill the GPU, no split); the last 400, decoded one token at a time after a prefill, in
-    decode mode (skipped with --no-decode)."""
+    decode mode (skipped with --no-decode); and a young cache, the first 300 tokens decoded one at a time from
+    position 1 (the decode kernel's one-chunk path while at most 64 cells are used, then a few chunks)."""
     res = {}
     n, b = args.n_tokens, args.batch
     for small in args.small:
         name = os.path.basename(small)
-        for mode, dec, s in ((f"ubatch{b}", None, 600), ("decode", n - 400, n - 400))[:2 if args.decode else 1]:
+        modes = ((f"ubatch{b}", n, None, 600), ("decode", n, n - 400, n - 400), ("young decode", min(n, 300), 1, 1))
+        for mode, nt, dec, s in modes[:3 if args.decode else 1]:
             for fg in (True, False):
-                cpu = run_child(small, n, False, fg, "/tmp/cpu.npy", dec, batch=b)
-                gpu = run_child(small, n, True, fg, "/tmp/gpu.npy", dec, batch=b)
+                cpu = run_child(small, nt, False, fg, "/tmp/cpu.npy", dec, batch=b)
+                gpu = run_child(small, nt, True, fg, "/tmp/gpu.npy", dec, batch=b)
                 res[f"{name} {mode} {'fastgen' if fg else 'full'} CPU vs CUDA"] = compare(cpu, gpu, s)
                 if fg:
-                    composed = run_child(small, n, True, True, "/tmp/gpu0.npy", dec, {"LLAMA_FASTGEN_HH_FUSED": "0"}, batch=b)
+                    composed = run_child(small, nt, True, True, "/tmp/gpu0.npy", dec, {"LLAMA_FASTGEN_HH_FUSED": "0"}, batch=b)
                     res[f"{name} {mode} fastgen CUDA composed vs fused"] = compare(composed, gpu, s)
     print("CPU vs CUDA (random-weight small models, %d tokens)" % n)
     for k, v in res.items():

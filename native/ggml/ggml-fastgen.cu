@@ -7,9 +7,13 @@
 // unnormalized output (one thread per V row: V is stored transposed, so a thread's cells are
 // contiguous). Chunks nobody sees (free cells, the empty end of a young cache) stop after reading
 // their positions: decoding a short context costs what its occupied cells cost, not the capacity.
-// The last block of a head to finish (a per-head counter) merges the chunks: it writes the output
-// and adds each cell's probability, summed over the query rows, to the cell's score. Logits stay in
-// a scratch buffer in between, so the probabilities added to the scores are those the output used.
+// Only the chunks below hi (the second float of a head's position padding: cells [hi, C) are free)
+// run: a young cache of up to 64 cells is one block, which normalizes its output and scores its
+// cells itself. Otherwise the blocks of a head merge: when all blocks of the launch fit on the device
+// at once (checked per launch), each waits for the others (a per-head counter), then scores its own
+// cells from the logits it kept in shared memory and writes a share of the output; else the last
+// block to finish merges alone, the logits kept in a scratch buffer. Either way the probabilities
+// added to the scores are those the output used.
 // Each step issues its loads together: at decode the kernel's time is its chain of memory round
 // trips, not its bytes.
 // One launch per layer: at depth 0 a decode step is dominated by per-kernel latency, not bytes.
@@ -49,7 +53,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         half * __restrict__ K, half * __restrict__ V, float * __restrict__ S, float * __restrict__ P,
         const float * __restrict__ qpos, float * __restrict__ dst,
         float * __restrict__ logits, float * __restrict__ part_m, float * __restrict__ part_l, float * __restrict__ part_o,
-        const int Dv, const int C, const int T, const int G, const float scale, const bool use_hi, const bool coop) {
+        const int Dv, const int C, const int T, const int G, const float scale, const bool coop) {
     constexpr int D = DL*WARP_SIZE;
     const int j = blockIdx.x, sp = blockIdx.y, ns = gridDim.y, c0 = sp*HH_CHUNK, n = gridDim.x;
     const int R = G*T, RP = (R + RB - 1)/RB*RB;
@@ -83,7 +87,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     float cp = c < C ? Pj[c] : INFINITY;
     const float s_old = sub == 0 && c < C ? Sj[c] : 0.0f; // for the single-chunk path below
     if (threadIdx.x == 0) {
-        hi_s = use_hi ? (int) *hi_p : C;
+        hi_s = (int) *hi_p;
     }
     if (threadIdx.x < T) {
         new_c[threadIdx.x] = idxs[(h0 + j)*idxs_s1 + threadIdx.x];
@@ -1031,7 +1035,6 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     const int D = a.D, C = a.C, n = a.n, Dv = a.Dv, T = a.T, G = a.G, R = G*T;
     const int ns = (C + HH_CHUNK - 1)/HH_CHUNK, RB = R <= 4 ? 4 : 8, RP = (R + RB - 1)/RB*RB;
     const float scale = a.scale;
-    static const bool use_hi = !getenv("LLAMA_FASTGEN_HH_HI") || atoi(getenv("LLAMA_FASTGEN_HH_HI")) != 0; // EXPERIMENT
 
     ggml_cuda_pool_alloc<float> logits(ctx.pool(), (size_t) n*R*C);
     ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) n*ns*R);
@@ -1041,7 +1044,6 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     const dim3 grid(n, ns), block(HH_WARPS*WARP_SIZE);
     const size_t smem_chunk = (size_t) (R*D + RP*HH_CHUNK)*sizeof(float);
     const size_t smem_coop  = smem_chunk + (size_t) (R*HH_CHUNK + ns*R)*sizeof(float); // + logits, chunk weights
-    static const bool use_coop = !getenv("LLAMA_FASTGEN_HH_COOP") || atoi(getenv("LLAMA_FASTGEN_HH_COOP")) != 0; // EXPERIMENT
     // the larger of the two layouts (coop or not is decided per launch below)
     const size_t smem = std::max({ smem_chunk, (size_t) ns*R*sizeof(float), smem_coop <= HH_COOP_MAX_SMEM ? smem_coop : 0 });
 #define HH_LAUNCH(DL, RB_) hh_attn<DL, RB_><<<grid, block, smem, ctx.stream()>>>( \
@@ -1049,8 +1051,8 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
         (const char *) vc->data, vc->nb[1], vc->nb[2], (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), h0, \
         (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data, \
         (float *) dst->data, \
-        logits.get(), part_m.get(), part_l.get(), part_o.get(), Dv, C, T, G, scale, use_hi, \
-        use_coop && smem == smem_coop && hh_coop_fits((const void *) hh_attn<DL, RB_>, ctx.device, smem, (int) (n*ns)))
+        logits.get(), part_m.get(), part_l.get(), part_o.get(), Dv, C, T, G, scale, \
+        smem == smem_coop && hh_coop_fits((const void *) hh_attn<DL, RB_>, ctx.device, smem, (int) (n*ns)))
 #define HH_CASE(DL) case DL: if (RB == 4) { HH_LAUNCH(DL, 4); } else { HH_LAUNCH(DL, 8); } break
     switch (D / WARP_SIZE) {
         HH_CASE(1); HH_CASE(2); HH_CASE(3); HH_CASE(4); HH_CASE(5); HH_CASE(6); HH_CASE(7); HH_CASE(8);
