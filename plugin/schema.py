@@ -54,6 +54,9 @@ KIND_NAMES = {Kind.FULL: "full", Kind.SPECIAL: "special", Kind.SPECIAL_PUNCT: "s
 _C = headers.contract()   # the numbers the native cache is compiled with
 # a frequent class evicts once it holds budget + this many cells; upper bounds for strangers' GGUFs
 FREQUENT_EVICT_BATCH = _C["FREQUENT_EVICT_BATCH"]
+SLICE_SLACK, SLICE_PAD, HH_POS_PAD = _C["SLICE_SLACK"], _C["SLICE_PAD"], _C["HH_POS_PAD"]
+SPECIAL_SHARE_PERMILLE = _C["SPECIAL_SHARE_PERMILLE"]
+PROTECTED_MARGIN_PERMILLE, PROTECTED_EXTRA_PERMILLE = _C["PROTECTED_MARGIN_PERMILLE"], _C["PROTECTED_EXTRA_PERMILLE"]
 MAX_CLASSES, MAX_N_SINK, MAX_CELLS = _C["MAX_CLASSES"], _C["MAX_N_SINK"], _C["MAX_CELLS"]
 SCHEMA_VERSION = _C["SCHEMA_VERSION"]
 
@@ -324,8 +327,10 @@ def _arch_int(reader, suffix: str) -> int:
 
 def class_capacity(meta: FastgenMetadata, c: int, n_ctx: int, n_ubatch: int, n_seq: int = 1) -> int:
     """Cells the native cache allocates for class c (mirror of llama_fastgen_policy::capacity,
-    then padded to 256 like llama.cpp's SWA cache). Compressed classes: n_seq x (sinks + window + 32)
-    + n_ubatch + a protected-token budget of (1.5 * protected_frac + 0.02) * n_ctx (special only: 0.02);
+    then padded to SLICE_PAD like llama.cpp's SWA cache). Compressed classes: n_seq x (sinks + window +
+    SLICE_SLACK) + n_ubatch + a protected-token budget of (PROTECTED_MARGIN_PERMILLE * protected_frac +
+    PROTECTED_EXTRA_PERMILLE) / 1000 * n_ctx (special only: SPECIAL_SHARE_PERMILLE / 1000), the numbers of
+    llama-fastgen-contract.h;
     n_seq is the number of sequences sharing the cells (a unified cache), else 1.
     Frequent classes share one store whose heads all get the largest of their capacities,
     budget + max(n_ubatch, FREQUENT_EVICT_BATCH), unpadded."""
@@ -338,9 +343,10 @@ def class_capacity(meta: FastgenMetadata, c: int, n_ctx: int, n_ubatch: int, n_s
     if cls.kind == Kind.FREQUENT:
         return max(min(n_ctx, f.budget + max(n_ubatch, FREQUENT_EVICT_BATCH))
                    for f in meta.classes if f.kind == Kind.FREQUENT)
-    share = 0.02 if cls.kind == Kind.SPECIAL else min(1.0, 1.5 * _f32(meta.protected_frac) + 0.02)
-    need = min(n_ctx, n_seq * (meta.n_sink + cls.window + 32) + n_ubatch + math.ceil(share * n_ctx))
-    return min(n_ctx, (need + 255) // 256 * 256)
+    share = (SPECIAL_SHARE_PERMILLE / 1000 if cls.kind == Kind.SPECIAL else
+             min(1.0, PROTECTED_MARGIN_PERMILLE / 1000 * _f32(meta.protected_frac) + PROTECTED_EXTRA_PERMILLE / 1000))
+    need = min(n_ctx, n_seq * (meta.n_sink + cls.window + SLICE_SLACK) + n_ubatch + math.ceil(share * n_ctx))
+    return min(n_ctx, (need + SLICE_PAD - 1) // SLICE_PAD * SLICE_PAD)
 
 
 def _f32(x: float) -> float:
@@ -353,8 +359,8 @@ def kv_bytes(meta: FastgenMetadata, head_dim: int, n_ctx: int, n_ubatch: int, by
              n_seq: int = 1, unified: bool = True) -> list[int]:
     """Allocated bytes per class (f16 by default): cells x heads over layers x head_dim x 2 (K and V);
     frequent classes add an F32 score and an F32 position per cell and head (the mask stays on the
-    device) plus 32 bytes per head (the CUDA kernel's block counter, in the padding of the
-    positions), and keep f16 K/V under a quantized cache. n_seq sequences: a unified cache's slices
+    device) plus HH_POS_PAD floats per head (the padding of the positions: the CUDA kernel's
+    counters and bound), and keep f16 K/V under a quantized cache. n_seq sequences: a unified cache's slices
     hold them all (n_ctx: the context's); per sequence (unified=False, n_ctx: one stream's) every
     slice is there n_seq times; the frequent classes keep a store per sequence either way."""
     out = []
@@ -362,7 +368,7 @@ def kv_bytes(meta: FastgenMetadata, head_dim: int, n_ctx: int, n_ubatch: int, by
         heads = sum(row[c] for row in meta.layer_class_heads)
         if cls.kind == Kind.FREQUENT:
             cells = class_capacity(meta, c, n_ctx, n_ubatch) * heads
-            out.append(n_seq * (cells * (head_dim * 2 * max(bytes_per_elem, 2) + 8) + heads * 32))
+            out.append(n_seq * (cells * (head_dim * 2 * max(bytes_per_elem, 2) + 8) + heads * HH_POS_PAD * 4))
         else:
             cells = class_capacity(meta, c, n_ctx, n_ubatch, n_seq if unified else 1) * heads
             out.append(cells * head_dim * 2 * bytes_per_elem * (1 if unified else n_seq))
@@ -372,7 +378,7 @@ def kv_bytes(meta: FastgenMetadata, head_dim: int, n_ctx: int, n_ubatch: int, by
 def footprint_bytes(policies: list[list[HeadPolicy]], head_dim: int, n_ctx: int, protected_frac: float,
                     n_sink: int, bytes_per_elem: int = 2, budget_ctx: int = 0) -> tuple[float, float]:
     """(kept, full) K+V bytes for the tokens the policies keep at n_ctx (f16 by default): the
-    policy's own footprint, before the native cache adds n_ubatch cells and pads to 256."""
+    policy's own footprint, before the native cache adds n_ubatch cells and pads to SLICE_PAD."""
     per_token = 2 * head_dim * bytes_per_elem
     full = sum(len(row) for row in policies) * n_ctx * per_token
     kept = sum(p.at_context(n_ctx, budget_ctx, n_sink).cost(n_ctx, protected_frac, n_sink)

@@ -102,7 +102,9 @@ def test_python_reads_the_numbers_and_declarations_the_native_code_is_compiled_w
         assert headers.find(name).read_text() == (REPO / "native" / "include" / name).read_text()
     src = (REPO / "native" / "include" / "llama-fastgen-contract.h").read_text()
     defined = {m[1]: int(m[2]) for m in re.finditer(r"^#define LLAMA_FASTGEN_(\w+) (\d+)$", src, re.M)}
-    assert set(defined) == {"SCHEMA_VERSION", "FREQUENT_EVICT_BATCH", "MAX_CLASSES", "MAX_N_SINK", "MAX_CELLS"}
+    assert set(defined) == {"SCHEMA_VERSION", "FREQUENT_EVICT_BATCH", "MAX_CLASSES", "MAX_N_SINK", "MAX_CELLS",
+                            "SLICE_SLACK", "SPECIAL_SHARE_PERMILLE", "PROTECTED_MARGIN_PERMILLE",
+                            "PROTECTED_EXTRA_PERMILLE", "SLICE_PAD", "HH_POS_PAD"}
     assert {k: getattr(schema, k) for k in defined} == defined
     api = (REPO / "native" / "include" / "llama-fastgen.h").read_text()
     names = re.findall(r"^LLAMA_API[^(]*?\b(llama_fastgen_\w+)\s*\(", api, re.M)

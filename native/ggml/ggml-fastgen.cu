@@ -41,6 +41,7 @@
 #include <map>
 
 #define HH_CHUNK 64 // cells per block: 8 warps x 8 cells x 4 lanes
+static_assert(GGML_FASTGEN_HH_P_PAD >= 3, "hh_attn keeps two counters and hi in a head's position padding");
 #define HH_WARPS 8
 
 // DL = D / 32: a cell's 4 lanes hold DL x 8 K elements each; RB query rows per register block

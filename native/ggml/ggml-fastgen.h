@@ -32,6 +32,7 @@
 #pragma once
 
 #include "ggml.h"
+#include "llama-fastgen-contract.h"
 
 #include <string.h>
 
@@ -44,8 +45,8 @@ enum ggml_fastgen_hh_src {
     GGML_FASTGEN_HH_K, GGML_FASTGEN_HH_V, GGML_FASTGEN_HH_S, GGML_FASTGEN_HH_P, GGML_FASTGEN_HH_QUERY_POS,
 };
 
-// floats after each head's cell positions (32 bytes: rows stay aligned)
-#define GGML_FASTGEN_HH_P_PAD 8
+// floats after each head's cell positions (the contract's: the store's bytes count them)
+#define GGML_FASTGEN_HH_P_PAD LLAMA_FASTGEN_HH_POS_PAD
 // query rows (group size x tokens) per head up to which the decode paths run (CPU: heads over
 // threads; CUDA: one launch, a block per 64 cells); longer ubatches take the prefill paths
 #define GGML_FASTGEN_HH_MAX_ROWS 32

@@ -214,8 +214,9 @@ uint32_t llama_fastgen_policy::capacity(int c, uint32_t n_ctx, uint32_t n_ubatch
     // Special tokens alone are rare (chat control tokens): 2% of the context plus 32. n_seq sequences
     // sharing the cells (a unified cache) each keep their sinks and window, as llama.cpp's SWA cache
     // sizes n_swa*n_seq_max + n_ubatch; the protected share is of n_ctx, all sequences' tokens.
-    const double share = cls.kind == LLAMA_FASTGEN_SPECIAL ? 0.02 : std::min(1.0, 1.5*protected_frac + 0.02);
-    const uint64_t need = (uint64_t) n_seq*(n_sink + cls.window + 32) + n_ubatch + (uint64_t) std::ceil(share*n_ctx);
+    const double share = cls.kind == LLAMA_FASTGEN_SPECIAL ? LLAMA_FASTGEN_SPECIAL_SHARE_PERMILLE/1000.0
+        : std::min(1.0, LLAMA_FASTGEN_PROTECTED_MARGIN_PERMILLE/1000.0*protected_frac + LLAMA_FASTGEN_PROTECTED_EXTRA_PERMILLE/1000.0);
+    const uint64_t need = (uint64_t) n_seq*(n_sink + cls.window + LLAMA_FASTGEN_SLICE_SLACK) + n_ubatch + (uint64_t) std::ceil(share*n_ctx);
     return (uint32_t) std::min<uint64_t>(n_ctx, need);
 }
 
