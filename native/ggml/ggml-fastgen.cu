@@ -86,7 +86,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     //    tokens' cells and positions, the queries
     const int cl = warp*(WARP_SIZE/4) + lane/4, sub = lane % 4, c = c0 + cl;
     float cp = c < C ? Pj[c] : INFINITY;
-    const float s_old = sub == 0 && c < C ? Sj[c] : 0.0f; // for the single-chunk path below
+    const float s_old = sub == 0 && c < C ? Sj[c] : 0.0f; // for the paths where a block scores its own cells
     if (threadIdx.x == 0) {
         hi_s = (int) *hi_p;
     }

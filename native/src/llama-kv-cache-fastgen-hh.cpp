@@ -173,6 +173,15 @@ bool llama_fastgen_hh_store::fused(uint32_t n_tokens) const {
     return enabled && fused_ok && dev_decode && (n_group*n_tokens <= GGML_FASTGEN_HH_MAX_ROWS || dev_prefill);
 }
 
+// one past a head's last occupied cell: cells [end, cap) are free
+static uint32_t occupied_end(const std::vector<llama_pos> & pos) {
+    uint32_t end = (uint32_t) pos.size();
+    while (end > 0 && pos[end - 1] < 0) {
+        --end;
+    }
+    return end;
+}
+
 void llama_fastgen_hh_store::upload_positions() {
     const size_t row = cap + GGML_FASTGEN_HH_P_PAD; // the padding: zero, and hi (ggml-fastgen.h)
     for (size_t b = 0; b < blocks.size(); ++b) {
@@ -195,12 +204,10 @@ void llama_fastgen_hh_store::upload_positions() {
             }
             for (int h = 0; h < l.n_head; ++h) {
                 float * p = blk.p_host.data() + (l.h_blk + h)*row;
-                uint32_t hi = 0;
                 for (uint32_t i = 0; i < cap; ++i) {
                     p[i] = l.pos[h][i] >= 0 ? (float) l.pos[h][i] - 0.5f : INFINITY;
-                    hi   = l.pos[h][i] >= 0 ? i + 1 : hi;
                 }
-                p[cap + 1] = (float) hi;
+                p[cap + 1] = (float) occupied_end(l.pos[h]);
             }
             l.dirty = false;
         }
@@ -450,11 +457,7 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
             l.hint[h] = cell;
             l.n_used[h] += n;
             if (!fz) {
-                uint32_t top = cap;
-                while (top > 0 && pos[top - 1] < 0) {
-                    --top;
-                }
-                hi = std::max(hi, top);
+                hi = std::max(hi, occupied_end(pos));
             }
         }
         if (!fz) {
