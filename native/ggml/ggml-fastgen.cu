@@ -63,12 +63,18 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     extern __shared__ float smem[];
     float * q_s = smem;        // [R][D]
     float * w_s = smem + R*D;  // [RP][HH_CHUNK]: logits, then weights exp(l - m) (rows >= R: 0)
-    float * lg_s = w_s + RP*HH_CHUNK; // coop: [R][HH_CHUNK] the chunk's logits, kept for its scores
-    __shared__ int64_t new_c[GGML_FASTGEN_HH_MAX_ROWS];
-    __shared__ float   qp_s[GGML_FASTGEN_HH_MAX_ROWS], m_s[GGML_FASTGEN_HH_MAX_ROWS], inv_s[GGML_FASTGEN_HH_MAX_ROWS];
+    // V rows and parts of the chunk per thread (step 2): two parts when two rows fit in the block
+    const int np = 2*Dv <= HH_WARPS*WARP_SIZE ? 2 : 1;
+    float * red_s = w_s + RP*HH_CHUNK; // np == 2: [2][RB][Dv] the second part's output sums, by parity of r0/RB
+    float * lg_s = red_s + (np == 2 ? 2*RB*Dv : 0); // coop: [R][HH_CHUNK] the chunk's logits, kept for its scores
+    __shared__ int64_t new_c[GGML_FASTGEN_HH_MAX_ROWS], dof_s[GGML_FASTGEN_HH_MAX_ROWS];
+    __shared__ float   qp_s[GGML_FASTGEN_HH_MAX_ROWS], qpr_s[GGML_FASTGEN_HH_MAX_ROWS], m_s[GGML_FASTGEN_HH_MAX_ROWS],
+                       inv_s[GGML_FASTGEN_HH_MAX_ROWS];
     __shared__ bool    last;
     __shared__ int     hi_s;
-    __shared__ __align__(8) unsigned char free_s[HH_CHUNK]; // cells of the chunk that hold no token
+    // cells of the chunk whose stored V is not read: free ones (they hold no token; as the CPU op, their V
+    // counts as 0) and the new tokens' (theirs comes from v_cur)
+    __shared__ __align__(8) unsigned char zv_s[HH_CHUNK];
 
     half  * Kj = K + (int64_t) j*C*D;
     half  * Vj = V + (int64_t) j*C*Dv;
@@ -93,6 +99,11 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     if (threadIdx.x < T) {
         new_c[threadIdx.x] = idxs[(h0 + j)*idxs_s1 + threadIdx.x];
         qp_s[threadIdx.x]  = qpos[threadIdx.x];
+    }
+    if (threadIdx.x < R) { // per query row: its token's position and where its output goes (no divisions later)
+        const int r = threadIdx.x;
+        qpr_s[r] = qpos[r / G];
+        dof_s[r] = (int64_t) (r / G)*Dv*G*n + ((int64_t) j*G + r % G)*Dv;
     }
     for (int i = threadIdx.x; i < R*D; i += blockDim.x) {
         const int r = i / D, d = i % D, t = r / G, g = r % G;
@@ -139,10 +150,6 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 }
                 *(uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8) = *(const uint4 *) h;
             }
-            const float * vr = (const float *) (vc + j*vc_nb1 + tn*vc_nb2);
-            for (int d = sub; d < Dv; d += 4) {
-                Vj[c + (int64_t) d*C] = __float2half(vr[d]);
-            }
             cp = qp_s[tn] - 0.5f;
             if (sub == 0) {
                 Pj[c] = cp;
@@ -161,36 +168,37 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 }
             }
         }
-        // one thread per V row (Dv <= the block's threads): V is stored transposed, so the row's 64
-        // cells are 8 contiguous 16-byte loads (cells past C: 0, and their weights are 0). A new
-        // token's cell is being written right now by its own lanes: its value comes from v_cur.
-        const int d = threadIdx.x;
-        const int nc8 = min(HH_CHUNK, C - c0)/8; // C % 8 == 0
+        // one thread per V row and part of the chunk's cells (Dv <= the block's threads): V is stored
+        // transposed, so a part's cells are contiguous 16-byte loads (cells past C: 0, and their weights
+        // are 0). Two parts when two rows fit in the block: every warp works. The new tokens of the part:
+        // this thread writes their V into the store (rounded as stored) and takes it from v_cur below.
+        const int cpp = HH_CHUNK/np; // cells per part
+        const int part = threadIdx.x / Dv, d = threadIdx.x % Dv, cv0 = part*cpp;
+        const bool vt = part < np;
+        const int nc8 = min(cpp, C - c0 - cv0)/8; // C % 8 == 0
         uint4 vu[HH_CHUNK/8];
-        if (d < Dv) {
-            const uint4 * vrow = (const uint4 *) (Vj + (int64_t) d*C + c0);
+        float vn0 = 0.0f; // the first new token of the part: its V
+        int   cn0 = -1;   //   and its cell in the part
+        if (vt) {
+            const uint4 * vrow = (const uint4 *) (Vj + (int64_t) d*C + c0 + cv0);
 #pragma unroll
             for (int i = 0; i < HH_CHUNK/8; ++i) {
                 vu[i] = i < nc8 ? vrow[i] : make_uint4(0, 0, 0, 0);
             }
             for (int t = 0; t < T; ++t) {
-                const int64_t cn = new_c[t] - c0;
-                if (cn >= 0 && cn < HH_CHUNK) {
+                const int64_t cn = new_c[t] - c0 - cv0;
+                if (cn >= 0 && cn < cpp) {
                     const half hv = __float2half(((const float *) (vc + j*vc_nb1 + t*vc_nb2))[d]);
-#pragma unroll
-                    for (int i = 0; i < HH_CHUNK/8; ++i) {
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) {
-                            if (8*i + e == cn) {
-                                ((half *) &vu[i])[e] = hv;
-                            }
-                        }
+                    Vj[new_c[t] + (int64_t) d*C] = hv;
+                    if (cn0 < 0) {
+                        cn0 = (int) cn;
+                        vn0 = __half2float(hv);
                     }
                 }
             }
         }
         if (sub == 0) {
-            free_s[cl] = isinf(cp); // past C too
+            zv_s[cl] = isinf(cp) || tn >= 0; // past C: free
         }
         for (int i = threadIdx.x; i < (RP - R)*HH_CHUNK; i += blockDim.x) {
             w_s[R*HH_CHUNK + i] = 0.0f;
@@ -209,7 +217,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             acc += __shfl_xor_sync(0xffffffff, acc, 1);
             acc += __shfl_xor_sync(0xffffffff, acc, 2);
             if (sub == 0) {
-                w_s[r*HH_CHUNK + cl] = qp_s[r / G] - cp > 0.0f ? acc*scale : -INFINITY;
+                w_s[r*HH_CHUNK + cl] = qpr_s[r] - cp > 0.0f ? acc*scale : -INFINITY;
             }
         }
         __syncthreads();
@@ -242,37 +250,70 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         }
         __syncthreads();
 
-        // 5. the chunk's unnormalized output
-        if (d < Dv) {
-            for (int r0 = 0; r0 < R; r0 += RB) {
-                float acc[RB] = { 0.0f };
+        // 5. the chunk's unnormalized output, RB rows at a time: each part sums its cells, the second part
+        //    hands its sums to the first through shared memory
+        for (int r0 = 0; r0 < R; r0 += RB) {
+            float acc[RB] = { 0.0f };
+            if (vt) {
 #pragma unroll
                 for (int i = 0; i < HH_CHUNK/8; ++i) {
+                    if (i >= cpp/8) {
+                        break;
+                    }
+                    const int cb = cv0 + 8*i;
                     uint4 u = vu[i];
-                    const uint2 fr = *(const uint2 *) (free_s + 8*i);
-                    if (fr.x | fr.y) { // a free cell's V may be anything (0 x NaN is NaN): as the CPU op, 0
+                    const uint2 zr = *(const uint2 *) (zv_s + cb);
+                    if (zr.x | zr.y) { // a free cell's V may be anything (0 x NaN is NaN)
                         half * hv = (half *) &u;
 #pragma unroll
                         for (int e = 0; e < 8; ++e) {
-                            hv[e] = free_s[8*i + e] ? __float2half(0.0f) : hv[e];
+                            hv[e] = zv_s[cb + e] ? __float2half(0.0f) : hv[e];
                         }
                     }
                     const half2 * h = (const half2 *) &u;
+                    const float2 v0 = __half22float2(h[0]), v1 = __half22float2(h[1]);
+                    const float2 v2 = __half22float2(h[2]), v3 = __half22float2(h[3]);
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const float2 v = __half22float2(h[e]);
+                    for (int rr = 0; rr < RB; ++rr) {
+                        const float4 wa = *(const float4 *) (w_s + (r0 + rr)*HH_CHUNK + cb);
+                        const float4 wb = *(const float4 *) (w_s + (r0 + rr)*HH_CHUNK + cb + 4);
+                        acc[rr] += wa.x*v0.x + wa.y*v0.y + wa.z*v1.x + wa.w*v1.y + wb.x*v2.x + wb.y*v2.y + wb.z*v3.x + wb.w*v3.y;
+                    }
+                }
+                for (int t = 0; t < T; ++t) { // the part's new tokens
+                    const int64_t cn = new_c[t] - c0 - cv0;
+                    if (cn >= 0 && cn < cpp) {
+                        const float v = cn == cn0 ? vn0 :
+                            __half2float(__float2half(((const float *) (vc + j*vc_nb1 + t*vc_nb2))[d]));
 #pragma unroll
                         for (int rr = 0; rr < RB; ++rr) {
-                            const float * w = w_s + (r0 + rr)*HH_CHUNK + 8*i + 2*e;
-                            acc[rr] += w[0]*v.x + w[1]*v.y;
+                            acc[rr] += w_s[(r0 + rr)*HH_CHUNK + cv0 + cn]*v;
                         }
                     }
                 }
+            }
+            if (np == 2) {
+                float * rs = red_s + ((r0/RB) % 2)*RB*Dv;
+                if (vt && part == 1) {
+#pragma unroll
+                    for (int rr = 0; rr < RB; ++rr) {
+                        rs[rr*Dv + d] = acc[rr];
+                    }
+                }
+                __syncthreads();
+                if (part == 0) {
+#pragma unroll
+                    for (int rr = 0; rr < RB; ++rr) {
+                        acc[rr] += rs[rr*Dv + d];
+                    }
+                }
+            }
+            if (part == 0) {
 #pragma unroll
                 for (int rr = 0; rr < RB; ++rr) {
                     const int r = r0 + rr;
                     if (r < R && single) {
-                        dst[(int64_t) (r / G)*Dv*G*n + ((int64_t) j*G + r % G)*Dv + d] = acc[rr]*inv_s[r];
+                        dst[dof_s[r] + d] = acc[rr]*inv_s[r];
                     } else if (r < R) {
                         part_o[(((int64_t) j*ns + sp)*R + r)*Dv + d] = acc[rr];
                     }
@@ -358,11 +399,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     __syncthreads();
     for (int s = threadIdx.x; s < ns; s += blockDim.x) {
         bool seen = false; // chunks from na on: f_s not written, not seen
-        if (s >= na) {
-            seen_s[s] = false;
-            continue;
-        }
-        for (int r = 0; r < R; ++r) {
+        for (int r = 0; s < na && r < R; ++r) {
             seen = seen || f_s[s*R + r] != 0.0f;
         }
         seen_s[s] = seen;
@@ -371,7 +408,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     // chunks nobody saw wrote no partial output: their f is 0, and what their slots hold is not used
     // coop: the head's outputs spread over its na blocks
     for (int i = (coop ? sp*blockDim.x : 0) + threadIdx.x; i < R*Dv; i += (coop ? na : 1)*blockDim.x) {
-        const int r = i / Dv, d = i % Dv, t = r / G, g = r % G;
+        const int r = i / Dv, d = i % Dv;
         float acc = 0.0f;
 #pragma unroll 16
         for (int s = 0; s < na; ++s) {
@@ -379,7 +416,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             const float o = __ldcg(part_o + (((int64_t) j*ns + s)*R + r)*Dv + d);
             acc += f != 0.0f ? f*o : 0.0f;
         }
-        dst[(int64_t) t*Dv*G*n + ((int64_t) j*G + g)*Dv + d] = acc*inv_s[r];
+        dst[dof_s[r] + d] = acc*inv_s[r];
     }
     __syncthreads(); // seen_s
 
@@ -1037,29 +1074,31 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     const int ns = (C + HH_CHUNK - 1)/HH_CHUNK, RB = R <= 4 ? 4 : 8, RP = (R + RB - 1)/RB*RB;
     const float scale = a.scale;
 
-    ggml_cuda_pool_alloc<float> logits(ctx.pool(), (size_t) n*R*C);
-    ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) n*ns*R);
-    ggml_cuda_pool_alloc<float> part_l(ctx.pool(), (size_t) n*ns*R);
-    ggml_cuda_pool_alloc<float> part_o(ctx.pool(), (size_t) n*ns*R*Dv);
-
     const dim3 grid(n, ns), block(HH_WARPS*WARP_SIZE);
-    const size_t smem_chunk = (size_t) (R*D + RP*HH_CHUNK)*sizeof(float);
-    const size_t smem_coop  = smem_chunk + (size_t) (R*HH_CHUNK + ns*R)*sizeof(float); // + logits, chunk weights
-    // the larger of the two layouts (coop or not is decided per launch below)
-    const size_t smem = std::max({ smem_chunk, (size_t) ns*R*sizeof(float), smem_coop <= HH_COOP_MAX_SMEM ? smem_coop : 0 });
-#define HH_LAUNCH(DL, RB_) hh_attn<DL, RB_><<<grid, block, smem, ctx.stream()>>>( \
-        (const char *) q->data, q->nb[1], q->nb[2], (const char *) kc->data, kc->nb[1], kc->nb[2], \
-        (const char *) vc->data, vc->nb[1], vc->nb[2], (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), h0, \
-        (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data, \
-        (float *) dst->data, \
-        logits.get(), part_m.get(), part_l.get(), part_o.get(), Dv, C, T, G, scale, \
-        smem == smem_coop && hh_coop_fits((const void *) hh_attn<DL, RB_>, ctx.device, smem, (int) (n*ns)))
-#define HH_CASE(DL) case DL: if (RB == 4) { HH_LAUNCH(DL, 4); } else { HH_LAUNCH(DL, 8); } break
+    // as hh_attn lays it out: queries, weights, the second part's output sums; coop: + the chunk's logits,
+    // the chunks' weights
+    const size_t smem_chunk = (size_t) (R*D + RP*HH_CHUNK + (2*Dv <= HH_WARPS*WARP_SIZE ? 2*RB*Dv : 0))*sizeof(float);
+    const size_t smem_coop  = smem_chunk + (size_t) (R*HH_CHUNK + ns*R)*sizeof(float);
+    auto launch = [&](auto kernel) {
+        // every block of a head merges when all blocks of the launch fit on the device at once; else the last
+        // one merges, from the logits kept in a scratch buffer (the only path that needs it)
+        const bool coop = smem_coop <= HH_COOP_MAX_SMEM && hh_coop_fits((const void *) kernel, ctx.device, smem_coop, n*ns);
+        const size_t smem = coop ? smem_coop : std::max(smem_chunk, (size_t) ns*R*sizeof(float));
+        ggml_cuda_pool_alloc<float> logits(ctx.pool(), coop ? 1 : (size_t) n*R*C);
+        ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) n*ns*R);
+        ggml_cuda_pool_alloc<float> part_l(ctx.pool(), (size_t) n*ns*R);
+        ggml_cuda_pool_alloc<float> part_o(ctx.pool(), (size_t) n*ns*R*Dv);
+        kernel<<<grid, block, smem, ctx.stream()>>>(
+            (const char *) q->data, q->nb[1], q->nb[2], (const char *) kc->data, kc->nb[1], kc->nb[2],
+            (const char *) vc->data, vc->nb[1], vc->nb[2], (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), h0,
+            (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data,
+            (float *) dst->data, logits.get(), part_m.get(), part_l.get(), part_o.get(), Dv, C, T, G, scale, coop);
+    };
+#define HH_CASE(DL) case DL: if (RB == 4) { launch(hh_attn<DL, 4>); } else { launch(hh_attn<DL, 8>); } break
     switch (D / WARP_SIZE) {
         HH_CASE(1); HH_CASE(2); HH_CASE(3); HH_CASE(4); HH_CASE(5); HH_CASE(6); HH_CASE(7); HH_CASE(8);
         default: GGML_ABORT("fastgen: head size %d not supported", D);
     }
 #undef HH_CASE
-#undef HH_LAUNCH
     CUDA_CHECK(cudaGetLastError());
 }
