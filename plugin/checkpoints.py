@@ -145,11 +145,22 @@ def _eval(self, tokens):
     _orig_eval(self, tokens[done:])
 
 
+_warned_off = False
+
+
 def _seq_rm(orig):
     def kv_cache_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        global _warned_off
         if orig(self, seq_id, p0, p1):
             return True
         cps = _by_ctx.get(self)
+        if cps is None and self in _by_ctx and not _warned_off:
+            # llama-cpp-python ignores this refusal where it drops a rejected draft (Llama.generate with a
+            # draft_model), and the next decode then fails: say why once
+            print(f"llama_fastgen: the compressed cache cannot drop positions from {p0} on and checkpoints are "
+                  f"off ({ENV}=0): prompts are evaluated again, and speculative decoding (draft_model) fails; "
+                  f"set {ENV} to 1 or more", file=sys.stderr)
+            _warned_off = True
         return bool(cps and seq_id in (-1, 0) and p1 < 0 and cps.rollback(p0))
     kv_cache_seq_rm._fastgen = True
     return kv_cache_seq_rm

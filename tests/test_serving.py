@@ -177,6 +177,35 @@ def test_a_second_completion_reuses_the_document_and_answers_as_a_fresh_cache(th
     assert got == fresh.create_completion(b, **{**GREEDY, "max_tokens": 8})["choices"][0]["text"]
 
 
+def test_speculative_decoding_rolls_back_rejected_drafts_and_decodes_as_without_drafts(three_class_gguf, long_ids):
+    """Speculative decoding through llama-cpp-python (Llama(draft_model=...)): each step's drafts are the
+    next two tokens of the answer, then a wrong one. Llama.generate removes the rejected draft from inside
+    the compressed cache's history; a checkpoint taken before the drafts is restored and the accepted
+    tokens evaluated again. Oracle: the greedy tokens without drafts, same GGUF. (llama-cpp-python 0.3.36
+    sizes its logits for logits_all=False even when a draft model turns logits_all on, and fails past
+    n_batch tokens with any cache: logits_all=True is the workaround.)"""
+    import itertools
+
+    from llama_cpp.llama_speculative import LlamaDraftModel
+    from llama_fastgen import checkpoints
+
+    prompt = long_ids[:300]   # every class has evicted (windows 16 and 8, budget 40)
+    sample = {"temp": 0.0, "repeat_penalty": 1.0}
+    plain = Llama(model_path=str(three_class_gguf), **REUSE)
+    want = list(itertools.islice(plain.generate(prompt, **sample), 16))
+
+    class TwoRightOneWrong(LlamaDraftModel):
+        def __call__(self, input_ids, **kwargs):
+            n = len(input_ids) - len(prompt)   # answer tokens sampled so far
+            right = want[n:n + 2]
+            return np.array(right + [(want[n + 2] + 1) % plain.n_vocab()] if n + 2 < len(want) else right, dtype=np.intc)
+
+    spec = Llama(model_path=str(three_class_gguf), draft_model=TwoRightOneWrong(), logits_all=True, **REUSE)
+    got = list(itertools.islice(spec.generate(prompt, **sample), 16))
+    assert checkpoints.of(spec).restored >= 4   # a rejected draft at every step
+    assert got == want
+
+
 # ---------------------------------------------------------------- layers split over RPC servers
 
 RPC_CLIENT = """
