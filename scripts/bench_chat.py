@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -120,7 +121,7 @@ def main() -> int:
     print(f"  fastgen / full cache total time: {summary['fastgen']['total_seconds'] / summary['full cache']['total_seconds']:.2f}x;"
           f" identical answers: {same}/{len(ps)}")
     if args.json:
-        out = {"command": " ".join(sys.argv), "commit": commit(), "machine": machine(), "started": started,
+        out = {"command": shlex.join(sys.argv), "commit": commit(), "machine": machine(), "started": started,
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
                "summary": summary, "identical_answers": same, "runs": runs}
         Path(args.json).write_text(json.dumps(out, indent=1))

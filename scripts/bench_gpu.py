@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -287,7 +288,7 @@ def run_info() -> dict:
                                                  capture_output=True, text=True).stdout.strip() else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return {"machine": gpu, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "commit": commit,
+    return {"machine": gpu, "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "commit": commit,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 

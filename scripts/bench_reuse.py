@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -103,7 +104,7 @@ def main() -> int:
     if a.json:
         out = {"gguf": Path(a.gguf).name, "doc_tokens": a.doc_tokens, "n_ctx": a.ctx, "reps": a.reps,
                "answer_tokens": a.answer_tokens, "questions": QUESTIONS, "rows": rows,
-               "command": "python " + " ".join(sys.argv), "commit": measured, "machine": machine(),
+               "command": "python " + shlex.join(sys.argv), "commit": measured, "machine": machine(),
                "started": datetime.fromtimestamp(t_start, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                "seconds": round(time.time() - t_start)}
         a.json.parent.mkdir(parents=True, exist_ok=True)
