@@ -3,9 +3,10 @@
 // One kernel, flash-decoding style: a block per (head, chunk of HH_CHUNK cells). A block writes the
 // new tokens that fall in its chunk (K, V, position: each cell belongs to one block, so nothing
 // reads it before it is written), and if any query sees a cell of the chunk, computes the chunk's
-// logits (four lanes per cell), their max and sum of exponentials per query row, and the
-// unnormalized output (one thread per V row: V is stored transposed, so a thread's cells are
-// contiguous). Chunks nobody sees (free cells, the empty end of a young cache) stop after reading
+// logits (four lanes per cell, four query rows at a time), their max and sum of exponentials per
+// query row, and the unnormalized output (two threads per V row when two rows fit in the block, each
+// over half of the chunk's cells, so every warp works: V is stored transposed, so a thread's cells
+// are contiguous). Chunks nobody sees (free cells, the empty end of a young cache) stop after reading
 // their positions: decoding a short context costs what its occupied cells cost, not the capacity.
 // Only the chunks below hi (the second float of a head's position padding: cells [hi, C) are free)
 // run: a young cache of up to 64 cells is one block, which normalizes its output and scores its
