@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Speculative decoding with prompt-lookup drafts: decode speed with and without drafts, fastgen cache
+against the full cache of one GGUF.
+
+The prompt is a document of --doc-tokens tokens (the pinned essays) and a request to repeat its first
+paragraph, so that llama-cpp-python's LlamaPromptLookupDecoding finds drafts in the prompt. --tokens
+greedy tokens are decoded; the time runs from the first generated token to the last (the prompt is not
+timed). A rejected draft is removed from inside the compressed cache's history: llama_fastgen.checkpoints
+restores the checkpoint taken before the drafts and evaluates the accepted tokens again. --reps
+repetitions per configuration (a new Llama every repetition), median with min/max:
+
+  full cache (fastgen.enable=false) | fastgen      x      no drafts | prompt-lookup drafts
+
+    python scripts/bench_spec.py --gguf out/smollm2.gguf --json docs/results/spec-smollm2-cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import llama_fastgen  # noqa: E402  (before llama_cpp: our libllama)
+from llama_cpp import Llama  # noqa: E402
+from llama_cpp.llama_speculative import LlamaPromptLookupDecoding  # noqa: E402
+
+from llama_fastgen.evaluation import tasks as eval_tasks  # noqa: E402
+from llama_fastgen.evaluation.report import commit, machine, spread  # noqa: E402
+
+REQUEST = "\n\nRepeat the first paragraph of the text above word for word:\n"
+CACHES = {"full cache": {"kv_overrides": {"fastgen.enable": False}}, "fastgen": {}}
+
+
+def one_rep(gguf: str, kw: dict, doc: str, n_ctx: int, n_tokens: int, draft: int) -> dict:
+    from llama_fastgen import checkpoints
+
+    # logits_all=True: llama-cpp-python 0.3.36 sizes its logits too small for a draft model otherwise
+    llm = Llama(model_path=gguf, n_ctx=n_ctx, verbose=False, logits_all=True,
+                draft_model=LlamaPromptLookupDecoding(num_pred_tokens=draft) if draft else None, **kw)
+    try:
+        prompt = llm.tokenize((doc + REQUEST).encode())
+        tokens, t_first = [], 0.0
+        for tok in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
+            if not tokens:
+                t_first = time.perf_counter()
+            tokens.append(int(tok))
+            if len(tokens) == n_tokens:
+                break
+        dt = time.perf_counter() - t_first
+        cps = checkpoints.of(llm)
+        return {"tok_s": (len(tokens) - 1) / dt, "tokens": tokens, "restored": cps.restored if cps else 0,
+                "checkpoint_bytes": cps.nbytes if cps else 0, "prompt_tokens": len(prompt)}
+    finally:
+        llm.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", required=True, help="a fastgen GGUF (convert.py --profile)")
+    ap.add_argument("--doc-tokens", type=int, default=2000, help="document length in tokens (default 2000)")
+    ap.add_argument("--ctx", type=int, default=4096, help="n_ctx (default 4096)")
+    ap.add_argument("--tokens", type=int, default=64, help="greedy tokens decoded (default 64)")
+    ap.add_argument("--draft", type=int, default=4, help="prompt-lookup draft length (default 4)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per configuration (default 3)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    a = ap.parse_args()
+    if not Path(a.gguf).is_file():
+        ap.error(f"{a.gguf} does not exist: convert a model first (converter/convert.py --profile)")
+    if a.doc_tokens + a.tokens + 64 > a.ctx:
+        ap.error(f"--doc-tokens {a.doc_tokens} and --tokens {a.tokens} do not fit --ctx {a.ctx}")
+
+    probe = Llama(model_path=a.gguf, n_ctx=256, vocab_only=True, verbose=False)
+    text = eval_tasks.held_out()[0]
+    doc = probe.detokenize(probe.tokenize(text.encode(), add_bos=False)[:a.doc_tokens]).decode(errors="ignore")
+    probe.close()
+
+    t_start, measured = time.time(), commit()   # the code that runs (edits during the run do not count)
+    rows = []
+    print(f"{a.gguf}: document {a.doc_tokens} tokens, n_ctx {a.ctx}, {a.tokens} greedy tokens, {a.reps} repetitions")
+    print(f"  {'config':<30} {'decode tok/s':>22}  restored  checkpoints MiB  same tokens as without drafts")
+    for cache, kw in CACHES.items():
+        plain = None
+        for draft in (0, a.draft):
+            reps = [one_rep(a.gguf, kw, doc, a.ctx, a.tokens, draft) for _ in range(a.reps)]
+            name = f"{cache}, " + (f"drafts of {draft}" if draft else "no drafts")
+            row = {"config": name, "cache": cache, "draft": draft, "tok_s": spread([r["tok_s"] for r in reps]),
+                   "restored": [r["restored"] for r in reps], "checkpoint_bytes": max(r["checkpoint_bytes"] for r in reps),
+                   "prompt_tokens": reps[0]["prompt_tokens"], "tokens": reps[0]["tokens"]}
+            plain = plain or row["tokens"]
+            row["same_tokens"] = all(r["tokens"] == plain for r in reps)
+            rows.append(row)
+            s = row["tok_s"]
+            print(f"  {name:<30} {s['median']:7.1f} [{s['min']:.1f}, {s['max']:.1f}]   {sum(row['restored']):8d}  "
+                  f"{row['checkpoint_bytes'] / 2**20:15.1f}  {row['same_tokens']}", flush=True)
+    if a.json:
+        out = {"gguf": Path(a.gguf).name, "doc_tokens": a.doc_tokens, "n_ctx": a.ctx, "reps": a.reps,
+               "n_tokens": a.tokens, "draft": a.draft, "rows": rows,
+               "command": "python " + shlex.join(sys.argv), "commit": measured, "machine": machine(),
+               "started": datetime.fromtimestamp(t_start, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+               "seconds": round(time.time() - t_start)}
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(out, indent=1))
+        print(f"wrote {a.json}")
+    return 0
+
+
+def markdown(path: Path) -> str:
+    """The table of a results JSON, for docs/RESULTS.md."""
+    r = json.loads(path.read_text())
+    lines = [f"{r['gguf']}, document {r['doc_tokens']} tokens (prompt {r['rows'][0]['prompt_tokens']}), n_ctx "
+             f"{r['n_ctx']}, {r['n_tokens']} greedy tokens, {r['reps']} repetitions, {r['machine']['cpu']} "
+             f"({r['machine']['cores']} cores), commit `{r['commit'][:12]}`, {r['started']}; `{r['command']}`", "",
+             "| config | decode tok/s | restored checkpoints | checkpoints MiB (host) | same tokens as without drafts |",
+             "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        s = row["tok_s"]
+        lines.append(f"| {row['config']} | {s['median']:.1f} [{s['min']:.1f}, {s['max']:.1f}] | {sum(row['restored'])} | "
+                     f"{row['checkpoint_bytes'] / 2**20:.1f} | {'yes' if row['same_tokens'] else 'no'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--markdown":
+        print(markdown(Path(sys.argv[2])))
+        sys.exit(0)
+    sys.exit(main())
