@@ -5,6 +5,11 @@ fastgen and the full cache. Run on the GPU machine after scripts/gpu_run.sh has 
 
     python scripts/gpu_profile.py --llama-bench BIN --model M.gguf [--depth 0] [--tokens 8] [--prompt 0] [--json F]
 
+--stalls --kernels REGEX [--launch-skip K] [--launch-count N]: why the matching launches take their time
+instead (Nsight Compute's full set, clocks left alone): duration, instructions, registers, grid and the
+stall reasons per issued instruction of each launch. Session 19 ran the same ncu commands from a call
+script on `hh_attn` (docs/RESULTS.md); this mode, which packs them, has not run on the GPU yet.
+
 --kernels REGEX --launch-count N profiles only the first N launches of the kernels whose names match
 (a long prompt's attention kernels in seconds, not the whole graph); the table then also gives the
 time per launch.
@@ -38,6 +43,52 @@ def profile(bench: str, model: str, depth: int, tokens: int, env_extra: dict, pr
     return {"kernels": len(rows), "us_by_kernel": dict(per), "launches_by_kernel": dict(launches)}
 
 
+STALL_KEYS = ("gpu__time_duration.sum", "smsp__inst_executed.sum", "launch__registers_per_thread", "launch__grid_dim_x",
+              "launch__grid_dim_y")
+
+
+def stalls(bench: str, model: str, depth: int, tokens: int, env_extra: dict, kernels: str, skip: int, count: int) -> list[dict]:
+    """Per matching launch: STALL_KEYS and every smsp__average_warps_issue_stalled_*_per_issue_active.ratio."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = os.path.join(tmp, "stalls")
+        subprocess.run(["ncu", "--clock-control", "none", "--set", "full", "--kernel-name", f"regex:{kernels}",
+                        "--launch-skip", str(skip), "--launch-count", str(count), "-f", "-o", rep,
+                        bench, "-m", model, "-ngl", "99", "-fa", "1", "-p", "0", "-n", str(tokens), "-d", str(depth),
+                        "-r", "1", "--no-warmup"], env=dict(os.environ, **env_extra), capture_output=True, text=True)
+        if not os.path.exists(rep + ".ncu-rep"):
+            return []   # no launch matched (e.g. the full cache runs no hh_attn)
+        out = subprocess.run(["ncu", "--import", rep + ".ncu-rep", "--page", "raw", "--csv"], capture_output=True, text=True).stdout
+    rows = list(csv.reader(io.StringIO(out)))
+    i = next((k for k, r in enumerate(rows) if r and r[0] == "ID"), None)
+    if i is None:
+        return []
+    hdr, units, data = rows[i], rows[i + 1], rows[i + 2:]
+
+    def num(v: str):
+        try:
+            return float(v.replace(",", ""))
+        except ValueError:
+            return v
+    keep = [j for j, h in enumerate(hdr) if h in STALL_KEYS or
+            (h.startswith("smsp__average_warps_issue_stalled_") and h.endswith("_per_issue_active.ratio"))]
+    name = hdr.index("Kernel Name") if "Kernel Name" in hdr else None
+    short = {j: hdr[j].replace("smsp__average_warps_issue_stalled_", "stall_").replace("_per_issue_active.ratio", "") for j in keep}
+    return [{"kernel": r[name] if name is not None else "", "units": {short[j]: units[j] for j in keep},
+             **{short[j]: num(r[j]) for j in keep}} for r in data if len(r) == len(hdr)]
+
+
+def print_stalls(res: dict) -> None:
+    for name in ("fastgen", "full"):
+        for n, launch in enumerate(res[name]):
+            top = sorted(((v, k) for k, v in launch.items() if k.startswith("stall_") and isinstance(v, float)), reverse=True)[:5]
+            print(f"  {name} launch {n}: {launch['kernel'][:40]} {launch.get('gpu__time_duration.sum')} "
+                  f"{launch['units'].get('gpu__time_duration.sum', '')}, "
+                  f"{launch.get('smsp__inst_executed.sum')} warp instructions, {launch.get('launch__registers_per_thread')} "
+                  "registers; stall cycles per instruction: " + ", ".join(f"{k[6:]} {v:.2f}" for v, k in top))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-bench", required=True)
@@ -47,6 +98,8 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=0, help="profile a prompt of N tokens (prefill) instead")
     ap.add_argument("--kernels", help="only kernels whose names match this regex")
     ap.add_argument("--launch-count", type=int, default=0, help="only the first N matching launches")
+    ap.add_argument("--launch-skip", type=int, default=0, help="--stalls: skip the first K matching launches")
+    ap.add_argument("--stalls", action="store_true", help="stall reasons of the --kernels launches (ncu --set full)")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.prompt:
@@ -54,6 +107,17 @@ def main() -> int:
     from bench_gpu import run_info  # beside this script
 
     res = run_info()
+    if a.stalls:
+        if not a.kernels:
+            ap.error("--stalls needs --kernels REGEX")
+        for name, env in (("fastgen", {}), ("full", {"LLAMA_FASTGEN_DISABLE": "1"})):
+            res[name] = stalls(a.llama_bench, a.model, a.depth, a.tokens, env, a.kernels, a.launch_skip, a.launch_count or 2)
+        print(f"Stall reasons of {a.kernels!r} at depth {a.depth} (ncu --set full, clocks left alone)")
+        print_stalls(res)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     for name, env in (("fastgen", {}), ("full", {"LLAMA_FASTGEN_DISABLE": "1"})):
         res[name] = profile(a.llama_bench, a.model, a.depth, a.tokens, env, a.prompt, a.kernels, a.launch_count)
     # the depth prefill is profiled too: compare the totals, and the kernels by name
