@@ -18,17 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import llama_fastgen  # noqa: E402  (before llama_cpp: our libllama)
 from llama_cpp import Llama  # noqa: E402
 
-from llama_fastgen.evaluation import tasks as eval_tasks  # noqa: E402
-from llama_fastgen.evaluation.report import commit, machine, spread  # noqa: E402
+from llama_fastgen.evaluation.report import commit, held_out_document, spread, write_results  # noqa: E402
 
 QUESTIONS = ["What is the first essay about? Answer in one sentence.",
              "Name one person the essays mention.",
@@ -76,10 +73,7 @@ def main() -> int:
     if a.doc_tokens + 200 > a.ctx:
         ap.error(f"--doc-tokens {a.doc_tokens} does not fit --ctx {a.ctx} with a question and an answer")
 
-    probe = Llama(model_path=a.gguf, n_ctx=256, vocab_only=True, verbose=False)
-    text = eval_tasks.held_out()[0]
-    doc = probe.detokenize(probe.tokenize(text.encode(), add_bos=False)[:a.doc_tokens]).decode(errors="ignore")
-    probe.close()
+    doc = held_out_document(a.gguf, a.doc_tokens)
 
     t_start, measured = time.time(), commit()   # the code that runs (edits during the run do not count)
     rows = []
@@ -102,14 +96,8 @@ def main() -> int:
               f"{row['checkpoint_bytes'] / 2**20:6.1f}", flush=True)
     os.environ.pop("LLAMA_FASTGEN_CHECKPOINTS", None)
     if a.json:
-        out = {"gguf": Path(a.gguf).name, "doc_tokens": a.doc_tokens, "n_ctx": a.ctx, "reps": a.reps,
-               "answer_tokens": a.answer_tokens, "questions": QUESTIONS, "rows": rows,
-               "command": "python " + shlex.join(sys.argv), "commit": measured, "machine": machine(),
-               "started": datetime.fromtimestamp(t_start, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-               "seconds": round(time.time() - t_start)}
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=1))
-        print(f"wrote {a.json}")
+        write_results(a.json, {"gguf": Path(a.gguf).name, "doc_tokens": a.doc_tokens, "n_ctx": a.ctx, "reps": a.reps,
+                               "answer_tokens": a.answer_tokens, "questions": QUESTIONS, "rows": rows}, measured, t_start)
     return 0
 
 

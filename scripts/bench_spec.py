@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import llama_fastgen  # noqa: E402  (before llama_cpp: our libllama)
 from llama_cpp import Llama  # noqa: E402
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding  # noqa: E402
 
-from llama_fastgen.evaluation import tasks as eval_tasks  # noqa: E402
-from llama_fastgen.evaluation.report import commit, machine, spread  # noqa: E402
+from llama_fastgen.evaluation.report import commit, held_out_document, spread, write_results  # noqa: E402
 
 REQUEST = "\n\nRepeat the first paragraph of the text above word for word:\n"
 CACHES = {"full cache": {"kv_overrides": {"fastgen.enable": False}}, "fastgen": {}}
@@ -72,10 +69,7 @@ def main() -> int:
     if a.doc_tokens + a.tokens + 64 > a.ctx:
         ap.error(f"--doc-tokens {a.doc_tokens} and --tokens {a.tokens} do not fit --ctx {a.ctx}")
 
-    probe = Llama(model_path=a.gguf, n_ctx=256, vocab_only=True, verbose=False)
-    text = eval_tasks.held_out()[0]
-    doc = probe.detokenize(probe.tokenize(text.encode(), add_bos=False)[:a.doc_tokens]).decode(errors="ignore")
-    probe.close()
+    doc = held_out_document(a.gguf, a.doc_tokens)
 
     t_start, measured = time.time(), commit()   # the code that runs (edits during the run do not count)
     rows = []
@@ -96,14 +90,8 @@ def main() -> int:
             print(f"  {name:<30} {s['median']:7.1f} [{s['min']:.1f}, {s['max']:.1f}]   {sum(row['restored']):8d}  "
                   f"{row['checkpoint_bytes'] / 2**20:15.1f}  {row['same_tokens']}", flush=True)
     if a.json:
-        out = {"gguf": Path(a.gguf).name, "doc_tokens": a.doc_tokens, "n_ctx": a.ctx, "reps": a.reps,
-               "n_tokens": a.tokens, "draft": a.draft, "rows": rows,
-               "command": "python " + shlex.join(sys.argv), "commit": measured, "machine": machine(),
-               "started": datetime.fromtimestamp(t_start, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-               "seconds": round(time.time() - t_start)}
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=1))
-        print(f"wrote {a.json}")
+        write_results(a.json, {"gguf": Path(a.gguf).name, "doc_tokens": a.doc_tokens, "n_ctx": a.ctx, "reps": a.reps,
+                               "n_tokens": a.tokens, "draft": a.draft, "rows": rows}, measured, t_start)
     return 0
 
 

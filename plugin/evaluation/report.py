@@ -99,6 +99,36 @@ def commit() -> str:
     return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def held_out_document(gguf: str, n_tokens: int) -> str:
+    """The first held-out essay cut to n_tokens tokens of the GGUF's tokenizer: the benchmarks' long document."""
+    from llama_cpp import Llama
+
+    from llama_fastgen.evaluation import tasks
+
+    probe = Llama(model_path=gguf, n_ctx=256, vocab_only=True, verbose=False)
+    try:
+        return probe.detokenize(probe.tokenize(tasks.held_out()[0].encode(), add_bos=False)[:n_tokens]).decode(errors="ignore")
+    finally:
+        probe.close()
+
+
+def write_results(path: Path, results: dict, measured: str, t_start: float) -> None:
+    """A benchmark's results JSON with where it came from: the command line as typed (shell-quoted), the
+    commit measured (taken when the run started), the machine, the start (UTC) and the duration."""
+    import json
+    import shlex
+    import sys
+    import time
+    from datetime import datetime, timezone
+
+    out = {**results, "command": "python " + shlex.join(sys.argv), "commit": measured, "machine": machine(),
+           "started": datetime.fromtimestamp(t_start, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+           "seconds": round(time.time() - t_start)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
 def markdown(results: list[dict]) -> str:
     """Tables for docs/RESULTS.md, generated from result JSONs (never typed by hand)."""
     out = []
