@@ -15,10 +15,17 @@ def find(name: str) -> Path:
     raise ImportError(f"{name} is missing next to {__file__}; reinstall llama-fastgen")
 
 
-def contract() -> dict[str, int]:
-    """#define LLAMA_FASTGEN_<NAME> <integer> lines of the contract header, as {NAME: integer}."""
+def contract() -> dict[str, int | str]:
+    """#define LLAMA_FASTGEN_<NAME> <integer or "string"> lines of the contract header, as {NAME: value}."""
     text = find("llama-fastgen-contract.h").read_text()
-    return {m[1]: int(m[2]) for m in re.finditer(r"^#define LLAMA_FASTGEN_(\w+) (\d+)$", text, re.M)}
+    return {m[1]: int(m[2]) if m[2] else m[3]
+            for m in re.finditer(r'^#define LLAMA_FASTGEN_(\w+) (?:(\d+)|"([^"]*)")$', text, re.M)}
+
+
+def contract_api() -> str:
+    """The LLAMA_FASTGEN_CONTRACT_API declarations of the contract header as a cffi cdef."""
+    text = re.sub(r"//[^\n]*", "", find("llama-fastgen-contract.h").read_text())
+    return "\n".join(" ".join(d.split()) for d in re.findall(r"^LLAMA_FASTGEN_CONTRACT_API\s+(.*?;)", text, re.M | re.S))
 
 
 def c_api() -> str:

@@ -29,9 +29,14 @@ from pathlib import Path
 
 from enum import IntEnum
 
-from . import headers
+from . import contract, headers
 
-PREFIX = "fastgen."
+_C = headers.contract()   # what the native cache is compiled with (llama-fastgen-contract.h)
+PREFIX = _C["KEY_PREFIX"]
+# the GGUF keys, by the header's names without KEY_: KEYS["CLASS_KIND"] == "fastgen.class.kind"
+KEYS = {k[4:]: v for k, v in _C.items() if k.startswith("KEY_") and k != "KEY_PREFIX"}
+# Llama(kv_overrides=...) that runs a fastgen GGUF with llama.cpp's own cache: the baseline of every comparison
+STOCK_CACHE = {KEYS["ENABLE"]: False}
 
 
 class MetadataError(ValueError):
@@ -41,22 +46,18 @@ class MetadataError(ValueError):
 class Kind(IntEnum):
     """fastgen.class.kind values."""
 
-    FULL = 0
-    SPECIAL = 1              # sinks + special tokens (+ the query itself)
-    SPECIAL_PUNCT = 2        # ... + punctuation
-    SPECIAL_PUNCT_LOCAL = 3  # ... + a recent window
-    FREQUENT = 4             # sinks + special + window + heavy hitters, `budget` cells per head
+    FULL = _C["KIND_FULL"]
+    SPECIAL = _C["KIND_SPECIAL"]                          # sinks + special tokens (+ the query itself)
+    SPECIAL_PUNCT = _C["KIND_SPECIAL_PUNCT"]              # ... + punctuation
+    SPECIAL_PUNCT_LOCAL = _C["KIND_SPECIAL_PUNCT_LOCAL"]  # ... + a recent window
+    FREQUENT = _C["KIND_FREQUENT"]                        # sinks + special + window + heavy hitters, `budget` cells per head
 
 
 KIND_NAMES = {Kind.FULL: "full", Kind.SPECIAL: "special", Kind.SPECIAL_PUNCT: "special+punct",
               Kind.SPECIAL_PUNCT_LOCAL: "special+punct+local", Kind.FREQUENT: "special+frequent"}
 
-_C = headers.contract()   # the numbers the native cache is compiled with
 # a frequent class evicts once it holds budget + this many cells; upper bounds for strangers' GGUFs
-FREQUENT_EVICT_BATCH = _C["FREQUENT_EVICT_BATCH"]
-SLICE_SLACK, SLICE_PAD, HH_POS_PAD = _C["SLICE_SLACK"], _C["SLICE_PAD"], _C["HH_POS_PAD"]
-SPECIAL_SHARE_PERMILLE = _C["SPECIAL_SHARE_PERMILLE"]
-PROTECTED_MARGIN_PERMILLE, PROTECTED_EXTRA_PERMILLE = _C["PROTECTED_MARGIN_PERMILLE"], _C["PROTECTED_EXTRA_PERMILLE"]
+FREQUENT_EVICT_BATCH, HH_POS_PAD = _C["FREQUENT_EVICT_BATCH"], _C["HH_POS_PAD"]
 MAX_CLASSES, MAX_N_SINK, MAX_CELLS = _C["MAX_CLASSES"], _C["MAX_N_SINK"], _C["MAX_CELLS"]
 SCHEMA_VERSION = _C["SCHEMA_VERSION"]
 
@@ -105,17 +106,11 @@ class HeadPolicy:
         return min(float(n_ctx), n_sink + protected + self.window)
 
     def at_context(self, n_ctx: int, budget_ctx: int, n_sink: int) -> "HeadPolicy":
-        """What this head keeps in a cache of n_ctx cells (mirror of llama_fastgen_policy::for_context,
-        checked against the native labels by a test): windows and frequent budgets grow by
-        n_ctx / budget_ctx above budget_ctx, so a head keeps the same share of a longer context."""
-        if not budget_ctx or n_ctx <= budget_ctx or self.kind not in (Kind.FREQUENT, Kind.SPECIAL_PUNCT_LOCAL):
-            return self
-        def scale(v):
-            return min(MAX_CELLS, v * n_ctx // budget_ctx)
-        if self.kind == Kind.SPECIAL_PUNCT_LOCAL:
-            return HeadPolicy(self.kind, scale(self.window))
-        budget = scale(self.budget)
-        return HeadPolicy(self.kind, min(scale(self.window), budget - n_sink - 1), budget)
+        """What this head keeps in a cache of n_ctx cells (the native rule, contract.class_at_context):
+        windows and frequent budgets grow by n_ctx / budget_ctx above budget_ctx, so a head keeps the
+        same share of a longer context."""
+        w, b = contract.class_at_context(int(self.kind), self.window, self.budget, n_sink, n_ctx, budget_ctx)
+        return self if (w, b) == (self.window, self.budget) else HeadPolicy(self.kind, w, b)
 
 
 def class_order(p: HeadPolicy):
@@ -186,21 +181,21 @@ class FastgenMetadata:
     def to_kv(self) -> dict[str, tuple[str, object]]:
         """{key: (type, value)} with type in u32/f32/str/i32[] (what gguf_export writes)."""
         kv = {
-            PREFIX + "version": ("u32", self.version),
-            PREFIX + "threshold": ("f32", float(self.threshold)),
-            PREFIX + "n_sink": ("u32", int(self.n_sink)),
-            PREFIX + "class.kind": ("i32[]", [int(c.kind) for c in self.classes]),
-            PREFIX + "class.window": ("i32[]", [int(c.window) for c in self.classes]),
-            PREFIX + "class.budget": ("i32[]", [int(c.budget) for c in self.classes]),
-            PREFIX + "layer_class_heads": ("i32[]", [n for row in self.layer_class_heads for n in row]),
-            PREFIX + "head_perm": ("i32[]", [h for row in self.head_perm for h in row]),
-            PREFIX + "special_token_ids": ("i32[]", [int(t) for t in self.special_token_ids]),
-            PREFIX + "punct_token_ids": ("i32[]", [int(t) for t in self.punct_token_ids]),
-            PREFIX + "protected_frac": ("f32", float(self.protected_frac)),
-            PREFIX + "calibration": ("str", json.dumps(self.calibration, sort_keys=True)),
+            KEYS["VERSION"]: ("u32", self.version),
+            KEYS["THRESHOLD"]: ("f32", float(self.threshold)),
+            KEYS["N_SINK"]: ("u32", int(self.n_sink)),
+            KEYS["CLASS_KIND"]: ("i32[]", [int(c.kind) for c in self.classes]),
+            KEYS["CLASS_WINDOW"]: ("i32[]", [int(c.window) for c in self.classes]),
+            KEYS["CLASS_BUDGET"]: ("i32[]", [int(c.budget) for c in self.classes]),
+            KEYS["LAYER_CLASS_HEADS"]: ("i32[]", [n for row in self.layer_class_heads for n in row]),
+            KEYS["HEAD_PERM"]: ("i32[]", [h for row in self.head_perm for h in row]),
+            KEYS["SPECIAL_TOKEN_IDS"]: ("i32[]", [int(t) for t in self.special_token_ids]),
+            KEYS["PUNCT_TOKEN_IDS"]: ("i32[]", [int(t) for t in self.punct_token_ids]),
+            KEYS["PROTECTED_FRAC"]: ("f32", float(self.protected_frac)),
+            KEYS["CALIBRATION"]: ("str", json.dumps(self.calibration, sort_keys=True)),
         }
         if self.budget_ctx:
-            kv[PREFIX + "budget_ctx"] = ("u32", int(self.budget_ctx))
+            kv[KEYS["BUDGET_CTX"]] = ("u32", int(self.budget_ctx))
         # GGUF has no empty arrays: an empty token list is simply left out (the keys are optional)
         return {k: v for k, v in kv.items() if not (v[0] == "i32[]" and not v[1])}
 
@@ -216,16 +211,17 @@ def read(path: str | Path) -> FastgenMetadata | None:
     if not fields:
         return None
 
-    def get(key, want, required=True):
-        f = fields.get(PREFIX + key)
+    def get(name, want, required=True):
+        key = KEYS[name]
+        f = fields.get(key)
         if f is None:
             if required:
-                raise MetadataError(f"{path}: missing key {PREFIX + key}")
+                raise MetadataError(f"{path}: missing key {key}")
             return None
         # types as stored: an empty array has no element in f.types, its element type is parts[3]
         got = (T.ARRAY, T(int(f.parts[3][0]))) if f.types[0] == T.ARRAY else (f.types[0],)
         if got != want:
-            raise MetadataError(f"{path}: {PREFIX}{key} has type {'/'.join(t.name for t in got)}, "
+            raise MetadataError(f"{path}: {key} has type {'/'.join(t.name for t in got)}, "
                                 f"expected {'/'.join(t.name for t in want)}")
         try:
             return f.contents()
@@ -233,23 +229,23 @@ def read(path: str | Path) -> FastgenMetadata | None:
             return bytes(f.parts[-1]).decode("utf-8", "replace")
 
     U32, F32, STR, I32S = (T.UINT32,), (T.FLOAT32,), (T.STRING,), (T.ARRAY, T.INT32)
-    version = get("version", U32)
+    version = get("VERSION", U32)
     if version != SCHEMA_VERSION:
-        raise MetadataError(f"{path}: {PREFIX}version is {version}, this llama-fastgen reads "
+        raise MetadataError(f"{path}: {KEYS['VERSION']} is {version}, this llama-fastgen reads "
                             f"version {SCHEMA_VERSION}; re-run convert.py --profile")
-    kinds, windows = get("class.kind", I32S), get("class.window", I32S)
+    kinds, windows = get("CLASS_KIND", I32S), get("CLASS_WINDOW", I32S)
     if len(kinds) > MAX_CLASSES:
-        raise MetadataError(f"{path}: {PREFIX}class.kind has {len(kinds)} classes, at most {MAX_CLASSES} are allowed")
-    budgets = get("class.budget", I32S, False) or [0] * len(kinds)
+        raise MetadataError(f"{path}: {KEYS['CLASS_KIND']} has {len(kinds)} classes, at most {MAX_CLASSES} are allowed")
+    budgets = get("CLASS_BUDGET", I32S, False) or [0] * len(kinds)
     if not kinds or not len(kinds) == len(windows) == len(budgets):
-        raise MetadataError(f"{path}: {PREFIX}class.kind, class.window and class.budget differ in length or are empty")
+        raise MetadataError(f"{path}: {KEYS['CLASS_KIND']}, class.window and class.budget differ in length or are empty")
     try:
         classes = [HeadPolicy(Kind(k), int(w), int(b)) for k, w, b in zip(kinds, windows, budgets)]
     except ValueError as e:
-        raise MetadataError(f"{path}: {PREFIX}class.kind holds an unknown class id ({e})") from None
-    n_sink = int(get("n_sink", U32))
+        raise MetadataError(f"{path}: {KEYS['CLASS_KIND']} holds an unknown class id ({e})") from None
+    n_sink = int(get("N_SINK", U32))
     if n_sink > MAX_N_SINK:
-        raise MetadataError(f"{path}: {PREFIX}n_sink = {n_sink} exceeds {MAX_N_SINK}")
+        raise MetadataError(f"{path}: {KEYS['N_SINK']} = {n_sink} exceeds {MAX_N_SINK}")
     for c in classes:
         bad_window = c.window != 0 if c.kind == Kind.FULL else not 1 <= c.window <= MAX_CELLS
         if bad_window or c.budget > MAX_CELLS:
@@ -262,44 +258,44 @@ def read(path: str | Path) -> FastgenMetadata | None:
             raise MetadataError(f"{path}: class {c.label} has a budget; only frequent classes have one")
     frequent = [i for i, c in enumerate(classes) if c.kind == Kind.FREQUENT]
     if frequent and frequent[-1] - frequent[0] != len(frequent) - 1:
-        raise MetadataError(f"{path}: frequent classes must be consecutive in {PREFIX}class.kind "
+        raise MetadataError(f"{path}: frequent classes must be consecutive in {KEYS['CLASS_KIND']} "
                             f"(their heads share one store)")
-    budget_ctx = int(get("budget_ctx", U32, False) or 0)
-    if PREFIX + "budget_ctx" in fields and not 1 <= budget_ctx <= MAX_CELLS:
-        raise MetadataError(f"{path}: {PREFIX}budget_ctx = {budget_ctx} must be in [1, {MAX_CELLS}]; "
+    budget_ctx = int(get("BUDGET_CTX", U32, False) or 0)
+    if KEYS["BUDGET_CTX"] in fields and not 1 <= budget_ctx <= MAX_CELLS:
+        raise MetadataError(f"{path}: {KEYS['BUDGET_CTX']} = {budget_ctx} must be in [1, {MAX_CELLS}]; "
                             f"re-run convert.py --profile")
-    protected_frac = float(get("protected_frac", F32))
+    protected_frac = float(get("PROTECTED_FRAC", F32))
     if not 0.0 <= protected_frac <= 1.0:
-        raise MetadataError(f"{path}: {PREFIX}protected_frac = {protected_frac} must be in [0, 1]")
+        raise MetadataError(f"{path}: {KEYS['PROTECTED_FRAC']} = {protected_frac} must be in [0, 1]")
     n_layer = _arch_int(r, "block_count")
     n_head_kv = _arch_int(r, "attention.head_count_kv")
-    lch, perm = get("layer_class_heads", I32S), get("head_perm", I32S)
+    lch, perm = get("LAYER_CLASS_HEADS", I32S), get("HEAD_PERM", I32S)
     C = len(classes)
     if len(lch) != n_layer * C:
-        raise MetadataError(f"{path}: {PREFIX}layer_class_heads has {len(lch)} entries, "
+        raise MetadataError(f"{path}: {KEYS['LAYER_CLASS_HEADS']} has {len(lch)} entries, "
                             f"expected n_layer*n_class = {n_layer}*{C}")
     rows = [list(lch[l * C:(l + 1) * C]) for l in range(n_layer)]
     for l, row in enumerate(rows):
         if sum(row) != n_head_kv or min(row) < 0 or max(row) > n_head_kv:
-            raise MetadataError(f"{path}: {PREFIX}layer_class_heads of layer {l} sums to {sum(row)}, "
+            raise MetadataError(f"{path}: {KEYS['LAYER_CLASS_HEADS']} of layer {l} sums to {sum(row)}, "
                                 f"the model has {n_head_kv} KV heads")
     if len(perm) != n_layer * n_head_kv:
-        raise MetadataError(f"{path}: {PREFIX}head_perm has {len(perm)} entries, expected {n_layer * n_head_kv}")
+        raise MetadataError(f"{path}: {KEYS['HEAD_PERM']} has {len(perm)} entries, expected {n_layer * n_head_kv}")
     perms = [list(perm[l * n_head_kv:(l + 1) * n_head_kv]) for l in range(n_layer)]
     for l, p in enumerate(perms):
         if sorted(p) != list(range(n_head_kv)):
-            raise MetadataError(f"{path}: {PREFIX}head_perm of layer {l} is {p}, not a permutation of the "
+            raise MetadataError(f"{path}: {KEYS['HEAD_PERM']} of layer {l} is {p}, not a permutation of the "
                                 f"{n_head_kv} KV heads")
     tokens = r.fields.get("tokenizer.ggml.tokens")
     n_vocab = len(tokens.data) if tokens is not None else 0
     ids = {}
-    for key in ("special_token_ids", "punct_token_ids"):
-        ids[key] = [int(t) for t in get(key, I32S, False) or []]
-        if any(not 0 <= t < n_vocab for t in ids[key]):
-            raise MetadataError(f"{path}: {PREFIX}{key} holds a token id outside the vocabulary ({n_vocab})")
+    for name in ("SPECIAL_TOKEN_IDS", "PUNCT_TOKEN_IDS"):
+        ids[name] = [int(t) for t in get(name, I32S, False) or []]
+        if any(not 0 <= t < n_vocab for t in ids[name]):
+            raise MetadataError(f"{path}: {KEYS[name]} holds a token id outside the vocabulary ({n_vocab})")
     # a summary for people, not part of the policy: a string (native checks the same), kept as text
     # when it is not a JSON object
-    text = get("calibration", STR, False) or "{}"
+    text = get("CALIBRATION", STR, False) or "{}"
     try:
         calibration = json.loads(text)
     except ValueError:
@@ -307,8 +303,8 @@ def read(path: str | Path) -> FastgenMetadata | None:
     if not isinstance(calibration, dict):
         calibration = {"unparsed": text[:1000]}
     return FastgenMetadata(
-        threshold=float(get("threshold", F32)), n_sink=n_sink, classes=classes, layer_class_heads=rows,
-        head_perm=perms, special_token_ids=ids["special_token_ids"], punct_token_ids=ids["punct_token_ids"],
+        threshold=float(get("THRESHOLD", F32)), n_sink=n_sink, classes=classes, layer_class_heads=rows,
+        head_perm=perms, special_token_ids=ids["SPECIAL_TOKEN_IDS"], punct_token_ids=ids["PUNCT_TOKEN_IDS"],
         protected_frac=protected_frac, calibration=calibration, version=version, budget_ctx=budget_ctx)
 
 
@@ -326,33 +322,16 @@ def _arch_int(reader, suffix: str) -> int:
 
 
 def class_capacity(meta: FastgenMetadata, c: int, n_ctx: int, n_ubatch: int, n_seq: int = 1) -> int:
-    """Cells the native cache allocates for class c (mirror of llama_fastgen_policy::capacity,
-    then padded to SLICE_PAD like llama.cpp's SWA cache). Compressed classes: n_seq x (sinks + window +
-    SLICE_SLACK) + n_ubatch + a protected-token budget of (PROTECTED_MARGIN_PERMILLE * protected_frac +
-    PROTECTED_EXTRA_PERMILLE) / 1000 * n_ctx (special only: SPECIAL_SHARE_PERMILLE / 1000), the numbers of
-    llama-fastgen-contract.h;
-    n_seq is the number of sequences sharing the cells (a unified cache), else 1.
-    Frequent classes share one store whose heads all get the largest of their capacities,
-    budget + max(n_ubatch, FREQUENT_EVICT_BATCH), unpadded."""
-    import math
-
+    """Cells the native cache allocates for class c at n_ctx (contract.class_cells, on the policy that
+    context runs); n_seq is the number of sequences sharing the cells (a unified cache), else 1.
+    Frequent classes share one store whose heads all get the largest of their capacities."""
     meta = meta.at_context(n_ctx)
-    cls = meta.classes[c]
-    if cls.kind == Kind.FULL:
-        return n_ctx
-    if cls.kind == Kind.FREQUENT:
-        return max(min(n_ctx, f.budget + max(n_ubatch, FREQUENT_EVICT_BATCH))
-                   for f in meta.classes if f.kind == Kind.FREQUENT)
-    share = (SPECIAL_SHARE_PERMILLE / 1000 if cls.kind == Kind.SPECIAL else
-             min(1.0, PROTECTED_MARGIN_PERMILLE / 1000 * _f32(meta.protected_frac) + PROTECTED_EXTRA_PERMILLE / 1000))
-    need = min(n_ctx, n_seq * (meta.n_sink + cls.window + SLICE_SLACK) + n_ubatch + math.ceil(share * n_ctx))
-    return min(n_ctx, (need + SLICE_PAD - 1) // SLICE_PAD * SLICE_PAD)
 
-
-def _f32(x: float) -> float:
-    import struct
-
-    return struct.unpack("f", struct.pack("f", x))[0]
+    def cells(cls, n):
+        return contract.class_cells(int(cls.kind), cls.window, cls.budget, meta.n_sink, meta.protected_frac, n_ctx, n_ubatch, n)
+    if meta.classes[c].kind == Kind.FREQUENT:
+        return max(cells(f, 1) for f in meta.classes if f.kind == Kind.FREQUENT)
+    return cells(meta.classes[c], n_seq)
 
 
 def kv_bytes(meta: FastgenMetadata, head_dim: int, n_ctx: int, n_ubatch: int, bytes_per_elem: int = 2,

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import llama_fastgen  # noqa: E402,F401  (before llama_cpp: our libllama)
+from llama_fastgen import schema  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 
 from llama_fastgen.evaluation import tasks as eval_tasks  # noqa: E402
@@ -29,7 +30,7 @@ from llama_fastgen.evaluation.report import commit, machine, spread  # noqa: E40
 
 QUESTIONS = ["Summarize the text above in two sentences.", "What is the main argument of the text above?",
              "Which people does the text above mention?", "What advice does the text above give?"]
-CONFIGS = {"fastgen": {}, "full cache": {"kv_overrides": {"fastgen.enable": False}}}
+CONFIGS = {"fastgen": {}, "full cache": {"kv_overrides": dict(schema.STOCK_CACHE)}}
 
 
 def prompts(llm: Llama, n: int, lo: int, hi: int, seed: int) -> list[str]:

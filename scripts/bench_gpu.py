@@ -32,6 +32,7 @@ import time
 # llama_fastgen (libllama + ggml-cuda) before numpy: on the GPU machine, loading numpy first made
 # libllama resolve libstdc++ template symbols into libggml-cuda and crash in llama.cpp's print_info
 from llama_fastgen import llama_cpp  # noqa: F401,E402  (importing llama_fastgen alone no longer loads libllama)
+from llama_fastgen import schema  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def logits(gguf: str, ids: list[int], gpu: bool, fastgen: bool, decode_from=None
     # CUDA build, llama-cpp-python's stdout/stderr redirection crashed in llama.cpp's print_info.
     return teacher_forced(gguf, ids, n_ctx=max(2048, len(ids)), n_batch=n_batch, decode_from=decode_from, verbose=True, flash_attn=True,
                           n_gpu_layers=99 if gpu else 0, offload_kqv=gpu, op_offload=gpu,
-                          kv_overrides=None if fastgen else {"fastgen.enable": False})[0]
+                          kv_overrides=None if fastgen else dict(schema.STOCK_CACHE))[0]
 
 
 def child(args) -> int:
@@ -149,8 +150,8 @@ def kv(args) -> list:
 
     rows = []
     for n_ctx in args.kv_ctx:
-        for name, kw in (("fastgen f16", {}), ("full f16", {"kv_overrides": {"fastgen.enable": False}}),
-                         ("full q8_0", {"kv_overrides": {"fastgen.enable": False}, "type_k": 8, "type_v": 8})):
+        for name, kw in (("fastgen f16", {}), ("full f16", {"kv_overrides": dict(schema.STOCK_CACHE)}),
+                         ("full q8_0", {"kv_overrides": dict(schema.STOCK_CACHE), "type_k": 8, "type_v": 8})):
             llm = Llama(model_path=args.model, n_ctx=n_ctx, n_gpu_layers=99, flash_attn=True, verbose=True, **kw)
             st = llama_fastgen.native.cache_stats(llm)
             llm.close()
@@ -168,7 +169,7 @@ def reuse(args) -> list:
     import llama_cpp
 
     rows = []
-    for name, kw in (("fastgen f16", {}), ("full f16", {"kv_overrides": {"fastgen.enable": False}})):
+    for name, kw in (("fastgen f16", {}), ("full f16", {"kv_overrides": dict(schema.STOCK_CACHE)})):
         llm = llama_cpp.Llama(model_path=args.model, n_ctx=4096, n_gpu_layers=99, flash_attn=True, verbose=True, **kw)
         llm.eval([1] * 16)
         t0 = time.time()

@@ -15,7 +15,6 @@ evaluates the whole prompt again. Three configurations of one GGUF, --reps repet
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,14 +22,15 @@ import time
 from pathlib import Path
 
 import llama_fastgen  # noqa: E402  (before llama_cpp: our libllama)
+from llama_fastgen import schema  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 
-from llama_fastgen.evaluation.report import commit, held_out_document, spread, write_results  # noqa: E402
+from llama_fastgen.evaluation.report import commit, document_bench_args, held_out_document, spread, write_results  # noqa: E402
 
 QUESTIONS = ["What is the first essay about? Answer in one sentence.",
              "Name one person the essays mention.",
              "What advice do the essays give to founders?"]
-CONFIGS = {"full cache": ({"kv_overrides": {"fastgen.enable": False}}, None),
+CONFIGS = {"full cache": ({"kv_overrides": dict(schema.STOCK_CACHE)}, None),
            "fastgen": ({}, None),
            "fastgen, checkpoints off": ({}, "0")}
 
@@ -60,16 +60,8 @@ def one_rep(gguf: str, kw: dict, doc: str, n_ctx: int, answer_tokens: int, quest
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", required=True, help="a fastgen GGUF (convert.py --profile)")
-    ap.add_argument("--doc-tokens", type=int, default=4000, help="document length in tokens (default 4000)")
-    ap.add_argument("--ctx", type=int, default=8192, help="n_ctx (default 8192)")
-    ap.add_argument("--answer-tokens", type=int, default=32, help="greedy tokens answering the first question")
-    ap.add_argument("--reps", type=int, default=5, help="repetitions per configuration (default 5)")
-    ap.add_argument("--json", type=Path, help="write the results here")
-    a = ap.parse_args()
-    if not Path(a.gguf).is_file():
-        ap.error(f"{a.gguf} does not exist: convert a model first (converter/convert.py --profile)")
+    ap, a = document_bench_args(__doc__, doc_tokens=4000, ctx=8192, reps=5, extra=lambda ap: ap.add_argument(
+        "--answer-tokens", type=int, default=32, help="greedy tokens answering the first question"))
     if a.doc_tokens + 200 > a.ctx:
         ap.error(f"--doc-tokens {a.doc_tokens} does not fit --ctx {a.ctx} with a question and an answer")
 

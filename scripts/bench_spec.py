@@ -15,20 +15,20 @@ repetitions per configuration (a new Llama every repetition), median with min/ma
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import llama_fastgen  # noqa: E402  (before llama_cpp: our libllama)
+from llama_fastgen import schema  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding  # noqa: E402
 
-from llama_fastgen.evaluation.report import commit, held_out_document, spread, write_results  # noqa: E402
+from llama_fastgen.evaluation.report import commit, document_bench_args, held_out_document, spread, write_results  # noqa: E402
 
 REQUEST = "\n\nRepeat the first paragraph of the text above word for word:\n"
-CACHES = {"full cache": {"kv_overrides": {"fastgen.enable": False}}, "fastgen": {}}
+CACHES = {"full cache": {"kv_overrides": dict(schema.STOCK_CACHE)}, "fastgen": {}}
 
 
 def one_rep(gguf: str, kw: dict, doc: str, n_ctx: int, n_tokens: int, draft: int) -> dict:
@@ -55,17 +55,10 @@ def one_rep(gguf: str, kw: dict, doc: str, n_ctx: int, n_tokens: int, draft: int
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", required=True, help="a fastgen GGUF (convert.py --profile)")
-    ap.add_argument("--doc-tokens", type=int, default=2000, help="document length in tokens (default 2000)")
-    ap.add_argument("--ctx", type=int, default=4096, help="n_ctx (default 4096)")
-    ap.add_argument("--tokens", type=int, default=64, help="greedy tokens decoded (default 64)")
-    ap.add_argument("--draft", type=int, default=4, help="prompt-lookup draft length (default 4)")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions per configuration (default 3)")
-    ap.add_argument("--json", type=Path, help="write the results here")
-    a = ap.parse_args()
-    if not Path(a.gguf).is_file():
-        ap.error(f"{a.gguf} does not exist: convert a model first (converter/convert.py --profile)")
+    def extra(ap):
+        ap.add_argument("--tokens", type=int, default=64, help="greedy tokens decoded (default 64)")
+        ap.add_argument("--draft", type=int, default=4, help="prompt-lookup draft length (default 4)")
+    ap, a = document_bench_args(__doc__, doc_tokens=2000, ctx=4096, reps=3, extra=extra)
     if a.doc_tokens + a.tokens + 64 > a.ctx:
         ap.error(f"--doc-tokens {a.doc_tokens} and --tokens {a.tokens} do not fit --ctx {a.ctx}")
 

@@ -13,6 +13,9 @@ script on `hh_attn` (docs/RESULTS.md); this mode, which packs them, has not run 
 --kernels REGEX --launch-count N profiles only the first N launches of the kernels whose names match
 (a long prompt's attention kernels in seconds, not the whole graph); the table then also gives the
 time per launch.
+
+--from-json F [--tokens N]: the markdown table of a results file for docs/RESULTS.md (per decode token
+when N is given: the file's decode tokens).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from collections import defaultdict
 
 
@@ -89,10 +93,34 @@ def print_stalls(res: dict) -> None:
                   "registers; stall cycles per instruction: " + ", ".join(f"{k[6:]} {v:.2f}" for v, k in top))
 
 
+def markdown(res: dict, tokens: int = 0) -> str:
+    """Kernel time by name, fastgen against the full cache: per launch, and in all (per decode token with tokens)."""
+    runs = {n: res[n] for n in ("fastgen", "full")}
+    names = sorted(set().union(*(r["us_by_kernel"] for r in runs.values())),
+                   key=lambda k: -max(r["us_by_kernel"].get(k, 0) for r in runs.values()))
+    per = "per decode token" if tokens else "in all"
+    out = [f"| kernel | fastgen, µs {per} (launches) | full cache, µs {per} (launches) | fastgen, µs per launch | full cache, µs per launch |",
+           "|---|---|---|---|---|"]
+    div = tokens or 1
+
+    def cell(r, k, per_launch=False):
+        if k not in r["us_by_kernel"]:
+            return "-"
+        n = r["launches_by_kernel"][k]
+        return f"{r['us_by_kernel'][k] / n:.1f}" if per_launch else f"{r['us_by_kernel'][k] / div:.1f} ({n / div:g})"
+    for k in names:
+        out.append(f"| `{k.replace('void ', '')}` | " + " | ".join(cell(r, k) for r in runs.values()) + " | "
+                   + " | ".join(cell(r, k, True) for r in runs.values()) + " |")
+    tot = {n: sum(r["us_by_kernel"].values()) / div for n, r in runs.items()}
+    out.append(f"| all | {tot['fastgen']:.1f} | {tot['full']:.1f} | | |")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-bench", required=True)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--from-json", type=argparse.FileType(), help="print the markdown table of a results file")
+    ap.add_argument("--llama-bench")
+    ap.add_argument("--model")
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=0, help="profile a prompt of N tokens (prefill) instead")
@@ -102,6 +130,11 @@ def main() -> int:
     ap.add_argument("--stalls", action="store_true", help="stall reasons of the --kernels launches (ncu --set full)")
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.from_json:
+        print(markdown(json.load(a.from_json), a.tokens if "--tokens" in sys.argv else 0))
+        return 0
+    if not (a.llama_bench and a.model):
+        ap.error("--llama-bench and --model are needed (or --from-json)")
     if a.prompt:
         a.tokens = 0
     from bench_gpu import run_info  # beside this script

@@ -91,7 +91,7 @@ def main() -> int:
         ap.error(f"--tokens {a.tokens}: only {len(ids) - start} positions past the widest class ({start}); give more")
 
     nat, st = teacher_forced(gguf, ids, n_ctx=n_ctx, n_batch=64)
-    nat_full, _ = teacher_forced(gguf, ids, n_ctx=n_ctx, n_batch=64, kv_overrides={"fastgen.enable": False})
+    nat_full, _ = teacher_forced(gguf, ids, n_ctx=n_ctx, n_batch=64, kv_overrides=dict(schema.STOCK_CACHE))
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     ctx = token_context(ids, set(meta.special_token_ids), set(meta.punct_token_ids), meta.n_sink)
     ref = reference.logits(m, ids, meta.at_context(n_ctx).original_head_policies(), ctx, chunks=64).numpy()

@@ -37,11 +37,14 @@ def test_cli_version():
 
 def test_the_converter_never_loads_libllama_and_llama_cpp_loads_ours_when_imported():
     """A CUDA libllama loaded before torch makes torch's import abort (seen on the H200), so
-    importing llama_fastgen and the converter must not load it; llama_cpp imported afterwards
+    importing llama_fastgen and the converter, and sizing a policy, must not load it; llama_cpp imported afterwards
     still runs on our library, with our load errors explained."""
     code = ("import sys, llama_fastgen, llama_fastgen.converter.convert, llama_fastgen.schema, torch\n"
+            "p = llama_fastgen.schema.HeadPolicy(llama_fastgen.schema.Kind.FREQUENT, 8, 64)\n"
+            "assert p.at_context(4096, 1024, 4) == llama_fastgen.schema.HeadPolicy(p.kind, 32, 256)\n"
             "maps = open('/proc/self/maps').read()\n"
-            "assert 'llama_cpp' not in sys.modules and 'libllama' not in maps, 'libllama loaded'\n"
+            "assert 'libfastgen-contract' in maps   # the sizing rules run without libllama\n"
+            "assert 'llama_cpp' not in sys.modules and 'libllama' not in maps and 'libggml' not in maps, 'libllama loaded'\n"
             "from llama_cpp import Llama\n"
             "import llama_cpp._internals as I\n"
             "assert str(llama_fastgen.lib_dir() / 'libllama.so') in open('/proc/self/maps').read()\n"
@@ -90,22 +93,73 @@ def test_patch_that_does_not_apply_is_refused(tmp_path):
     assert (tmp_path / "src" / "a.cpp").read_text() == "int a = 1;\n"
 
 
-def test_python_reads_the_numbers_and_declarations_the_native_code_is_compiled_with():
-    """The contract header's numbers are schema's constants (the native loader's refusals at these
-    bounds: test_native HOSTILE), and cffi binds every function the C API header declares; the
-    installed package carries the source tree's copies."""
+def test_python_reads_the_contract_and_declarations_the_native_code_is_compiled_with():
+    """Every #define of the contract header reaches Python (numbers, GGUF keys, class kinds: schema's
+    constants, KEYS and Kind; the native loader's refusals at these bounds: test_native HOSTILE), its
+    functions run from libfastgen-contract, which libllama links, and cffi binds every function
+    the C API header declares; the installed package carries the source tree's copies."""
     import re
 
-    from llama_fastgen import headers, schema
+    from llama_fastgen import contract, headers, schema
 
     for name in ("llama-fastgen-contract.h", "llama-fastgen.h"):
         assert headers.find(name).read_text() == (REPO / "native" / "include" / name).read_text()
     src = (REPO / "native" / "include" / "llama-fastgen-contract.h").read_text()
-    defined = {m[1]: int(m[2]) for m in re.finditer(r"^#define LLAMA_FASTGEN_(\w+) (\d+)$", src, re.M)}
-    assert set(defined) == {"SCHEMA_VERSION", "FREQUENT_EVICT_BATCH", "MAX_CLASSES", "MAX_N_SINK", "MAX_CELLS",
-                            "SLICE_SLACK", "SPECIAL_SHARE_PERMILLE", "PROTECTED_MARGIN_PERMILLE",
-                            "PROTECTED_EXTRA_PERMILLE", "SLICE_PAD", "HH_POS_PAD"}
-    assert {k: getattr(schema, k) for k in defined} == defined
+    lines = re.findall(r"^#define LLAMA_FASTGEN_(\w+) (.+)$", src, re.M)
+    c = headers.contract()
+    assert len(lines) >= 30 and {k for k, _ in lines} == set(c)
+    assert all(str(c[k]) == v.strip('"') for k, v in lines)
+    for k in ("SCHEMA_VERSION", "FREQUENT_EVICT_BATCH", "MAX_CLASSES", "MAX_N_SINK", "MAX_CELLS", "HH_POS_PAD"):
+        assert getattr(schema, k) == c[k]
+    assert {f"KIND_{k.name}": int(k) for k in schema.Kind} == {k: v for k, v in c.items() if k.startswith("KIND_")}
+    assert schema.KEYS and all(v.startswith(c["KEY_PREFIX"]) for v in schema.KEYS.values())
+    meta = schema.FastgenMetadata(threshold=0.9, n_sink=4, classes=[schema.HeadPolicy(schema.Kind.FULL)],
+                                  layer_class_heads=[[1]], head_perm=[[0]], special_token_ids=[1], punct_token_ids=[2],
+                                  protected_frac=0.1, budget_ctx=512)
+    assert set(meta.to_kv()) == set(schema.KEYS.values()) - {c["KEY_ENABLE"]}   # every key written, each from the header
+    declared = re.findall(r"^LLAMA_FASTGEN_CONTRACT_API[^(]*?\b(llama_fastgen_\w+)\s*\(", src, re.M)
+    assert declared == ["llama_fastgen_class_cells", "llama_fastgen_class_at_context"]
+    assert all(getattr(contract._lib()[1], n) for n in declared)
+    libllama = (llama_fastgen.lib_dir() / "libllama.so").read_bytes()
+    assert b"libfastgen-contract" in libllama   # linked (DT_NEEDED), not compiled in a second time
     api = (REPO / "native" / "include" / "llama-fastgen.h").read_text()
     names = re.findall(r"^LLAMA_API[^(]*?\b(llama_fastgen_\w+)\s*\(", api, re.M)
     assert len(names) >= 14 and all(getattr(llama_fastgen.native.lib, n) for n in names)
+
+
+def test_contract_sizes_follow_the_rule_the_header_states():
+    """The oracle of llama_fastgen_class_cells and llama_fastgen_class_at_context: the rule as the
+    contract header's comments state it, written out here, on 5,000 random classes and contexts (the
+    native allocator's bytes are checked against these sizes in test_native and test_sequences)."""
+    import math
+    import random
+
+    from llama_fastgen import contract, schema
+
+    from llama_fastgen import headers
+
+    c, K = headers.contract(), schema.Kind
+    rng = random.Random(1)
+    for _ in range(5000):
+        kind = rng.choice(list(K))
+        n_sink, n_ctx = rng.choice([0, 4, 100]), rng.choice([64, 1000, 4096, 65536, 1 << 20])
+        window = 0 if kind == K.FULL else rng.choice([1, 16, 300, 5000])
+        budget = n_sink + window + rng.choice([1, 100, 30000]) if kind == K.FREQUENT else 0
+        pf = float(np.float32(rng.random()))      # a GGUF stores it as f32
+        n_ub, n_seq, bctx = rng.choice([1, 64, 512]), rng.choice([1, 3]), rng.choice([0, 256, 4096])
+        if kind == K.FULL:
+            want = n_ctx
+        elif kind == K.FREQUENT:
+            want = min(n_ctx, budget + max(n_ub, c["FREQUENT_EVICT_BATCH"]))
+        else:
+            share = (c["SPECIAL_SHARE_PERMILLE"] / 1000 if kind == K.SPECIAL else
+                     min(1.0, c["PROTECTED_MARGIN_PERMILLE"] / 1000 * pf + c["PROTECTED_EXTRA_PERMILLE"] / 1000))
+            need = min(n_ctx, n_seq * (n_sink + window + c["SLICE_SLACK"]) + n_ub + math.ceil(share * n_ctx))
+            want = min(n_ctx, -(-need // c["SLICE_PAD"]) * c["SLICE_PAD"])
+        assert contract.class_cells(int(kind), window, budget, n_sink, pf, n_ctx, n_ub, n_seq) == want
+        w, b = window, budget
+        if bctx and n_ctx > bctx and kind in (K.FREQUENT, K.SPECIAL_PUNCT_LOCAL):
+            grow = lambda v: min(c["MAX_CELLS"], v * n_ctx // bctx)   # noqa: E731
+            b = grow(budget) if kind == K.FREQUENT else budget
+            w = min(grow(window), b - n_sink - 1) if kind == K.FREQUENT else grow(window)
+        assert contract.class_at_context(int(kind), window, budget, n_sink, n_ctx, bctx) == (w, b)

@@ -65,10 +65,10 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_load
             throw std::runtime_error("fastgen: models with sliding-window layers are not supported");
         }
         for (const auto & [key, ov] : ml.kv_overrides) {
-            if (key.rfind("fastgen.", 0) != 0) {
+            if (key.rfind(LLAMA_FASTGEN_KEY_PREFIX, 0) != 0) {
                 continue;
             }
-            if (key != "fastgen.enable") { // the policy table is the converter's to write, not an override's
+            if (key != LLAMA_FASTGEN_KEY_ENABLE) { // the policy table is the converter's to write, not an override's
                 throw std::runtime_error(format("fastgen: kv_overrides %s is not supported: only fastgen.enable "
                         "(true/false) can be overridden; re-run convert.py --profile to change the policies", key.c_str()));
             }

@@ -38,10 +38,10 @@ static int64_t get_scalar_key(const gguf_context * ctx, const char * key, gguf_t
 
 std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
         const gguf_context * ctx, const llama_hparams & hparams, uint32_t n_vocab) {
-    if (gguf_find_key(ctx, "fastgen.version") < 0) {
+    if (gguf_find_key(ctx, LLAMA_FASTGEN_KEY_VERSION) < 0) {
         // no policy, unless other fastgen keys say one was meant: then refuse rather than run full
         for (int64_t i = 0; i < gguf_get_n_kv(ctx); ++i) {
-            if (strncmp(gguf_get_key(ctx, i), "fastgen.", 8) == 0) {
+            if (strncmp(gguf_get_key(ctx, i), LLAMA_FASTGEN_KEY_PREFIX, strlen(LLAMA_FASTGEN_KEY_PREFIX)) == 0) {
                 throw std::runtime_error(format("fastgen: %s is set but fastgen.version is missing; "
                         "re-run convert.py --profile", gguf_get_key(ctx, i)));
             }
@@ -50,16 +50,16 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
     }
     auto p = std::make_shared<llama_fastgen_policy>();
 
-    const uint32_t version = gguf_get_val_u32(ctx, get_scalar_key(ctx, "fastgen.version", GGUF_TYPE_UINT32));
+    const uint32_t version = gguf_get_val_u32(ctx, get_scalar_key(ctx, LLAMA_FASTGEN_KEY_VERSION, GGUF_TYPE_UINT32));
     if (version != SCHEMA_VERSION) {
         throw std::runtime_error(format("fastgen: fastgen.version is %u but this build reads version %u; "
                 "re-run convert.py --profile with this llama-fastgen", version, SCHEMA_VERSION));
     }
-    p->threshold      = gguf_get_val_f32(ctx, get_scalar_key(ctx, "fastgen.threshold", GGUF_TYPE_FLOAT32));
-    p->n_sink         = gguf_get_val_u32(ctx, get_scalar_key(ctx, "fastgen.n_sink", GGUF_TYPE_UINT32));
-    p->protected_frac = gguf_get_val_f32(ctx, get_scalar_key(ctx, "fastgen.protected_frac", GGUF_TYPE_FLOAT32));
-    if (const int64_t kid = gguf_find_key(ctx, "fastgen.budget_ctx"); kid >= 0) { // optional: budgets fixed without it
-        p->budget_ctx = gguf_get_val_u32(ctx, get_scalar_key(ctx, "fastgen.budget_ctx", GGUF_TYPE_UINT32));
+    p->threshold      = gguf_get_val_f32(ctx, get_scalar_key(ctx, LLAMA_FASTGEN_KEY_THRESHOLD, GGUF_TYPE_FLOAT32));
+    p->n_sink         = gguf_get_val_u32(ctx, get_scalar_key(ctx, LLAMA_FASTGEN_KEY_N_SINK, GGUF_TYPE_UINT32));
+    p->protected_frac = gguf_get_val_f32(ctx, get_scalar_key(ctx, LLAMA_FASTGEN_KEY_PROTECTED_FRAC, GGUF_TYPE_FLOAT32));
+    if (const int64_t kid = gguf_find_key(ctx, LLAMA_FASTGEN_KEY_BUDGET_CTX); kid >= 0) { // optional: budgets fixed without it
+        p->budget_ctx = gguf_get_val_u32(ctx, get_scalar_key(ctx, LLAMA_FASTGEN_KEY_BUDGET_CTX, GGUF_TYPE_UINT32));
         if (p->budget_ctx < 1 || p->budget_ctx > (uint32_t) MAX_CELLS) {
             throw std::runtime_error(format("fastgen: fastgen.budget_ctx = %u must be in [1, %d]; re-run convert.py --profile",
                     p->budget_ctx, MAX_CELLS));
@@ -72,8 +72,8 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
         throw std::runtime_error("fastgen: fastgen.protected_frac must be in [0, 1]");
     }
 
-    const auto kinds   = get_i32_arr(ctx, "fastgen.class.kind", true);
-    const auto windows = get_i32_arr(ctx, "fastgen.class.window", true);
+    const auto kinds   = get_i32_arr(ctx, LLAMA_FASTGEN_KEY_CLASS_KIND, true);
+    const auto windows = get_i32_arr(ctx, LLAMA_FASTGEN_KEY_CLASS_WINDOW, true);
     if (kinds.size() > MAX_CLASSES) {
         throw std::runtime_error(format("fastgen: fastgen.class.kind has %zu classes, at most %u are allowed",
                 kinds.size(), MAX_CLASSES));
@@ -82,7 +82,7 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
         throw std::runtime_error(format("fastgen: fastgen.class.kind (%zu) and fastgen.class.window (%zu) must "
                 "have the same, non-zero length", kinds.size(), windows.size()));
     }
-    auto budgets = get_i32_arr(ctx, "fastgen.class.budget", false); // only needed with frequent classes
+    auto budgets = get_i32_arr(ctx, LLAMA_FASTGEN_KEY_CLASS_BUDGET, false); // only needed with frequent classes
     if (budgets.empty()) {
         budgets.assign(kinds.size(), 0);
     }
@@ -115,7 +115,7 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
     }
 
     const size_t n_class = p->classes.size();
-    const auto lch = get_i32_arr(ctx, "fastgen.layer_class_heads", true);
+    const auto lch = get_i32_arr(ctx, LLAMA_FASTGEN_KEY_LAYER_CLASS_HEADS, true);
     if (lch.size() != hparams.n_layer() * n_class) {
         throw std::runtime_error(format("fastgen: fastgen.layer_class_heads has %zu entries, expected "
                 "n_layer * n_class = %u * %zu", lch.size(), hparams.n_layer(), n_class));
@@ -139,7 +139,7 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
 
     // the converter's head order per layer: not used at run time, but a GGUF whose table is not a
     // permutation was not written by it (the Python reader refuses the same)
-    const auto perm = get_i32_arr(ctx, "fastgen.head_perm", true);
+    const auto perm = get_i32_arr(ctx, LLAMA_FASTGEN_KEY_HEAD_PERM, true);
     size_t at = 0;
     for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
         const uint32_t n = hparams.n_head_kv(il);
@@ -156,14 +156,14 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
     if (at != perm.size()) {
         throw std::runtime_error(format("fastgen: fastgen.head_perm has %zu entries, the model %zu KV heads", perm.size(), at));
     }
-    if (const int64_t kid = gguf_find_key(ctx, "fastgen.calibration"); kid >= 0 && gguf_get_kv_type(ctx, kid) != GGUF_TYPE_STRING) {
+    if (const int64_t kid = gguf_find_key(ctx, LLAMA_FASTGEN_KEY_CALIBRATION); kid >= 0 && gguf_get_kv_type(ctx, kid) != GGUF_TYPE_STRING) {
         throw std::runtime_error(format("fastgen: key fastgen.calibration has type %s, expected %s",
                 gguf_type_name(gguf_get_kv_type(ctx, kid)), gguf_type_name(GGUF_TYPE_STRING)));
     }
 
     p->special_tok.assign(n_vocab, false);
     p->punct_tok.assign(n_vocab, false);
-    for (const char * key : { "fastgen.special_token_ids", "fastgen.punct_token_ids" }) {
+    for (const char * key : { LLAMA_FASTGEN_KEY_SPECIAL_TOKEN_IDS, LLAMA_FASTGEN_KEY_PUNCT_TOKEN_IDS }) {
         auto & dst = key[8] == 's' ? p->special_tok : p->punct_tok;
         for (int32_t id : get_i32_arr(ctx, key, false)) {
             if (id < 0 || (uint32_t) id >= n_vocab) {
@@ -203,21 +203,7 @@ int32_t llama_fastgen_policy::head_offset(int il, int c) const {
 
 uint32_t llama_fastgen_policy::capacity(int c, uint32_t n_ctx, uint32_t n_ubatch, uint32_t n_seq) const {
     const auto & cls = classes[c];
-    if (cls.kind == LLAMA_FASTGEN_FULL) {
-        return n_ctx;
-    }
-    if (cls.kind == LLAMA_FASTGEN_FREQUENT) {
-        // budget + room for one ubatch (or one eviction batch of decoded tokens)
-        return (uint32_t) std::min<uint64_t>(n_ctx, (uint64_t) cls.budget + std::max(n_ubatch, FREQUENT_EVICT_BATCH));
-    }
-    // Retained protected tokens grow with the context: budget their observed share with a margin.
-    // Special tokens alone are rare (chat control tokens): 2% of the context plus 32. n_seq sequences
-    // sharing the cells (a unified cache) each keep their sinks and window, as llama.cpp's SWA cache
-    // sizes n_swa*n_seq_max + n_ubatch; the protected share is of n_ctx, all sequences' tokens.
-    const double share = cls.kind == LLAMA_FASTGEN_SPECIAL ? LLAMA_FASTGEN_SPECIAL_SHARE_PERMILLE/1000.0
-        : std::min(1.0, LLAMA_FASTGEN_PROTECTED_MARGIN_PERMILLE/1000.0*protected_frac + LLAMA_FASTGEN_PROTECTED_EXTRA_PERMILLE/1000.0);
-    const uint64_t need = (uint64_t) n_seq*(n_sink + cls.window + LLAMA_FASTGEN_SLICE_SLACK) + n_ubatch + (uint64_t) std::ceil(share*n_ctx);
-    return (uint32_t) std::min<uint64_t>(n_ctx, need);
+    return llama_fastgen_class_cells(cls.kind, cls.window, cls.budget, n_sink, protected_frac, n_ctx, n_ubatch, n_seq);
 }
 
 std::shared_ptr<const llama_fastgen_policy> llama_fastgen_policy::for_context(uint32_t n_ctx) const {
@@ -225,15 +211,8 @@ std::shared_ptr<const llama_fastgen_policy> llama_fastgen_policy::for_context(ui
     if (budget_ctx == 0 || n_ctx <= budget_ctx) {
         return p;
     }
-    const auto scale = [&](int32_t v) { return (int32_t) std::min<uint64_t>(MAX_CELLS, (uint64_t) v * n_ctx / budget_ctx); };
     for (auto & cls : p->classes) {
-        if (cls.kind == LLAMA_FASTGEN_FREQUENT) {
-            cls.budget = scale(cls.budget);
-            // n_sink + window < budget holds after scaling unless the cap cut the budget
-            cls.window = std::min<int32_t>(scale(cls.window), cls.budget - (int32_t) n_sink - 1);
-        } else if (cls.kind == LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL) {
-            cls.window = scale(cls.window);
-        }
+        llama_fastgen_class_at_context(cls.kind, &cls.window, &cls.budget, n_sink, n_ctx, budget_ctx);
     }
     return p;
 }

@@ -15,13 +15,13 @@
 struct gguf_context;
 
 enum llama_fastgen_kind : int32_t {
-    LLAMA_FASTGEN_FULL                = 0,
-    LLAMA_FASTGEN_SPECIAL             = 1,
-    LLAMA_FASTGEN_SPECIAL_PUNCT       = 2,
-    LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL = 3,
+    LLAMA_FASTGEN_FULL                = LLAMA_FASTGEN_KIND_FULL,
+    LLAMA_FASTGEN_SPECIAL             = LLAMA_FASTGEN_KIND_SPECIAL,
+    LLAMA_FASTGEN_SPECIAL_PUNCT       = LLAMA_FASTGEN_KIND_SPECIAL_PUNCT,
+    LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL = LLAMA_FASTGEN_KIND_SPECIAL_PUNCT_LOCAL,
     // heavy hitters: a fixed budget of cells per (layer, head) holding sinks, special tokens, the
     // recent window and the tokens with the highest mean attention received (llama-kv-cache-fastgen-hh)
-    LLAMA_FASTGEN_FREQUENT            = 4,
+    LLAMA_FASTGEN_FREQUENT            = LLAMA_FASTGEN_KIND_FREQUENT,
 };
 
 struct llama_fastgen_class {
@@ -59,8 +59,8 @@ struct llama_fastgen_policy {
     int32_t n_heads(int il, int c) const { return layer_class_heads[il][c]; }
     int32_t head_offset(int il, int c) const;
 
-    // cells a class needs at context n_ctx with ubatches of n_ubatch tokens (before padding), n_seq
-    // sequences sharing them (plugin/schema.py class_capacity mirrors it)
+    // cells class c allocates at context n_ctx with ubatches of n_ubatch tokens, n_seq sequences
+    // sharing them (llama_fastgen_class_cells of the contract, which Python calls too)
     uint32_t capacity(int c, uint32_t n_ctx, uint32_t n_ubatch, uint32_t n_seq = 1) const;
 
     // protected token ids of class c (by id)

@@ -10,12 +10,19 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
+
+#ifndef _WIN32
+#include <unistd.h>
+#endif
 
 llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const llama_fastgen_policy & policy,
         ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch) :
@@ -276,18 +283,24 @@ bool llama_fastgen_hh_store::fits(const std::vector<uint32_t> & n_new) const {
     return true;
 }
 
-// A cell the eviction may remove: special tokens (tier 1) go only when nothing else is left, then the
-// lowest mean score, then the oldest. A total order (positions are unique in a head), so the set of
-// the n smallest is one set whichever selection algorithm finds it.
+// A cell the eviction may remove: special tokens go only when nothing else is left, then the lowest
+// mean score, then the oldest. A total order (positions are unique in a head), so the set of the n
+// smallest is one set whichever selection algorithm finds it. Packed into one integer, so that the
+// selection compares integers: the special bit on top, the score's bits made order-preserving, the
+// position (>= 0, < 2^31) below. Scores are >= 0 or -inf (NaN is mapped there), so no -0.0 meets
+// +0.0: the order is the one the reference replays.
 struct llama_fastgen_hh_cand {
-    int       tier;
-    float     score;
-    llama_pos pos;
-    uint32_t  cell;
-    bool operator<(const llama_fastgen_hh_cand & o) const {
-        return tier != o.tier ? tier < o.tier : score != o.score ? score < o.score : pos < o.pos;
-    }
+    uint64_t key;
+    uint32_t cell;
+    bool operator<(const llama_fastgen_hh_cand & o) const { return key < o.key; }
 };
+
+static uint64_t hh_cand_key(bool special, float score, llama_pos pos) {
+    uint32_t u;
+    memcpy(&u, &score, sizeof(u));
+    u = u & 0x80000000u ? ~u : u | 0x80000000u;
+    return (uint64_t) special << 63 | (uint64_t) u << 31 | (uint32_t) pos;
+}
 
 size_t llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama_pos p0, std::vector<llama_fastgen_hh_cand> & cands,
         bool & nan) const {
@@ -305,7 +318,7 @@ size_t llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, lla
             s = -INFINITY;
         }
         const bool sp = tok[i] >= 0 && (size_t) tok[i] < special.size() && special[tok[i]];
-        cands.push_back({ sp ? 1 : 0, s, p, i });
+        cands.push_back({ hh_cand_key(sp, s, p), i });
     }
     const size_t n_evict = std::min<size_t>(cands.size(), l.n_used[h] - l.budget[h]);
     // which cells go, not their order: a selection in linear time
@@ -319,6 +332,87 @@ size_t llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, lla
     return n_evict;
 }
 
+// Threads that outlive a call of hh_parallel_for: a prompt's ubatch evicts from every heavy-hitter head
+// while the device waits, and starting the threads anew for each ubatch cost a good part of that wait.
+// One job at a time (contexts on several threads take turns); a forked child starts its own threads.
+class hh_workers {
+public:
+    // job() on n_threads threads, this one included; returns when every one has returned
+    void run(size_t n_threads, const std::function<void()> & job) {
+        std::lock_guard<std::mutex> one_job(run_mu);
+        std::unique_lock<std::mutex> lk(mu);
+#ifndef _WIN32
+        if (pid != getpid()) { // after fork() the threads are the parent's: leave them, start ours
+            new std::vector<std::thread>(std::move(threads)); // never destroyed: joining them would hang
+            threads.clear();
+            pid = getpid();
+        }
+#endif
+        while (threads.size() + 1 < n_threads) {
+            const size_t idx = threads.size();
+            threads.emplace_back([this, idx] { loop(idx); });
+        }
+        cur = &job;
+        n_want = n_active = n_threads - 1;
+        ++gen;
+        cv.notify_all();
+        lk.unlock();
+        job();
+        lk.lock();
+        done.wait(lk, [this] { return n_active == 0; });
+        cur = nullptr;
+    }
+    ~hh_workers() {
+        {
+            std::lock_guard<std::mutex> lk(mu);
+            stop = true;
+        }
+        cv.notify_all();
+        for (auto & t : threads) {
+            t.join();
+        }
+    }
+
+private:
+    void loop(size_t idx) {
+        uint64_t seen = 0;
+        std::unique_lock<std::mutex> lk(mu);
+        while (true) {
+            cv.wait(lk, [&] { return stop || gen != seen; });
+            if (stop) {
+                return;
+            }
+            seen = gen;
+            if (idx >= n_want) {
+                continue; // this job wants fewer threads
+            }
+            const auto * job = cur;
+            lk.unlock();
+            (*job)();
+            lk.lock();
+            if (--n_active == 0) {
+                done.notify_one();
+            }
+        }
+    }
+
+    std::mutex run_mu, mu;
+    std::condition_variable cv, done;
+    std::vector<std::thread> threads;
+    const std::function<void()> * cur = nullptr;
+    uint64_t gen = 0;
+    size_t n_want = 0, n_active = 0;
+    bool stop = false;
+#ifndef _WIN32
+    pid_t pid = getpid();
+#endif
+};
+
+static hh_workers & hh_pool() {
+    static hh_workers workers;
+    return workers;
+}
+
 // f(i, scratch) for i in [0, n), spread over threads when there is enough work (a prompt's ubatch
 // evicts from every heavy-hitter head at once: hundreds of heads of a few thousand cells, while the
 // device waits); each thread has its own scratch
@@ -326,20 +420,30 @@ template <typename F>
 static void hh_parallel_for(size_t n, size_t work, F && f) {
     const size_t n_threads = work < (1u << 16) ? 1 : std::min<size_t>({ n, 8, std::max(1u, std::thread::hardware_concurrency()) });
     std::atomic<size_t> next{0};
-    const auto run = [&]() {
+    const std::function<void()> run = [&]() {
         std::vector<llama_fastgen_hh_cand> scratch;
         for (size_t i; (i = next.fetch_add(1)) < n;) {
             f(i, scratch);
         }
     };
-    std::vector<std::thread> workers;
-    for (size_t t = 1; t < n_threads; ++t) {
-        workers.emplace_back(run);
+    if (n_threads <= 1) {
+        run();
+        return;
     }
-    run();
-    for (auto & w : workers) {
-        w.join();
+    // EXPERIMENT (removed after the measurement): LLAMA_FASTGEN_POOL=0 starts threads per call, as before
+    static const bool pool = [] { const char * e = getenv("LLAMA_FASTGEN_POOL"); return !(e && std::string(e) == "0"); }();
+    if (!pool) {
+        std::vector<std::thread> ws;
+        for (size_t t = 1; t < n_threads; ++t) {
+            ws.emplace_back(run);
+        }
+        run();
+        for (auto & w : ws) {
+            w.join();
+        }
+        return;
     }
+    hh_pool().run(n_threads, run);
 }
 
 // LLAMA_FASTGEN_TIMING=1: where a ubatch's host time goes in apply() (waiting for the device, reading

@@ -53,10 +53,8 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
             continue;
         }
         const bool full  = cls.kind == LLAMA_FASTGEN_FULL;
-        // pad like the iSWA cache: CUDA FA kernels want K->ne[1] % 256 == 0
         // unified: the sequences share the cells; else one stream per sequence of kv_size = n_ctx_seq cells each
-        const uint32_t size = full ? kv_size : std::min(kv_size,
-                (uint32_t) GGML_PAD(policy->capacity((int) c, kv_size, n_ubatch, unified ? n_seq_max : 1), LLAMA_FASTGEN_SLICE_PAD));
+        const uint32_t size = policy->capacity((int) c, kv_size, n_ubatch, unified ? n_seq_max : 1); // padded
 
         const llama_hparams * hcp = hc.get();
         llama_kv_cache::layer_filter_cb filter = [hcp](int32_t il) { return hcp->n_head_kv_arr[il] > 0; };

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llama_fastgen import schema
 from llama_fastgen.evaluation.child import in_child
 
 GGML_TYPE = {"f16": 1, "q4_0": 2, "q8_0": 8}
@@ -24,7 +25,7 @@ class Config:
         # every core (llama-cpp-python's default is half of them); all layers on the GPU with --gpu
         kw = {"flash_attn": True, "n_threads": os.cpu_count(), "n_gpu_layers": GPU_LAYERS}
         if not self.fastgen:
-            kw["kv_overrides"] = {"fastgen.enable": False}
+            kw["kv_overrides"] = dict(schema.STOCK_CACHE)
         if self.kv != "f16":
             kw.update(type_k=GGML_TYPE[self.kv], type_v=GGML_TYPE[self.kv])
         return kw
@@ -34,7 +35,6 @@ def uniform_gguf(model_dir: Path, window: int, protected_frac: float, out: Path,
     """Every KV head on one policy (default special+punct+local(window)): a uniform baseline."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from llama_fastgen import schema
     from llama_fastgen.converter import gguf_export, tokens
     from llama_fastgen.converter.architectures import shape
 
@@ -78,7 +78,6 @@ def policy_gguf(model_dir: Path, out: Path, table: list[list], *args: str) -> Pa
 def widest_window(w: int, n_ctx: int, n_ubatch: int, share: float, n_sink: int = 4) -> int:
     """The largest window whose class gets the same cells as window w (capacities are padded to
     256 cells): a baseline should not pay for cells it leaves unused."""
-    from llama_fastgen import schema
 
     def cells(x):
         meta = schema.FastgenMetadata(threshold=0, n_sink=n_sink, classes=[schema.HeadPolicy(schema.Kind.SPECIAL_PUNCT_LOCAL, x)],
@@ -116,7 +115,7 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
     rest as fastgen (random-protect); then q8_0, q4_0 and fastgen + q8_0."""
     import random
 
-    from llama_fastgen import schema
+
     from llama_fastgen.converter.architectures import shape
     from llama_fastgen.schema import HeadPolicy, Kind
     from transformers import AutoConfig

@@ -99,6 +99,25 @@ def commit() -> str:
     return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def document_bench_args(description: str, doc_tokens: int, ctx: int, reps: int, extra=None):
+    """The command line of a benchmark on one long document (bench_reuse.py, bench_spec.py): --gguf,
+    --doc-tokens, --ctx, --reps and --json, plus extra(ap)'s arguments; parsed, the GGUF checked."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", required=True, help="a fastgen GGUF (convert.py --profile)")
+    ap.add_argument("--doc-tokens", type=int, default=doc_tokens, help=f"document length in tokens (default {doc_tokens})")
+    ap.add_argument("--ctx", type=int, default=ctx, help=f"n_ctx (default {ctx})")
+    ap.add_argument("--reps", type=int, default=reps, help=f"repetitions per configuration (default {reps})")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    if extra:
+        extra(ap)
+    a = ap.parse_args()
+    if not Path(a.gguf).is_file():
+        ap.error(f"{a.gguf} does not exist: convert a model first (converter/convert.py --profile)")
+    return ap, a
+
+
 def held_out_document(gguf: str, n_tokens: int) -> str:
     """The first held-out essay cut to n_tokens tokens of the GGUF's tokenizer: the benchmarks' long document."""
     from llama_cpp import Llama
