@@ -181,108 +181,6 @@ bool llama_fastgen_hh_store::fused(uint32_t n_tokens) const {
 }
 
 // one past a head's last occupied cell: cells [end, cap) are free
-static uint32_t occupied_end(const std::vector<llama_pos> & pos) {
-    uint32_t end = (uint32_t) pos.size();
-    while (end > 0 && pos[end - 1] < 0) {
-        --end;
-    }
-    return end;
-}
-
-void llama_fastgen_hh_store::upload_positions() {
-    const size_t row = cap + GGML_FASTGEN_HH_P_PAD; // the padding: zero, and hi (ggml-fastgen.h)
-    for (size_t b = 0; b < blocks.size(); ++b) {
-        auto & blk = blocks[b];
-        // one copy from the first dirty layer's rows to the last's; the clean layers between them are
-        // rewritten too (the device's positions of new tokens were written by the op, pos has them as well)
-        int64_t h_lo = INT64_MAX, h_hi = 0;
-        for (const auto & l : layers) {
-            if (l.blk == (int32_t) b && l.dirty) {
-                h_lo = std::min(h_lo, l.h_blk);
-                h_hi = std::max(h_hi, l.h_blk + l.n_head);
-            }
-        }
-        if (h_lo >= h_hi) {
-            continue;
-        }
-        for (auto & l : layers) {
-            if (l.blk != (int32_t) b || l.h_blk < h_lo || l.h_blk >= h_hi) {
-                continue;
-            }
-            for (int h = 0; h < l.n_head; ++h) {
-                float * p = blk.p_host.data() + (l.h_blk + h)*row;
-                for (uint32_t i = 0; i < cap; ++i) {
-                    p[i] = l.pos[h][i] >= 0 ? (float) l.pos[h][i] - 0.5f : INFINITY;
-                }
-                p[cap + 1] = (float) occupied_end(l.pos[h]);
-            }
-            l.dirty = false;
-        }
-        ggml_backend_tensor_set(blk.p, blk.p_host.data() + h_lo*row, h_lo*row*sizeof(float), (h_hi - h_lo)*row*sizeof(float));
-    }
-}
-
-uint32_t llama_fastgen_hh_store::max_used(int c) const {
-    uint32_t n = 0;
-    for (const auto & l : layers) {
-        for (int h = 0; h < l.n_head; ++h) {
-            n = l.cls[h] == c ? std::max(n, l.n_used[h]) : n;
-        }
-    }
-    return n;
-}
-
-size_t llama_fastgen_hh_store::class_bytes(int c) const {
-    size_t n = 0;
-    for (const auto & l : layers) {
-        n += std::count(l.cls.begin(), l.cls.end(), c);
-    }
-    return n*bytes_per_head;
-}
-
-// the eviction trigger: a head holding `used` cells evicts back to its budget before n new tokens
-static bool evicts(uint32_t used, uint32_t n, uint32_t budget) {
-    return used + n > budget + llama_fastgen_policy::FREQUENT_EVICT_BATCH && used > budget;
-}
-
-size_t llama_fastgen_hh_store::total_bytes() const {
-    size_t n = 0;
-    for (const auto & [_, buf] : ctxs_bufs) {
-        n += ggml_backend_buffer_get_size(buf.get());
-    }
-    return n;
-}
-
-std::map<ggml_backend_buffer_type_t, size_t> llama_fastgen_hh_store::memory_breakdown() const {
-    std::map<ggml_backend_buffer_type_t, size_t> res;
-    for (const auto & [_, buf] : ctxs_bufs) {
-        res[ggml_backend_buffer_get_type(buf.get())] += ggml_backend_buffer_get_size(buf.get());
-    }
-    return res;
-}
-
-bool llama_fastgen_hh_store::fits(const std::vector<uint32_t> & n_new) const {
-    // replay the eviction trigger per head (eviction itself frees cells, the batch never does)
-    for (const auto & l : layers) {
-        for (int h = 0; h < l.n_head; ++h) {
-            uint32_t used = l.n_used[h];
-            for (const uint32_t n : n_new) {
-                if (n == 0) {
-                    continue; // apply() does not run for a ubatch without this sequence's tokens
-                }
-                if (evicts(used, n, l.budget[h])) {
-                    used = l.budget[h];
-                }
-                used += n;
-                if (used > cap) {
-                    return false;
-                }
-            }
-        }
-    }
-    return true;
-}
-
 // A cell the eviction may remove: special tokens go only when nothing else is left, then the lowest
 // mean score, then the oldest. A total order (positions are unique in a head), so the set of the n
 // smallest is one set whichever selection algorithm finds it. Packed into one integer, so that the
@@ -300,36 +198,6 @@ static uint64_t hh_cand_key(bool special, float score, llama_pos pos) {
     memcpy(&u, &score, sizeof(u));
     u = u & 0x80000000u ? ~u : u | 0x80000000u;
     return (uint64_t) special << 63 | (uint64_t) u << 31 | (uint32_t) pos;
-}
-
-size_t llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama_pos p0, std::vector<llama_fastgen_hh_cand> & cands,
-        bool & nan) const {
-    auto & pos = l.pos[h];
-    auto & tok = l.tok[h];
-    cands.clear();
-    for (uint32_t i = 0; i < cap; ++i) {
-        const llama_pos p = pos[i];
-        if (p < 0 || p < (llama_pos) n_sink || p0 - p < (llama_pos) l.window[h]) {
-            continue; // free, sink, or inside the window of the next query
-        }
-        float s = scores[i] / (float) (p0 - p); // mean over the queries p .. p0-1 that saw it
-        if (std::isnan(s)) {
-            nan = true;
-            s = -INFINITY;
-        }
-        const bool sp = tok[i] >= 0 && (size_t) tok[i] < special.size() && special[tok[i]];
-        cands.push_back({ hh_cand_key(sp, s, p), i });
-    }
-    const size_t n_evict = std::min<size_t>(cands.size(), l.n_used[h] - l.budget[h]);
-    // which cells go, not their order: a selection in linear time
-    std::nth_element(cands.begin(), cands.begin() + n_evict, cands.end());
-    for (size_t j = 0; j < n_evict; ++j) {
-        pos[cands[j].cell] = -1;
-        tok[cands[j].cell] = -1;
-        l.hint[h] = std::min(l.hint[h], cands[j].cell);
-    }
-    l.n_used[h] -= (uint32_t) n_evict;
-    return n_evict;
 }
 
 // Threads that outlive a call of hh_parallel_for: a prompt's ubatch evicts from every heavy-hitter head
@@ -446,6 +314,139 @@ static void hh_parallel_for(size_t n, size_t work, F && f) {
     hh_pool().run(n_threads, run);
 }
 
+static uint32_t occupied_end(const std::vector<llama_pos> & pos) {
+    uint32_t end = (uint32_t) pos.size();
+    while (end > 0 && pos[end - 1] < 0) {
+        --end;
+    }
+    return end;
+}
+
+void llama_fastgen_hh_store::upload_positions() {
+    const size_t row = cap + GGML_FASTGEN_HH_P_PAD; // the padding: zero, and hi (ggml-fastgen.h)
+    for (size_t b = 0; b < blocks.size(); ++b) {
+        auto & blk = blocks[b];
+        // one copy from the first dirty layer's rows to the last's; the clean layers between them are
+        // rewritten too (the device's positions of new tokens were written by the op, pos has them as well)
+        int64_t h_lo = INT64_MAX, h_hi = 0;
+        for (const auto & l : layers) {
+            if (l.blk == (int32_t) b && l.dirty) {
+                h_lo = std::min(h_lo, l.h_blk);
+                h_hi = std::max(h_hi, l.h_blk + l.n_head);
+            }
+        }
+        if (h_lo >= h_hi) {
+            continue;
+        }
+        hh_parallel_for(layers.size(), (size_t) (h_hi - h_lo)*cap, [&](size_t li, std::vector<llama_fastgen_hh_cand> &) {
+            auto & l = layers[li];
+            if (l.blk != (int32_t) b || l.h_blk < h_lo || l.h_blk >= h_hi) {
+                return;
+            }
+            for (int h = 0; h < l.n_head; ++h) {
+                float * p = blk.p_host.data() + (l.h_blk + h)*row;
+                for (uint32_t i = 0; i < cap; ++i) {
+                    p[i] = l.pos[h][i] >= 0 ? (float) l.pos[h][i] - 0.5f : INFINITY;
+                }
+                p[cap + 1] = (float) occupied_end(l.pos[h]);
+            }
+            l.dirty = false;
+        });
+        ggml_backend_tensor_set(blk.p, blk.p_host.data() + h_lo*row, h_lo*row*sizeof(float), (h_hi - h_lo)*row*sizeof(float));
+    }
+}
+
+uint32_t llama_fastgen_hh_store::max_used(int c) const {
+    uint32_t n = 0;
+    for (const auto & l : layers) {
+        for (int h = 0; h < l.n_head; ++h) {
+            n = l.cls[h] == c ? std::max(n, l.n_used[h]) : n;
+        }
+    }
+    return n;
+}
+
+size_t llama_fastgen_hh_store::class_bytes(int c) const {
+    size_t n = 0;
+    for (const auto & l : layers) {
+        n += std::count(l.cls.begin(), l.cls.end(), c);
+    }
+    return n*bytes_per_head;
+}
+
+// the eviction trigger: a head holding `used` cells evicts back to its budget before n new tokens
+static bool evicts(uint32_t used, uint32_t n, uint32_t budget) {
+    return used + n > budget + llama_fastgen_policy::FREQUENT_EVICT_BATCH && used > budget;
+}
+
+size_t llama_fastgen_hh_store::total_bytes() const {
+    size_t n = 0;
+    for (const auto & [_, buf] : ctxs_bufs) {
+        n += ggml_backend_buffer_get_size(buf.get());
+    }
+    return n;
+}
+
+std::map<ggml_backend_buffer_type_t, size_t> llama_fastgen_hh_store::memory_breakdown() const {
+    std::map<ggml_backend_buffer_type_t, size_t> res;
+    for (const auto & [_, buf] : ctxs_bufs) {
+        res[ggml_backend_buffer_get_type(buf.get())] += ggml_backend_buffer_get_size(buf.get());
+    }
+    return res;
+}
+
+bool llama_fastgen_hh_store::fits(const std::vector<uint32_t> & n_new) const {
+    // replay the eviction trigger per head (eviction itself frees cells, the batch never does)
+    for (const auto & l : layers) {
+        for (int h = 0; h < l.n_head; ++h) {
+            uint32_t used = l.n_used[h];
+            for (const uint32_t n : n_new) {
+                if (n == 0) {
+                    continue; // apply() does not run for a ubatch without this sequence's tokens
+                }
+                if (evicts(used, n, l.budget[h])) {
+                    used = l.budget[h];
+                }
+                used += n;
+                if (used > cap) {
+                    return false;
+                }
+            }
+        }
+    }
+    return true;
+}
+
+size_t llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, llama_pos p0, std::vector<llama_fastgen_hh_cand> & cands,
+        bool & nan) const {
+    auto & pos = l.pos[h];
+    auto & tok = l.tok[h];
+    cands.clear();
+    for (uint32_t i = 0; i < cap; ++i) {
+        const llama_pos p = pos[i];
+        if (p < 0 || p < (llama_pos) n_sink || p0 - p < (llama_pos) l.window[h]) {
+            continue; // free, sink, or inside the window of the next query
+        }
+        float s = scores[i] / (float) (p0 - p); // mean over the queries p .. p0-1 that saw it
+        if (std::isnan(s)) {
+            nan = true;
+            s = -INFINITY;
+        }
+        const bool sp = tok[i] >= 0 && (size_t) tok[i] < special.size() && special[tok[i]];
+        cands.push_back({ hh_cand_key(sp, s, p), i });
+    }
+    const size_t n_evict = std::min<size_t>(cands.size(), l.n_used[h] - l.budget[h]);
+    // which cells go, not their order: a selection in linear time
+    std::nth_element(cands.begin(), cands.begin() + n_evict, cands.end());
+    for (size_t j = 0; j < n_evict; ++j) {
+        pos[cands[j].cell] = -1;
+        tok[cands[j].cell] = -1;
+        l.hint[h] = std::min(l.hint[h], cands[j].cell);
+    }
+    l.n_used[h] -= (uint32_t) n_evict;
+    return n_evict;
+}
+
 // LLAMA_FASTGEN_TIMING=1: where a ubatch's host time goes in apply() (waiting for the device, reading
 // scores, evicting, placing and uploading), summed over the process and printed at its exit; the
 // device idles during everything after the wait, so this is the bubble the stores add per ubatch
@@ -528,8 +529,19 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
     // per decoding step only O(heads) host work: slots from a hint, keep and positions for
     // composed ubatches only
     const bool fz = fused(n);
-    uint32_t hi = 0; // cells [0, hi) hold every token after this ubatch, in every head
-    for (auto & l : layers) {
+    for (const auto & l : layers) {
+        for (int h = 0; h < l.n_head; ++h) {
+            if (l.n_used[h] + n > cap) {
+                LLAMA_LOG_ERROR("%s: heavy-hitter cache of layer %d head %d is full (%u of %u cells)\n",
+                        __func__, l.il, h, l.n_used[h], cap);
+                return false;
+            }
+        }
+    }
+    std::vector<uint32_t> hi_l(layers.size(), 0); // cells [0, hi) hold every token after this ubatch, per layer
+    hh_parallel_for(layers.size(), (size_t) n*n_heads_all,
+            [&](size_t li, std::vector<llama_fastgen_hh_cand> &) {
+        auto & l = layers[li];
         l.slots.resize((size_t) l.n_head*n);
         if (!fz) {
             l.keep.resize((size_t) l.n_head*cap);
@@ -540,11 +552,6 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
                 for (uint32_t i = 0; i < cap; ++i) {
                     l.keep[(size_t) h*cap + i] = pos[i] >= 0 ? 1.0f : 0.0f;
                 }
-            }
-            if (l.n_used[h] + n > cap) {
-                LLAMA_LOG_ERROR("%s: heavy-hitter cache of layer %d head %d is full (%u of %u cells)\n",
-                        __func__, l.il, h, l.n_used[h], cap);
-                return false;
             }
             uint32_t cell = l.hint[h];
             for (uint32_t t = 0; t < n; ++t) {
@@ -561,13 +568,14 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
             l.hint[h] = cell;
             l.n_used[h] += n;
             if (!fz) {
-                hi = std::max(hi, occupied_end(pos));
+                hi_l[li] = std::max(hi_l[li], occupied_end(pos));
             }
         }
         if (!fz) {
             l.dirty = true; // the composed graph reads positions from an input, not from l.p
         }
-    }
+    });
+    const uint32_t hi = *std::max_element(hi_l.begin(), hi_l.end());
     // a composed ubatch attends over the occupied prefix only: while the store fills (a prompt's
     // first ubatches, or a context larger than the prompt) the free cells behind it cost nothing
     n_active = fz ? cap : std::min(cap, GGML_PAD(hi, 128));
