@@ -281,9 +281,9 @@ static hh_workers & hh_pool() {
     return workers;
 }
 
-// f(i, scratch) for i in [0, n), spread over threads when there is enough work (a prompt's ubatch
-// evicts from every heavy-hitter head at once: hundreds of heads of a few thousand cells, while the
-// device waits); each thread has its own scratch
+// f(i, scratch) for i in [0, n), spread over the workers when there is enough work (a prompt's ubatch
+// evicts from and places tokens in every heavy-hitter head at once, hundreds of heads of a few thousand
+// cells, while the device waits); each thread has its own scratch
 template <typename F>
 static void hh_parallel_for(size_t n, size_t work, F && f) {
     const size_t n_threads = work < (1u << 16) ? 1 : std::min<size_t>({ n, 8, std::max(1u, std::thread::hardware_concurrency()) });
@@ -296,19 +296,6 @@ static void hh_parallel_for(size_t n, size_t work, F && f) {
     };
     if (n_threads <= 1) {
         run();
-        return;
-    }
-    // EXPERIMENT (removed after the measurement): LLAMA_FASTGEN_POOL=0 starts threads per call, as before
-    static const bool pool = [] { const char * e = getenv("LLAMA_FASTGEN_POOL"); return !(e && std::string(e) == "0"); }();
-    if (!pool) {
-        std::vector<std::thread> ws;
-        for (size_t t = 1; t < n_threads; ++t) {
-            ws.emplace_back(run);
-        }
-        run();
-        for (auto & w : ws) {
-            w.join();
-        }
         return;
     }
     hh_pool().run(n_threads, run);
