@@ -25,7 +25,8 @@ import llama_fastgen  # noqa: E402  (before llama_cpp: our libllama)
 from llama_fastgen import schema  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 
-from llama_fastgen.evaluation.report import commit, document_bench_args, held_out_document, spread, write_results  # noqa: E402
+from llama_fastgen.evaluation.report import (commit, document_bench_args, document_bench_preamble, held_out_document,  # noqa: E402
+                                             spread, write_results)
 
 QUESTIONS = ["What is the first essay about? Answer in one sentence.",
              "Name one person the essays mention.",
@@ -96,9 +97,7 @@ def main() -> int:
 def markdown(path: Path) -> str:
     """The table of a results JSON, for docs/RESULTS.md."""
     r = json.loads(path.read_text())
-    lines = [f"{r['gguf']}, document {r['doc_tokens']} tokens (prompt {r['rows'][0]['prompt_tokens']}), n_ctx "
-             f"{r['n_ctx']}, {r['machine']['cpu']} ({r['machine']['cores']} cores), commit `{r['commit'][:12]}`, "
-             f"{r['started']}; `{r['command']}`", "",
+    lines = [document_bench_preamble(r), "",
              "| config | first question: s to first token | later question: s to first token | restored | KV MiB | checkpoints MiB (host) |",
              "|---|---|---|---|---|---|"]
     for row in r["rows"]:

@@ -25,7 +25,8 @@ from llama_fastgen import schema  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding  # noqa: E402
 
-from llama_fastgen.evaluation.report import commit, document_bench_args, held_out_document, spread, write_results  # noqa: E402
+from llama_fastgen.evaluation.report import (commit, document_bench_args, document_bench_preamble, held_out_document,  # noqa: E402
+                                             spread, write_results)
 
 REQUEST = "\n\nRepeat the first paragraph of the text above word for word:\n"
 CACHES = {"full cache": {"kv_overrides": dict(schema.STOCK_CACHE)}, "fastgen": {}}
@@ -91,9 +92,7 @@ def main() -> int:
 def markdown(path: Path) -> str:
     """The table of a results JSON, for docs/RESULTS.md."""
     r = json.loads(path.read_text())
-    lines = [f"{r['gguf']}, document {r['doc_tokens']} tokens (prompt {r['rows'][0]['prompt_tokens']}), n_ctx "
-             f"{r['n_ctx']}, {r['n_tokens']} greedy tokens, {r['reps']} repetitions, {r['machine']['cpu']} "
-             f"({r['machine']['cores']} cores), commit `{r['commit'][:12]}`, {r['started']}; `{r['command']}`", "",
+    lines = [document_bench_preamble(r, f"{r['n_tokens']} greedy tokens", f"{r['reps']} repetitions"), "",
              "| config | decode tok/s | restored checkpoints | checkpoints MiB (host) | same tokens as without drafts |",
              "|---|---|---|---|---|"]
     for row in r["rows"]:

@@ -118,6 +118,13 @@ def document_bench_args(description: str, doc_tokens: int, ctx: int, reps: int, 
     return ap, a
 
 
+def document_bench_preamble(r: dict, *details: str) -> str:
+    """The line above a one-document benchmark's table (bench_reuse.py, bench_spec.py): what ran, where, when, how."""
+    return ", ".join([f"{r['gguf']}, document {r['doc_tokens']} tokens (prompt {r['rows'][0]['prompt_tokens']})",
+                      f"n_ctx {r['n_ctx']}", *details, f"{r['machine']['cpu']} ({r['machine']['cores']} cores)",
+                      f"commit `{r['commit'][:12]}`", f"{r['started']}; `{r['command']}`"])
+
+
 def held_out_document(gguf: str, n_tokens: int) -> str:
     """The first held-out essay cut to n_tokens tokens of the GGUF's tokenizer: the benchmarks' long document."""
     from llama_cpp import Llama
