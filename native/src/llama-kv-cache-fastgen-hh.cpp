@@ -180,7 +180,6 @@ bool llama_fastgen_hh_store::fused(uint32_t n_tokens) const {
     return enabled && fused_ok && dev_decode && (n_group*n_tokens <= GGML_FASTGEN_HH_MAX_ROWS || dev_prefill);
 }
 
-// one past a head's last occupied cell: cells [end, cap) are free
 // A cell the eviction may remove: special tokens go only when nothing else is left, then the lowest
 // mean score, then the oldest. A total order (positions are unique in a head), so the set of the n
 // smallest is one set whichever selection algorithm finds it. Packed into one integer, so that the
@@ -288,19 +287,20 @@ template <typename F>
 static void hh_parallel_for(size_t n, size_t work, F && f) {
     const size_t n_threads = work < (1u << 16) ? 1 : std::min<size_t>({ n, 8, std::max(1u, std::thread::hardware_concurrency()) });
     std::atomic<size_t> next{0};
-    const std::function<void()> run = [&]() {
+    const auto run = [&]() {
         std::vector<llama_fastgen_hh_cand> scratch;
         for (size_t i; (i = next.fetch_add(1)) < n;) {
             f(i, scratch);
         }
     };
     if (n_threads <= 1) {
-        run();
+        run(); // a decoding step: no std::function, no workers
         return;
     }
-    hh_pool().run(n_threads, run);
+    hh_pool().run(n_threads, std::function<void()>(run));
 }
 
+// one past a head's last occupied cell: cells [end, cap) are free
 static uint32_t occupied_end(const std::vector<llama_pos> & pos) {
     uint32_t end = (uint32_t) pos.size();
     while (end > 0 && pos[end - 1] < 0) {
