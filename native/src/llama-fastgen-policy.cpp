@@ -4,7 +4,6 @@
 #include "llama-impl.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <stdexcept>
 
