@@ -18,6 +18,14 @@ succeeds: only ``p0 - b`` (under one chunk) plus the new tokens are evaluated in
 A checkpoint holds the compressed classes only (a partial state, as llama-server saves the
 sliding-window part of a cache): the full heads drop the tail natively.
 
+The native cache also drops its newest tokens itself when every class can take them back exactly
+(tail rollback: windows whose cells before the cut are all there, heavy-hitter heads that keep each
+recent token's attention, the kv override ``fastgen.undo_tokens``). An evaluation it can take back
+saves no checkpoint: speculative decoding (``Llama(draft_model=...)``, which turns the override on)
+then costs no state copies and no second evaluation of accepted drafts. When a removal is refused
+where llama-cpp-python has already dropped the tail (a rejected draft) and no checkpoint fits, the
+history is evaluated again from its start, so the cache never holds a tail llama-cpp-python dropped.
+
 ``LLAMA_FASTGEN_CHECKPOINTS`` (default 2) is how many checkpoints a ``Llama`` keeps; 0 turns them off.
 """
 from __future__ import annotations
@@ -32,6 +40,9 @@ import numpy as np
 
 LAST_CHUNKS = 2          # checkpoints before each of the last chunks of a prompt
 ENV = "LLAMA_FASTGEN_CHECKPOINTS"
+# tokens a Llama with a draft model can take back natively (kv override fastgen.undo_tokens): a
+# step's sampled token and its drafts (llama-cpp-python's prompt lookup drafts 10 by default)
+DRAFT_UNDO_TOKENS = 16
 
 
 def max_checkpoints() -> int:
@@ -60,6 +71,7 @@ class Checkpoints:
         self.limit = limit
         self.items: list[Checkpoint] = []
         self.restored = 0      # how many refused removals were served by a checkpoint (for logs and tests)
+        self.saved = 0         # how many checkpoints were saved
 
     @property
     def nbytes(self) -> int:
@@ -80,6 +92,7 @@ class Checkpoints:
         if llama_cpp.llama_state_seq_get_data_ext(ctx, buf, size, 0, partial) != size:
             return  # nothing saved, nothing lost: a later refusal re-evaluates the prompt as before
         self.items.append(Checkpoint(pos, np.array(llm.input_ids[:pos]), buf))
+        self.saved += 1
         del self.items[:-self.limit]
 
     def rollback(self, p0: int) -> bool:
@@ -88,26 +101,34 @@ class Checkpoints:
 
         llm = self.llm()
         hist = llm.input_ids[:llm.n_tokens]
+        if p0 > len(hist):
+            return False
         for c in reversed(self.items):
-            if c.pos <= p0 <= len(hist) and np.array_equal(c.tokens, hist[:c.pos]):
+            if c.pos <= p0 and np.array_equal(c.tokens, hist[:c.pos]):
                 break
         else:
-            return False
+            if p0 < len(hist):
+                return False   # a new prompt's prefix: llama-cpp-python evaluates the whole prompt again
+            # the caller has dropped the tail already (Llama.generate rejecting a draft) and would go on
+            # as if removed: the start of the history is the checkpoint of last resort
+            c = Checkpoint(0, hist[:0], None)
         redo = hist[c.pos:p0].tolist()   # a copy: eval writes input_ids again
         ctx, partial = llm._ctx.ctx, llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
         # the compressed classes go back to c.pos; then the full ones drop their tail as usual
-        if llama_cpp.llama_state_seq_set_data_ext(ctx, c.state, len(c.state), 0, partial) != len(c.state) or \
-                not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, c.pos, -1):
+        restored = c.state is None or \
+            llama_cpp.llama_state_seq_set_data_ext(ctx, c.state, len(c.state), 0, partial) == len(c.state)
+        if not restored or not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, c.pos, -1):
             llm.reset()  # a refused state leaves the sequence empty (llama.cpp clears it)
             self.items.clear()
             return False
         llm.n_tokens = c.pos
         _orig_eval(llm, redo)
         self.items = [x for x in self.items if x.pos <= p0]
-        self.restored += 1
+        self.restored += c.state is not None
         if llm.verbose:
-            print(f"llama_fastgen: the compressed cache cannot drop positions from {p0} on; restored its "
-                  f"checkpoint at {c.pos} and evaluated {len(redo)} tokens again", file=sys.stderr)
+            where = f"restored its checkpoint at {c.pos}" if c.state is not None else "no checkpoint fits"
+            print(f"llama_fastgen: the compressed cache cannot drop positions from {p0} on; {where} and evaluated "
+                  f"{len(redo)} tokens again", file=sys.stderr)
         return True
 
 
@@ -130,9 +151,15 @@ def of(llm) -> Checkpoints | None:
 
 
 def _eval(self, tokens):
-    """Llama.eval, with a checkpoint before each of the last LAST_CHUNKS chunks."""
+    """Llama.eval, with a checkpoint before each of the last LAST_CHUNKS chunks, unless the native cache
+    can take the tokens back itself."""
     tokens = list(tokens)
     cps = of(self) if len(tokens) > 1 else None
+    if cps is not None and len(tokens) <= self.n_batch:
+        from ._lib import native
+
+        if native.lib.llama_fastgen_ctx_can_remove_next(native.ffi.cast("void *", self._ctx.ctx), 0, len(tokens)):
+            cps = None
     if cps is None:
         return _orig_eval(self, tokens)
     starts = list(range(0, len(tokens), self.n_batch))[-LAST_CHUNKS:]
@@ -166,8 +193,19 @@ def _seq_rm(orig):
     return kv_cache_seq_rm
 
 
+def _init(orig):
+    def __init__(self, *args, draft_model=None, kv_overrides=None, **kwargs):
+        if draft_model is not None:   # rejected drafts leave natively (a fastgen GGUF; others ignore the key)
+            from .schema import KEYS
+
+            kv_overrides = {KEYS["UNDO_TOKENS"]: DRAFT_UNDO_TOKENS, **(kv_overrides or {})}
+        orig(self, *args, draft_model=draft_model, kv_overrides=kv_overrides, **kwargs)
+    __init__._fastgen = True
+    return __init__
+
+
 def install(llama_cpp) -> None:
-    """Wrap Llama.eval and LlamaContext.kv_cache_seq_rm (once)."""
+    """Wrap Llama.__init__, Llama.eval and LlamaContext.kv_cache_seq_rm (once)."""
     global _orig_eval
     Llama, Ctx = llama_cpp.llama.Llama, llama_cpp._internals.LlamaContext
     if getattr(Llama.eval, "_fastgen", False):
@@ -175,4 +213,5 @@ def install(llama_cpp) -> None:
     _orig_eval = Llama.eval
     _eval._fastgen = True
     Llama.eval = _eval
+    Llama.__init__ = _init(Llama.__init__)
     Ctx.kv_cache_seq_rm = _seq_rm(Ctx.kv_cache_seq_rm)

@@ -335,19 +335,21 @@ def class_capacity(meta: FastgenMetadata, c: int, n_ctx: int, n_ubatch: int, n_s
 
 
 def kv_bytes(meta: FastgenMetadata, head_dim: int, n_ctx: int, n_ubatch: int, bytes_per_elem: int = 2,
-             n_seq: int = 1, unified: bool = True) -> list[int]:
+             n_seq: int = 1, unified: bool = True, undo_tokens: int = 0) -> list[int]:
     """Allocated bytes per class (f16 by default): cells x heads over layers x head_dim x 2 (K and V);
     frequent classes add an F32 score and an F32 position per cell and head (the mask stays on the
     device) plus HH_POS_PAD floats per head (the padding of the positions: the CUDA kernel's
     counters and bound), and keep f16 K/V under a quantized cache. n_seq sequences: a unified cache's slices
     hold them all (n_ctx: the context's); per sequence (unified=False, n_ctx: one stream's) every
-    slice is there n_seq times; the frequent classes keep a store per sequence either way."""
+    slice is there n_seq times; the frequent classes keep a store per sequence either way, and with the
+    kv override fastgen.undo_tokens (a store in host memory) UNDO_BYTES per cell, head and token."""
     out = []
     for c, cls in enumerate(meta.classes):
         heads = sum(row[c] for row in meta.layer_class_heads)
         if cls.kind == Kind.FREQUENT:
             cells = class_capacity(meta, c, n_ctx, n_ubatch) * heads
-            out.append(n_seq * (cells * (head_dim * 2 * max(bytes_per_elem, 2) + 8) + heads * HH_POS_PAD * 4))
+            per_cell = head_dim * 2 * max(bytes_per_elem, 2) + 8 + undo_tokens * _C["UNDO_BYTES"]
+            out.append(n_seq * (cells * per_cell + heads * HH_POS_PAD * 4))
         else:
             cells = class_capacity(meta, c, n_ctx, n_ubatch, n_seq if unified else 1) * heads
             out.append(cells * head_dim * 2 * bytes_per_elem * (1 if unified else n_seq))

@@ -5,11 +5,13 @@ against the full cache of one GGUF.
 The prompt is a document of --doc-tokens tokens (the pinned essays) and a request to repeat its first
 paragraph, so that llama-cpp-python's LlamaPromptLookupDecoding finds drafts in the prompt. --tokens
 greedy tokens are decoded; the time runs from the first generated token to the last (the prompt is not
-timed). A rejected draft is removed from inside the compressed cache's history: llama_fastgen.checkpoints
-restores the checkpoint taken before the drafts and evaluates the accepted tokens again. --reps
-repetitions per configuration (a new Llama every repetition), median with min/max:
+timed). A rejected draft is removed from the compressed cache's history natively (a draft model turns
+the kv override fastgen.undo_tokens on), or, where the cache cannot take a step back (its heavy-hitter
+heads evict before it, or the override is 0), llama_fastgen.checkpoints restores the checkpoint taken
+before the drafts and evaluates the accepted tokens again. --reps repetitions per configuration (a new
+Llama every repetition), median with min/max:
 
-  full cache (fastgen.enable=false) | fastgen      x      no drafts | prompt-lookup drafts
+  full cache (fastgen.enable=false) | fastgen | fastgen, undo_tokens 0    x    no drafts | prompt-lookup drafts
 
     python scripts/bench_spec.py --gguf out/smollm2.gguf --json docs/results/spec-smollm2-cpu.json
 """
@@ -29,7 +31,8 @@ from llama_fastgen.evaluation.report import (commit, document_bench_args, docume
                                              spread, write_results)
 
 REQUEST = "\n\nRepeat the first paragraph of the text above word for word:\n"
-CACHES = {"full cache": {"kv_overrides": dict(schema.STOCK_CACHE)}, "fastgen": {}}
+CACHES = {"full cache": {"kv_overrides": dict(schema.STOCK_CACHE)}, "fastgen": {},
+          "fastgen, undo_tokens 0": {"kv_overrides": {schema.KEYS["UNDO_TOKENS"]: 0}}}
 
 
 def one_rep(gguf: str, kw: dict, doc: str, n_ctx: int, n_tokens: int, draft: int) -> dict:
@@ -50,7 +53,8 @@ def one_rep(gguf: str, kw: dict, doc: str, n_ctx: int, n_tokens: int, draft: int
         dt = time.perf_counter() - t_first
         cps = checkpoints.of(llm)
         return {"tok_s": (len(tokens) - 1) / dt, "tokens": tokens, "restored": cps.restored if cps else 0,
-                "checkpoint_bytes": cps.nbytes if cps else 0, "prompt_tokens": len(prompt)}
+                "saved": cps.saved if cps else 0, "checkpoint_bytes": cps.nbytes if cps else 0,
+                "kv_bytes": llama_fastgen.native.cache_stats(llm)["kv_bytes"], "prompt_tokens": len(prompt)}
     finally:
         llm.close()
 
@@ -68,21 +72,24 @@ def main() -> int:
     t_start, measured = time.time(), commit()   # the code that runs (edits during the run do not count)
     rows = []
     print(f"{a.gguf}: document {a.doc_tokens} tokens, n_ctx {a.ctx}, {a.tokens} greedy tokens, {a.reps} repetitions")
-    print(f"  {'config':<30} {'decode tok/s':>22}  restored  checkpoints MiB  same tokens as without drafts")
+    print(f"  {'config':<38} {'decode tok/s':>22}  saved  restored  checkpoints MiB  KV MiB  same tokens as without drafts")
     for cache, kw in CACHES.items():
         plain = None
-        for draft in (0, a.draft):
+        for draft in ((a.draft,) if "undo" in cache else (0, a.draft)):   # without drafts the override changes nothing
             reps = [one_rep(a.gguf, kw, doc, a.ctx, a.tokens, draft) for _ in range(a.reps)]
             name = f"{cache}, " + (f"drafts of {draft}" if draft else "no drafts")
             row = {"config": name, "cache": cache, "draft": draft, "tok_s": spread([r["tok_s"] for r in reps]),
-                   "restored": [r["restored"] for r in reps], "checkpoint_bytes": max(r["checkpoint_bytes"] for r in reps),
+                   "restored": [r["restored"] for r in reps], "saved": [r["saved"] for r in reps],
+                   "checkpoint_bytes": max(r["checkpoint_bytes"] for r in reps), "kv_bytes": reps[0]["kv_bytes"],
                    "prompt_tokens": reps[0]["prompt_tokens"], "tokens": reps[0]["tokens"]}
-            plain = plain or row["tokens"]
+            if plain is None:   # the same cache's tokens without drafts (the override's: fastgen's)
+                plain = row["tokens"] if draft == 0 else next(r["tokens"] for r in rows if r["cache"] == "fastgen" and not r["draft"])
             row["same_tokens"] = all(r["tokens"] == plain for r in reps)
             rows.append(row)
             s = row["tok_s"]
-            print(f"  {name:<30} {s['median']:7.1f} [{s['min']:.1f}, {s['max']:.1f}]   {sum(row['restored']):8d}  "
-                  f"{row['checkpoint_bytes'] / 2**20:15.1f}  {row['same_tokens']}", flush=True)
+            print(f"  {name:<38} {s['median']:7.1f} [{s['min']:.1f}, {s['max']:.1f}]   {sum(row['saved']):5d}  "
+                  f"{sum(row['restored']):8d}  {row['checkpoint_bytes'] / 2**20:15.1f}  {row['kv_bytes'] / 2**20:6.1f}  "
+                  f"{row['same_tokens']}", flush=True)
     if a.json:
         write_results(a.json, {"gguf": Path(a.gguf).name, "doc_tokens": a.doc_tokens, "n_ctx": a.ctx, "reps": a.reps,
                                "n_tokens": a.tokens, "draft": a.draft, "rows": rows}, measured, t_start)
@@ -93,12 +100,13 @@ def markdown(path: Path) -> str:
     """The table of a results JSON, for docs/RESULTS.md."""
     r = json.loads(path.read_text())
     lines = [document_bench_preamble(r, f"{r['n_tokens']} greedy tokens", f"{r['reps']} repetitions"), "",
-             "| config | decode tok/s | restored checkpoints | checkpoints MiB (host) | same tokens as without drafts |",
-             "|---|---|---|---|---|"]
+             "| config | decode tok/s | checkpoints saved | restored | checkpoints MiB (host) | KV MiB | same tokens as without drafts |",
+             "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        s = row["tok_s"]
-        lines.append(f"| {row['config']} | {s['median']:.1f} [{s['min']:.1f}, {s['max']:.1f}] | {sum(row['restored'])} | "
-                     f"{row['checkpoint_bytes'] / 2**20:.1f} | {'yes' if row['same_tokens'] else 'no'} |")
+        s, kv = row["tok_s"], f"{row['kv_bytes'] / 2**20:.1f}" if "kv_bytes" in row else "-"
+        saved = sum(row["saved"]) if "saved" in row else "-"
+        lines.append(f"| {row['config']} | {s['median']:.1f} [{s['min']:.1f}, {s['max']:.1f}] | {saved} | {sum(row['restored'])} | "
+                     f"{row['checkpoint_bytes'] / 2**20:.1f} | {kv} | {'yes' if row['same_tokens'] else 'no'} |")
     return "\n".join(lines)
 
 

@@ -116,7 +116,8 @@ def test_python_reads_the_contract_and_declarations_the_native_code_is_compiled_
     meta = schema.FastgenMetadata(threshold=0.9, n_sink=4, classes=[schema.HeadPolicy(schema.Kind.FULL)],
                                   layer_class_heads=[[1]], head_perm=[[0]], special_token_ids=[1], punct_token_ids=[2],
                                   protected_frac=0.1, budget_ctx=512)
-    assert set(meta.to_kv()) == set(schema.KEYS.values()) - {c["KEY_ENABLE"]}   # every key written, each from the header
+    # every key written, each from the header; the kv overrides are not written
+    assert set(meta.to_kv()) == set(schema.KEYS.values()) - {c["KEY_ENABLE"], c["KEY_UNDO_TOKENS"]}
     declared = re.findall(r"^LLAMA_FASTGEN_CONTRACT_API[^(]*?\b(llama_fastgen_\w+)\s*\(", src, re.M)
     assert declared == ["llama_fastgen_class_cells", "llama_fastgen_class_at_context"]
     assert all(getattr(contract._lib()[1], n) for n in declared)

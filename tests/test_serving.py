@@ -206,6 +206,145 @@ def test_speculative_decoding_rolls_back_rejected_drafts_and_decodes_as_without_
     assert got == want
 
 
+# ---------------------------------------------------------------- tail rollback in the native cache
+UNDO = {"fastgen.undo_tokens": 16}
+
+
+def _d32_gguf(tiny_d32_model_dir, path, kinds, windows, budgets, heads):
+    kv = {**TINY_BASE, "fastgen.class.kind": ("i32[]", kinds), "fastgen.class.window": ("i32[]", windows),
+          "fastgen.class.budget": ("i32[]", budgets), "fastgen.layer_class_heads": ("i32[]", heads)}
+    return gguf_export.convert(tiny_d32_model_dir, path, "f32", extra_kv=kv)
+
+
+@pytest.fixture(scope="module")
+def three_class_d32_gguf(tiny_d32_model_dir, tmp_path_factory):
+    """Full, windowed (16) and heavy-hitter (budget 40) heads of 32 dimensions: the fused op."""
+    return _d32_gguf(tiny_d32_model_dir, tmp_path_factory.mktemp("undo") / "three32.gguf", [0, 3, 4], [0, 16, 8],
+                     [0, 0, 40], [1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1])
+
+
+def _can_remove_next(llm, n):
+    import llama_fastgen
+
+    return bool(llama_fastgen.native.lib.llama_fastgen_ctx_can_remove_next(
+        llama_fastgen.native.ffi.cast("void *", llm._ctx.ctx), 0, n))
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_the_newest_tokens_leave_the_native_cache_as_if_never_evaluated(three_class_d32_gguf, long_ids, monkeypatch):
+    """Steps as speculative decoding and an edited chat turn make them: accepted tokens plus wrong ones,
+    evaluated in one call or token by token, then the wrong ones removed through llama_memory_seq_rm
+    (checkpoints off: the native cache alone). Oracle: a cache that evaluated only the accepted tokens,
+    in the same calls. Windows (16) and heavy-hitter budgets (40) evict all along; a step before which
+    the store would evict is evaluated without wrong tokens, as llama_fastgen.checkpoints does when the
+    native cache says it could not take them back. (Taking the removed queries' attention out of the
+    scores matters: without it the same run gave 0.33 of the largest logit and 78 of 141 top-1.)"""
+    import random
+
+    from llama_fastgen import checkpoints, schema
+
+    monkeypatch.setenv(checkpoints.ENV, "0")
+    a = Llama(model_path=str(three_class_d32_gguf), logits_all=True, kv_overrides=UNDO, **REUSE)
+    b = Llama(model_path=str(three_class_d32_gguf), logits_all=True, kv_overrides=UNDO, **REUSE)
+    meta = schema.read(three_class_d32_gguf)
+    assert native_kv_bytes(a) == sum(schema.kv_bytes(meta, 32, a.n_ctx(), 64, undo_tokens=16))
+    a.eval(long_ids[:300])
+    b.eval(long_ids[:300])
+    rng, pos, removed, diff, same, n = random.Random(0), 300, 0, 0.0, 0, 0
+    while pos < 460:
+        acc = long_ids[pos:pos + rng.randint(1, 4)]
+        wrong = [rng.randrange(a.n_vocab()) for _ in range(rng.randint(1, 5))]
+        if _can_remove_next(a, len(acc) + len(wrong)):
+            if rng.random() < 0.5:
+                a.eval(acc + wrong)
+            else:
+                for t in acc + wrong:
+                    a.eval([t])
+            a.n_tokens = pos + len(acc)
+            assert a._ctx.kv_cache_seq_rm(-1, pos + len(acc), -1)
+            removed += 1
+        else:
+            a.eval(acc)
+        b.eval(acc)
+        got, want = a.scores[pos:pos + len(acc)], b.scores[pos:pos + len(acc)]
+        diff, same, n = max(diff, _rel(got, want)), same + int((got.argmax(-1) == want.argmax(-1)).sum()), n + len(acc)
+        pos += len(acc)
+    assert removed >= 30
+    assert same == n and diff < 2e-3, (diff, same, n)   # seen: 2.7e-4 (other cell slots, f16 V sums)
+    # beyond the 16 tokens whose attention is kept: refused, and nothing changes
+    assert not a._ctx.kv_cache_seq_rm(-1, pos - 17, -1)
+    a.eval(long_ids[pos:pos + 1])
+    b.eval(long_ids[pos:pos + 1])
+    assert _rel(a.scores[pos], b.scores[pos]) < 2e-3
+
+
+def native_kv_bytes(llm):
+    import llama_fastgen
+
+    return llama_fastgen.native.cache_stats(llm)["kv_bytes"]
+
+
+def test_a_windowed_class_takes_back_what_its_window_still_holds(tiny_d32_model_dir, long_ids, tmp_path, monkeypatch):
+    """Full and windowed (16) heads, no heavy hitters: a removal is exact while the slice has purged
+    nothing a query at the cut would see, and refused once it has."""
+    from llama_fastgen import checkpoints
+
+    monkeypatch.setenv(checkpoints.ENV, "0")
+    g = _d32_gguf(tiny_d32_model_dir, tmp_path / "win.gguf", [0, 3], [0, 16], [0, 0], [1, 1] * 4)
+    a = Llama(model_path=str(g), logits_all=True, **REUSE)
+    a.eval(long_ids[:500])     # 256 cells of window slice: it has purged up to about 500 - 256
+    assert not a._ctx.kv_cache_seq_rm(-1, 200, -1)
+    assert a._ctx.kv_cache_seq_rm(-1, 400, -1)
+    a.n_tokens = 400
+    a.eval(long_ids[600:620])
+    b = Llama(model_path=str(g), logits_all=True, **REUSE)
+    b.eval(long_ids[:400])
+    b.eval(long_ids[600:620])
+    assert _rel(a.scores[399:420], b.scores[399:420]) < 2e-3
+    assert (a.scores[399:420].argmax(-1) == b.scores[399:420].argmax(-1)).all()
+
+
+def test_speculative_decoding_takes_rejected_drafts_back_natively(three_class_d32_gguf, long_ids):
+    """Llama(draft_model=...) turns fastgen.undo_tokens on: rejected drafts leave the native cache and no
+    checkpoint is saved for a step the cache can take back; the greedy tokens are those of decoding
+    without drafts."""
+    import itertools
+
+    from llama_cpp.llama_speculative import LlamaDraftModel
+    from llama_fastgen import checkpoints
+
+    prompt = long_ids[:300]
+    sample = {"temp": 0.0, "repeat_penalty": 1.0}
+    plain = Llama(model_path=str(three_class_d32_gguf), **REUSE)
+    want = list(itertools.islice(plain.generate(prompt, **sample), 24))
+
+    class TwoRightOneWrong(LlamaDraftModel):
+        def __call__(self, input_ids, **kwargs):
+            n = len(input_ids) - len(prompt)
+            right = want[n:n + 2]
+            return np.array(right + [(want[n + 2] + 1) % plain.n_vocab()] if n + 2 < len(want) else right, dtype=np.intc)
+
+    spec = Llama(model_path=str(three_class_d32_gguf), draft_model=TwoRightOneWrong(), logits_all=True, **REUSE)
+    saved = []
+    cps = checkpoints.of(spec)
+    orig_save = cps.save
+    cps.save = lambda: (saved.append(spec.n_tokens), orig_save())[1]
+    got = list(itertools.islice(spec.generate(prompt, **sample), 24))
+    assert got == want
+    # checkpoints: the prompt's two, then only before a step the heavy-hitter store evicts for (its 40 +
+    # 32 cells fill every ~16 steps of 2 net tokens; the prompt leaves it full): at most 2 in 24 tokens
+    assert saved[:2] == [192, 256] and len(saved) - 2 <= 2, saved
+    assert cps.restored <= len(saved) - 2
+
+
+def test_undo_tokens_out_of_range_is_refused_with_the_reason(three_class_d32_gguf):
+    with pytest.raises(ValueError, match="fastgen.undo_tokens must be an int from 0 to 256"):
+        Llama(model_path=str(three_class_d32_gguf), kv_overrides={"fastgen.undo_tokens": 1000}, **REUSE)
+
+
 # ---------------------------------------------------------------- layers split over RPC servers
 
 RPC_CLIENT = """

@@ -79,10 +79,16 @@ static void hh_attn_heads(const ggml_compute_params * params, ggml_tensor * dst)
             }
         }
 
-        // 3. softmax over the visible cells, output, column sums
+        // 3. softmax over the visible cells, output, column sums (and each token's own, when recorded)
         std::fill(colsum.begin(), colsum.end(), 0.0f);
         for (int64_t t = 0; t < T; ++t) {
             const float qp = ((const float *) qpos->data)[t];
+            float * u = nullptr;
+            if (a.U) {
+                const int64_t slot = (int64_t) qp % a.U->ne[2];
+                u = (float *) ((char *) a.U->data + j*a.U->nb[1] + slot*a.U->nb[2]);
+                std::fill(u, u + C, 0.0f);
+            }
             for (int64_t g = 0; g < G; ++g) {
                 const float * qr = (const float *) ((const char *) q->data + (j*G + g)*q->nb[1] + t*q->nb[2]);
                 float * lg = logit.data() + lo;
@@ -104,6 +110,9 @@ static void hh_attn_heads(const ggml_compute_params * params, ggml_tensor * dst)
                 const float inv = sum > 0.0 ? (float) (1.0/sum) : 0.0f;
                 ggml_vec_scale_f32((int) W, lg, inv);
                 ggml_vec_acc_f32((int) W, colsum.data() + lo, lg);
+                if (u) {
+                    ggml_vec_acc_f32((int) W, u + lo, lg);
+                }
                 for (int64_t d = 0; d < Dv; ++d) {
                     ggml_vec_dot_f32((int) W, &out[d], 0, vf.data() + d*C + lo, 0, lg, 0, 1);
                 }
@@ -390,7 +399,8 @@ static void hh_attn_rows(const ggml_compute_params * params, ggml_tensor * dst) 
 
 void ggml_compute_forward_fastgen_hh_attn(const ggml_compute_params * params, ggml_tensor * dst) {
     const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(dst);
-    if (a.G*a.T <= GGML_FASTGEN_HH_MAX_ROWS) { // query rows per head
+    // query rows per head; each token's own column sums (U) only the heads path keeps
+    if (a.G*a.T <= GGML_FASTGEN_HH_MAX_ROWS || a.U) {
         hh_attn_heads(params, dst);
     } else {
         hh_attn_rows(params, dst);

@@ -23,6 +23,9 @@
 //                                                  hi, cells [hi, C) are free: the host writes it with
 //                                                  the positions, the CUDA kernels raise it as they place
 //                                                  tokens (a bound, not exact: cells below may be free)
+//   9 U (optional, CPU only: the decode path takes it) [C, n, R]: U[c, j, pos_t % R] = sum over g of p_{t*G+g}[c],
+//     each token's own addition to the scores, kept so that the store can take a removed token's attention
+//     out of them again (tail rollback, llama-kv-cache-fastgen-hh.h)
 // idxs and query_pos are the whole graph inputs, shared by every layer: a per-layer view of a host
 // input would be one more host-to-device copy per layer and token.
 // Precision: the CPU paths and the CUDA decode kernel take q in F32; the CUDA prefill kernels round q to
@@ -43,6 +46,7 @@ extern "C" {
 enum ggml_fastgen_hh_src {
     GGML_FASTGEN_HH_Q, GGML_FASTGEN_HH_K_CUR, GGML_FASTGEN_HH_V_CUR, GGML_FASTGEN_HH_IDXS,
     GGML_FASTGEN_HH_K, GGML_FASTGEN_HH_V, GGML_FASTGEN_HH_S, GGML_FASTGEN_HH_P, GGML_FASTGEN_HH_QUERY_POS,
+    GGML_FASTGEN_HH_U,
 };
 
 // floats after each head's cell positions (the contract's: the store's bytes count them)
@@ -58,7 +62,7 @@ enum ggml_fastgen_hh_src {
 // the op's sources, shapes and parameters, unpacked in one place for every implementation
 struct ggml_fastgen_hh_args {
     const struct ggml_tensor * q, * k_cur, * v_cur, * idxs, * query_pos;
-    struct ggml_tensor       * K, * V, * S, * P;
+    struct ggml_tensor       * K, * V, * S, * P, * U; // U: NULL when not recorded
     int64_t D, C, n, Dv, T, G; // head size, cells, KV heads, V head size, tokens, query heads per KV head
     float   scale;
     int32_t h0;
@@ -75,6 +79,7 @@ static inline struct ggml_fastgen_hh_args ggml_fastgen_hh_unpack(const struct gg
     a.S     = dst->src[GGML_FASTGEN_HH_S];
     a.P     = dst->src[GGML_FASTGEN_HH_P];
     a.query_pos = dst->src[GGML_FASTGEN_HH_QUERY_POS];
+    a.U     = dst->src[GGML_FASTGEN_HH_U];
     a.D  = a.K->ne[0];
     a.C  = a.K->ne[1];
     a.n  = a.K->ne[2];
@@ -90,10 +95,10 @@ static inline struct ggml_fastgen_hh_args ggml_fastgen_hh_unpack(const struct gg
 static inline struct ggml_tensor * ggml_fastgen_hh_attn(struct ggml_context * ctx, struct ggml_tensor * q,
         struct ggml_tensor * k_cur, struct ggml_tensor * v_cur, struct ggml_tensor * idxs, struct ggml_tensor * K,
         struct ggml_tensor * V, struct ggml_tensor * S, struct ggml_tensor * P, struct ggml_tensor * query_pos,
-        float scale, int32_t h0) {
+        struct ggml_tensor * U, float scale, int32_t h0) {
     const int64_t Dv = V->ne[1], n = K->ne[2], G = q->ne[1]/n, T = q->ne[2];
     struct ggml_tensor * res = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, Dv*G*n, T);
-    struct ggml_tensor * srcs[] = { q, k_cur, v_cur, idxs, K, V, S, P, query_pos };
+    struct ggml_tensor * srcs[] = { q, k_cur, v_cur, idxs, K, V, S, P, query_pos, U };
     res->op = GGML_OP_FASTGEN_HH_ATTN;
     memcpy(res->op_params, &scale, sizeof(float));
     res->op_params[1] = h0;

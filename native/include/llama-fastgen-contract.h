@@ -26,6 +26,14 @@
 #define LLAMA_FASTGEN_KEY_BUDGET_CTX "fastgen.budget_ctx"
 // a kv override (not written by the converter): false runs the GGUF with the stock cache
 #define LLAMA_FASTGEN_KEY_ENABLE "fastgen.enable"
+// a kv override (an int, not written by the converter): how many of the newest tokens the heavy-hitter
+// heads can drop again exactly (a rejected draft, an edited last chat turn), at UNDO_BYTES bytes per cell,
+// head and token: each token's attention per cell is kept. 0 (the default): a removal that reaches the
+// heavy-hitter heads needs a checkpoint (plugin/checkpoints.py). The CPU op records it, on ubatches of
+// decode size; heavy-hitter heads on a GPU keep 0
+#define LLAMA_FASTGEN_KEY_UNDO_TOKENS "fastgen.undo_tokens"
+#define LLAMA_FASTGEN_UNDO_BYTES 4
+#define LLAMA_FASTGEN_MAX_UNDO_TOKENS 256
 // values of fastgen.class.kind
 #define LLAMA_FASTGEN_KIND_FULL 0
 #define LLAMA_FASTGEN_KIND_SPECIAL 1

@@ -200,3 +200,8 @@ size_t llama_fastgen_ctx_full_bytes(const llama_context * ctx) {
     const auto * kv = fastgen_cache(ctx);
     return kv ? kv->full_bytes() : llama_fastgen_ctx_kv_bytes(ctx);
 }
+
+bool llama_fastgen_ctx_can_remove_next(const struct llama_context * ctx, int32_t seq_id, uint32_t n_tokens) {
+    const auto * kv = fastgen_cache(ctx);
+    return !kv || kv->can_remove_next(seq_id, n_tokens);
+}

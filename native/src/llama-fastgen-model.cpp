@@ -50,6 +50,14 @@ static bool override_enabled(const llama_model_kv_override & ov) {
             "string true/false)");
 }
 
+static uint32_t override_undo_tokens(const llama_model_kv_override & ov) {
+    if (ov.tag == LLAMA_KV_OVERRIDE_TYPE_INT && ov.val_i64 >= 0 && ov.val_i64 <= LLAMA_FASTGEN_MAX_UNDO_TOKENS) {
+        return (uint32_t) ov.val_i64;
+    }
+    throw std::runtime_error(format("fastgen: kv_overrides %s must be an int from 0 to %d (tokens)",
+            LLAMA_FASTGEN_KEY_UNDO_TOKENS, LLAMA_FASTGEN_MAX_UNDO_TOKENS));
+}
+
 std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_loader & ml, const llama_model & model) {
     g_last_error.clear();
     try {
@@ -68,9 +76,14 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_load
             if (key.rfind(LLAMA_FASTGEN_KEY_PREFIX, 0) != 0) {
                 continue;
             }
+            if (key == LLAMA_FASTGEN_KEY_UNDO_TOKENS) {
+                policy->undo_tokens = override_undo_tokens(ov);
+                continue;
+            }
             if (key != LLAMA_FASTGEN_KEY_ENABLE) { // the policy table is the converter's to write, not an override's
                 throw std::runtime_error(format("fastgen: kv_overrides %s is not supported: only fastgen.enable "
-                        "(true/false) can be overridden; re-run convert.py --profile to change the policies", key.c_str()));
+                        "(true/false) and fastgen.undo_tokens (a number of tokens) can be overridden; re-run "
+                        "convert.py --profile to change the policies", key.c_str()));
             }
             policy->enabled = override_enabled(ov);
         }

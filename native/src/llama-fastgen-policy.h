@@ -51,6 +51,8 @@ struct llama_fastgen_policy {
 
     // false: contexts get the ordinary full cache (A/B in one process, or fastgen.enable=false)
     bool enabled = true;
+    // the newest tokens the heavy-hitter heads can drop exactly (kv override fastgen.undo_tokens)
+    uint32_t undo_tokens = 0;
 
     bool has_compressed() const;
     bool has_frequent() const;

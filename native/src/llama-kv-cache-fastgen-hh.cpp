@@ -50,7 +50,20 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     if (ggml_is_quantized(type_v)) {
         type_v = GGML_TYPE_F16;
     }
-    bytes_per_head = (size_t) cap*(ggml_row_size(type_k, hp.n_embd_head_k()) + ggml_row_size(type_v, hp.n_embd_head_v()) + 2*sizeof(float))
+    const auto buft_of = [&](uint32_t il) {
+        return offload ? ggml_backend_dev_buffer_type(model.dev_layer(il)) : ggml_backend_cpu_buffer_type();
+    };
+    // tail rollback needs every layer's contributions, and only the CPU op records them
+    n_undo = policy.undo_tokens;
+    for (uint32_t il = 0; il < hp.n_layer() && n_undo > 0; ++il) {
+        if (!ggml_backend_buft_is_host(buft_of(il))) {
+            LLAMA_LOG_WARN("%s: %s = %u: the heavy-hitter heads are on a device, where removing the newest tokens "
+                    "needs a checkpoint; ignored\n", __func__, LLAMA_FASTGEN_KEY_UNDO_TOKENS, n_undo);
+            n_undo = 0;
+        }
+    }
+    bytes_per_head = (size_t) cap*(ggml_row_size(type_k, hp.n_embd_head_k()) + ggml_row_size(type_v, hp.n_embd_head_v()) + 2*sizeof(float)
+                                   + n_undo*LLAMA_FASTGEN_UNDO_BYTES)
                    + GGML_FASTGEN_HH_P_PAD*sizeof(float);
     fused_ok = type_k == GGML_TYPE_F16 && type_v == GGML_TYPE_F16 && hp.n_embd_head_k() % 32 == 0 && hp.n_embd_head_v() % 2 == 0 &&
                hp.n_embd_head_k() <= GGML_FASTGEN_HH_MAX_D && cap % 8 == 0 && cap <= GGML_FASTGEN_HH_MAX_CELLS;
@@ -62,7 +75,7 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     auto ctx_for_buft = [&](ggml_backend_buffer_type_t buft) -> ggml_context * {
         auto it = ctx_map.find(buft);
         if (it == ctx_map.end()) {
-            ggml_init_params params = { size_t((4u*hp.n_layer() + 2)*ggml_tensor_overhead()), nullptr, true };
+            ggml_init_params params = { size_t((5u*hp.n_layer() + 3)*ggml_tensor_overhead()), nullptr, true };
             it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(params))).first;
         }
         return it->second.get();
@@ -73,9 +86,6 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     index.assign(hp.n_layer(), -1);
     std::vector<int32_t> n_h_of(hp.n_layer(), 0);
     std::map<ggml_backend_buffer_type_t, int64_t> heads_of_buft;
-    const auto buft_of = [&](uint32_t il) {
-        return offload ? ggml_backend_dev_buffer_type(model.dev_layer(il)) : ggml_backend_cpu_buffer_type();
-    };
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         for (int c = c_first; c >= 0 && c <= c_last; ++c) {
             n_h_of[il] += policy.n_heads((int) il, c);
@@ -97,6 +107,10 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
             b.p = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, cap + GGML_FASTGEN_HH_P_PAD, heads_of_buft[buft]);
             ggml_format_name(b.s, "cache_fg_hh_s");
             ggml_format_name(b.p, "cache_fg_hh_p");
+            if (n_undo > 0) {
+                b.u = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, cap, heads_of_buft[buft], n_undo);
+                ggml_format_name(b.u, "cache_fg_hh_u");
+            }
             b.p_host.assign((size_t) ggml_nelements(b.p), 0.0f);
             blocks.push_back(std::move(b));
             blk = blocks.end() - 1;
@@ -111,6 +125,7 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         l.v = ggml_new_tensor_3d(ctx, type_v, cap, hp.n_embd_head_v(il), n_h);
         l.s = ggml_view_2d(ctx, blk->s, cap, n_h, blk->s->nb[1], l.h_blk*blk->s->nb[1]);
         l.p = ggml_view_2d(ctx, blk->p, cap + GGML_FASTGEN_HH_P_PAD, n_h, blk->p->nb[1], l.h_blk*blk->p->nb[1]);
+        l.u = blk->u ? ggml_view_3d(ctx, blk->u, cap, n_h, n_undo, blk->u->nb[1], blk->u->nb[2], l.h_blk*blk->u->nb[1]) : nullptr;
         ggml_format_name(l.k, "cache_fg_hh_k_l%u", il);
         ggml_format_name(l.v, "cache_fg_hh_v_l%u", il);
         ggml_format_name(l.s, "cache_fg_hh_s_l%u", il);
@@ -167,7 +182,7 @@ bool llama_fastgen_hh_store::op_supported(ggml_backend_dev_t dev, const layer & 
     ggml_tensor * v_cur = ggml_new_tensor_3d(ctx.get(), GGML_TYPE_F32, Dv, n, n_tokens);
     ggml_tensor * idxs  = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I64, n_tokens, n_heads_all);
     ggml_tensor * qpos  = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, 1, n_tokens, 1, 1);
-    ggml_tensor * op = ggml_fastgen_hh_attn(ctx.get(), q, k_cur, v_cur, idxs, l.k, l.v, l.s, l.p, qpos, 1.0f,
+    ggml_tensor * op = ggml_fastgen_hh_attn(ctx.get(), q, k_cur, v_cur, idxs, l.k, l.v, l.s, l.p, qpos, nullptr, 1.0f,
             offsets[&l - layers.data()]);
     return ggml_backend_dev_supports_op(dev, op);
 }
@@ -503,8 +518,10 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
                 p0, scratch, nan_i);
         nan[i] = nan_i;
     });
+    bool evicted = false;
     for (size_t i = 0; i < heads.size(); ++i) {
         layers[heads[i].first].dirty = layers[heads[i].first].dirty || n_evicted[i] > 0;
+        evicted = evicted || n_evicted[i] > 0;
     }
     if (!warned_nan && std::find(nan.begin(), nan.end(), 1) != nan.end()) {
         LLAMA_LOG_WARN("%s: NaN attention scores (non-finite activations?): those cells are evicted first\n", __func__);
@@ -576,8 +593,78 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
         upload_positions();
     }
     last_pos = std::max(last_pos, ub.pos[n - 1]);
+    if (evicted || !records(n)) {
+        undo_floor = last_pos + 1; // this ubatch cannot be taken back
+    }
     g_timing.lap(hh_timing::PLACE, t);
     return true;
+}
+
+bool llama_fastgen_hh_store::records(uint32_t n_tokens) const {
+    // the CPU op (ggml-fastgen-cpu.cpp) keeps each token's contribution; n_undo > 0 only in host memory
+    return n_undo > 0 && n_tokens <= n_undo && fused(n_tokens);
+}
+
+bool llama_fastgen_hh_store::can_undo(llama_pos p0) const {
+    return p0 > last_pos || (n_undo > 0 && p0 >= undo_floor && p0 + (llama_pos) n_undo > last_pos);
+}
+
+bool llama_fastgen_hh_store::can_undo_next(uint32_t n_tokens) const {
+    if (!records(n_tokens)) {
+        return false;
+    }
+    for (const auto & l : layers) {
+        for (int h = 0; h < l.n_head; ++h) {
+            if (evicts(l.n_used[h], n_tokens, l.budget[h])) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+void llama_fastgen_hh_store::undo(llama_pos p0, ggml_backend_sched_t sched) {
+    GGML_ASSERT(can_undo(p0));
+    if (p0 > last_pos) {
+        return;
+    }
+    if (sched) {
+        ggml_backend_sched_synchronize(sched); // the last ubatch's scores may still be computing
+    }
+    for (auto & blk : blocks) {
+        blk.s_host.resize((size_t) ggml_nelements(blk.s));
+        blk.u_host.resize((size_t) ggml_nelements(blk.u));
+        ggml_backend_tensor_get(blk.s, blk.s_host.data(), 0, ggml_nbytes(blk.s));
+        ggml_backend_tensor_get(blk.u, blk.u_host.data(), 0, ggml_nbytes(blk.u));
+    }
+    hh_parallel_for(layers.size(), (size_t) n_heads_all*cap*(last_pos + 1 - p0), [&](size_t li, std::vector<llama_fastgen_hh_cand> &) {
+        layer & l = layers[li];
+        block & blk = blocks[l.blk];
+        const int64_t heads = blk.s->ne[1];
+        for (int h = 0; h < l.n_head; ++h) {
+            float * s = blk.s_host.data() + (size_t) (l.h_blk + h)*cap;
+            for (llama_pos q = p0; q <= last_pos; ++q) { // the removed queries' attention leaves the scores
+                const float * u = blk.u_host.data() + ((size_t) (q % (llama_pos) n_undo)*heads + l.h_blk + h)*cap;
+                for (uint32_t c = 0; c < cap; ++c) {
+                    s[c] -= u[c];
+                }
+            }
+            for (uint32_t c = 0; c < cap; ++c) { // and their cells are free again
+                if (l.pos[h][c] >= p0) {
+                    l.pos[h][c] = -1;
+                    l.tok[h][c] = -1;
+                    l.n_used[h]--;
+                    l.hint[h] = std::min(l.hint[h], c);
+                }
+            }
+        }
+        l.dirty = true;
+    });
+    for (auto & blk : blocks) {
+        ggml_backend_tensor_set(blk.s, blk.s_host.data(), 0, ggml_nbytes(blk.s));
+    }
+    last_pos = p0 - 1;
+    upload_positions();
 }
 
 void llama_fastgen_hh_store::set_input_idxs(ggml_tensor * dst, uint32_t t0) const {
@@ -635,6 +722,7 @@ void llama_fastgen_hh_store::clear() {
         l.dirty = true;
     }
     last_pos = -1;
+    undo_floor = 0;
 }
 
 void llama_fastgen_hh_store::copy_from(const llama_fastgen_hh_store & src, ggml_backend_sched_t sched) {
@@ -656,6 +744,7 @@ void llama_fastgen_hh_store::copy_from(const llama_fastgen_hh_store & src, ggml_
         l.dirty = true;
     }
     last_pos = src.last_pos;
+    undo_floor = last_pos + 1; // the contributions stay with the source
 }
 
 void llama_fastgen_hh_store::state_write(llama_io_write_i & io) const {
@@ -727,6 +816,7 @@ void llama_fastgen_hh_store::state_read(llama_io_read_i & io) {
             throw std::runtime_error(format("fastgen: corrupt heavy-hitter state (last position %d, newest cell %d)", last, newest));
         }
         last_pos = last;
+        undo_floor = last_pos + 1; // a saved state has no contributions
     } catch (...) {
         clear();
         throw;
@@ -824,6 +914,30 @@ llama_pos llama_fastgen_hh_memory::seq_pos_max(llama_seq_id seq_id) const {
         res = std::max(res, st->pos_max());
     }
     return res;
+}
+
+bool llama_fastgen_hh_memory::can_undo(llama_seq_id seq_id, llama_pos p0) const {
+    for (const auto * st : stores_of(seq_id)) {
+        if (!st->can_undo(p0)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+void llama_fastgen_hh_memory::undo(llama_seq_id seq_id, llama_pos p0) {
+    for (auto * st : stores_of(seq_id)) {
+        st->undo(p0, sched);
+    }
+}
+
+bool llama_fastgen_hh_memory::can_undo_next(llama_seq_id seq_id, uint32_t n_tokens) const {
+    for (const auto * st : stores_of(seq_id)) {
+        if (!st->can_undo_next(n_tokens)) {
+            return false;
+        }
+    }
+    return true;
 }
 
 uint32_t llama_fastgen_hh_memory::max_used(int c) const {

@@ -50,6 +50,7 @@ public:
         ggml_tensor * v; // [cap, D, n_head]
         ggml_tensor * s; // [cap, n_head] F32, a view of its block's
         ggml_tensor * p; // [cap + GGML_FASTGEN_HH_P_PAD, n_head] F32 cell positions - 0.5, +inf when free; a view
+        ggml_tensor * u; // [cap, n_head, n_undo] F32 each recent token's addition to the scores (slot pos % n_undo); a view, or nullptr
         int32_t       blk;   // its block (buffer type) in `blocks`
         int64_t       h_blk; // its first head's row in the block's s and p
         std::vector<std::vector<llama_pos>>   pos; // [head][cell], -1 when free
@@ -88,6 +89,17 @@ public:
     // would a batch fit, n_new[u] of its tokens in ubatch u (cells are freed by eviction, never by the batch itself)
     bool fits(const std::vector<uint32_t> & n_new) const;
 
+    // Tail rollback (fastgen.undo_tokens): with n_undo > 0 the fused op keeps each of the newest n_undo
+    // tokens' additions to the scores, so removing them again takes their attention out of the scores
+    // and frees their cells: the store is then the one a cache that never saw them holds (up to float
+    // rounding). Not when an eviction ran for a ubatch at or after the cut (it would not have run, or
+    // differently), nor into a ubatch that was not recorded (composed, or too many query rows).
+    bool records(uint32_t n_tokens) const; // does the op keep a ubatch of n_tokens' contributions
+    bool can_undo(llama_pos p0) const;     // can positions [p0, ...) be removed exactly
+    void undo(llama_pos p0, ggml_backend_sched_t sched); // remove them (after can_undo)
+    // would a ubatch of n_tokens applied now be removable again (no eviction before it, recorded)
+    bool can_undo_next(uint32_t n_tokens) const;
+
     // graph inputs for the current ubatch, all layers: slots I64 [n_tokens, n_head_total] and query
     // positions F32 [n_tokens]; composed ubatches also keep F32 [n_active, n_head_total] and cell
     // positions F32 [n_active, n_head_total] (pos - 0.5, +inf when free), which the graph turns into the mask
@@ -114,6 +126,8 @@ private:
     bool op_supported(ggml_backend_dev_t dev, const layer & l, int64_t n_group, int64_t n_tokens) const;
 
     uint32_t cap = 0;
+    uint32_t n_undo = 0;     // tokens whose score contributions are kept (host stores only)
+    llama_pos undo_floor = 0; // no removal below this position can be undone
     uint32_t n_active = 0; // set by apply()
     int32_t  c_first = -1;
     uint32_t n_sink;
@@ -126,9 +140,11 @@ private:
         ggml_backend_buffer_type_t buft;
         ggml_tensor *      s;
         ggml_tensor *      p;
+        ggml_tensor *      u = nullptr; // [cap, heads, n_undo]
         int64_t            n_placed = 0; // rows given to layers so far
         std::vector<float> s_host;
         std::vector<float> p_host;
+        std::vector<float> u_host;
     };
     std::vector<block>   blocks;
     std::vector<layer>   layers;
@@ -177,6 +193,9 @@ public:
     bool      seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1); // whole sequences only (else false, unchanged)
     void      seq_keep(llama_seq_id seq_id);
     llama_pos seq_pos_max(llama_seq_id seq_id) const; // -1: none; seq_id < 0: any sequence
+    bool      can_undo(llama_seq_id seq_id, llama_pos p0) const; // the stores' tail rollback (seq_id < 0: every store)
+    void      undo(llama_seq_id seq_id, llama_pos p0);
+    bool      can_undo_next(llama_seq_id seq_id, uint32_t n_tokens) const;
 
     uint32_t max_used(int c) const;    // most cells any (layer, head) of class c holds in any store
     size_t   class_bytes(int c) const; // class c's bytes over all stores

@@ -149,12 +149,50 @@ size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
 
 void llama_kv_cache_fastgen::clear(bool data) {
     evicted_upto.assign(slices.size(), {});
+    drop_floor.clear();
     hh.clear();
     for (auto & s : slices) {
         if (s) {
             s->clear(data);
         }
     }
+}
+
+bool llama_kv_cache_fastgen::can_remove_tail(llama_seq_id seq_id, llama_pos p0) const {
+    if (!hh.can_undo(seq_id, p0)) {
+        return false;
+    }
+    for (size_t c = 0; c < slices.size(); ++c) {
+        if (!slices[c] || policy->classes[c].kind == LLAMA_FASTGEN_FULL) {
+            continue;
+        }
+        for (llama_seq_id s = seq_id < 0 ? 0 : seq_id; s < (seq_id < 0 ? (llama_seq_id) n_seq_max : seq_id + 1); ++s) {
+            // a query at p0 sees positions > p0 - window (those below n_sink are retained): all still there
+            const llama_pos need = std::max<llama_pos>(p0 + 1 - policy->classes[c].window, (llama_pos) policy->n_sink);
+            const llama_pos start = slices[c]->fastgen_window_start(s);
+            if (slices[c]->seq_pos_max(s) >= p0 && (start < 0 || start > need)) {
+                return false;
+            }
+        }
+    }
+    for (const auto & [s, floor] : drop_floor) {
+        if ((seq_id < 0 || s == seq_id) && p0 < floor) {
+            return false;
+        }
+    }
+    return true;
+}
+
+bool llama_kv_cache_fastgen::can_remove_next(llama_seq_id seq_id, uint32_t n_tokens) const {
+    return hh.can_undo_next(seq_id, n_tokens);
+}
+
+void llama_kv_cache_fastgen::on_applied(const llama_ubatch & ub, bool last_of_batch) {
+    for (uint32_t i = 0; dropped_protected && i < ub.n_tokens; ++i) {
+        auto & floor = drop_floor[ub.seq_id[i][0]];
+        floor = std::max(floor, ub.pos[i] + 1);
+    }
+    dropped_protected = dropped_protected && !last_of_batch;
 }
 
 bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
@@ -173,14 +211,19 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
     const llama_pos pmax_compressed = pos_max_compressed(seq_id);
     const bool everything = p0 == 0 && (p1 < 0 || p1 > pmax);
     if (!everything && p0 <= pmax_compressed) {
-        LLAMA_LOG_DEBUG("%s: refusing to remove positions [%d, %d) of a compressed cache\n", __func__, p0, p1);
-        return false;
+        // the newest positions only, and only while every class can take them back exactly
+        if ((p1 >= 0 && p1 <= pmax) || !can_remove_tail(seq_id, p0)) {
+            LLAMA_LOG_DEBUG("%s: refusing to remove positions [%d, %d) of a compressed cache\n", __func__, p0, p1);
+            return false;
+        }
+        hh.undo(seq_id, p0);
     }
     if (everything) {
         for (auto & m : evicted_upto) {
             seq_id < 0 ? m.clear() : (void) m.erase(seq_id);
         }
         hh.seq_rm(seq_id);
+        seq_id < 0 ? drop_floor.clear() : (void) drop_floor.erase(seq_id);
     }
     bool res = true;
     for (auto & s : slices) {
@@ -203,6 +246,9 @@ void llama_kv_cache_fastgen::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id
             s->seq_cp(seq_id_src, seq_id_dst, p0, p1);
         }
     }
+    if (drop_floor.count(seq_id_src)) {
+        drop_floor[seq_id_dst] = drop_floor[seq_id_src];
+    }
     for (auto & m : evicted_upto) { // the copy has dropped what the source has
         const auto it = m.find(seq_id_src);
         if (it != m.end() && p0 <= 0) {
@@ -213,6 +259,9 @@ void llama_kv_cache_fastgen::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id
 
 void llama_kv_cache_fastgen::seq_keep(llama_seq_id seq_id) {
     hh.seq_keep(seq_id);
+    for (auto it = drop_floor.begin(); it != drop_floor.end();) {
+        it = it->first == seq_id ? std::next(it) : drop_floor.erase(it);
+    }
     for (auto & m : evicted_upto) {
         for (auto it = m.begin(); it != m.end();) {
             it = it->first == seq_id ? std::next(it) : m.erase(it);
@@ -378,6 +427,7 @@ bool llama_kv_cache_fastgen::evict_oldest_protected(int c) {
         slices[c]->seq_rm(s, lo, cut);
         upto    = cut;
         evicted = true;
+        dropped_protected = true;
     }
     return evicted;
 }
@@ -505,6 +555,15 @@ void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_i
                 evicted_upto[c].insert(upto[c].begin(), upto[c].end());
             }
         }
+        // where the saved history dropped protected tokens is not saved: no tail removal inside it then
+        seq_id < 0 ? drop_floor.clear() : (void) drop_floor.erase(seq_id);
+        for (const auto & m : evicted_upto) {
+            for (const auto & [s, _] : m) {
+                if (seq_id < 0 || s == seq_id) {
+                    drop_floor[s] = seq_pos_max(s) + 1;
+                }
+            }
+        }
     } catch (const std::exception & e) {
         llama_fastgen_set_last_error(e.what()); // llama.cpp only logs it; Python adds it to its error
         // nothing half-restored: what was being restored is empty, the rest of the cache untouched
@@ -584,6 +643,9 @@ bool llama_kv_cache_fastgen_context::apply() {
         if (c) {
             res = c->apply() && res;
         }
+    }
+    if (!ubatches.empty()) {
+        kv->on_applied(ubatches[i_next], i_next + 1 == ubatches.size());
     }
     return res;
 }

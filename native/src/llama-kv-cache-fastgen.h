@@ -73,6 +73,17 @@ public:
 
     const llama_fastgen_policy & get_policy() const { return *policy; }
 
+    // Tail rollback: positions [p0, ...) of a sequence can be removed exactly when every compressed
+    // class still holds what a cache that never saw them would use: a windowed class still holds the
+    // window of a query at p0 (and dropped no protected token for them), the heavy-hitter stores can
+    // take their attention back (llama_fastgen_hh_store::can_undo).
+    bool can_remove_tail(llama_seq_id seq_id, llama_pos p0) const;
+    // would a ubatch of n_tokens evaluated next be removable again (heavy-hitter stores; windowed
+    // classes purge only cells masked for its first token)
+    bool can_remove_next(llama_seq_id seq_id, uint32_t n_tokens) const;
+    // after a ubatch is applied: a batch that dropped protected tokens cannot be taken back
+    void on_applied(const llama_ubatch & ubatch, bool last_of_batch);
+
 private:
     // identifies the policy table and the slices' sizes in a saved state
     uint64_t state_fingerprint() const;
@@ -80,6 +91,8 @@ private:
     llama_pos pos_max_compressed(llama_seq_id seq_id) const;
     // when retained tokens fill a compressed class: drop its oldest protected tokens (not sinks)
     bool evict_oldest_protected(int c);
+    bool dropped_protected = false; // by the batch being applied
+    std::map<llama_seq_id, llama_pos> drop_floor; // no tail removal below: protected tokens were dropped for a batch there
 
     std::shared_ptr<const llama_fastgen_policy> policy;
 

@@ -1,6 +1,9 @@
 // llama-fastgen: the retention rule of llama_kv_cache (declared by native/patches): cells that
-// outlive the sliding window of a compressed class, i.e. attention sinks and protected token ids.
+// outlive the sliding window of a compressed class, i.e. attention sinks and protected token ids, and
+// where its window's cells start (a tail removal checks that the window before the cut is whole).
 #include "llama-kv-cache.h"
+
+#include <algorithm>
 
 void llama_kv_cache::set_retention(uint32_t n_sink, std::vector<bool> protected_tok) {
     fastgen_n_sink    = n_sink;
@@ -21,4 +24,18 @@ uint32_t llama_kv_cache::n_used_cells() const {
         n += cells.get_used();
     }
     return n;
+}
+
+llama_pos llama_kv_cache::fastgen_window_start(llama_seq_id s) const {
+    // the slot search purges every position up to the one it overwrites (llama_kv_cache::apply_ubatch),
+    // sparing retained cells: the cells that are not retained hold one contiguous run of positions
+    const auto & cells = v_cells[seq_to_stream[s]];
+    llama_pos res = -1;
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        if (!cells.is_empty(i) && cells.seq_has(i, s) && !is_retained(cells, i)) {
+            const llama_pos p = cells.pos_get(i);
+            res = res < 0 ? p : std::min(res, p);
+        }
+    }
+    return res;
 }
