@@ -72,3 +72,50 @@ def several_sequences(model_path, streams: list[list[int]], prefill: int, unifie
         lc.llama_batch_free(batch)
         lc.llama_free(ctx)
         lc.llama_model_free(model)
+
+
+def with_rolled_back_tails(model_path, ids: list[int], prefill: int, n_accepted: int, n_ctx: int = 2048,
+                           n_batch: int = 64, seed: int = 0, **llama_kwargs):
+    """Tail rollback against its oracle. After a prefill of ids[:prefill], steps as speculative decoding
+    and an edited chat turn make them: the next 1-4 tokens of `ids` plus 1-5 wrong ones, evaluated in
+    one call or token by token, then the wrong ones removed again (llama_memory_seq_rm) in a first
+    cache; a second cache evaluates only the right tokens, in the same calls. A step the first cache
+    says it could not take back (llama_fastgen_ctx_can_remove_next) evaluates the right tokens only.
+    Returns (logits of the right tokens in the first cache, in the second [n_accepted, n_vocab],
+    steps rolled back, removals refused). Extra keyword arguments go to both llama_cpp.Llama."""
+    import random
+
+    llama_kwargs.setdefault("verbose", False)
+    kw = dict(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=True, **llama_kwargs)
+    a, b = llama_cpp.Llama(**kw), llama_cpp.Llama(**kw)
+    rm = llama_cpp.llama_memory_seq_rm
+    try:
+        a.eval(ids[:prefill])
+        b.eval(ids[:prefill])
+        rng, pos, end, rolled, refused = random.Random(seed), prefill, prefill + n_accepted, 0, 0
+        while pos < end:
+            acc = ids[pos:min(end, pos + rng.randint(1, 4))]
+            wrong = [rng.randrange(100, a.n_vocab()) for _ in range(rng.randint(1, 5))]
+            ctx = native.ffi.cast("void *", a._ctx.ctx)
+            if native.lib.llama_fastgen_ctx_can_remove_next(ctx, 0, len(acc) + len(wrong)):
+                if rng.random() < 0.5:
+                    a.eval(acc + wrong)
+                else:
+                    for t in acc + wrong:
+                        a.eval([t])
+                if rm(llama_cpp.llama_get_memory(a._ctx.ctx), 0, pos + len(acc), -1):
+                    rolled += 1
+                else:   # not expected: the caller checks refused == 0; go on as the second cache
+                    refused += 1
+                    a.reset()
+                    a.eval(ids[:pos + len(acc)])
+                a.n_tokens = pos + len(acc)
+            else:
+                a.eval(acc)
+            b.eval(acc)
+            pos += len(acc)
+        return (np.array(a.scores[prefill:end], dtype=np.float32), np.array(b.scores[prefill:end], dtype=np.float32),
+                rolled, refused)
+    finally:
+        a.close()
+        b.close()

@@ -8,6 +8,9 @@
   sequences    three sequences decoded together (a heavy-hitter store each, ubatches split by sequence:
                one op per sequence on views of the ubatch) against each alone in ubatches of its share,
                on CUDA, and CUDA against the CPU; per-sequence and unified layouts
+  rollback     tail rollback (kv override fastgen.undo_tokens): steps of right and wrong tokens, the
+               wrong ones removed again, against a cache that evaluated the right ones only
+               (llama_fastgen.logits.with_rolled_back_tails), on CUDA and on the CPU, and CUDA vs CPU
   kv           KV bytes allocated at several n_ctx: fastgen, full f16, full q8_0 (C API)
   reuse        decode 64 tokens through llama-cpp-python: tokens/s and how many graphs llama.cpp
                reused (a rebuilt graph costs host time and CUDA graph captures), fastgen vs full
@@ -141,6 +144,41 @@ def sequences(args) -> dict:
     print("several sequences (random-weight small models, %d tokens, the last %d decoded)" % (SEQ_N, SEQ_N - SEQ_PREFILL))
     for k, v in res.items():
         print(f"  {k:64s} top-1 {v['top1_agreement']:.4f}  max rel {v['max_rel']:.2e}  mean|diff| {v['mean_abs']:.5f}", flush=True)
+    return res
+
+
+RB_PREFILL, RB_ACCEPTED = 1000, 400  # past the small models' heavy-hitter budgets at n_ctx 2048
+
+
+def rb_child(args) -> int:
+    from llama_fastgen.logits import with_rolled_back_tails
+
+    ids = [int(i) for i in np.random.default_rng(3).integers(100, 40000, RB_PREFILL + RB_ACCEPTED)]
+    got, want, rolled, refused = with_rolled_back_tails(
+        args.model, ids, RB_PREFILL, RB_ACCEPTED, n_ctx=2048, verbose=True, flash_attn=True,
+        n_gpu_layers=99 if args.gpu else 0, offload_kqv=args.gpu, op_offload=args.gpu,
+        kv_overrides={schema.KEYS["UNDO_TOKENS"]: 16})
+    np.savez(args.save, got=got, want=want, counts=np.array([rolled, refused]))
+    return 0
+
+
+def rollback(args) -> dict:
+    res = {}
+    for small in args.small:
+        name, out = os.path.basename(small), {}
+        for gpu in (True, False):
+            cmd = [sys.executable, __file__, "rbchild", "--model", small, "--save", "/tmp/rb.npz"] + (["--gpu"] if gpu else [])
+            subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            out[gpu] = dict(np.load("/tmp/rb.npz"))
+            dev = "CUDA" if gpu else "CPU"
+            rolled, refused = (int(x) for x in out[gpu]["counts"])
+            res[f"{name} {dev}: rolled back vs never evaluated ({rolled} steps rolled back, {refused} refused)"] = \
+                compare(out[gpu]["want"], out[gpu]["got"], 0)
+        res[f"{name} rolled back: CPU vs CUDA"] = compare(out[False]["got"], out[True]["got"], 0)
+        res[f"{name} never evaluated: CPU vs CUDA"] = compare(out[False]["want"], out[True]["want"], 0)
+    print("tail rollback (random-weight small models, %d-token prefill, %d right tokens)" % (RB_PREFILL, RB_ACCEPTED))
+    for k, v in res.items():
+        print(f"  {k:80s} top-1 {v['top1_agreement']:.4f}  max rel {v['max_rel']:.2e}  mean|diff| {v['mean_abs']:.5f}", flush=True)
     return res
 
 
@@ -295,7 +333,8 @@ def run_info() -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["all", "correctness", "sequences", "kv", "reuse", "speed", "table", "child", "seqchild"])
+    ap.add_argument("what", choices=["all", "correctness", "sequences", "rollback", "kv", "reuse", "speed", "table", "child",
+                                     "seqchild", "rbchild"])
     ap.add_argument("--model", help="8B-shape fastgen GGUF (kv, speed)")
     ap.add_argument("--small", nargs="+", default=[], help="small random fastgen GGUFs (correctness)")
     ap.add_argument("--model-nohh", help="the --model mix with its frequent heads full (speed baseline)")
@@ -322,16 +361,18 @@ def main() -> int:
         return child(args)
     if args.what == "seqchild":
         return seq_child(args)
+    if args.what == "rbchild":
+        return rb_child(args)
     if args.what == "table":
         res = json.load(open(args.from_json))
-        for step in ("correctness", "sequences"):
+        for step in ("correctness", "sequences", "rollback"):
             if step in res:
                 print(correctness_table(res[step]))
         if "speed" in res:
             print(speed_table(res["speed"], markdown=True))
         return 0
     out = run_info()
-    for step in ("correctness", "sequences", "kv", "reuse", "speed"):
+    for step in ("correctness", "sequences", "rollback", "kv", "reuse", "speed"):
         if args.what in (step, "all"):
             out[step] = globals()[step](args)
             if args.json:
