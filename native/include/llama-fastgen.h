@@ -61,7 +61,7 @@ LLAMA_API int32_t llama_fastgen_ctx_class_dropped_upto(const struct llama_contex
 // Tail rollback: would n_tokens evaluated next as one ubatch in sequence seq_id be removable again
 // exactly (llama_memory_seq_rm of their positions), so that no checkpoint is needed before them?
 // True for a cache without compressed classes; for heavy-hitter heads it needs the kv override
-// fastgen.undo_tokens >= n_tokens (on CUDA also a decode-sized ubatch) and no eviction before it.
+// fastgen.undo_tokens >= n_tokens, heavy-hitter heads in host memory and no eviction before it.
 LLAMA_API bool llama_fastgen_ctx_can_remove_next(const struct llama_context * ctx, int32_t seq_id, uint32_t n_tokens);
 
 // K+V bytes allocated by the context's cache (any cache type), and what an ordinary full cache

@@ -93,7 +93,7 @@ public:
     // tokens' additions to the scores, so removing them again takes their attention out of the scores
     // and frees their cells: the store is then the one a cache that never saw them holds (up to float
     // rounding). Not when an eviction ran for a ubatch at or after the cut (it would not have run, or
-    // differently), nor into a ubatch that was not recorded (composed, or on CUDA prefill-sized).
+    // differently), nor into a ubatch that was not recorded (the composed path).
     bool records(uint32_t n_tokens) const; // does the op keep a ubatch of n_tokens' contributions
     bool can_undo(llama_pos p0) const;     // can positions [p0, ...) be removed exactly
     void undo(llama_pos p0, ggml_backend_sched_t sched); // remove them (after can_undo)
@@ -126,8 +126,7 @@ private:
     bool op_supported(ggml_backend_dev_t dev, const layer & l, int64_t n_group, int64_t n_tokens) const;
 
     uint32_t cap = 0;
-    uint32_t n_undo = 0;     // tokens whose score contributions are kept
-    bool     undo_host = true; // every layer in host memory (the CPU op keeps them for any ubatch)
+    uint32_t n_undo = 0;     // tokens whose score contributions are kept (host stores only)
     llama_pos undo_floor = 0; // no removal below this position can be undone
     uint32_t n_active = 0; // set by apply()
     int32_t  c_first = -1;
