@@ -158,7 +158,7 @@ def _eval(self, tokens):
     if cps is not None and len(tokens) <= self.n_batch:
         from ._lib import native
 
-        if native.lib.llama_fastgen_ctx_can_remove_next(native.ffi.cast("void *", self._ctx.ctx), 0, len(tokens)):
+        if native.lib.llama_fastgen_ctx_make_removable(native.ffi.cast("void *", self._ctx.ctx), 0, len(tokens)):
             cps = None
     if cps is None:
         return _orig_eval(self, tokens)

@@ -80,7 +80,9 @@ def with_rolled_back_tails(model_path, ids: list[int], prefill: int, n_accepted:
     and an edited chat turn make them: the next 1-4 tokens of `ids` plus 1-5 wrong ones, evaluated in
     one call or token by token, then the wrong ones removed again (llama_memory_seq_rm) in a first
     cache; a second cache evaluates only the right tokens, in the same calls. A step the first cache
-    says it could not take back (llama_fastgen_ctx_can_remove_next) evaluates the right tokens only.
+    says it could not take back evaluates the right tokens only. Before every step both caches run the
+    eviction a ubatch of the step's tokens would run (llama_fastgen_ctx_make_removable, as
+    llama_fastgen.checkpoints does before an evaluation), so that their histories stay alike.
     Returns (logits of the right tokens in the first cache, in the second [n_accepted, n_vocab],
     steps rolled back, removals refused). Extra keyword arguments go to both llama_cpp.Llama."""
     import random
@@ -96,8 +98,9 @@ def with_rolled_back_tails(model_path, ids: list[int], prefill: int, n_accepted:
         while pos < end:
             acc = ids[pos:min(end, pos + rng.randint(1, 4))]
             wrong = [rng.randrange(100, a.n_vocab()) for _ in range(rng.randint(1, 5))]
-            ctx = native.ffi.cast("void *", a._ctx.ctx)
-            if native.lib.llama_fastgen_ctx_can_remove_next(ctx, 0, len(acc) + len(wrong)):
+            n = len(acc) + len(wrong)
+            native.lib.llama_fastgen_ctx_make_removable(native.ffi.cast("void *", b._ctx.ctx), 0, n)
+            if native.lib.llama_fastgen_ctx_make_removable(native.ffi.cast("void *", a._ctx.ctx), 0, n):
                 if rng.random() < 0.5:
                     a.eval(acc + wrong)
                 else:

@@ -243,7 +243,7 @@ def test_the_newest_tokens_leave_the_native_cache_as_if_never_evaluated(three_cl
 
     got, want, rolled, refused = with_rolled_back_tails(three_class_d32_gguf, long_ids, 300, 160, n_ctx=512,
                                                         kv_overrides=UNDO)
-    assert refused == 0 and rolled >= 30, (rolled, refused)
+    assert refused == 0 and rolled >= 60, (rolled, refused)   # every step (seen: 66)
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert _rel(got, want) < 2e-3   # seen: 2.7e-4 (other cell slots: f16 sums of V in another order)
 
@@ -291,8 +291,8 @@ def test_a_windowed_class_takes_back_what_its_window_still_holds(tiny_d32_model_
 
 
 def test_speculative_decoding_takes_rejected_drafts_back_natively(three_class_d32_gguf, long_ids):
-    """Llama(draft_model=...) turns fastgen.undo_tokens on: rejected drafts leave the native cache and no
-    checkpoint is saved for a step the cache can take back; the greedy tokens are those of decoding
+    """Llama(draft_model=...) turns fastgen.undo_tokens on: rejected drafts leave the native cache, no
+    checkpoint is saved or restored after the prompt's, and the greedy tokens are those of decoding
     without drafts."""
     import itertools
 
@@ -317,10 +317,9 @@ def test_speculative_decoding_takes_rejected_drafts_back_natively(three_class_d3
     cps.save = lambda: (saved.append(spec.n_tokens), orig_save())[1]
     got = list(itertools.islice(spec.generate(prompt, **sample), 24))
     assert got == want
-    # checkpoints: the prompt's two, then only before a step the heavy-hitter store evicts for (its 40 +
-    # 32 cells fill every ~16 steps of 2 net tokens; the prompt leaves it full): at most 2 in 24 tokens
-    assert saved[:2] == [192, 256] and len(saved) - 2 <= 2, saved
-    assert cps.restored <= len(saved) - 2
+    # checkpoints: the prompt's two only; before a step the heavy-hitter store would evict for, it evicts
+    # first (the same eviction), so every step can be taken back and none is restored
+    assert saved == [192, 256] and cps.restored == 0, (saved, cps.restored)
 
 
 def test_undo_tokens_out_of_range_is_refused_with_the_reason(three_class_d32_gguf):

@@ -58,11 +58,12 @@ LLAMA_API uint32_t llama_fastgen_ctx_class_used (const struct llama_context * ct
 // were dropped because the class's cells ran out (0: none dropped).
 LLAMA_API int32_t llama_fastgen_ctx_class_dropped_upto(const struct llama_context * ctx, int32_t c, int32_t seq_id);
 
-// Tail rollback: would n_tokens evaluated next as one ubatch in sequence seq_id be removable again
-// exactly (llama_memory_seq_rm of their positions), so that no checkpoint is needed before them?
-// True for a cache without compressed classes; for heavy-hitter heads it needs the kv override
-// fastgen.undo_tokens >= n_tokens, heavy-hitter heads in host memory and no eviction before it.
-LLAMA_API bool llama_fastgen_ctx_can_remove_next(const struct llama_context * ctx, int32_t seq_id, uint32_t n_tokens);
+// Tail rollback: make n_tokens evaluated next as one ubatch in sequence seq_id removable again exactly
+// (llama_memory_seq_rm of their positions), so that no checkpoint is needed before them: heavy-hitter
+// heads run now the eviction that ubatch would run before it (the same one), then the answer. True for a
+// cache without compressed classes; with heavy-hitter heads it needs the kv override fastgen.undo_tokens
+// >= n_tokens and the heads in host memory.
+LLAMA_API bool llama_fastgen_ctx_make_removable(struct llama_context * ctx, int32_t seq_id, uint32_t n_tokens);
 
 // K+V bytes allocated by the context's cache (any cache type), and what an ordinary full cache
 // of the same n_ctx and types takes (equal for an ordinary cache).

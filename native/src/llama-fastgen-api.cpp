@@ -201,7 +201,7 @@ size_t llama_fastgen_ctx_full_bytes(const llama_context * ctx) {
     return kv ? kv->full_bytes() : llama_fastgen_ctx_kv_bytes(ctx);
 }
 
-bool llama_fastgen_ctx_can_remove_next(const struct llama_context * ctx, int32_t seq_id, uint32_t n_tokens) {
-    const auto * kv = fastgen_cache(ctx);
-    return !kv || kv->can_remove_next(seq_id, n_tokens);
+bool llama_fastgen_ctx_make_removable(struct llama_context * ctx, int32_t seq_id, uint32_t n_tokens) {
+    auto * kv = ctx ? dynamic_cast<llama_kv_cache_fastgen *>(llama_get_memory(ctx)) : nullptr;
+    return !kv || kv->make_removable(seq_id, n_tokens);
 }

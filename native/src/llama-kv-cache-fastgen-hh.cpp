@@ -476,11 +476,8 @@ struct hh_timing {
 };
 static hh_timing g_timing;
 
-bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t sched) {
-    const uint32_t n = ub.n_tokens;
-    const llama_pos p0 = ub.pos[0];
-    auto t = std::chrono::steady_clock::now();
-
+bool llama_fastgen_hh_store::evict_for(uint32_t n, llama_pos p0, ggml_backend_sched_t sched, bool & synced,
+        std::chrono::steady_clock::time_point & t) {
     // the heads that evict, and their blocks' scores (one read-back per buffer type, not per layer or head)
     std::vector<std::pair<size_t, int>> heads; // (layer, head)
     std::vector<char> read(blocks.size(), 0);
@@ -493,7 +490,6 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
             }
         }
     }
-    bool synced = false;
     for (size_t b = 0; b < blocks.size(); ++b) {
         if (!read[b]) {
             continue;
@@ -508,7 +504,6 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
         ggml_backend_tensor_get(blocks[b].s, blocks[b].s_host.data(), 0, ggml_nbytes(blocks[b].s));
     }
     g_timing.lap(hh_timing::READ, t);
-    g_timing.n_apply++;
     g_timing.n_evicting += !heads.empty();
     std::vector<size_t> n_evicted(heads.size());
     std::vector<char>   nan(heads.size(), 0);
@@ -528,8 +523,25 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
         LLAMA_LOG_WARN("%s: NaN attention scores (non-finite activations?): those cells are evicted first\n", __func__);
         warned_nan = true;
     }
-
     g_timing.lap(hh_timing::EVICT, t);
+    return evicted;
+}
+
+void llama_fastgen_hh_store::evict_ahead(uint32_t n_tokens, ggml_backend_sched_t sched) {
+    auto t = std::chrono::steady_clock::now();
+    bool synced = false;
+    if (evict_for(n_tokens, last_pos + 1, sched, synced, t)) {
+        undo_floor = std::max(undo_floor, last_pos + 1); // what follows can still be taken back
+    }
+}
+
+bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t sched) {
+    const uint32_t n = ub.n_tokens;
+    const llama_pos p0 = ub.pos[0];
+    auto t = std::chrono::steady_clock::now();
+    bool synced = false;
+    g_timing.n_apply++;
+    const bool evicted = evict_for(n, p0, sched, synced, t);
 
     // per decoding step only O(heads) host work: slots from a hint, keep and positions for
     // composed ubatches only
@@ -929,6 +941,21 @@ bool llama_fastgen_hh_memory::can_undo(llama_seq_id seq_id, llama_pos p0) const 
 void llama_fastgen_hh_memory::undo(llama_seq_id seq_id, llama_pos p0) {
     for (auto * st : stores_of(seq_id)) {
         st->undo(p0, sched);
+    }
+}
+
+bool llama_fastgen_hh_memory::records(llama_seq_id seq_id, uint32_t n_tokens) const {
+    for (const auto * st : stores_of(seq_id)) {
+        if (!st->records(n_tokens)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+void llama_fastgen_hh_memory::evict_ahead(llama_seq_id seq_id, uint32_t n_tokens) {
+    for (auto * st : stores_of(seq_id)) {
+        st->evict_ahead(n_tokens, sched);
     }
 }
 

@@ -26,6 +26,7 @@
 
 #include "ggml-cpp.h"
 
+#include <chrono>
 #include <map>
 #include <memory>
 #include <vector>
@@ -94,11 +95,15 @@ public:
     // and frees their cells: the store is then the one a cache that never saw them holds (up to float
     // rounding). Not when an eviction ran for a ubatch at or after the cut (it would not have run, or
     // differently), nor into a ubatch that was not recorded (the composed path).
+    uint32_t undo_tokens() const { return n_undo; }
     bool records(uint32_t n_tokens) const; // does the op keep a ubatch of n_tokens' contributions
     bool can_undo(llama_pos p0) const;     // can positions [p0, ...) be removed exactly
     void undo(llama_pos p0, ggml_backend_sched_t sched); // remove them (after can_undo)
     // would a ubatch of n_tokens applied now be removable again (no eviction before it, recorded)
     bool can_undo_next(uint32_t n_tokens) const;
+    // run now the eviction a ubatch of n_tokens would run before it (same scores, same trigger), so
+    // that the ubatch itself can be taken back (speculative decoding: no checkpoint before its drafts)
+    void evict_ahead(uint32_t n_tokens, ggml_backend_sched_t sched);
 
     // graph inputs for the current ubatch, all layers: slots I64 [n_tokens, n_head_total] and query
     // positions F32 [n_tokens]; composed ubatches also keep F32 [n_active, n_head_total] and cell
@@ -122,6 +127,9 @@ private:
     // head's state, so heads evict in parallel.
     size_t evict(layer & l, int h, const float * scores, llama_pos p0, std::vector<struct llama_fastgen_hh_cand> & scratch,
                  bool & nan) const;
+    // the eviction part of apply(): heads that would overflow with n more tokens drop back to their
+    // budget (scores read back once); returns whether a cell was evicted
+    bool evict_for(uint32_t n, llama_pos p0, ggml_backend_sched_t sched, bool & synced, std::chrono::steady_clock::time_point & t);
     void upload_positions(); // the dirty layers', one copy per block
     bool op_supported(ggml_backend_dev_t dev, const layer & l, int64_t n_group, int64_t n_tokens) const;
 
@@ -196,6 +204,8 @@ public:
     bool      can_undo(llama_seq_id seq_id, llama_pos p0) const; // the stores' tail rollback (seq_id < 0: every store)
     void      undo(llama_seq_id seq_id, llama_pos p0);
     bool      can_undo_next(llama_seq_id seq_id, uint32_t n_tokens) const;
+    bool      records(llama_seq_id seq_id, uint32_t n_tokens) const; // every store keeps such a ubatch's scores
+    void      evict_ahead(llama_seq_id seq_id, uint32_t n_tokens);
 
     uint32_t max_used(int c) const;    // most cells any (layer, head) of class c holds in any store
     size_t   class_bytes(int c) const; // class c's bytes over all stores

@@ -24,7 +24,7 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
                      bool   unified,
                  uint32_t   kv_size,
                  uint32_t   n_seq_max,
-                 uint32_t   n_ubatch) : policy(policy_->for_context(kv_size)), unified(unified), n_seq_max(n_seq_max) {
+                 uint32_t   n_ubatch) : policy(policy_->for_context(kv_size)), unified(unified), n_seq_max(n_seq_max), n_ubatch(n_ubatch) {
     const auto & hp = model.hparams;
     const int n_layer = (int) hp.n_layer();
     tags.reserve(policy->classes.size()); // c_str()s handed to the slices stay valid
@@ -118,6 +118,11 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
     LLAMA_LOG_INFO("%s: KV cache %.2f MiB instead of %.2f MiB for the full cache (%.1f%%, %.2f MiB saved)\n", __func__,
             total / 1048576.0, bytes_full / 1048576.0, 100.0 * total / std::max<size_t>(bytes_full, 1),
             (double) (bytes_full - std::min(total, bytes_full)) / 1048576.0);
+    if (!hh.empty() && hh.get()->undo_tokens() > 0) {
+        LLAMA_LOG_INFO("%s: heavy-hitter heads keep the attention of the newest %u tokens (%s), which can be removed "
+                "again exactly; counted in their classes' MiB\n", __func__, hh.get()->undo_tokens(),
+                LLAMA_FASTGEN_KEY_UNDO_TOKENS);
+    }
 }
 
 uint32_t llama_kv_cache_fastgen::class_cells(int c) const {
@@ -183,7 +188,11 @@ bool llama_kv_cache_fastgen::can_remove_tail(llama_seq_id seq_id, llama_pos p0) 
     return true;
 }
 
-bool llama_kv_cache_fastgen::can_remove_next(llama_seq_id seq_id, uint32_t n_tokens) const {
+bool llama_kv_cache_fastgen::make_removable(llama_seq_id seq_id, uint32_t n_tokens) {
+    if (n_tokens > n_ubatch || !hh.records(seq_id, n_tokens)) {
+        return false; // several ubatches, or not recorded: an eviction now would not be the one it runs
+    }
+    hh.evict_ahead(seq_id, n_tokens);
     return hh.can_undo_next(seq_id, n_tokens);
 }
 

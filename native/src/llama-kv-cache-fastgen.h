@@ -78,9 +78,10 @@ public:
     // window of a query at p0 (and dropped no protected token for them), the heavy-hitter stores can
     // take their attention back (llama_fastgen_hh_store::can_undo).
     bool can_remove_tail(llama_seq_id seq_id, llama_pos p0) const;
-    // would a ubatch of n_tokens evaluated next be removable again (heavy-hitter stores; windowed
-    // classes purge only cells masked for its first token)
-    bool can_remove_next(llama_seq_id seq_id, uint32_t n_tokens) const;
+    // make a ubatch of n_tokens evaluated next removable again: the heavy-hitter stores run the
+    // eviction it would run now (windowed classes purge only cells masked for its first token); false
+    // when it still would not be (too many tokens, heads on a device, the composed path)
+    bool make_removable(llama_seq_id seq_id, uint32_t n_tokens);
     // after a ubatch is applied: a batch that dropped protected tokens cannot be taken back
     void on_applied(const llama_ubatch & ubatch, bool last_of_batch);
 
@@ -105,6 +106,7 @@ private:
     size_t   bytes_full = 0;
     bool     unified;
     uint32_t n_seq_max;
+    uint32_t n_ubatch;
 };
 
 class llama_kv_cache_fastgen_context : public llama_memory_context_i {
