@@ -930,12 +930,7 @@ llama_pos llama_fastgen_hh_memory::seq_pos_max(llama_seq_id seq_id) const {
 }
 
 bool llama_fastgen_hh_memory::can_undo(llama_seq_id seq_id, llama_pos p0) const {
-    for (const auto * st : stores_of(seq_id)) {
-        if (!st->can_undo(p0)) {
-            return false;
-        }
-    }
-    return true;
+    return every(seq_id, [&](const llama_fastgen_hh_store * st) { return st->can_undo(p0); });
 }
 
 void llama_fastgen_hh_memory::undo(llama_seq_id seq_id, llama_pos p0) {
@@ -945,12 +940,7 @@ void llama_fastgen_hh_memory::undo(llama_seq_id seq_id, llama_pos p0) {
 }
 
 bool llama_fastgen_hh_memory::records(llama_seq_id seq_id, uint32_t n_tokens) const {
-    for (const auto * st : stores_of(seq_id)) {
-        if (!st->records(n_tokens)) {
-            return false;
-        }
-    }
-    return true;
+    return every(seq_id, [&](const llama_fastgen_hh_store * st) { return st->records(n_tokens); });
 }
 
 void llama_fastgen_hh_memory::evict_ahead(llama_seq_id seq_id, uint32_t n_tokens) {
@@ -960,12 +950,7 @@ void llama_fastgen_hh_memory::evict_ahead(llama_seq_id seq_id, uint32_t n_tokens
 }
 
 bool llama_fastgen_hh_memory::can_undo_next(llama_seq_id seq_id, uint32_t n_tokens) const {
-    for (const auto * st : stores_of(seq_id)) {
-        if (!st->can_undo_next(n_tokens)) {
-            return false;
-        }
-    }
-    return true;
+    return every(seq_id, [&](const llama_fastgen_hh_store * st) { return st->can_undo_next(n_tokens); });
 }
 
 uint32_t llama_fastgen_hh_memory::max_used(int c) const {

@@ -26,6 +26,7 @@
 
 #include "ggml-cpp.h"
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -216,6 +217,10 @@ public:
 
 private:
     std::vector<llama_fastgen_hh_store *> stores_of(llama_seq_id seq_id) const; // seq_id < 0: all
+    template <typename F> bool every(llama_seq_id seq_id, F && f) const { // f holds for each of those stores
+        const auto sts = stores_of(seq_id);
+        return std::all_of(sts.begin(), sts.end(), f);
+    }
 
     std::vector<std::unique_ptr<llama_fastgen_hh_store>> stores;
     mutable ggml_backend_sched_t sched = nullptr;
