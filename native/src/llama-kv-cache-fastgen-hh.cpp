@@ -648,7 +648,10 @@ void llama_fastgen_hh_store::undo(llama_pos p0, ggml_backend_sched_t sched) {
         blk.s_host.resize((size_t) ggml_nelements(blk.s));
         blk.u_host.resize((size_t) ggml_nelements(blk.u));
         ggml_backend_tensor_get(blk.s, blk.s_host.data(), 0, ggml_nbytes(blk.s));
-        ggml_backend_tensor_get(blk.u, blk.u_host.data(), 0, ggml_nbytes(blk.u));
+        for (llama_pos q = p0; q <= last_pos; ++q) { // only the removed tokens' slots
+            const size_t off = (size_t) (q % (llama_pos) n_undo)*blk.u->nb[2];
+            ggml_backend_tensor_get(blk.u, (char *) blk.u_host.data() + off, off, blk.u->nb[2]);
+        }
     }
     hh_parallel_for(layers.size(), (size_t) n_heads_all*cap*(last_pos + 1 - p0), [&](size_t li, std::vector<llama_fastgen_hh_cand> &) {
         layer & l = layers[li];
