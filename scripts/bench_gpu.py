@@ -168,7 +168,9 @@ def rollback(args) -> dict:
         name, out = os.path.basename(small), {}
         for gpu in (True, False):
             cmd = [sys.executable, __file__, "rbchild", "--model", small, "--save", "/tmp/rb.npz"] + (["--gpu"] if gpu else [])
-            subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            r = subprocess.run(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+            if r.returncode:
+                sys.exit(f"rbchild {'CUDA' if gpu else 'CPU'} on {small} failed ({r.returncode}):\n{r.stderr[-4000:]}")
             out[gpu] = dict(np.load("/tmp/rb.npz"))
             dev = "CUDA" if gpu else "CPU"
             rolled, refused = (int(x) for x in out[gpu]["counts"])

@@ -55,6 +55,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         half * __restrict__ K, half * __restrict__ V, float * __restrict__ S, float * __restrict__ P,
         const float * __restrict__ qpos, float * __restrict__ dst,
         float * __restrict__ logits, float * __restrict__ part_m, float * __restrict__ part_l, float * __restrict__ part_o,
+        float * __restrict__ U, const int64_t u_s2, const int n_undo,
         const int Dv, const int C, const int T, const int G, const float scale, const bool coop) {
     constexpr int D = DL*WARP_SIZE;
     const int j = blockIdx.x, sp = blockIdx.y, ns = gridDim.y, c0 = sp*HH_CHUNK, n = gridDim.x;
@@ -339,6 +340,13 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                     acc += w_s[r*HH_CHUNK + cl]*inv_s[r];
                 }
                 Sj[c] = isinf(cp) || tn >= 0 ? acc : s_old + acc;
+                for (int t = 0; U && t < T; ++t) { // each token's own (ggml-fastgen.h), for a rollback
+                    float ut = 0.0f;
+                    for (int r = t*G; r < (t + 1)*G; ++r) {
+                        ut += w_s[r*HH_CHUNK + cl]*inv_s[r];
+                    }
+                    U[(int64_t) ((int) qp_s[t] % n_undo)*u_s2 + (int64_t) j*C + c] = ut;
+                }
             }
             return;
         }
@@ -440,6 +448,14 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 acc += l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
             }
             Sj[c] = isinf(cp) || tn >= 0 ? acc : s_old + acc;
+            for (int t = 0; U && t < T; ++t) {
+                float ut = 0.0f;
+                for (int r = t*G; r < (t + 1)*G; ++r) {
+                    const float l = lg_s[r*HH_CHUNK + cl];
+                    ut += l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
+                }
+                U[(int64_t) ((int) qp_s[t] % n_undo)*u_s2 + (int64_t) j*C + c] = ut;
+            }
         }
         __syncthreads();
         if (threadIdx.x == 0 && atomicAdd(left, 1u) == (unsigned int) na - 1) {
@@ -481,6 +497,20 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 reset = reset || new_c[t] == c1;
             }
             Sj[c1] = reset ? acc[u] : s_prev[u] + acc[u];
+        }
+    }
+    // each token's own (ggml-fastgen.h), for a rollback: the same sums, split by token
+    for (int c1 = threadIdx.x; U && c1 < C; c1 += blockDim.x) {
+        if (!seen_s[c1 / HH_CHUNK]) {
+            continue;
+        }
+        for (int t = 0; t < T; ++t) {
+            float ut = 0.0f;
+            for (int r = t*G; r < (t + 1)*G; ++r) {
+                const float l = __ldcg(logits + ((int64_t) j*R + r)*C + c1);
+                ut += l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
+            }
+            U[(int64_t) ((int) qp_s[t] % n_undo)*u_s2 + (int64_t) j*C + c1] = ut;
         }
     }
 }
@@ -982,8 +1012,12 @@ bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op) {
     if (!common) {
         return false;
     }
-    if ((q->ne[1]/n)*q->ne[2] <= GGML_FASTGEN_HH_MAX_ROWS) {
-        return true; // decode kernel
+    const ggml_tensor * U = op->src[GGML_FASTGEN_HH_U];
+    if ((q->ne[1]/n)*q->ne[2] <= GGML_FASTGEN_HH_MAX_ROWS) { // decode kernel: it also keeps each token's scores
+        return !U || (U->type == GGML_TYPE_F32 && U->ne[0] == K->ne[1] && U->ne[1] == n && U->nb[1] == U->ne[0]*sizeof(float));
+    }
+    if (U) {
+        return false; // the prefill kernels do not keep each token's scores
     }
     // prefill kernels: tensor cores and asynchronous copies (Ampere and newer), kernels built for the head
     // size (K and V alike), and the tiles' shared memory (70 KB at head size 128: three blocks per SM on
@@ -1102,7 +1136,9 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
             (const char *) q->data, q->nb[1], q->nb[2], (const char *) kc->data, kc->nb[1], kc->nb[2],
             (const char *) vc->data, vc->nb[1], vc->nb[2], (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), h0,
             (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data,
-            (float *) dst->data, logits.get(), part_m.get(), part_l.get(), part_o.get(), Dv, C, T, G, scale, coop);
+            (float *) dst->data, logits.get(), part_m.get(), part_l.get(), part_o.get(),
+            a.U ? (float *) a.U->data : nullptr, a.U ? a.U->nb[2]/(int64_t) sizeof(float) : 0, a.U ? (int) a.U->ne[2] : 1,
+            Dv, C, T, G, scale, coop);
     };
 #define HH_CASE(DL) case DL: if (RB == 4) { launch(hh_attn<DL, 4>); } else { launch(hh_attn<DL, 8>); } break
     switch (D / WARP_SIZE) {

@@ -23,7 +23,7 @@
 //                                                  hi, cells [hi, C) are free: the host writes it with
 //                                                  the positions, the CUDA kernels raise it as they place
 //                                                  tokens (a bound, not exact: cells below may be free)
-//   9 U (optional; the CPU op's decode path takes it, CUDA none yet) [C, n, R]: U[c, j, pos_t % R] = sum over g of p_{t*G+g}[c],
+//   9 U (optional; the CPU op's and CUDA's decode paths take it) [C, n, R]: U[c, j, pos_t % R] = sum over g of p_{t*G+g}[c],
 //     each token's own addition to the scores, kept so that the store can take a removed token's attention
 //     out of them again (tail rollback, llama-kv-cache-fastgen-hh.h)
 // idxs and query_pos are the whole graph inputs, shared by every layer: a per-layer view of a host

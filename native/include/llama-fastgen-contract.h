@@ -30,7 +30,7 @@
 // heads can drop again exactly (a rejected draft, an edited last chat turn), at UNDO_BYTES bytes per cell,
 // head and token: each token's attention per cell is kept. 0 (the default): a removal that reaches the
 // heavy-hitter heads needs a checkpoint (plugin/checkpoints.py). The CPU op records it on ubatches of at
-// most undo_tokens tokens; heavy-hitter heads on a GPU keep 0 for now
+// most undo_tokens tokens, the CUDA decode kernel on those of decode size; other devices keep 0
 #define LLAMA_FASTGEN_KEY_UNDO_TOKENS "fastgen.undo_tokens"
 #define LLAMA_FASTGEN_UNDO_BYTES 4
 #define LLAMA_FASTGEN_MAX_UNDO_TOKENS 256

@@ -62,7 +62,7 @@ LLAMA_API int32_t llama_fastgen_ctx_class_dropped_upto(const struct llama_contex
 // (llama_memory_seq_rm of their positions), so that no checkpoint is needed before them: heavy-hitter
 // heads run now the eviction that ubatch would run before it (the same one), then the answer. True for a
 // cache without compressed classes; with heavy-hitter heads it needs the kv override fastgen.undo_tokens
-// >= n_tokens and the heads in host memory.
+// >= n_tokens, and on CUDA a decode-sized ubatch.
 LLAMA_API bool llama_fastgen_ctx_make_removable(struct llama_context * ctx, int32_t seq_id, uint32_t n_tokens);
 
 // K+V bytes allocated by the context's cache (any cache type), and what an ordinary full cache

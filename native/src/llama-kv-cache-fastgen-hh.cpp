@@ -53,13 +53,15 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     const auto buft_of = [&](uint32_t il) {
         return offload ? ggml_backend_dev_buffer_type(model.dev_layer(il)) : ggml_backend_cpu_buffer_type();
     };
-    // tail rollback needs every layer's contributions, and only the CPU op records them (the CUDA decode
-    // kernel's version waits for a GPU run: branch cuda-undo)
+    // tail rollback needs every layer's contributions: the CPU op records them, the CUDA decode kernel too
     n_undo = policy.undo_tokens;
     for (uint32_t il = 0; il < hp.n_layer() && n_undo > 0; ++il) {
-        if (!ggml_backend_buft_is_host(buft_of(il))) {
-            LLAMA_LOG_WARN("%s: %s = %u: heavy-hitter heads on a device cannot take tokens back yet (removing them "
-                    "needs a checkpoint); ignored\n", __func__, LLAMA_FASTGEN_KEY_UNDO_TOKENS, n_undo);
+        ggml_backend_buffer_type_t buft = buft_of(il);
+        ggml_backend_dev_t dev = ggml_backend_buft_is_host(buft) ? nullptr : ggml_backend_buft_get_device(buft);
+        undo_host = undo_host && !dev;
+        if (dev && std::string(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev))) != "CUDA") {
+            LLAMA_LOG_WARN("%s: %s = %u: heavy-hitter heads on %s cannot take tokens back (CPU and CUDA can); "
+                    "ignored\n", __func__, LLAMA_FASTGEN_KEY_UNDO_TOKENS, n_undo, ggml_backend_dev_name(dev));
             n_undo = 0;
         }
     }
@@ -614,8 +616,8 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
 }
 
 bool llama_fastgen_hh_store::records(uint32_t n_tokens) const {
-    // the CPU op (ggml-fastgen-cpu.cpp) keeps each token's contribution; n_undo > 0 only in host memory
-    return n_undo > 0 && n_tokens <= n_undo && fused(n_tokens);
+    // the CPU op (ggml-fastgen-cpu.cpp) keeps each token's contribution, the CUDA decode kernel too
+    return n_undo > 0 && n_tokens <= n_undo && fused(n_tokens) && (undo_host || n_group*n_tokens <= GGML_FASTGEN_HH_MAX_ROWS);
 }
 
 bool llama_fastgen_hh_store::can_undo(llama_pos p0) const {

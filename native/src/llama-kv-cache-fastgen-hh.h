@@ -95,7 +95,7 @@ public:
     // tokens' additions to the scores, so removing them again takes their attention out of the scores
     // and frees their cells: the store is then the one a cache that never saw them holds (up to float
     // rounding). Not when an eviction ran for a ubatch at or after the cut (it would not have run, or
-    // differently), nor into a ubatch that was not recorded (the composed path).
+    // differently), nor into a ubatch that was not recorded (composed, or on CUDA prefill-sized).
     uint32_t undo_tokens() const { return n_undo; }
     bool records(uint32_t n_tokens) const; // does the op keep a ubatch of n_tokens' contributions
     bool can_undo(llama_pos p0) const;     // can positions [p0, ...) be removed exactly
@@ -135,7 +135,8 @@ private:
     bool op_supported(ggml_backend_dev_t dev, const layer & l, int64_t n_group, int64_t n_tokens) const;
 
     uint32_t cap = 0;
-    uint32_t n_undo = 0;     // tokens whose score contributions are kept (host stores only)
+    uint32_t n_undo = 0;     // tokens whose score contributions are kept
+    bool     undo_host = true; // every layer in host memory (the CPU op keeps them for any ubatch)
     llama_pos undo_floor = 0; // no removal below this position can be undone
     uint32_t n_active = 0; // set by apply()
     int32_t  c_first = -1;
