@@ -270,6 +270,47 @@ def test_a_removal_beyond_the_kept_tokens_is_refused_and_changes_nothing(three_c
     assert _rel(a.scores[313:340], b.scores[313:340]) < 2e-3
 
 
+def test_a_failed_ubatch_leaves_the_native_cache_as_if_never_evaluated(three_class_d32_gguf, long_ids, monkeypatch):
+    """llama.cpp removes the positions of a ubatch whose compute failed. Here llama_set_abort_callback stops
+    one after half of its graph's nodes, so the heavy-hitter op ran for some layers only: the store takes
+    out what those added and nothing else. Oracle: a cache that never saw the failed tokens."""
+    import ctypes
+
+    import llama_cpp
+    from llama_fastgen import checkpoints
+    from llama_fastgen._lib import native
+
+    monkeypatch.setenv(checkpoints.ENV, "0")
+    a = Llama(model_path=str(three_class_d32_gguf), logits_all=True, kv_overrides=UNDO, **REUSE)
+    b = Llama(model_path=str(three_class_d32_gguf), logits_all=True, kv_overrides=UNDO, **REUSE)
+    calls = [0, 1 << 30]   # callback calls (one per graph node), abort after this many
+
+    @llama_cpp.ggml_abort_callback
+    def stop(_):
+        calls[0] += 1
+        return calls[0] > calls[1]
+    right, wrong = long_ids[330:333], [7, 8, 9]
+    for llm in (a, b):
+        llm.eval(long_ids[:300])
+        for t in long_ids[300:330]:   # the ring of kept attention holds older tokens' in every slot
+            llm.eval([t])
+        assert native.lib.llama_fastgen_ctx_make_removable(native.ffi.cast("void *", llm._ctx.ctx), 0, 3)
+        llama_cpp.llama_set_abort_callback(llm._ctx.ctx, stop, None)
+    b.eval(right)
+    calls[:] = [0, calls[0] // 2]
+    with pytest.raises(RuntimeError, match="llama_decode returned 2"):
+        a.eval(wrong)
+    assert calls[0] == calls[1] + 1 > 10   # it stopped inside the graph
+    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(a._ctx.ctx), 0) == 329
+    calls[:] = [0, 1 << 30]
+    a.eval(right)
+    for llm in (a, b):
+        for t in long_ids[333:373]:   # the heavy-hitter heads evict at every token: the scores decide
+            llm.eval([t])
+    assert (a.scores[330:373].argmax(-1) == b.scores[330:373].argmax(-1)).all()
+    assert _rel(a.scores[330:373], b.scores[330:373]) < 2e-3
+
+
 def test_a_windowed_class_takes_back_what_its_window_still_holds(tiny_d32_model_dir, long_ids, tmp_path, monkeypatch):
     """Full and windowed (16) heads, no heavy hitters: a removal is exact while the slice has purged
     nothing a query at the cut would see, and refused once it has."""

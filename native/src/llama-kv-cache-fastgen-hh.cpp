@@ -607,6 +607,16 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
         }
         upload_positions();
     }
+    if (undo_host && records(n)) {
+        // The ubatch's slots start from 0. The CPU op fills them layer by layer, so a compute that stops
+        // early (an abort between graph nodes) leaves 0 in the layers it did not reach instead of an older
+        // token's attention, and llama.cpp's removal of the failed ubatch takes out exactly what ran.
+        for (auto & blk : blocks) {
+            for (uint32_t t = 0; blk.u && t < n; ++t) {
+                ggml_backend_tensor_memset(blk.u, 0, (size_t) (ub.pos[t] % (llama_pos) n_undo)*blk.u->nb[2], blk.u->nb[2]);
+            }
+        }
+    }
     last_pos = std::max(last_pos, ub.pos[n - 1]);
     if (evicted || !records(n)) {
         undo_floor = last_pos + 1; // this ubatch cannot be taken back
