@@ -607,7 +607,8 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
         }
         upload_positions();
     }
-    if (undo_host && records(n)) {
+    const bool recorded = records(n);
+    if (undo_host && recorded) {
         // The ubatch's slots start from 0. The CPU op fills them layer by layer, so a compute that stops
         // early (an abort between graph nodes) leaves 0 in the layers it did not reach instead of an older
         // token's attention, and llama.cpp's removal of the failed ubatch takes out exactly what ran.
@@ -618,7 +619,7 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
         }
     }
     last_pos = std::max(last_pos, ub.pos[n - 1]);
-    if (evicted || !records(n)) {
+    if (evicted || !recorded) {
         undo_floor = last_pos + 1; // this ubatch cannot be taken back
     }
     g_timing.lap(hh_timing::PLACE, t);
