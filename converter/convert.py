@@ -112,6 +112,10 @@ def check_args(a) -> None:
         raise UsageError(f"{a.model} is not a directory; pass a Hugging Face model directory")
     if not (a.model / "config.json").is_file():
         raise UsageError(f"{a.model} has no config.json: not a Hugging Face model directory")
+    try:
+        json.loads((a.model / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{a.model / 'config.json'} is not readable JSON ({e})") from None
     if a.threshold is not None and a.kv_budget is not None:
         raise UsageError("--threshold and --kv-budget are two rules for the same choice; give one of them")
     if a.threshold is None and a.kv_budget is None:
@@ -122,18 +126,27 @@ def check_args(a) -> None:
         raise UsageError(f"--kv-budget must be a fraction in (0, 1], got {a.kv_budget}")
     if not 0.0 <= a.robust_quantile <= 1.0:
         raise UsageError(f"--robust-quantile must be in [0, 1], got {a.robust_quantile}")
-    if a.max_tokens < 32 or a.n_sink < 0:
-        raise UsageError("--max-tokens must be >= 32 and --n-sink >= 0")
+    from llama_fastgen.schema import MAX_CELLS, MAX_N_SINK
+
+    if a.max_tokens < 32:
+        raise UsageError("--max-tokens must be >= 32")
+    if not 0 <= a.n_sink <= MAX_N_SINK:
+        raise UsageError(f"--n-sink must be in [0, {MAX_N_SINK}], got {a.n_sink}")
     if a.ctx < 256 or a.ubatch < 1:
         raise UsageError("--ctx must be >= 256 and --ubatch >= 1")
     if a.budget_ctx is None:
         a.budget_ctx = a.ctx // 2
-    from llama_fastgen.schema import MAX_CELLS
-
     if not 0 <= a.budget_ctx <= MAX_CELLS:
         raise UsageError(f"--budget-ctx must be in [0, {MAX_CELLS}] (0: fixed budgets), got {a.budget_ctx}")
     if a.probe_tokens < 256 or a.retrieval_margin < 0:
         raise UsageError("--probe-tokens must be >= 256 and --retrieval-margin >= 0")
+    if a.policies is not None:  # before the model loads and profiles: a typo costs seconds, not minutes
+        try:
+            json.loads(a.policies.read_text())["policies"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--policies {a.policies}: not a report JSON with a 'policies' table ({e!r})") from None
+    if a.outfile.is_dir():
+        raise UsageError(f"--outfile {a.outfile} is a directory; name the GGUF file to write")
     out_dir = a.outfile.resolve().parent
     if not out_dir.is_dir():
         raise UsageError(f"output directory {out_dir} does not exist")

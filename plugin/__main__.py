@@ -6,7 +6,23 @@ import os
 import sys
 
 
+def _ranged(lo: int, hi: int, what: str):
+    """argparse type: an int in [lo, hi], or a usage error that says which range."""
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a whole number of {what}") from None
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"expected {lo} to {hi} {what}, got {n}")
+        return n
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .schema import MAX_CELLS
+
+    ctx = _ranged(1, MAX_CELLS, "tokens of context")
     ap = argparse.ArgumentParser(
         prog="llama-fastgen",
         description="Adaptive per-head KV cache compression for llama.cpp (FastGen-style).")
@@ -15,13 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd")
     ins = sub.add_parser("inspect", help="policy table of a fastgen GGUF and its KV footprint")
     ins.add_argument("model", help="GGUF file")
-    ins.add_argument("--ctx", type=int, help="context length (default: 4096, 8192, 32768)")
+    ins.add_argument("--ctx", type=ctx, help="context length (default: 4096, 8192, 32768)")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ch = sub.add_parser("chat", help="chat with a GGUF through llama_cpp.Llama (streams)")
     ch.add_argument("model", help="GGUF file")
     ch.add_argument("--prompt", action="append", help="scripted user turn (repeatable); default: interactive on a terminal")
-    ch.add_argument("--n-ctx", type=int, default=4096)
-    ch.add_argument("--max-tokens", type=int, default=200)
+    ch.add_argument("--n-ctx", type=ctx, default=4096)
+    ch.add_argument("--max-tokens", type=_ranged(1, MAX_CELLS, "tokens"), default=200)
     sv = sub.add_parser("serve", help="llama-cpp-python's OpenAI-compatible server (python -m llama_cpp.server) "
                         "on our libllama", description="Serve a GGUF with llama_cpp.server; every option after "
                         "the model is passed on (e.g. --port 8000 --n_ctx 8192; see python -m llama_cpp.server --help).")
@@ -31,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                         "over machines or processes; see llama_fastgen.rpc)")
     rp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the protocol "
                     "has no authentication)")
-    rp.add_argument("--port", type=int, default=50052)
-    rp.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    rp.add_argument("--port", type=_ranged(1, 65535, "(a TCP port)"), default=50052)
+    rp.add_argument("--threads", type=_ranged(0, 4096, "threads"), default=0, help="CPU threads (default: all cores)")
     args = ap.parse_args(argv)
 
     if args.version:
@@ -43,8 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backends: {', '.join(native.backends())}")
         return 0
     if args.cmd in ("inspect", "chat", "serve") and not os.path.isfile(args.model):
-        print(f"llama-fastgen: error: model file {args.model} does not exist", file=sys.stderr)
+        why = "is a directory, not a GGUF file" if os.path.isdir(args.model) else "does not exist"
+        print(f"llama-fastgen: error: model file {args.model} {why}", file=sys.stderr)
         return 2
+    if args.cmd in ("inspect", "chat", "serve"):
+        from . import schema
+
+        try:  # a cut, foreign or malformed file: the reason, before anything loads it
+            schema.read(args.model)
+        except schema.MetadataError as e:
+            print(f"llama-fastgen: error: {e}", file=sys.stderr)
+            return 2
     if args.cmd == "inspect":
         from . import schema
         from .inspect_gguf import table
@@ -58,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "chat":
         from .chat import run
 
-        return run(args.model, args.prompt, args.n_ctx, args.max_tokens)
+        try:
+            return run(args.model, args.prompt, args.n_ctx, args.max_tokens)
+        except ValueError as e:  # a GGUF or policy llama.cpp refused: say why, as inspect and serve do
+            print(f"llama-fastgen: error: {e}", file=sys.stderr)
+            return 2
     if args.cmd == "serve":
         return serve(args.model, args.server_args)
     if args.cmd == "rpc-server":

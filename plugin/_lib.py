@@ -94,6 +94,7 @@ def _extend(llama_cpp) -> None:
     from . import checkpoints
 
     _explain_load_errors(llama_cpp)
+    _raise_refusals(llama_cpp)
     checkpoints.install(llama_cpp)
 
 
@@ -105,6 +106,28 @@ def _explain_load_errors(llama_cpp) -> None:
                              (llama_cpp.llama.Llama, "load_state", True)):
         if not getattr(getattr(cls, name), "_fastgen", False):
             setattr(cls, name, _explained(getattr(cls, name), reset))
+
+
+def _raise_refusals(llama_cpp) -> None:
+    """Shifting positions and copying part of a sequence return nothing in llama.cpp's API; a compressed
+    cache that refuses them (llama_kv_cache_fastgen::seq_add, llama_fastgen_hh_memory::seq_cp) sets the
+    last error, which becomes a ValueError here instead of a log line that verbose=False hides."""
+    ctx = llama_cpp._internals.LlamaContext
+    for name in ("kv_cache_seq_shift", "kv_cache_seq_cp"):
+        orig = getattr(ctx, name)
+        if getattr(orig, "_fastgen", False):
+            continue
+
+        def call(*args, _orig=orig, **kwargs):
+            native.lib.llama_fastgen_clear_error()
+            res = _orig(*args, **kwargs)
+            why = native.last_error()
+            if why:
+                raise ValueError(why)
+            return res
+
+        call._fastgen = True
+        setattr(ctx, name, call)
 
 
 def _explained(orig, reset: bool):

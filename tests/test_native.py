@@ -521,3 +521,45 @@ def test_other_fastgen_overrides_are_refused_by_name(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="kv_overrides fastgen.n_sink is not supported"):
         Llama(model_path=str(g), n_ctx=256, verbose=False, kv_overrides={"fastgen.n_sink": 8})
     Llama(model_path=str(g), n_ctx=256, verbose=False).close()    # the process is fine afterwards
+
+
+def test_fastgen_overrides_on_a_gguf_without_a_policy_are_refused(tiny_model_dir, tmp_path):
+    """Asking for the fastgen cache of a plain GGUF must not silently run the full cache."""
+    g = gguf_export.convert(tiny_model_dir, tmp_path / "plain.gguf", "f32")
+    for key, value in (("fastgen.enable", True), ("fastgen.undo_tokens", 8)):
+        with pytest.raises(ValueError, match=f"kv_overrides {key}, but this GGUF has no fastgen policy"):
+            Llama(model_path=str(g), n_ctx=256, verbose=False, kv_overrides={key: value})
+    llm = Llama(model_path=str(g), n_ctx=256, verbose=False, kv_overrides={"fastgen.enable": False})  # asks for what it gets
+    assert llama_fastgen.native.cache_stats(llm)["fastgen"] is False
+    llm.close()
+
+
+@pytest.mark.parametrize("value,enabled", [("0", True), ("off", True), ("", True), ("1", False), ("yes", False),
+                                           ("false ", None), ("disable", None)])
+def test_llama_fastgen_disable_takes_yes_or_no_and_refuses_the_rest(value, enabled, tiny_model_dir, tmp_path, monkeypatch):
+    g = gguf_export.convert(tiny_model_dir, tmp_path / "t.gguf", "f32", extra_kv=TINY_BASE)
+    monkeypatch.setenv("LLAMA_FASTGEN_DISABLE", value)
+    if enabled is None:
+        with pytest.raises(ValueError, match=f"LLAMA_FASTGEN_DISABLE={value}: expected 1"):
+            Llama(model_path=str(g), n_ctx=256, verbose=False)
+        return
+    llm = Llama(model_path=str(g), n_ctx=256, verbose=False)
+    assert llama_fastgen.native.cache_stats(llm)["fastgen"] is enabled
+    llm.close()
+
+
+def test_shifting_a_compressed_cache_raises_and_leaves_its_positions(tiny_model_dir, tmp_path):
+    """llama.cpp's seq_add returns nothing: the refusal reaches Python as a ValueError, not a hidden log line."""
+    import llama_cpp
+
+    g = _tiny_frequent(tiny_model_dir, tmp_path / "hh.gguf", budget=64)
+    llm = Llama(model_path=str(g), n_ctx=512, verbose=False)
+    llm.eval(list(range(1, 121)))
+    mem = llama_cpp.llama_get_memory(llm._ctx.ctx)
+    with pytest.raises(ValueError, match="cannot be shifted"):
+        llm._ctx.kv_cache_seq_shift(0, 10, -1, -5)
+    assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == 119
+    llm._ctx.kv_cache_seq_shift(0, 10, -1, 0)    # no shift: nothing to refuse
+    llm.eval([5])                                # and the context goes on
+    assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == 120
+    llm.close()

@@ -58,11 +58,34 @@ static uint32_t override_undo_tokens(const llama_model_kv_override & ov) {
             LLAMA_FASTGEN_KEY_UNDO_TOKENS, LLAMA_FASTGEN_MAX_UNDO_TOKENS));
 }
 
+// LLAMA_FASTGEN_DISABLE: 1/true/yes/on turns the cache off, 0/false/no/off or unset leaves it on;
+// anything else is refused (a typo must not silently run the full cache, nor fastgen)
+static bool env_disabled() {
+    const char * e = std::getenv("LLAMA_FASTGEN_DISABLE");
+    const std::string v = e ? e : "";
+    if (v.empty() || v == "0" || v == "false" || v == "no" || v == "off") {
+        return false;
+    }
+    if (v == "1" || v == "true" || v == "yes" || v == "on") {
+        return true;
+    }
+    throw std::runtime_error(format("fastgen: LLAMA_FASTGEN_DISABLE=%s: expected 1 (full cache) or 0 (fastgen "
+            "cache), or leave it unset", v.c_str()));
+}
+
 std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_loader & ml, const llama_model & model) {
     g_last_error.clear();
     try {
         auto policy = llama_fastgen_policy::load(ml.metadata, model.hparams, model.vocab.n_tokens());
         if (!policy) {
+            // an override that asks for the fastgen cache of a GGUF without one would silently run the full cache
+            for (const auto & [key, ov] : ml.kv_overrides) {
+                if (key.rfind(LLAMA_FASTGEN_KEY_PREFIX, 0) == 0 && !(key == LLAMA_FASTGEN_KEY_ENABLE && !override_enabled(ov))) {
+                    throw std::runtime_error(format("fastgen: kv_overrides %s, but this GGUF has no fastgen policy "
+                            "(no fastgen.* keys): convert the model with convert.py --profile, or drop the override",
+                            key.c_str()));
+                }
+            }
             return nullptr;
         }
         if (!arch_supported(model.arch)) {
@@ -87,8 +110,7 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_load
             }
             policy->enabled = override_enabled(ov);
         }
-        const char * env = std::getenv("LLAMA_FASTGEN_DISABLE");
-        if (env && *env && std::string(env) != "0") {
+        if (env_disabled()) {
             policy->enabled = false;
         }
         LLAMA_LOG_INFO("%s: fastgen policy: %zu classes, T = %.2f, %u sinks%s\n", __func__, policy->classes.size(),

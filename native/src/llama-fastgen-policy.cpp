@@ -145,9 +145,13 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
         std::vector<bool> seen(n, false);
         for (uint32_t h = 0; h < n; ++h, ++at) {
             const int32_t v = at < perm.size() ? perm[at] : -1;
+            if (at >= perm.size()) {
+                throw std::runtime_error(format("fastgen: fastgen.head_perm has %zu entries, fewer than the model's KV "
+                        "heads; re-run convert.py --profile", perm.size()));
+            }
             if (v < 0 || (uint32_t) v >= n || seen[v]) {
                 throw std::runtime_error(format("fastgen: fastgen.head_perm of layer %u is not a permutation of its %u KV "
-                        "heads (or has %zu entries)", il, n, perm.size()));
+                        "heads (entry %u is %d); re-run convert.py --profile", il, n, h, v));
             }
             seen[v] = true;
         }

@@ -2,6 +2,7 @@
 
 #include "ggml-fastgen.h"
 
+#include "llama-fastgen-model.h"
 #include "llama-impl.h"
 #include "llama-io.h"
 #include "llama-model.h"
@@ -43,7 +44,12 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
         cap = std::max(cap, policy.capacity(c, n_ctx, n_ubatch));
     }
     // V is stored transposed and written one element per row: a block-quantized type cannot do
-    // that, so these heads keep f16 (said in the log line of the class)
+    // that, so these heads keep f16
+    if (ggml_is_quantized(type_k) || ggml_is_quantized(type_v)) {
+        LLAMA_LOG_WARN("%s: heavy-hitter heads keep K and V in f16, not the requested %s / %s (their V is "
+                "written one element per row, which a block-quantized type cannot do); the other classes use "
+                "the requested types\n", __func__, ggml_type_name(type_k), ggml_type_name(type_v));
+    }
     if (ggml_is_quantized(type_k)) {
         type_k = GGML_TYPE_F16;
     }
@@ -68,8 +74,13 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     bytes_per_head = (size_t) cap*(ggml_row_size(type_k, hp.n_embd_head_k()) + ggml_row_size(type_v, hp.n_embd_head_v()) + 2*sizeof(float)
                                    + n_undo*LLAMA_FASTGEN_UNDO_BYTES)
                    + GGML_FASTGEN_HH_P_PAD*sizeof(float);
-    fused_ok = type_k == GGML_TYPE_F16 && type_v == GGML_TYPE_F16 && hp.n_embd_head_k() % 32 == 0 && hp.n_embd_head_v() % 2 == 0 &&
-               hp.n_embd_head_k() <= GGML_FASTGEN_HH_MAX_D && cap % 8 == 0 && cap <= GGML_FASTGEN_HH_MAX_CELLS;
+    if (type_k != GGML_TYPE_F16 || type_v != GGML_TYPE_F16) {
+        fused_off = format("its K/V cache is %s/%s, the op takes f16", ggml_type_name(type_k), ggml_type_name(type_v));
+    } else if (hp.n_embd_head_k() % 32 != 0 || hp.n_embd_head_v() % 2 != 0 || hp.n_embd_head_k() > GGML_FASTGEN_HH_MAX_D) {
+        fused_off = format("the model's head size %u is not a multiple of 32 up to %d", hp.n_embd_head_k(), GGML_FASTGEN_HH_MAX_D);
+    } else if (cap % 8 != 0 || cap > GGML_FASTGEN_HH_MAX_CELLS) {
+        fused_off = format("a head holds %u cells, the op takes a multiple of 8 up to %d", cap, GGML_FASTGEN_HH_MAX_CELLS);
+    }
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         n_group = std::max(n_group, hp.n_head(il) / std::max(hp.n_head_kv(il), 1u));
     }
@@ -163,7 +174,7 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
     // other backends: no, so the composed path). The CPU op takes any ubatch. An RPC device answers
     // yes to every op without asking its server (ggml-rpc's supports_op), whose backend may not run
     // the prefill kernels: RPC stores prefill composed, as before, and decode with the op.
-    for (size_t li = 0; fused_ok && li < layers.size(); ++li) {
+    for (size_t li = 0; fused_off.empty() && li < layers.size(); ++li) {
         const layer & l = layers[li];
         if (ggml_backend_buffer_is_host(l.k->buffer)) {
             continue;
@@ -190,12 +201,30 @@ bool llama_fastgen_hh_store::op_supported(ggml_backend_dev_t dev, const layer & 
     return ggml_backend_dev_supports_op(dev, op);
 }
 
-bool llama_fastgen_hh_store::fused(uint32_t n_tokens) const {
-    static const bool enabled = [] {
+static bool fused_env_on() {
+    static const bool on = [] {
         const char * e = getenv("LLAMA_FASTGEN_HH_FUSED");
         return !(e && std::string(e) == "0");
     }();
-    return enabled && fused_ok && dev_decode && (n_group*n_tokens <= GGML_FASTGEN_HH_MAX_ROWS || dev_prefill);
+    return on;
+}
+
+bool llama_fastgen_hh_store::fused(uint32_t n_tokens) const {
+    return fused_env_on() && fused_off.empty() && dev_decode && (n_group*n_tokens <= GGML_FASTGEN_HH_MAX_ROWS || dev_prefill);
+}
+
+std::string llama_fastgen_hh_store::why_not_fused(uint32_t n_tokens) const {
+    if (fused(n_tokens)) {
+        return "";
+    }
+    if (!fused_env_on()) {
+        return "LLAMA_FASTGEN_HH_FUSED=0 turns it off";
+    }
+    if (!fused_off.empty()) {
+        return fused_off;
+    }
+    return format("the device holding the store does not run it on ubatches of %u tokens (RPC, or a GPU without "
+            "its prefill kernels)", n_tokens);
 }
 
 // A cell the eviction may remove: special tokens go only when nothing else is left, then the lowest
@@ -922,7 +951,10 @@ bool llama_fastgen_hh_memory::seq_cp(llama_seq_id src, llama_seq_id dst, llama_p
     // llama-server copies a prompt's sequence for several completions: store to store; a part of one cannot be
     if (src < 0 || dst < 0 || (size_t) src >= stores.size() || (size_t) dst >= stores.size() ||
             p0 > 0 || (p1 >= 0 && p1 <= stores[src]->pos_max())) {
-        LLAMA_LOG_ERROR("%s: heavy-hitter heads copy whole sequences only; sequence %d unchanged\n", __func__, dst);
+        const std::string why = format("fastgen: heavy-hitter heads copy whole sequences only (seq_cp(%d, %d, %d, %d)); "
+                "sequence %d unchanged", src, dst, p0, p1, dst);
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, why.c_str());
+        llama_fastgen_set_last_error(why);
         return false;
     }
     stores[dst]->copy_from(*stores[src], sched);

@@ -79,6 +79,7 @@ public:
     // does a ubatch of n_tokens run as the fused op (else the composed ggml path); one answer for
     // the store and the graph. LLAMA_FASTGEN_HH_FUSED=0 forces the composed path, to compare.
     bool     fused(uint32_t n_tokens) const;
+    std::string why_not_fused(uint32_t n_tokens) const; // for a refusal that needs the op (empty: fused)
     int32_t  first_class() const { return c_first; } // the class whose slot in the graph runs the store
     uint32_t max_used(int c) const;    // most cells any (layer, head) of class c holds
     size_t   class_bytes(int c) const; // K + V + score bytes of class c's heads
@@ -163,7 +164,7 @@ private:
     int32_t              n_heads_all = 0;
     llama_pos            last_pos = -1;
     bool                 warned_nan = false;
-    bool                 fused_ok = false; // shapes and types the fused op takes
+    std::string          fused_off; // why the fused op cannot take these shapes and types (empty: it can)
     bool                 dev_decode  = true; // the devices holding the store run the fused op on decode-sized
     bool                 dev_prefill = true; // and on prefill-sized ubatches (host memory: the CPU op, any)
     uint32_t             n_group = 1;      // query heads per KV head

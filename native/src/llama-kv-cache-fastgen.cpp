@@ -82,10 +82,11 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
     // tokens of that sequence, which an equal split keeps together)
     if (!hh.empty() && n_seq_max > 1) {
         const auto & st = *hh.get();
-        if (!st.fused(1) || !st.fused(n_ubatch)) {
-            throw std::runtime_error("fastgen: heavy-hitter heads serve several sequences only through the fused op, "
-                    "which this device does not run on every ubatch size (or LLAMA_FASTGEN_HH_FUSED=0): create the "
-                    "context with n_seq_max = 1, or disable fastgen (kv_overrides fastgen.enable=false)");
+        const std::string why = st.why_not_fused(1) + (st.fused(1) ? st.why_not_fused(n_ubatch) : "");
+        if (!why.empty()) {
+            throw std::runtime_error(format("fastgen: heavy-hitter heads serve several sequences (n_seq_max = %u) only "
+                    "through the fused op, and %s: create the context with n_seq_max = 1, or disable fastgen "
+                    "(kv_overrides fastgen.enable=false)", n_seq_max, why.c_str()));
         }
         size_t other = 0;
         for (size_t c = 0; c < slices.size(); ++c) {
@@ -283,9 +284,17 @@ void llama_kv_cache_fastgen::seq_keep(llama_seq_id seq_id) {
     }
 }
 
+// A refusal of a call that returns nothing (seq_add, seq_div, seq_cp): logged, and kept as the last fastgen
+// error so that Python can raise it (llama_fastgen.checkpoints wraps llama-cpp-python's calls)
+static void refuse(const char * func, const std::string & why) {
+    LLAMA_LOG_ERROR("%s: %s\n", func, why.c_str());
+    llama_fastgen_set_last_error(why);
+}
+
 void llama_kv_cache_fastgen::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
-    if (policy->has_frequent() && shift != 0) {
-        LLAMA_LOG_ERROR("%s: shifting positions is not supported with heavy-hitter heads; positions unchanged\n", __func__);
+    if (!get_can_shift() && shift != 0) {
+        refuse(__func__, "fastgen: positions of a compressed cache cannot be shifted (its windows and heavy hitters "
+                "were chosen at their positions); positions unchanged. Leave context shifting off");
         return;
     }
     for (auto & s : slices) {
@@ -296,8 +305,8 @@ void llama_kv_cache_fastgen::seq_add(llama_seq_id seq_id, llama_pos p0, llama_po
 }
 
 void llama_kv_cache_fastgen::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
-    if (policy->has_frequent() && d != 1) {
-        LLAMA_LOG_ERROR("%s: dividing positions is not supported with heavy-hitter heads; positions unchanged\n", __func__);
+    if (!get_can_shift() && d != 1) {
+        refuse(__func__, "fastgen: positions of a compressed cache cannot be divided; positions unchanged");
         return;
     }
     for (auto & s : slices) {
