@@ -93,8 +93,11 @@ def _extend(llama_cpp) -> None:
     """What llama_fastgen adds to llama_cpp: reasons for refusals, prompt reuse via checkpoints."""
     from . import checkpoints
 
+    from . import rpc
+
     _explain_load_errors(llama_cpp)
     _raise_refusals(llama_cpp)
+    rpc.install(llama_cpp)
     checkpoints.install(llama_cpp)
 
 

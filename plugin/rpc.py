@@ -9,8 +9,9 @@ and `--rpc` drive it, reached from Python (llama-cpp-python 0.3.36's ``Llama`` h
 
 A fastgen cache splits with its layers: each class slice and heavy-hitter store lives where its layer
 runs. ``add_servers`` asks each server in a child process first (llama.cpp's RPC client aborts the
-process when nothing answers); a server that dies mid-run still aborts its client. Servers are
-unauthenticated: keep them on 127.0.0.1 or a private network.
+process when nothing answers), and every model load asks the registered servers again, so one that
+stopped since is an ``RpcError`` instead of an abort; a server that dies mid-run still aborts its
+client. Servers are unauthenticated: keep them on 127.0.0.1 or a private network.
 """
 from __future__ import annotations
 
@@ -26,6 +27,31 @@ class RpcError(RuntimeError):
     """No RPC backend in this build, or a server that does not answer."""
 
 
+_registered: list[str] = []   # endpoints whose devices this process has registered
+
+
+def check_servers() -> None:
+    """Ask every registered server again (before a model load: llama.cpp aborts when one is gone)."""
+    for e in _registered:
+        _probe(e)
+
+
+def install(llama_cpp) -> None:
+    """Every model load (llama-cpp-python's LlamaModel calls llama_model_load_from_file) asks the
+    registered servers first; a server that stopped is an RpcError, not an abort in the load."""
+    low = llama_cpp.llama_cpp
+    orig = low.llama_model_load_from_file
+    if getattr(orig, "_fastgen", False):
+        return
+
+    def llama_model_load_from_file(*args):
+        check_servers()
+        return orig(*args)
+
+    llama_model_load_from_file._fastgen = True
+    low.llama_model_load_from_file = llama_model_load_from_file
+
+
 def add_servers(endpoints: list[str]) -> None:
     """Register the devices of each "host:port" server; models loaded afterwards with n_gpu_layers split
     their layers over every registered device (llama.cpp's layer split)."""
@@ -35,6 +61,7 @@ def add_servers(endpoints: list[str]) -> None:
     for e in endpoints:
         if not native.lib.llama_fastgen_rpc_add_server(e.encode()):
             raise RpcError(native.last_error())
+        _registered.append(e)
 
 
 def _probe(endpoint: str) -> None:

@@ -402,24 +402,11 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
     = its --rpc): the tiny model's layers and their per-class caches split over two local servers. The
     servers run the same CPU code, so the logits equal those of one process (prefill and single-token
     decodes, past every budget)."""
-    servers, logs = [], []
+    servers = []
     try:
         for _ in range(2):
-            port = free_port()
-            logs.append(tmp_path / f"rpc-{port}.log")
-            servers.append((port, subprocess.Popen([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port",
-                                                    str(port), "--threads", "1"], stdout=logs[-1].open("w"),
-                                                   stderr=subprocess.STDOUT)))
-        for (port, proc), log in zip(servers, logs):
-            t0 = time.time()
-            while True:
-                assert proc.poll() is None, log.read_text()[-2000:]
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    assert time.time() - t0 < 60, f"rpc server on {port} not listening"
-                    time.sleep(0.2)
+            servers.append(_start_rpc_server(tmp_path))
+        logs = [tmp_path / f"rpc-{port}.log" for port, _ in servers]
         ids = long_ids[:316]
         one_stats, one = _rpc_run(three_class_gguf, tmp_path / "one.npy", ids)
         split_stats, split = _rpc_run(three_class_gguf, tmp_path / "split.npy", ids,
@@ -438,6 +425,52 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
     assert split_stats == one_stats and len(one_stats["classes"]) == 3
     assert (split.argmax(1) == one.argmax(1)).all()
     assert np.abs(split - one).max() <= 1e-5 * np.abs(one).max()
+
+
+def _start_rpc_server(tmp_path):
+    port = free_port()
+    log = tmp_path / f"rpc-{port}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port", str(port), "--threads", "1"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    t0 = time.time()
+    while True:
+        assert proc.poll() is None, log.read_text()[-2000:]
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return port, proc
+        except OSError:
+            assert time.time() - t0 < 60, f"rpc server on {port} not listening"
+            time.sleep(0.2)
+
+
+RPC_GONE = """
+import os, signal, sys, time
+import llama_fastgen
+from llama_fastgen import rpc
+from llama_cpp import Llama
+gguf, endpoint, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rpc.add_servers([endpoint])
+os.kill(pid, signal.SIGKILL)      # the server stops after its devices were registered
+time.sleep(1)
+try:
+    Llama(model_path=gguf, n_ctx=256, n_gpu_layers=-1, verbose=False)
+except rpc.RpcError as e:
+    print("refused:", e)
+"""
+
+
+def test_a_model_load_after_an_rpc_server_stopped_is_refused_not_aborted(three_class_gguf, tmp_path):
+    """llama.cpp's RPC client aborts the process when a registered server is gone; every model load asks the
+    registered servers first, so the caller gets the reason instead."""
+    port, proc = _start_rpc_server(tmp_path)
+    try:
+        r = subprocess.run([sys.executable, "-c", RPC_GONE, str(three_class_gguf), f"127.0.0.1:{port}", str(proc.pid)],
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"refused: no RPC server answers at 127.0.0.1:{port}" in r.stdout, r.stdout + r.stderr[-2000:]
 
 
 def test_an_rpc_server_that_does_not_answer_is_refused_with_the_reason():
