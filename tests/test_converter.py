@@ -187,7 +187,8 @@ def test_reference_window_policy_hides_old_tokens(model_dir):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_hf", "unsupported", "threshold", "empty_calib", "unwritable",
-                                  "kv_budget", "both_rules", "probe_tokens", "policies"])
+                                  "kv_budget", "both_rules", "probe_tokens", "policies", "n_sink", "outfile_dir",
+                                  "bad_config", "policies_unreadable"])
 def test_bad_input_is_one_clear_error_and_no_output(case, tmp_path, tiny_model_dir, capsys):
     model, out = tiny_model_dir, tmp_path / "out.gguf"
     extra = []
@@ -196,7 +197,10 @@ def test_bad_input_is_one_clear_error_and_no_output(case, tmp_path, tiny_model_d
               "unwritable": "does not exist", "kv_budget": "--kv-budget must be a fraction in (0, 1]",
               "both_rules": "--threshold and --kv-budget are two rules for the same choice; give one of them",
               "probe_tokens": "exceeds the model's context of 4096 tokens",
-              "policies": "2 layers x 2 heads, the model has 4 x 2 KV heads"}[case]
+              "policies": "2 layers x 2 heads, the model has 4 x 2 KV heads",
+              "n_sink": "--n-sink must be in [0, 65536], got 70000", "outfile_dir": "is a directory; name the GGUF file",
+              "bad_config": "config.json is not readable JSON",
+              "policies_unreadable": "not a report JSON with a 'policies' table"}[case]
     if case == "missing":
         model = tmp_path / "nope"
     elif case == "not_hf":
@@ -222,11 +226,23 @@ def test_bad_input_is_one_clear_error_and_no_output(case, tmp_path, tiny_model_d
     elif case == "policies":
         (tmp_path / "p.json").write_text(json.dumps({"policies": [["full", "special"], ["full", "full"]]}))
         extra = ["--policies", str(tmp_path / "p.json"), "--max-tokens", "64"]
+    elif case == "n_sink":
+        extra = ["--n-sink", "70000"]        # would write a GGUF that no loader accepts
+    elif case == "outfile_dir":
+        out = tmp_path / "a_dir"
+        out.mkdir()
+    elif case == "bad_config":
+        model = tmp_path / "broken"
+        model.mkdir()
+        (model / "config.json").write_text("{not json")
+    elif case == "policies_unreadable":       # refused before the model loads and profiles
+        (tmp_path / "p.json").write_text("# not a report")
+        extra = ["--policies", str(tmp_path / "p.json")]
     rc = convert.main([str(model), "--profile", "--outfile", str(out)] + extra)
     err = capsys.readouterr().err
     assert rc == 2
     assert expect in err and err.count("error:") == 1
-    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+    assert (not out.exists() or out.is_dir()) and not list(tmp_path.glob("*.partial"))
 
 
 def test_default_rule_is_the_kv_budget(tiny_model_dir, tmp_path):

@@ -35,6 +35,23 @@ def test_cli_version():
     assert "CPU" in backends and "RPC" in backends   # the RPC backend is part of the build (llama_fastgen.rpc)
 
 
+@pytest.mark.parametrize("args,expect", [
+    (["inspect", "{cut}"], "not a readable GGUF file"),
+    (["chat", "{cut}", "--prompt", "hi"], "not a readable GGUF file"),
+    (["inspect", "{dir}"], "is a directory, not a GGUF file"),
+    (["inspect", "{cut}", "--ctx", "0"], "expected 1 to 16777216 tokens of context, got 0"),
+    (["chat", "{cut}", "--n-ctx", "-5"], "expected 1 to 16777216 tokens of context, got -5"),
+    (["rpc-server", "--port", "70000"], "expected 1 to 65535 (a TCP port), got 70000"),
+])
+def test_cli_says_what_is_wrong_without_a_traceback(args, expect, tmp_path, stock_gguf):
+    cut = tmp_path / "cut.gguf"
+    with open(stock_gguf, "rb") as f:
+        cut.write_bytes(f.read(1000))                  # a download that stopped early
+    args = [a.format(cut=cut, dir=tmp_path) for a in args]
+    r = subprocess.run([sys.executable, "-m", "llama_fastgen", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
 def test_the_converter_never_loads_libllama_and_llama_cpp_loads_ours_when_imported():
     """A CUDA libllama loaded before torch makes torch's import abort (seen on the H200), so
     importing llama_fastgen and the converter, and sizing a policy, must not load it; llama_cpp imported afterwards
