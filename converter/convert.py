@@ -140,11 +140,8 @@ def check_args(a) -> None:
         raise UsageError(f"--budget-ctx must be in [0, {MAX_CELLS}] (0: fixed budgets), got {a.budget_ctx}")
     if a.probe_tokens < 256 or a.retrieval_margin < 0:
         raise UsageError("--probe-tokens must be >= 256 and --retrieval-margin >= 0")
-    if a.policies is not None:  # before the model loads and profiles: a typo costs seconds, not minutes
-        try:
-            json.loads(a.policies.read_text())["policies"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"--policies {a.policies}: not a report JSON with a 'policies' table ({e!r})") from None
+    if a.policies is not None:  # read before the model loads and profiles: a typo costs seconds, not minutes
+        a.policy_report, a.policy_table = read_policies(a.policies)
     if a.outfile.is_dir():
         raise UsageError(f"--outfile {a.outfile} is a directory; name the GGUF file to write")
     out_dir = a.outfile.resolve().parent
@@ -208,7 +205,7 @@ def profile_and_convert(a) -> dict:
         raise UsageError(f"--kv-budget {a.kv_budget} is too small: {e}") from None
     protection = None
     if a.policies:
-        sel.policies = policies_from_file(a.policies, n_layer, n_kv)
+        sel.policies = policies_for_model(a.policies, a.policy_table, n_layer, n_kv)
     elif not a.no_retrieval:
         haystack = "\n\n".join(t for _, t in texts)
         protection = protect.run(model, tok, policies_for, set(special), set(punct), a.n_sink, haystack,
@@ -249,7 +246,7 @@ def profile_and_convert(a) -> dict:
 
     rep = report.build(sel, res, meta, head_dim, quality, a.outfile, protection)
     if a.policies:  # the table's provenance: its report's retrieval evidence (baselines rank heads by it)
-        rep.update(policies_from=str(a.policies), retrieval=json.loads(a.policies.read_text()).get("retrieval"))
+        rep.update(policies_from=str(a.policies), retrieval=a.policy_report.get("retrieval"))
     import platform
 
     rep.update(threshold=a.threshold, kv_budget=a.kv_budget, ctx=a.ctx, budget_ctx=a.budget_ctx, command="llama-fastgen-convert " + " ".join(a.argv),
@@ -260,20 +257,24 @@ def profile_and_convert(a) -> dict:
     return rep
 
 
-def policies_from_file(path: Path, n_layer: int, n_kv: int):
-    """The 'policies' table of a report JSON: labels per layer and original KV head."""
+def read_policies(path: Path):
+    """A report JSON and its 'policies' table: labels per layer and original KV head, as HeadPolicy."""
 
     from llama_fastgen.schema import HeadPolicy, MetadataError
 
     try:
-        table = json.loads(path.read_text())["policies"]
-        out = [[HeadPolicy.from_label(x) for x in row] for row in table]
+        report = json.loads(path.read_text())
+        return report, [[HeadPolicy.from_label(x) for x in row] for row in report["policies"]]
     except (OSError, ValueError, KeyError, TypeError, MetadataError) as e:
-        raise UsageError(f"--policies {path}: not a readable policy table ({e})") from None
-    if len(out) != n_layer or any(len(row) != n_kv for row in out):
-        raise UsageError(f"--policies {path}: {len(out)} layers x {len(out[0]) if out else 0} heads, "
+        raise UsageError(f"--policies {path}: not a report JSON with a 'policies' table ({e!r})") from None
+
+
+def policies_for_model(path: Path, table, n_layer: int, n_kv: int):
+    """The table read from --policies, if it has the model's shape."""
+    if len(table) != n_layer or any(len(row) != n_kv for row in table):
+        raise UsageError(f"--policies {path}: {len(table)} layers x {len(table[0]) if table else 0} heads, "
                          f"the model has {n_layer} x {n_kv} KV heads")
-    return out
+    return table
 
 
 def summary(rep: dict) -> str:

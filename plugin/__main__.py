@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         why = "is a directory, not a GGUF file" if os.path.isdir(args.model) else "does not exist"
         print(f"llama-fastgen: error: model file {args.model} {why}", file=sys.stderr)
         return 2
-    if args.cmd in ("inspect", "chat", "serve"):
+    if args.cmd in ("chat", "serve"):   # (inspect reads it first anyway)
         from . import schema
 
-        try:  # a cut, foreign or malformed file: the reason, before anything loads it
+        try:  # a cut, foreign or malformed file: the reason, before llama.cpp loads it
             schema.read(args.model)
         except schema.MetadataError as e:
             print(f"llama-fastgen: error: {e}", file=sys.stderr)

@@ -91,9 +91,7 @@ def load():
 
 def _extend(llama_cpp) -> None:
     """What llama_fastgen adds to llama_cpp: reasons for refusals, prompt reuse via checkpoints."""
-    from . import checkpoints
-
-    from . import rpc
+    from . import checkpoints, rpc
 
     _explain_load_errors(llama_cpp)
     _raise_refusals(llama_cpp)

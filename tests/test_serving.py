@@ -397,6 +397,22 @@ def _rpc_run(gguf, out, ids, *endpoints):
     return json.loads(r.stdout.strip().splitlines()[-1]), np.load(out)
 
 
+def _start_rpc_server(tmp_path):
+    port = free_port()
+    log = tmp_path / f"rpc-{port}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port", str(port), "--threads", "1"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    t0 = time.time()
+    while True:
+        assert proc.poll() is None, log.read_text()[-2000:]
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return port, proc, log
+        except OSError:
+            assert time.time() - t0 < 60, f"rpc server on {port} not listening"
+            time.sleep(0.2)
+
+
 def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_class_gguf, long_ids, tmp_path):
     """llama.cpp's RPC backend (`llama-fastgen rpc-server` = its rpc-server, `llama_fastgen.rpc.add_servers`
     = its --rpc): the tiny model's layers and their per-class caches split over two local servers. The
@@ -406,13 +422,13 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
     try:
         for _ in range(2):
             servers.append(_start_rpc_server(tmp_path))
-        logs = [tmp_path / f"rpc-{port}.log" for port, _ in servers]
+        logs = [log for _, _, log in servers]
         ids = long_ids[:316]
         one_stats, one = _rpc_run(three_class_gguf, tmp_path / "one.npy", ids)
         split_stats, split = _rpc_run(three_class_gguf, tmp_path / "split.npy", ids,
-                                      *(f"127.0.0.1:{p}" for p, _ in servers))
+                                      *(f"127.0.0.1:{p}" for p, _, _ in servers))
     finally:
-        for _, proc in servers:
+        for _, proc, _ in servers:
             proc.terminate()
             proc.wait(timeout=30)
     for log in logs:   # each server took the client's connection (layers assigned to it)
@@ -425,22 +441,6 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
     assert split_stats == one_stats and len(one_stats["classes"]) == 3
     assert (split.argmax(1) == one.argmax(1)).all()
     assert np.abs(split - one).max() <= 1e-5 * np.abs(one).max()
-
-
-def _start_rpc_server(tmp_path):
-    port = free_port()
-    log = tmp_path / f"rpc-{port}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port", str(port), "--threads", "1"],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    t0 = time.time()
-    while True:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return port, proc
-        except OSError:
-            assert time.time() - t0 < 60, f"rpc server on {port} not listening"
-            time.sleep(0.2)
 
 
 RPC_GONE = """
@@ -462,7 +462,7 @@ except rpc.RpcError as e:
 def test_a_model_load_after_an_rpc_server_stopped_is_refused_not_aborted(three_class_gguf, tmp_path):
     """llama.cpp's RPC client aborts the process when a registered server is gone; every model load asks the
     registered servers first, so the caller gets the reason instead."""
-    port, proc = _start_rpc_server(tmp_path)
+    port, proc, _ = _start_rpc_server(tmp_path)
     try:
         r = subprocess.run([sys.executable, "-c", RPC_GONE, str(three_class_gguf), f"127.0.0.1:{port}", str(proc.pid)],
                            capture_output=True, text=True, timeout=300)

@@ -20,6 +20,11 @@ void llama_fastgen_set_last_error(const std::string & what) {
     g_last_error = what;
 }
 
+void llama_fastgen_refuse(const char * func, const std::string & why) {
+    LLAMA_LOG_ERROR("%s: %s\n", func, why.c_str());
+    g_last_error = why;
+}
+
 static bool arch_supported(llm_arch arch) {
     // architectures whose graphs go through build_attn_inp_kv + build_attn and whose heads the
     // converter knows how to permute

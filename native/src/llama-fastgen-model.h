@@ -24,3 +24,6 @@ llama_memory_i * llama_fastgen_create_memory(const llama_model & model, const ll
 // message of the last policy error (empty if none), for llama_fastgen_last_error()
 const std::string & llama_fastgen_last_error_str();
 void llama_fastgen_set_last_error(const std::string & what);
+// refuse a call that returns nothing in llama.cpp's API (seq_add, seq_div, seq_cp): logged as an error from
+// func, and kept as the last error, which Python raises (llama_fastgen._lib._raise_refusals)
+void llama_fastgen_refuse(const char * func, const std::string & why);

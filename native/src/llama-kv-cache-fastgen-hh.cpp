@@ -951,10 +951,8 @@ bool llama_fastgen_hh_memory::seq_cp(llama_seq_id src, llama_seq_id dst, llama_p
     // llama-server copies a prompt's sequence for several completions: store to store; a part of one cannot be
     if (src < 0 || dst < 0 || (size_t) src >= stores.size() || (size_t) dst >= stores.size() ||
             p0 > 0 || (p1 >= 0 && p1 <= stores[src]->pos_max())) {
-        const std::string why = format("fastgen: heavy-hitter heads copy whole sequences only (seq_cp(%d, %d, %d, %d)); "
-                "sequence %d unchanged", src, dst, p0, p1, dst);
-        LLAMA_LOG_ERROR("%s: %s\n", __func__, why.c_str());
-        llama_fastgen_set_last_error(why);
+        llama_fastgen_refuse(__func__, format("fastgen: heavy-hitter heads copy whole sequences only "
+                "(seq_cp(%d, %d, %d, %d)); sequence %d unchanged", src, dst, p0, p1, dst));
         return false;
     }
     stores[dst]->copy_from(*stores[src], sched);

@@ -82,7 +82,8 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
     // tokens of that sequence, which an equal split keeps together)
     if (!hh.empty() && n_seq_max > 1) {
         const auto & st = *hh.get();
-        const std::string why = st.why_not_fused(1) + (st.fused(1) ? st.why_not_fused(n_ubatch) : "");
+        std::string why = st.why_not_fused(1);
+        why = why.empty() ? st.why_not_fused(n_ubatch) : why;
         if (!why.empty()) {
             throw std::runtime_error(format("fastgen: heavy-hitter heads serve several sequences (n_seq_max = %u) only "
                     "through the fused op, and %s: create the context with n_seq_max = 1, or disable fastgen "
@@ -284,16 +285,9 @@ void llama_kv_cache_fastgen::seq_keep(llama_seq_id seq_id) {
     }
 }
 
-// A refusal of a call that returns nothing (seq_add, seq_div, seq_cp): logged, and kept as the last fastgen
-// error so that Python can raise it (llama_fastgen.checkpoints wraps llama-cpp-python's calls)
-static void refuse(const char * func, const std::string & why) {
-    LLAMA_LOG_ERROR("%s: %s\n", func, why.c_str());
-    llama_fastgen_set_last_error(why);
-}
-
 void llama_kv_cache_fastgen::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
     if (!get_can_shift() && shift != 0) {
-        refuse(__func__, "fastgen: positions of a compressed cache cannot be shifted (its windows and heavy hitters "
+        llama_fastgen_refuse(__func__, "fastgen: positions of a compressed cache cannot be shifted (its windows and heavy hitters "
                 "were chosen at their positions); positions unchanged. Leave context shifting off");
         return;
     }
@@ -306,7 +300,7 @@ void llama_kv_cache_fastgen::seq_add(llama_seq_id seq_id, llama_pos p0, llama_po
 
 void llama_kv_cache_fastgen::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
     if (!get_can_shift() && d != 1) {
-        refuse(__func__, "fastgen: positions of a compressed cache cannot be divided; positions unchanged");
+        llama_fastgen_refuse(__func__, "fastgen: positions of a compressed cache cannot be divided; positions unchanged");
         return;
     }
     for (auto & s : slices) {
