@@ -75,14 +75,16 @@ def several_sequences(model_path, streams: list[list[int]], prefill: int, unifie
 
 
 def with_rolled_back_tails(model_path, ids: list[int], prefill: int, n_accepted: int, n_ctx: int = 2048,
-                           n_batch: int = 64, seed: int = 0, **llama_kwargs):
+                           n_batch: int = 64, seed: int = 0, ahead: bool = True, **llama_kwargs):
     """Tail rollback against its oracle. After a prefill of ids[:prefill], steps as speculative decoding
     and an edited chat turn make them: the next 1-4 tokens of `ids` plus 1-5 wrong ones, evaluated in
     one call or token by token, then the wrong ones removed again (llama_memory_seq_rm) in a first
     cache; a second cache evaluates only the right tokens, in the same calls. A step the first cache
     says it could not take back evaluates the right tokens only. Before every step both caches run the
     eviction a ubatch of the step's tokens would run (llama_fastgen_ctx_make_removable, as
-    llama_fastgen.checkpoints does before an evaluation), so that their histories stay alike.
+    llama_fastgen.checkpoints does before an evaluation), so that their histories stay alike. With
+    ahead=False the first cache does not: its steps evict as they run (as in llama-server, which knows
+    nothing of make_removable), and the removal must still succeed and leave the same cache.
     Returns (logits of the right tokens in the first cache, in the second [n_accepted, n_vocab],
     steps rolled back, removals refused). Extra keyword arguments go to both llama_cpp.Llama."""
     import random
@@ -100,8 +102,8 @@ def with_rolled_back_tails(model_path, ids: list[int], prefill: int, n_accepted:
             wrong = [rng.randrange(100, a.n_vocab()) for _ in range(rng.randint(1, 5))]
             n = len(acc) + len(wrong)
             native.lib.llama_fastgen_ctx_make_removable(native.ffi.cast("void *", b._ctx.ctx), 0, n)
-            if native.lib.llama_fastgen_ctx_make_removable(native.ffi.cast("void *", a._ctx.ctx), 0, n):
-                if rng.random() < 0.5:
+            if not ahead or native.lib.llama_fastgen_ctx_make_removable(native.ffi.cast("void *", a._ctx.ctx), 0, n):
+                if rng.random() < 0.5 or not ahead:   # token by token, an eviction would come after some of them
                     a.eval(acc + wrong)
                 else:
                     for t in acc + wrong:

@@ -65,12 +65,15 @@ class LlamaServer(ServerProcess):
                "-ub", "64", "-b", "256", "-t", str(os.cpu_count() or 2), "--no-warmup", "-lv", "4", *args]
         self.start(cmd, log, dict(os.environ, LD_LIBRARY_PATH=str(binary.parent)))
 
-    def complete(self, prompt: str, **opts) -> list[int]:
+    def request(self, prompt: str, **opts) -> dict:
         body = json.dumps({"prompt": prompt, "return_tokens": True, **GREEDY, **opts}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=300) as r:
-            return json.loads(r.read())["tokens"]
+            return json.loads(r.read())
+
+    def complete(self, prompt: str, **opts) -> list[int]:
+        return self.request(prompt, **opts)["tokens"]
 
 
 
@@ -138,3 +141,44 @@ def test_a_slot_reuses_its_prompt_only_where_the_cache_can_roll_back(server_bin,
     finally:
         srv.stop()
     assert reused == fresh and again == fresh
+
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf(model_dir, tmp_path_factory):
+    """The default model converted with its default profile's table (no profiling: --policies)."""
+    from llama_fastgen.converter import convert
+
+    out = tmp_path_factory.mktemp("llama-server") / "smollm2-B0.30.gguf"
+    assert convert.main([str(model_dir), "--profile", "--policies", str(REPO / "docs" / "results" / "smollm2-B0.30.fastgen.json"),
+                         "--outfile", str(out)]) == 0
+    return out
+
+
+def test_drafts_leave_natively_with_kept_attention_and_answer_as_without_drafts(server_bin, smollm2_gguf, tmp_path):
+    """With fastgen.undo_tokens >= a draft step's tokens, llama-server's start-up probe (two tokens, the
+    second removed) finds that a slot can drop its newest tokens, so it checks its n-gram drafts in one
+    batch and removes the rejected ones with seq_rm, which llama.cpp's common code aborts on when it is
+    refused. Such steps used to be refused where a heavy-hitter store evicted for them, where a protected
+    token stood in a window, and in the probe itself. Oracle: the same server without drafts gives the
+    same greedy tokens (the default model copying a list, so that drafts are both taken and rejected)."""
+    items = "\n".join(f"{i}. The {c} box holds {3 * i + 3} marbles." for i, c in
+                      enumerate(["red", "blue", "green", "yellow", "black", "white", "pink", "gray", "brown", "orange"] * 3))
+    prompt = f"Here is a list:\n{items}\n\nCopy the list exactly.\n\n0. The red box"
+    opts = {"n_predict": 200}
+    spec = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3", "--spec-ngram-simple-size-m", "8",
+            "--override-kv", "fastgen.undo_tokens=int:16"]
+    answers, drafts = [], None
+    for i, extra in enumerate(([], spec)):
+        srv = LlamaServer(server_bin, smollm2_gguf, tmp_path / f"server{i}.log", "-np", "1", *extra)
+        try:
+            assert srv.wait_ready(), srv.stop()[-3000:]
+            r = srv.request(prompt, **opts)
+        finally:
+            log = srv.stop()
+        answers.append(r["tokens"])
+        if extra:
+            assert "will use checkpoints" not in log, log[-3000:]   # the probe found that a tail can go
+            drafts = (r["timings"].get("draft_n", 0), r["timings"].get("draft_n_accepted", 0))
+    assert drafts[0] > drafts[1] > 0, drafts   # drafts were checked, and some taken back
+    assert len(answers[0]) == opts["n_predict"] and answers[1] == answers[0]

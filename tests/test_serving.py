@@ -248,6 +248,23 @@ def test_the_newest_tokens_leave_the_native_cache_as_if_never_evaluated(three_cl
     assert _rel(got, want) < 2e-3   # seen: 2.7e-4 (other cell slots: f16 sums of V in another order)
 
 
+def test_a_step_that_evicted_leaves_again_with_its_eviction_kept(three_class_d32_gguf, long_ids, monkeypatch):
+    """As above, but nothing runs the eviction ahead for the first cache (llama-server's drafts, a raw
+    llama_decode): its steps evict as they run, so several rolled-back steps evicted heavy-hitter cells
+    (the store of 40 + 64 cells drops back to 40 about every 64 tokens). The removal must still succeed:
+    the eviction stays, the removed tokens' attention leaves the scores, and the cache equals the second
+    one, which ran that same eviction ahead and evaluated the right tokens only."""
+    from llama_fastgen import checkpoints
+    from llama_fastgen.logits import with_rolled_back_tails
+
+    monkeypatch.setenv(checkpoints.ENV, "0")   # checkpoints would ask make_removable before each step
+    got, want, rolled, refused = with_rolled_back_tails(three_class_d32_gguf, long_ids, 300, 160, n_ctx=512,
+                                                        ahead=False, kv_overrides=UNDO)
+    assert refused == 0 and rolled >= 60, (rolled, refused)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert _rel(got, want) < 2e-3
+
+
 def test_a_removal_beyond_the_kept_tokens_is_refused_and_changes_nothing(three_class_d32_gguf, long_ids, monkeypatch):
     from llama_fastgen import checkpoints, schema
 

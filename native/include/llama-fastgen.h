@@ -58,11 +58,11 @@ LLAMA_API uint32_t llama_fastgen_ctx_class_used (const struct llama_context * ct
 // were dropped because the class's cells ran out (0: none dropped).
 LLAMA_API int32_t llama_fastgen_ctx_class_dropped_upto(const struct llama_context * ctx, int32_t c, int32_t seq_id);
 
-// Tail rollback: make n_tokens evaluated next as one ubatch in sequence seq_id removable again exactly
-// (llama_memory_seq_rm of their positions), so that no checkpoint is needed before them: heavy-hitter
-// heads run now the eviction that ubatch would run before it (the same one), then the answer. True for a
-// cache without compressed classes; with heavy-hitter heads it needs the kv override fastgen.undo_tokens
-// >= n_tokens, and on CUDA a decode-sized ubatch.
+// Tail rollback: can n_tokens evaluated next as one ubatch in sequence seq_id be removed again exactly
+// (llama_memory_seq_rm of their positions), so that no checkpoint is needed before them? Heavy-hitter
+// heads run now the eviction that ubatch would run before it (the same one; it stays after a removal),
+// then the answer. True for a cache without compressed classes; with heavy-hitter heads it needs the kv
+// override fastgen.undo_tokens >= n_tokens, and on CUDA a decode-sized ubatch.
 LLAMA_API bool llama_fastgen_ctx_make_removable(struct llama_context * ctx, int32_t seq_id, uint32_t n_tokens);
 
 // K+V bytes allocated by the context's cache (any cache type), and what an ordinary full cache

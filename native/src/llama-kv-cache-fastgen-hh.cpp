@@ -647,9 +647,14 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
             }
         }
     }
+    // A recorded ubatch can be taken back even when its eviction ran (before its tokens were placed, from
+    // the scores before it): the eviction stays, as if make_removable had run it ahead, and the cells it
+    // freed take the next tokens. What came before an eviction cannot be taken back.
     last_pos = std::max(last_pos, ub.pos[n - 1]);
-    if (evicted || !recorded) {
+    if (!recorded) {
         undo_floor = last_pos + 1; // this ubatch cannot be taken back
+    } else if (evicted) {
+        undo_floor = std::max(undo_floor, p0);
     }
     g_timing.lap(hh_timing::PLACE, t);
     return true;
@@ -662,20 +667,6 @@ bool llama_fastgen_hh_store::records(uint32_t n_tokens) const {
 
 bool llama_fastgen_hh_store::can_undo(llama_pos p0) const {
     return p0 > last_pos || (n_undo > 0 && p0 >= undo_floor && p0 + (llama_pos) n_undo > last_pos);
-}
-
-bool llama_fastgen_hh_store::can_undo_next(uint32_t n_tokens) const {
-    if (!records(n_tokens)) {
-        return false;
-    }
-    for (const auto & l : layers) {
-        for (int h = 0; h < l.n_head; ++h) {
-            if (evicts(l.n_used[h], n_tokens, l.budget[h])) {
-                return false;
-            }
-        }
-    }
-    return true;
 }
 
 void llama_fastgen_hh_store::undo(llama_pos p0, ggml_backend_sched_t sched) {
@@ -993,10 +984,6 @@ void llama_fastgen_hh_memory::evict_ahead(llama_seq_id seq_id, uint32_t n_tokens
     for (auto * st : stores_of(seq_id)) {
         st->evict_ahead(n_tokens, sched);
     }
-}
-
-bool llama_fastgen_hh_memory::can_undo_next(llama_seq_id seq_id, uint32_t n_tokens) const {
-    return every(seq_id, [&](const llama_fastgen_hh_store * st) { return st->can_undo_next(n_tokens); });
 }
 
 uint32_t llama_fastgen_hh_memory::max_used(int c) const {

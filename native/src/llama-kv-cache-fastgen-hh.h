@@ -101,10 +101,8 @@ public:
     bool records(uint32_t n_tokens) const; // does the op keep a ubatch of n_tokens' contributions
     bool can_undo(llama_pos p0) const;     // can positions [p0, ...) be removed exactly
     void undo(llama_pos p0, ggml_backend_sched_t sched); // remove them (after can_undo)
-    // would a ubatch of n_tokens applied now be removable again (no eviction before it, recorded)
-    bool can_undo_next(uint32_t n_tokens) const;
-    // run now the eviction a ubatch of n_tokens would run before it (same scores, same trigger), so
-    // that the ubatch itself can be taken back (speculative decoding: no checkpoint before its drafts)
+    // run now the eviction a ubatch of n_tokens would run before it (same scores, same trigger): a cache
+    // that then evaluates fewer tokens evicts at the same step (speculative decoding and its oracle)
     void evict_ahead(uint32_t n_tokens, ggml_backend_sched_t sched);
 
     // graph inputs for the current ubatch, all layers: slots I64 [n_tokens, n_head_total] and query
@@ -206,7 +204,6 @@ public:
     llama_pos seq_pos_max(llama_seq_id seq_id) const; // -1: none; seq_id < 0: any sequence
     bool      can_undo(llama_seq_id seq_id, llama_pos p0) const; // the stores' tail rollback (seq_id < 0: every store)
     void      undo(llama_seq_id seq_id, llama_pos p0);
-    bool      can_undo_next(llama_seq_id seq_id, uint32_t n_tokens) const;
     bool      records(llama_seq_id seq_id, uint32_t n_tokens) const; // every store keeps such a ubatch's scores
     void      evict_ahead(llama_seq_id seq_id, uint32_t n_tokens);
 

@@ -175,9 +175,10 @@ bool llama_kv_cache_fastgen::can_remove_tail(llama_seq_id seq_id, llama_pos p0) 
         }
         for (llama_seq_id s = seq_id < 0 ? 0 : seq_id; s < (seq_id < 0 ? (llama_seq_id) n_seq_max : seq_id + 1); ++s) {
             // a query at p0 sees positions > p0 - window (those below n_sink are retained): all still there
+            // (none to see when p0 is within the sinks, as in llama-server's probe: two tokens, the second removed)
             const llama_pos need = std::max<llama_pos>(p0 + 1 - policy->classes[c].window, (llama_pos) policy->n_sink);
             const llama_pos start = slices[c]->fastgen_window_start(s);
-            if (slices[c]->seq_pos_max(s) >= p0 && (start < 0 || start > need)) {
+            if (slices[c]->seq_pos_max(s) >= p0 && need < p0 && start > need) {
                 return false;
             }
         }
@@ -195,7 +196,7 @@ bool llama_kv_cache_fastgen::make_removable(llama_seq_id seq_id, uint32_t n_toke
         return false; // several ubatches, or not recorded: an eviction now would not be the one it runs
     }
     hh.evict_ahead(seq_id, n_tokens);
-    return hh.can_undo_next(seq_id, n_tokens);
+    return true;
 }
 
 void llama_kv_cache_fastgen::on_applied(const llama_ubatch & ub, bool last_of_batch) {

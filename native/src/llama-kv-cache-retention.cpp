@@ -4,6 +4,8 @@
 #include "llama-kv-cache.h"
 
 #include <algorithm>
+#include <functional>
+#include <vector>
 
 void llama_kv_cache::set_retention(uint32_t n_sink, std::vector<bool> protected_tok) {
     fastgen_n_sink    = n_sink;
@@ -27,15 +29,19 @@ uint32_t llama_kv_cache::n_used_cells() const {
 }
 
 llama_pos llama_kv_cache::fastgen_window_start(llama_seq_id s) const {
-    // the slot search purges every position up to the one it overwrites (llama_kv_cache::apply_ubatch),
-    // sparing retained cells: the cells that are not retained hold one contiguous run of positions
+    // the slot search purges the oldest positions that are not retained; retained cells inside the window
+    // (protected tokens) are held all the same, so walk down from the newest position while each is held
     const auto & cells = v_cells[seq_to_stream[s]];
-    llama_pos res = -1;
+    std::vector<llama_pos> pos;
     for (uint32_t i = 0; i < cells.size(); ++i) {
-        if (!cells.is_empty(i) && cells.seq_has(i, s) && !is_retained(cells, i)) {
-            const llama_pos p = cells.pos_get(i);
-            res = res < 0 ? p : std::min(res, p);
+        if (!cells.is_empty(i) && cells.seq_has(i, s)) {
+            pos.push_back(cells.pos_get(i));
         }
+    }
+    std::sort(pos.begin(), pos.end(), std::greater<llama_pos>());
+    llama_pos res = pos.empty() ? -1 : pos[0];
+    for (size_t k = 1; k < pos.size() && pos[k] == res - 1; ++k) {
+        res = pos[k];
     }
     return res;
 }
