@@ -138,7 +138,13 @@ def main() -> int:
     if "retrieval" in a.sections:
         out["haystack"] = eval_tasks.essays()[1]
         prompts = measure.retrieval_prompts(tok, a.lengths, a.trials, a.tasks)
-    out["quality"] = [q for q in prev.get("quality", []) if q["config"] in out["configs"] and q["range"] in a.ranges]
+    # --resume with fewer sections: those not run keep what the file holds (their rows, ranges, tables)
+    kept = [k for k in ("quality", "memory", "speed") if k not in a.sections and k in prev]
+    out.update({k: prev[k] for k in kept})
+    if "quality" in kept:
+        out["ranges"] = prev["ranges"]
+    else:
+        out["quality"] = [q for q in prev.get("quality", []) if q["config"] in out["configs"] and q["range"] in a.ranges]
     out = child.in_child({"job": "sections", "out": out, "json": a.json, "t_start": t_start, "cfgs": [vars(c) for c in cfgs],
                     "sections": a.sections, "prompts": prompts, "text_ids": text_ids, "ranges": ranges,
                     "lengths": a.lengths, "trials": a.trials, "tasks": a.tasks, "ubatch": a.ubatch, "ctx": a.ctx,
