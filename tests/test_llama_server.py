@@ -143,7 +143,6 @@ def test_a_slot_reuses_its_prompt_only_where_the_cache_can_roll_back(server_bin,
     assert reused == fresh and again == fresh
 
 
-
 @pytest.fixture(scope="module")
 def smollm2_gguf(model_dir, tmp_path_factory):
     """The default model converted with its default profile's table (no profiling: --policies)."""
