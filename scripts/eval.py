@@ -131,6 +131,8 @@ def main() -> int:
         ap.error(f"--resume: {a.json} holds another model, n_ctx, ubatch or held-out text")
     if prev:
         out["started"], out["resumed"] = prev["started"], prev.get("resumed", []) + [out["started"]]
+        # the cells kept come from earlier commands and commits: the file names each, not only the last
+        out["earlier_runs"] = prev.get("earlier_runs", []) + [{k: prev[k] for k in ("command", "commit")}]
         t_start -= prev.get("seconds", 0)
 
     out["retrieval"] = [r for r in prev.get("retrieval", []) if r["config"] in out["configs"]]

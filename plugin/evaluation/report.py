@@ -165,6 +165,8 @@ def markdown(results: list[dict]) -> str:
                    f"{r['started']}, {r['seconds']} s; ubatch {r['n_ubatch']}; byte targets at n_ctx {r['n_ctx']}."
                    + ("" if r.get("complete", True) else " **Incomplete**: the run stopped before its end; '-' marks a "
                       "cell it did not reach.") + "\n")
+        for e in r.get("earlier_runs", []):
+            out.append(f"Cells kept from an earlier run: commit `{e['commit'][:12]}`, `{e['command']}`.\n")
         if r.get("quality"):
             # each range runs at its own n_ctx (the next power of two), so the bytes differ per range
             out.append("| config | " + " | ".join(f"KV % {q} | KL {q} | top-1 {q}" for q in r["ranges"]) + " |")
