@@ -116,9 +116,18 @@ def check_args(a) -> None:
         json.loads((a.model / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"{a.model / 'config.json'} is not readable JSON ({e})") from None
+    if not a.profile:  # a stock conversion would drop them without a word
+        given = [o for o, v in (("--policies", a.policies), ("--kv-budget", a.kv_budget), ("--threshold", a.threshold),
+                                ("--calibration", a.calibration)) if v is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} only apply with --profile (without it the converter writes a "
+                             f"stock GGUF with no fastgen policy); add --profile")
     if a.threshold is not None and a.kv_budget is not None:
         raise UsageError("--threshold and --kv-budget are two rules for the same choice; give one of them")
-    if a.threshold is None and a.kv_budget is None:
+    if a.policies is not None and (a.threshold is not None or a.kv_budget is not None):
+        log.warning("--policies gives every head's policy: %s only names the rule in the report",
+                    "--threshold" if a.threshold is not None else "--kv-budget")
+    if a.threshold is None and a.kv_budget is None and a.policies is None:
         a.kv_budget = DEFAULT_KV_BUDGET
     if a.threshold is not None and not 0.0 < a.threshold <= 1.0:
         raise UsageError(f"--threshold must be in (0, 1], got {a.threshold}")
@@ -141,7 +150,7 @@ def check_args(a) -> None:
     if a.probe_tokens < 256 or a.retrieval_margin < 0:
         raise UsageError("--probe-tokens must be >= 256 and --retrieval-margin >= 0")
     if a.policies is not None:  # read before the model loads and profiles: a typo costs seconds, not minutes
-        a.policy_report, a.policy_table = read_policies(a.policies)
+        a.policy_report, a.policy_table = read_policies(a.policies, a.n_sink)
     if a.outfile.is_dir():
         raise UsageError(f"--outfile {a.outfile} is a directory; name the GGUF file to write")
     out_dir = a.outfile.resolve().parent
@@ -165,9 +174,14 @@ def profile_and_convert(a) -> dict:
     from .architectures import check, permute_heads, shape
     from .profiling import allocate, arrange, profile, select, token_context
 
-    config = AutoConfig.from_pretrained(a.model)
+    try:
+        config = AutoConfig.from_pretrained(a.model)
+    except (OSError, ValueError) as e:  # a model_type this transformers does not know, a broken folder
+        raise UsageError(f"transformers cannot read {a.model} ({e})") from None
     check(config)
     n_layer, n_head, n_kv, head_dim = shape(config)
+    if a.policies:
+        policies_for_model(a.policies, a.policy_table, n_layer, n_kv)
     max_pos = getattr(config, "max_position_embeddings", None)
     if not a.no_retrieval and max_pos and a.probe_tokens > max_pos:
         raise UsageError(f"--probe-tokens {a.probe_tokens} exceeds the model's context of {max_pos} tokens; "
@@ -177,7 +191,10 @@ def profile_and_convert(a) -> dict:
     except ValueError as e:
         raise UsageError(str(e)) from None
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tok = AutoTokenizer.from_pretrained(a.model)
+    try:
+        tok = AutoTokenizer.from_pretrained(a.model)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{a.model} has no tokenizer transformers can load ({e})") from None
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="eager")
     model.to(device).eval()
@@ -199,14 +216,15 @@ def profile_and_convert(a) -> dict:
 
         def policies_for(protected):
             return protect.with_protected(base, protected)
-    try:
-        sel.policies = policies_for([])
-    except protect.BudgetTooSmall as e:
-        raise UsageError(f"--kv-budget {a.kv_budget} is too small: {e}") from None
     protection = None
     if a.policies:
-        sel.policies = policies_for_model(a.policies, a.policy_table, n_layer, n_kv)
-    elif not a.no_retrieval:
+        sel.policies = a.policy_table
+    else:
+        try:
+            sel.policies = policies_for([])
+        except protect.BudgetTooSmall as e:
+            raise UsageError(f"--kv-budget {a.kv_budget} is too small: {e}") from None
+    if not a.policies and not a.no_retrieval:
         haystack = "\n\n".join(t for _, t in texts)
         protection = protect.run(model, tok, policies_for, set(special), set(punct), a.n_sink, haystack,
                                  probe_tokens=a.probe_tokens, chunks=a.ubatch, margin=a.retrieval_margin,
@@ -257,16 +275,21 @@ def profile_and_convert(a) -> dict:
     return rep
 
 
-def read_policies(path: Path):
-    """A report JSON and its 'policies' table: labels per layer and original KV head, as HeadPolicy."""
+def read_policies(path: Path, n_sink: int):
+    """A report JSON and its 'policies' table: labels per layer and original KV head, as HeadPolicy,
+    each one the native loader takes with these sinks."""
 
-    from llama_fastgen.schema import HeadPolicy, MetadataError
+    from llama_fastgen.schema import HeadPolicy, MetadataError, class_problem
 
     try:
         report = json.loads(path.read_text())
-        return report, [[HeadPolicy.from_label(x) for x in row] for row in report["policies"]]
+        table = [[HeadPolicy.from_label(x) for x in row] for row in report["policies"]]
     except (OSError, ValueError, KeyError, TypeError, MetadataError) as e:
         raise UsageError(f"--policies {path}: not a report JSON with a 'policies' table ({e!r})") from None
+    for p in dict.fromkeys(p for row in table for p in row):
+        if (why := class_problem(p, n_sink)) is not None:
+            raise UsageError(f"--policies {path}: {why} (n_sink {n_sink}); no GGUF could load it")
+    return report, table
 
 
 def policies_for_model(path: Path, table, n_layer: int, n_kv: int):
@@ -278,7 +301,9 @@ def policies_for_model(path: Path, table, n_layer: int, n_kv: int):
 
 
 def summary(rep: dict) -> str:
-    rule = f"KV budget {rep['kv_budget']:.0%} at n_ctx {rep['ctx']}" if rep.get("kv_budget") else f"T = {rep['threshold']}"
+    from .report import rule as rule_of
+
+    rule = rule_of(rep)
     if rep.get("budget_ctx"):
         rule += f"; windows and budgets grow beyond n_ctx {rep['budget_ctx']}"
     lines = [f"policies ({rule}): " +

@@ -3,7 +3,7 @@
 The pinned convert_hf_to_gguf.py runs in a subprocess: it puts its own gguf-py first on
 sys.path, which must not clash with a gguf already imported here. Extra fastgen.* keys are added
 to its writer just before the header is written. The result appears under the final name only
-when complete.
+when complete and when its fastgen keys pass the checks a load makes.
 """
 from __future__ import annotations
 
@@ -67,6 +67,14 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16",
         if r.returncode != 0:
             tail = "\n".join((r.stderr or "").strip().splitlines()[-8:]) if not verbose else ""
             raise ExportError(f"the pinned convert_hf_to_gguf.py failed on {model_dir}:\n{tail}")
+        if extra_kv:  # read back as a load would: a file that cannot load never takes the final name
+            from llama_fastgen.schema import MetadataError, read
+
+            try:
+                read(tmp)
+            except MetadataError as e:
+                raise ExportError(f"the fastgen metadata written for {outfile} fails the loader's checks ({e}); "
+                                  f"nothing was written") from None
         os.replace(tmp, outfile)
     finally:
         for f in (tmp, kv_file):

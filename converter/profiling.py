@@ -75,7 +75,7 @@ def profile(model, prompts: list[tuple[str, list[int]]], special: set[int], punc
             n_sink: int = 4, max_window: int = 4096, progress: bool = True) -> ProfileResult:
     n_layer, n_head, n_kv, _ = shape(model.config)
     longest = max(len(ids) for _, ids in prompts)
-    rungs = ladder(max_window=min(max_window, max(16, longest // 2)))
+    rungs = ladder(max_window=min(max_window, max(16, longest // 2)), n_sink=n_sink)
     static = [i for i, r in enumerate(rungs) if r.kind != Kind.FREQUENT]
     frequent = [i for i, r in enumerate(rungs) if r.kind == Kind.FREQUENT]
     device = next(model.parameters()).device

@@ -67,11 +67,19 @@ def plot(sel, path: Path, title: str, protected=()) -> None:
     plt.close(fig)
 
 
+def rule(report: dict) -> str:
+    """How the policies were chosen, in words (the summary and the plot's title)."""
+    if report.get("policies_from"):
+        return f"policies of {Path(report['policies_from']).name}"
+    if report.get("kv_budget"):
+        return f"KV budget {report['kv_budget']:.0%} at n_ctx {report['ctx']}"
+    return f"T = {report['threshold']}"
+
+
 def write(report: dict, sel, json_path: Path, png_path: Path) -> None:
     json_path.write_text(json.dumps(report, indent=1))
     mem8k = next(m for m in report["expected_kv"] if m["n_ctx"] == 8192)
     rt = report.get("retrieval") or {}
     prot = [tuple(x) for x in rt.get("protected", [])]
-    rule = f"KV budget {report['kv_budget']:.0%}" if report.get("kv_budget") else f"T = {report['threshold']}"
-    plot(sel, png_path, f"FastGen policies per KV head, {rule}, KV at 8K = {mem8k['ratio']:.0%} "
+    plot(sel, png_path, f"FastGen policies per KV head, {rule(report)}, KV at 8K = {mem8k['ratio']:.0%} "
                         f"of full" + (f"; R = {len(prot)} retrieval heads kept full" if rt else ""), prot)

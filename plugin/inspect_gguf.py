@@ -26,11 +26,8 @@ def table(path: str, n_ctx: int | None, as_json: bool) -> str:
     if meta is None:
         return f"{path}: no fastgen metadata (a plain GGUF: runs with the full cache)"
     r = gguf.GGUFReader(path)
-    arch = r.fields["general.architecture"].contents()
-    n_embd = int(r.fields[f"{arch}.embedding_length"].contents())
-    n_head = int(r.fields[f"{arch}.attention.head_count"].contents())
-    head_dim = int(r.fields[f"{arch}.attention.key_length"].contents()) \
-        if f"{arch}.attention.key_length" in r.fields else n_embd // n_head
+    head_dim = schema.arch_int(r, "attention.key_length", path, default=0) or \
+        schema.arch_int(r, "embedding_length", path) // schema.arch_int(r, "attention.head_count", path)
     ctxs = (n_ctx,) if n_ctx else CONTEXTS
     mem = []
     for n in ctxs:

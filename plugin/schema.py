@@ -113,6 +113,19 @@ class HeadPolicy:
         return self if (w, b) == (self.window, self.budget) else HeadPolicy(self.kind, w, b)
 
 
+def class_problem(c: HeadPolicy, n_sink: int) -> str | None:
+    """Why the native loader (llama_fastgen_policy::load) refuses this class, or None; the converter asks
+    before it writes, so it never writes a GGUF that cannot load."""
+    bad_window = c.window != 0 if c.kind == Kind.FULL else not 1 <= c.window <= MAX_CELLS
+    if bad_window or c.budget > MAX_CELLS:
+        return f"class {c.label}: the window is 0 for full classes, otherwise 1 to {MAX_CELLS}; budgets are at most {MAX_CELLS}"
+    if c.kind == Kind.FREQUENT and c.budget <= n_sink + c.window:
+        return f"class {c.label}: a frequent budget must exceed n_sink + window = {n_sink + c.window}"
+    if c.kind != Kind.FREQUENT and c.budget:
+        return f"class {c.label} has a budget; only frequent classes have one"
+    return None
+
+
 def class_order(p: HeadPolicy):
     """Full first, then shrinking windows: the order of classes in the GGUF and of heads in a layer
     (frequent classes last and consecutive: the native heavy-hitter store takes them as one range)."""
@@ -250,15 +263,8 @@ def read(path: str | Path) -> FastgenMetadata | None:
     if n_sink > MAX_N_SINK:
         raise MetadataError(f"{path}: {KEYS['N_SINK']} = {n_sink} exceeds {MAX_N_SINK}")
     for c in classes:
-        bad_window = c.window != 0 if c.kind == Kind.FULL else not 1 <= c.window <= MAX_CELLS
-        if bad_window or c.budget > MAX_CELLS:
-            raise MetadataError(f"{path}: class {c.label}: the window is 0 for full classes, otherwise 1 to "
-                                f"{MAX_CELLS}; budgets are at most {MAX_CELLS}")
-        if c.kind == Kind.FREQUENT and c.budget <= n_sink + c.window:
-            raise MetadataError(f"{path}: frequent class budget {c.budget} must exceed n_sink + window = "
-                                f"{n_sink + c.window}; re-run convert.py --profile")
-        if c.kind != Kind.FREQUENT and c.budget:
-            raise MetadataError(f"{path}: class {c.label} has a budget; only frequent classes have one")
+        if (why := class_problem(c, n_sink)) is not None:
+            raise MetadataError(f"{path}: {why}; re-run convert.py --profile")
     frequent = [i for i, c in enumerate(classes) if c.kind == Kind.FREQUENT]
     if frequent and frequent[-1] - frequent[0] != len(frequent) - 1:
         raise MetadataError(f"{path}: frequent classes must be consecutive in {KEYS['CLASS_KIND']} "
@@ -270,8 +276,8 @@ def read(path: str | Path) -> FastgenMetadata | None:
     protected_frac = float(get("PROTECTED_FRAC", F32))
     if not 0.0 <= protected_frac <= 1.0:
         raise MetadataError(f"{path}: {KEYS['PROTECTED_FRAC']} = {protected_frac} must be in [0, 1]")
-    n_layer = _arch_int(r, "block_count")
-    n_head_kv = _arch_int(r, "attention.head_count_kv")
+    n_layer = arch_int(r, "block_count", path)
+    n_head_kv = arch_int(r, "attention.head_count_kv", path)
     lch, perm = get("LAYER_CLASS_HEADS", I32S), get("HEAD_PERM", I32S)
     C = len(classes)
     if len(lch) != n_layer * C:
@@ -311,17 +317,26 @@ def read(path: str | Path) -> FastgenMetadata | None:
         protected_frac=protected_frac, calibration=calibration, version=version, budget_ctx=budget_ctx)
 
 
-def _arch_int(reader, suffix: str) -> int:
-    arch = reader.fields["general.architecture"].contents()
+def arch_int(reader, suffix: str, path="GGUF", default: int | None = None) -> int:
+    """A positive model key ({arch}.{suffix}) of a GGUF, or `default` where it is absent; a
+    MetadataError names what is missing or wrong."""
+    f = reader.fields.get("general.architecture")
+    if f is None:
+        raise MetadataError(f"{path} has no general.architecture: not a complete model file; convert it again")
+    arch = f.contents()
     f = reader.fields.get(f"{arch}.{suffix}")
     if f is None:
-        raise MetadataError(f"GGUF has no {arch}.{suffix}")
+        if default is not None:
+            return default
+        raise MetadataError(f"{path} has no {arch}.{suffix}: not a complete model file; convert it again")
     v = f.contents()
     if isinstance(v, list):  # per-layer arrays: every layer must agree for now
         if len(set(v)) != 1:
-            raise MetadataError(f"{arch}.{suffix} varies per layer; not supported")
+            raise MetadataError(f"{path}: {arch}.{suffix} varies per layer; not supported")
         v = v[0]
-    return int(v)
+    if not isinstance(v, int) or v <= 0:
+        raise MetadataError(f"{path}: {arch}.{suffix} = {v!r}, expected a positive integer; convert it again")
+    return v
 
 
 def class_capacity(meta: FastgenMetadata, c: int, n_ctx: int, n_ubatch: int, n_seq: int = 1) -> int:

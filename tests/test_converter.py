@@ -188,7 +188,7 @@ def test_reference_window_policy_hides_old_tokens(model_dir):
 
 @pytest.mark.parametrize("case", ["missing", "not_hf", "unsupported", "threshold", "empty_calib", "unwritable",
                                   "kv_budget", "both_rules", "probe_tokens", "policies", "n_sink", "outfile_dir",
-                                  "bad_config", "policies_unreadable"])
+                                  "bad_config", "policies_unreadable", "policies_label", "unknown_type", "no_profile"])
 def test_bad_input_is_one_clear_error_and_no_output(case, tmp_path, tiny_model_dir, capsys):
     model, out = tiny_model_dir, tmp_path / "out.gguf"
     extra = []
@@ -200,7 +200,9 @@ def test_bad_input_is_one_clear_error_and_no_output(case, tmp_path, tiny_model_d
               "policies": "2 layers x 2 heads, the model has 4 x 2 KV heads",
               "n_sink": "--n-sink must be in [0, 65536], got 70000", "outfile_dir": "is a directory; name the GGUF file",
               "bad_config": "config.json is not readable JSON",
-              "policies_unreadable": "not a report JSON with a 'policies' table"}[case]
+              "policies_unreadable": "not a report JSON with a 'policies' table",
+              "policies_label": "class special+punct+local0: the window is 0 for full classes",
+              "unknown_type": "transformers cannot read", "no_profile": "--kv-budget only apply with --profile"}[case]
     if case == "missing":
         model = tmp_path / "nope"
     elif case == "not_hf":
@@ -238,7 +240,17 @@ def test_bad_input_is_one_clear_error_and_no_output(case, tmp_path, tiny_model_d
     elif case == "policies_unreadable":       # refused before the model loads and profiles
         (tmp_path / "p.json").write_text("# not a report")
         extra = ["--policies", str(tmp_path / "p.json")]
-    rc = convert.main([str(model), "--profile", "--outfile", str(out)] + extra)
+    elif case == "policies_label":            # a window of 0: no loader takes it
+        (tmp_path / "p.json").write_text(json.dumps({"policies": [["full", "special+punct+local0"]] * 4}))
+        extra = ["--policies", str(tmp_path / "p.json")]
+    elif case == "unknown_type":
+        model = tmp_path / "new"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "model_type": "no_such"}))
+    elif case == "no_profile":                # a stock conversion would drop the rule without a word
+        extra = ["--kv-budget", "0.3"]
+    profile = [] if case == "no_profile" else ["--profile"]
+    rc = convert.main([str(model), *profile, "--outfile", str(out)] + extra)
     err = capsys.readouterr().err
     assert rc == 2
     assert expect in err and err.count("error:") == 1
@@ -256,3 +268,25 @@ def test_default_rule_is_the_kv_budget(tiny_model_dir, tmp_path):
     assert len({p for row in rep["policies"] for p in row}) > 1       # the budget made choices
     at = next(m for m in rep["expected_kv"] if m["n_ctx"] == 4096)
     assert at["ratio"] <= convert.DEFAULT_KV_BUDGET + 0.01
+
+
+def test_many_sinks_leave_out_the_frequent_rungs_no_loader_takes():
+    """A frequent rung needs a budget beyond n_sink + its window; with 48 sinks budget 64 (window 16) has
+    none left, so the ladder never offers it and every rung it offers passes the loader's class check."""
+    from llama_fastgen.converter.policies import ladder
+
+    for n_sink, smallest in ((4, 64), (48, 128), (200, 512)):   # budget B keeps window B/4
+        rungs = ladder(max_window=4096, n_sink=n_sink)
+        assert all(metadata.class_problem(r, n_sink) is None for r in rungs)
+        assert min(r.budget for r in rungs if r.kind == metadata.Kind.FREQUENT) == smallest
+
+
+def test_the_writer_refuses_metadata_the_loader_would_refuse(tiny_model_dir, tmp_path):
+    """Read back before the final name: a GGUF whose fastgen keys fail the load never appears."""
+    frequent = metadata.HeadPolicy(metadata.Kind.FREQUENT, 16, 64)
+    meta = metadata.FastgenMetadata(threshold=0.0, n_sink=48, classes=[frequent], layer_class_heads=[[2]] * 4,
+                                    head_perm=[[0, 1]] * 4, special_token_ids=[], punct_token_ids=[], protected_frac=0.0)
+    out = tmp_path / "bad.gguf"
+    with pytest.raises(gguf_export.ExportError, match="must exceed n_sink \\+ window = 64.*nothing was written"):
+        gguf_export.convert(tiny_model_dir, out, "f32", extra_kv=meta.to_kv())
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
