@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ch = sub.add_parser("chat", help="chat with a GGUF through llama_cpp.Llama (streams)")
     ch.add_argument("model", help="GGUF file")
-    ch.add_argument("--prompt", action="append", help="scripted user turn (repeatable); default: interactive on a terminal")
+    ch.add_argument("--prompt", action="append", help="scripted user turn (repeatable); default: interactive on a terminal, "
+                    "else one turn per line of standard input (the scripted demo turns when it is empty)")
     ch.add_argument("--n-ctx", type=ctx, default=4096)
     ch.add_argument("--max-tokens", type=_ranged(1, MAX_CELLS, "tokens"), default=200)
     sv = sub.add_parser("serve", help="llama-cpp-python's OpenAI-compatible server (python -m llama_cpp.server) "
@@ -63,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama-fastgen: error: model file {args.model} {why}", file=sys.stderr)
         return 2
     if args.cmd in ("chat", "serve"):   # (inspect reads it first anyway)
-        from . import schema
+        from . import checkpoints, schema
 
-        try:  # a cut, foreign or malformed file: the reason, before llama.cpp loads it
+        try:  # a cut, foreign or malformed file, a bad switch: the reason, before llama.cpp loads it
             schema.read(args.model)
-        except schema.MetadataError as e:
+            checkpoints.max_checkpoints()   # (else read at the first prompt: every request of a server fails)
+        except ValueError as e:
             print(f"llama-fastgen: error: {e}", file=sys.stderr)
             return 2
     if args.cmd == "inspect":

@@ -48,6 +48,10 @@ def run(model_path: str, prompts: list[str] | None, n_ctx: int, max_tokens: int)
         print(f"KV cache: full ({st['kv_bytes'] / 2**20:.1f} MiB at n_ctx {n_ctx}; no fastgen policy in this GGUF)")
     messages: list[dict] = []
     interactive = prompts is None and sys.stdin.isatty()
+    if prompts is None and not interactive:  # piped: one turn per line
+        prompts = [ln.strip() for ln in sys.stdin if ln.strip()]
+        if not prompts:
+            print("(nothing on standard input: the scripted demo turns)")
     todo = iter(prompts or SCRIPTED) if not interactive else None
     if interactive:
         print("chat with the model; an empty line or Ctrl-D ends")

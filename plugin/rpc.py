@@ -80,6 +80,16 @@ def _probe(endpoint: str) -> None:
 
 def serve(host: str = "127.0.0.1", port: int = 50052, threads: int = 0) -> None:
     """Serve this machine's CPU backend until the process ends (what llama.cpp's rpc-server does)."""
+    import socket
+
+    # llama.cpp's server only says that it stopped: name the reason first (an unknown host, a port in use)
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server's own socket
+            s.bind((host, port))
+    except OSError as e:
+        raise RpcError(f"cannot listen on {host}:{port} ({e})") from None
     load().llama_backend_init()
     native.lib.llama_fastgen_rpc_serve(f"{host}:{port}".encode(), threads or os.cpu_count() or 1)
     raise RpcError(native.last_error())

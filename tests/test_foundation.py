@@ -42,14 +42,38 @@ def test_cli_version():
     (["inspect", "{cut}", "--ctx", "0"], "expected 1 to 16777216 tokens of context, got 0"),
     (["chat", "{cut}", "--n-ctx", "-5"], "expected 1 to 16777216 tokens of context, got -5"),
     (["rpc-server", "--port", "70000"], "expected 1 to 65535 (a TCP port), got 70000"),
+    (["serve", "{gguf}", "--port", "1"], "LLAMA_FASTGEN_CHECKPOINTS='two': expected a number of checkpoints"),
 ])
 def test_cli_says_what_is_wrong_without_a_traceback(args, expect, tmp_path, stock_gguf):
     cut = tmp_path / "cut.gguf"
     with open(stock_gguf, "rb") as f:
         cut.write_bytes(f.read(1000))                  # a download that stopped early
-    args = [a.format(cut=cut, dir=tmp_path) for a in args]
-    r = subprocess.run([sys.executable, "-m", "llama_fastgen", *args], capture_output=True, text=True, timeout=120)
+    args = [a.format(cut=cut, dir=tmp_path, gguf=stock_gguf) for a in args]
+    env = dict(os.environ, LLAMA_FASTGEN_CHECKPOINTS="two")   # only the serve case gets that far
+    r = subprocess.run([sys.executable, "-m", "llama_fastgen", *args], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_an_rpc_server_on_a_port_in_use_says_so():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port", str(port)], capture_output=True,
+                           text=True, timeout=60)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr and "in use" in r.stderr, r.stderr[-2000:]
+
+
+def test_chat_takes_piped_turns_and_the_demo_turns_only_from_an_empty_stdin(stock_gguf):
+    run = [sys.executable, "-m", "llama_fastgen", "chat", str(stock_gguf), "--max-tokens", "4", "--n-ctx", "512"]
+    piped = subprocess.run(run, input="Name a color.\n\nName a fruit.\n", capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert [ln for ln in piped.stdout.splitlines() if ln.startswith("you> ")] == ["you> Name a color.", "you> Name a fruit."]
+    empty = subprocess.run(run, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert empty.returncode == 0 and "nothing on standard input" in empty.stdout, empty.stderr[-2000:]
+    assert "you> What is the capital of France?" in empty.stdout
 
 
 def test_the_converter_never_loads_libllama_and_llama_cpp_loads_ours_when_imported():

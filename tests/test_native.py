@@ -2,6 +2,10 @@
 the same keep-sets, and the byte formula of the policy table."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -116,10 +120,6 @@ def test_frequent_heads_decoded_token_by_token_match_the_reference(real_fastgen_
 
 def _logits_in_subprocess(gguf, ids, n_batch, env, tmp_path):
     """teacher_forced in a fresh process: LLAMA_FASTGEN_HH_FUSED is read once per process."""
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / f"logits-{n_batch}-{env.get('LLAMA_FASTGEN_HH_FUSED', '1')}.npy"
     code = ("import sys, numpy as np; from llama_fastgen.logits import teacher_forced; "
             f"np.save(sys.argv[1], teacher_forced(sys.argv[2], {list(ids)!r}, n_ctx=1024, n_batch={n_batch})[0])")
@@ -546,6 +546,20 @@ def test_llama_fastgen_disable_takes_yes_or_no_and_refuses_the_rest(value, enabl
     llm = Llama(model_path=str(g), n_ctx=256, verbose=False)
     assert llama_fastgen.native.cache_stats(llm)["fastgen"] is enabled
     llm.close()
+
+
+@pytest.mark.parametrize("name", ["LLAMA_FASTGEN_HH_FUSED", "LLAMA_FASTGEN_TIMING"])
+def test_every_switch_refuses_a_value_it_does_not_know_at_load(name, tiny_model_dir, tmp_path):
+    """The switches read mid-run (once per process) are checked at load, with LLAMA_FASTGEN_DISABLE's words:
+    a fresh process, since a switch read once keeps its first value."""
+    g = gguf_export.convert(tiny_model_dir, tmp_path / "t.gguf", "f32", extra_kv=TINY_BASE)
+    code = ("import llama_fastgen, sys\nfrom llama_cpp import Llama\n"
+            "try:\n    Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)\nexcept ValueError as e:\n    print(e)\n")
+    for value, refused in (("false", False), ("on", False), ("maybe", True)):
+        r = subprocess.run([sys.executable, "-c", code, str(g)], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, **{name: value}))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (f"{name}={value}: expected 1/true/yes/on or 0/false/no/off" in r.stdout) is refused, r.stdout
 
 
 def test_shifting_a_compressed_cache_raises_and_leaves_its_positions(tiny_model_dir, tmp_path):

@@ -63,19 +63,20 @@ static uint32_t override_undo_tokens(const llama_model_kv_override & ov) {
             LLAMA_FASTGEN_KEY_UNDO_TOKENS, LLAMA_FASTGEN_MAX_UNDO_TOKENS));
 }
 
-// LLAMA_FASTGEN_DISABLE: 1/true/yes/on turns the cache off, 0/false/no/off or unset leaves it on;
-// anything else is refused (a typo must not silently run the full cache, nor fastgen)
-static bool env_disabled() {
-    const char * e = std::getenv("LLAMA_FASTGEN_DISABLE");
+bool llama_fastgen_env_flag(const char * name, bool unset) {
+    const char * e = std::getenv(name);
     const std::string v = e ? e : "";
-    if (v.empty() || v == "0" || v == "false" || v == "no" || v == "off") {
+    if (v.empty()) {
+        return unset;
+    }
+    if (v == "0" || v == "false" || v == "no" || v == "off") {
         return false;
     }
     if (v == "1" || v == "true" || v == "yes" || v == "on") {
         return true;
     }
-    throw std::runtime_error(format("fastgen: LLAMA_FASTGEN_DISABLE=%s: expected 1 (full cache) or 0 (fastgen "
-            "cache), or leave it unset", v.c_str()));
+    throw std::runtime_error(format("fastgen: %s=%s: expected 1/true/yes/on or 0/false/no/off, or leave it unset",
+            name, v.c_str()));
 }
 
 std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_loader & ml, const llama_model & model) {
@@ -115,9 +116,12 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_load
             }
             policy->enabled = override_enabled(ov);
         }
-        if (env_disabled()) {
+        if (llama_fastgen_env_flag("LLAMA_FASTGEN_DISABLE", false)) { // 1: the full cache, for any program
             policy->enabled = false;
         }
+        // read where they act (once per process, mid-run); a typo fails the load here instead
+        llama_fastgen_env_flag("LLAMA_FASTGEN_HH_FUSED", true);
+        llama_fastgen_env_flag("LLAMA_FASTGEN_TIMING", false);
         LLAMA_LOG_INFO("%s: fastgen policy: %zu classes, T = %.2f, %u sinks%s\n", __func__, policy->classes.size(),
                 policy->threshold, policy->n_sink, policy->enabled ? "" : " (disabled: full cache)");
         return policy;

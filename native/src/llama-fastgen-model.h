@@ -21,6 +21,10 @@ void llama_fastgen_adjust_cparams(const llama_model & model, llama_cparams & cpa
 llama_memory_i * llama_fastgen_create_memory(const llama_model & model, const llama_memory_params & params,
                                              const llama_cparams & cparams);
 
+// a LLAMA_FASTGEN_* switch: 1/true/yes/on or 0/false/no/off, `unset` when unset or empty; anything else
+// throws (a typo must run neither path silently); llama_fastgen_load_policy checks every switch
+bool llama_fastgen_env_flag(const char * name, bool unset);
+
 // message of the last policy error (empty if none), for llama_fastgen_last_error()
 const std::string & llama_fastgen_last_error_str();
 void llama_fastgen_set_last_error(const std::string & what);

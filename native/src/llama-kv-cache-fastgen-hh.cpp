@@ -202,10 +202,7 @@ bool llama_fastgen_hh_store::op_supported(ggml_backend_dev_t dev, const layer & 
 }
 
 static bool fused_env_on() {
-    static const bool on = [] {
-        const char * e = getenv("LLAMA_FASTGEN_HH_FUSED");
-        return !(e && std::string(e) == "0");
-    }();
+    static const bool on = llama_fastgen_env_flag("LLAMA_FASTGEN_HH_FUSED", true); // (the load checked it)
     return on;
 }
 
@@ -486,7 +483,8 @@ size_t llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, lla
 // device idles during everything after the wait, so this is the bubble the stores add per ubatch
 struct hh_timing {
     enum phase { WAIT, READ, EVICT, PLACE, N_PHASE };
-    const bool on = [] { const char * e = getenv("LLAMA_FASTGEN_TIMING"); return e && std::string(e) == "1"; }();
+    // built when the library loads, before any model: a bad value fails the load (llama_fastgen_load_policy), not this
+    const bool on = [] { try { return llama_fastgen_env_flag("LLAMA_FASTGEN_TIMING", false); } catch (...) { return false; } }();
     double ms[N_PHASE] = {};
     size_t n_apply = 0, n_evicting = 0;
     ~hh_timing() {
