@@ -104,7 +104,7 @@ def test_native_cache_matches_pytorch_reference(which, real_fastgen_gguf, static
         cls = next(k for k in meta.classes if k.label == c["class"])
         if cls.kind == Kind.FREQUENT:
             # one store for all frequent classes: every head gets the largest capacity
-            cap = max(k.budget for k in meta.classes) + 64
+            cap = max(k.budget for k in meta.classes) + max(64, schema.FREQUENT_EVICT_BATCH)
             assert c["used"] == _used_after(len(long_ids), 64, cls.budget) and c["cells"] == cap
 
 
@@ -158,6 +158,7 @@ def test_ubatch_size_does_not_change_static_keep_sets(static_fastgen_gguf, long_
     real_fastgen_gguf = static_fastgen_gguf
     ids = long_ids[:700]
     p99 = {}
+    assert [c for c in schema.read(real_fastgen_gguf).classes if c.kind != Kind.FULL]   # the static rules run
     for name, kw in (("fastgen", {}), ("stock", {"kv_overrides": {"fastgen.enable": False}})):
         one = llama_logits(real_fastgen_gguf, ids, n_ctx=1024, n_batch=1, flash_attn=True, **kw)
         big = llama_logits(real_fastgen_gguf, ids, n_ctx=1024, n_batch=128, flash_attn=True, **kw)
@@ -361,10 +362,10 @@ def test_a_corrupt_truncated_or_foreign_state_is_refused_and_the_context_stays_u
         other.close()
 
 
-def test_a_full_protected_budget_drops_the_oldest_protected_tokens(real_fastgen_gguf):
+def test_a_full_protected_budget_drops_the_oldest_protected_tokens(static_fastgen_gguf):
     """Text that is nothing but punctuation outgrows every compressed class's protected budget
     (sized from the calibration share): decoding goes on, the oldest protected tokens go."""
-    llm = Llama(model_path=str(real_fastgen_gguf), n_ctx=2048, n_batch=64, verbose=False)
+    llm = Llama(model_path=str(static_fastgen_gguf), n_ctx=2048, n_batch=64, verbose=False)
     try:
         ids = llm.tokenize(b"!?.,;:" * 1000, add_bos=False)[:1800]
         small = [c for c in llama_fastgen.native.cache_stats(llm)["classes"] if c["class"] != "full"]
@@ -374,6 +375,8 @@ def test_a_full_protected_budget_drops_the_oldest_protected_tokens(real_fastgen_
         assert llm.n_tokens == len(ids)
         for c in st["classes"]:
             assert c["used"] <= c["cells"]
+        # every class that protects punctuation dropped its oldest protected tokens, and kept the newest
+        assert _dropped(llm) and all(0 < d < len(ids) for d in _dropped(llm).values()), _dropped(llm)
         # the last token's logits, read from the context (without logits_all, llama-cpp-python's
         # scores array only holds some rows; the others are uninitialized memory)
         import llama_cpp
@@ -411,21 +414,30 @@ def test_dropped_protected_tokens_match_the_reference_of_the_same_drops(static_f
     assert err(kept) > 3 * err(ref), (err(kept), err(ref))   # measured: 0.076 vs 0.017
 
 
-def test_a_restored_state_drops_protected_tokens_as_the_run_that_saved_it(real_fastgen_gguf):
+def _dropped(llm) -> dict:
+    """Where each class that protects punctuation has dropped protected tokens up to."""
+    return {c["class"]: c["dropped_upto"] for c in llama_fastgen.native.cache_stats(llm)["classes"] if "punct" in c["class"]}
+
+
+def test_a_restored_state_drops_protected_tokens_as_the_run_that_saved_it(static_fastgen_gguf):
     """Where each class has dropped protected tokens is part of the saved state: restoring a state
     saved before any drop and going on gives what the first run gave (no stale drop boundary)."""
-    llm = Llama(model_path=str(real_fastgen_gguf), n_ctx=2048, n_batch=64, logits_all=True, verbose=False)
+    llm = Llama(model_path=str(static_fastgen_gguf), n_ctx=2048, n_batch=64, logits_all=True, verbose=False)
     try:
         ids = llm.tokenize(b"!?.,;:" * 1000, add_bos=False)[:1800]
         llm.eval(ids[:128])
         early = llm.save_state()
+        before = _dropped(llm)
         llm.eval(ids[128:])                     # the protected budgets overflow: drops happen here
-        first = np.array(llm.scores[128:1800])
+        first, dropped = np.array(llm.scores[128:1800]), _dropped(llm)
         llm.load_state(early)
+        restored = _dropped(llm)
         llm.eval(ids[128:])
         again = np.array(llm.scores[128:1800])
+        assert _dropped(llm) == dropped
     finally:
         llm.close()
+    assert not any(before.values()) and all(dropped.values()) and restored == before, (before, dropped, restored)
     assert (first.argmax(-1) == again.argmax(-1)).all()
     assert np.abs(first - again).max() < 0.02, np.abs(first - again).max()
 
@@ -444,9 +456,10 @@ def test_a_frequent_budget_beyond_the_context_never_evicts_and_equals_the_full_c
 def test_a_small_frequent_budget_evicts_and_stays_finite(tiny_model_dir, tmp_path, long_ids):
     g = _tiny_frequent(tiny_model_dir, tmp_path / "hh.gguf", budget=48)
     on, st = teacher_forced(g, long_ids[:300], n_ctx=512, n_batch=16)
-    assert st["classes"][0]["used"] == _used_after(300, 16, 48) < 300 and st["classes"][0]["cells"] == 48 + 32
+    cells = 48 + max(16, schema.FREQUENT_EVICT_BATCH)   # the budget and room for a ubatch or an eviction batch
+    assert st["classes"][0]["used"] == _used_after(300, 16, 48) < 300 and st["classes"][0]["cells"] == cells
     # layers x heads x (cells x (K+V f16 + score + position) + padding with the CUDA kernel's block counter)
-    assert st["kv_bytes"] == 4 * 2 * ((48 + 32) * (8 * 2 * 2 + 8) + 32)
+    assert st["kv_bytes"] == 4 * 2 * (cells * (8 * 2 * 2 + 4 + 4) + schema.HH_POS_PAD * 4)
     assert np.isfinite(on).all()
 
 

@@ -5,6 +5,7 @@ or concurrent, and the server's cache must be the fastgen one."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from llama_fastgen import schema
 from llama_fastgen.converter import gguf_export
 from llama_cpp import Llama
 from helpers import ServerProcess, free_port
@@ -85,7 +87,9 @@ def test_the_server_answers_as_llama_does_in_process_with_the_fastgen_cache(mixe
     assert [a1, a2] == _in_process(mixed_gguf, [TURN1, turn2])
     assert streamed == a1 and concurrent == [a1, a2]
     # the server ran the per-class cache (its log line), not an ordinary one
-    assert "instead of" in log and "special+frequent40+local8   4 heads,    104 cells" in log, log[-3000:]
+    cells = re.search(r"special\+frequent40\+local8 +4 heads, +(\d+) cells", log)
+    assert "instead of" in log and cells, log[-3000:]
+    assert int(cells.group(1)) == schema.class_capacity(schema.read(mixed_gguf), 1, 1024, 64)
 
 
 def test_the_server_refuses_embedding_mode_of_heavy_hitter_heads_with_the_reason(mixed_gguf, tmp_path):
