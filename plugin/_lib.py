@@ -101,9 +101,11 @@ def _extend(llama_cpp) -> None:
 
 def _explain_load_errors(llama_cpp) -> None:
     """llama-cpp-python only says "Failed to load model" / "Failed to create llama_context" /
-    "Failed to set llama state data"; add why a fastgen policy, cache or saved state was refused."""
+    "Failed to set llama state data" / "llama_decode returned 1"; add why a fastgen policy, cache, saved
+    state or batch was refused."""
     for cls, name, reset in ((llama_cpp._internals.LlamaModel, "__init__", False),
                              (llama_cpp._internals.LlamaContext, "__init__", False),
+                             (llama_cpp._internals.LlamaContext, "decode", False),
                              (llama_cpp.llama.Llama, "load_state", True)):
         if not getattr(getattr(cls, name), "_fastgen", False):
             setattr(cls, name, _explained(getattr(cls, name), reset))

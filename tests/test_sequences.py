@@ -176,6 +176,26 @@ def test_heavy_hitter_stores_are_per_sequence_in_bytes_and_refused_past_the_full
     assert "more than the full cache" in native.last_error()
 
 
+def test_a_token_of_two_sequences_is_refused_with_the_reason(heavy):
+    """A heavy-hitter store is per sequence, so a token shared by two sequences has no cell: llama_decode
+    fails, and the reason is the last error (llama_fastgen adds it to llama-cpp-python's decode error)."""
+    from llama_fastgen import native
+
+    gguf, model = heavy
+    ctx = _context(model, 2, True)
+    batch = lc.llama_batch_init(1, 0, 2)
+    try:
+        batch.n_tokens = 1
+        batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = 11, 0, 2, True
+        batch.seq_id[0][0], batch.seq_id[0][1] = 0, 1
+        native.lib.llama_fastgen_clear_error()
+        assert lc.llama_decode(ctx, batch) != 0
+        assert "a token of several sequences" in native.last_error() and "one sequence below n_seq_max" in native.last_error()
+    finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+
+
 def test_a_whole_sequence_is_copied_store_to_store(heavy):
     """llama-server copies a prompt's sequence to other slots (several completions): seq_cp of a whole
     sequence copies its heavy-hitter store; both then continue as the same sequence would."""

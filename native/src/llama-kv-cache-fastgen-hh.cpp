@@ -889,8 +889,8 @@ bool llama_fastgen_hh_memory::takes_seqs(const std::vector<llama_ubatch> & ubatc
         for (uint32_t i = 0; !stores.empty() && i < ub.n_tokens; ++i) {
             const llama_seq_id s = ub.seq_id[i][0];
             if (ub.n_seq_id[i] != 1 || s < 0 || (size_t) s >= stores.size()) {
-                LLAMA_LOG_ERROR("init_batch: a token of several sequences (or of sequence %d) with heavy-hitter heads: their "
-                        "cells are per sequence; give each token one sequence below n_seq_max\n", s);
+                llama_fastgen_refuse("init_batch", format("a token of several sequences (or of sequence %d) with heavy-hitter "
+                        "heads: their cells are per sequence; give each token one sequence below n_seq_max", s));
                 return false;
             }
         }
@@ -907,8 +907,8 @@ bool llama_fastgen_hh_memory::fits(const std::vector<llama_ubatch> & ubatches) c
     }
     for (size_t s = 0; s < stores.size(); ++s) {
         if (!stores[s]->fits(n_new[s])) {
-            LLAMA_LOG_ERROR("init_batch: the heavy-hitter store (%u cells per head) cannot take this batch; use a smaller n_ubatch\n",
-                    stores[s]->get_size());
+            llama_fastgen_refuse("init_batch", format("the heavy-hitter store (%u cells per head) cannot take this batch; "
+                    "use a smaller n_ubatch", stores[s]->get_size()));
             return false;
         }
     }

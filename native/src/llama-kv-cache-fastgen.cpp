@@ -402,9 +402,9 @@ llama_memory_context_ptr llama_kv_cache_fastgen::init_batch(llama_batch_allocr &
             }
             if (sinfos[c].empty()) {
                 if (attempt == 1 && policy->classes[c].kind != LLAMA_FASTGEN_FULL) {
-                    LLAMA_LOG_ERROR("%s: fastgen class %s (%u cells) has no room for this batch even after "
-                            "dropping protected tokens; use a larger n_ctx or a smaller n_ubatch\n", __func__,
-                            policy->describe_class((int) c).c_str(), slices[c]->get_size());
+                    llama_fastgen_refuse(__func__, format("fastgen class %s (%u cells) has no room for this batch even "
+                            "after dropping protected tokens; use a larger n_ctx or a smaller n_ubatch",
+                            policy->describe_class((int) c).c_str(), slices[c]->get_size()));
                 }
                 ok = false;
             }
