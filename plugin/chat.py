@@ -44,6 +44,9 @@ def run(model_path: str, prompts: list[str] | None, n_ctx: int, max_tokens: int)
         print(f"KV cache: {st['kv_bytes'] / 2**20:.1f} MiB allocated instead of {st['full_bytes'] / 2**20:.1f} MiB "
               f"({1 - st['kv_bytes'] / st['full_bytes']:.0%} saved) at n_ctx {n_ctx}, "
               f"{len(st['classes'])} head classes")
+        if st["kv_bytes"] >= st["full_bytes"]:
+            print(f"  (at n_ctx {n_ctx} the classes' cells reach the context: this policy saves memory only at a "
+                  f"larger --n-ctx)")
     else:
         print(f"KV cache: full ({st['kv_bytes'] / 2**20:.1f} MiB at n_ctx {n_ctx}; no fastgen policy in this GGUF)")
     messages: list[dict] = []

@@ -3,6 +3,7 @@ the same keep-sets, and the byte formula of the policy table."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -559,6 +560,20 @@ def test_llama_fastgen_disable_takes_yes_or_no_and_refuses_the_rest(value, enabl
     llm = Llama(model_path=str(g), n_ctx=256, verbose=False)
     assert llama_fastgen.native.cache_stats(llm)["fastgen"] is enabled
     llm.close()
+
+
+def test_chat_says_when_a_context_is_too_small_for_the_policy_to_save_memory(tiny_model_dir, tmp_path):
+    """Every head a 16-token window: at n_ctx 256 its cells (padded for a ubatch of 512) are the context's."""
+    kv = {**TINY_BASE, "fastgen.class.kind": ("i32[]", [int(Kind.SPECIAL_PUNCT_LOCAL)]), "fastgen.class.window": ("i32[]", [16])}
+    g = gguf_export.convert(tiny_model_dir, tmp_path / "t.gguf", "f32", extra_kv=kv)
+    said = {}
+    for n_ctx in (256, 4096):
+        r = subprocess.run([sys.executable, "-m", "llama_fastgen", "chat", str(g), "--n-ctx", str(n_ctx), "--prompt", "hi",
+                            "--max-tokens", "2"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        saved = int(re.search(r"\((-?\d+)% saved\)", r.stdout).group(1))
+        said[n_ctx] = (saved, "saves memory only at a larger --n-ctx" in r.stdout)
+    assert said[256][0] <= 0 and said[256][1] and said[4096][0] > 0 and not said[4096][1], said
 
 
 @pytest.mark.parametrize("name", ["LLAMA_FASTGEN_HH_FUSED", "LLAMA_FASTGEN_TIMING"])

@@ -120,6 +120,10 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
     LLAMA_LOG_INFO("%s: KV cache %.2f MiB instead of %.2f MiB for the full cache (%.1f%%, %.2f MiB saved)\n", __func__,
             total / 1048576.0, bytes_full / 1048576.0, 100.0 * total / std::max<size_t>(bytes_full, 1),
             (double) (bytes_full - std::min(total, bytes_full)) / 1048576.0);
+    if (total >= bytes_full) {
+        LLAMA_LOG_WARN("%s: at n_ctx %u the classes' cells (windows and budgets, padded for a ubatch) reach the context: "
+                "this policy saves no memory here, only at a larger n_ctx\n", __func__, kv_size);
+    }
     if (!hh.empty() && hh.get()->undo_tokens() > 0) {
         LLAMA_LOG_INFO("%s: heavy-hitter heads keep the attention of the newest %u tokens (%s), which can be removed "
                 "again exactly; counted in their classes' MiB\n", __func__, hh.get()->undo_tokens(),
