@@ -125,7 +125,7 @@ def check_args(a) -> None:
     if a.threshold is not None and a.kv_budget is not None:
         raise UsageError("--threshold and --kv-budget are two rules for the same choice; give one of them")
     if a.policies is not None and (a.threshold is not None or a.kv_budget is not None):
-        log.warning("--policies gives every head's policy: %s only names the rule in the report",
+        log.warning("--policies gives every head's policy: %s chooses nothing (the report keeps its value)",
                     "--threshold" if a.threshold is not None else "--kv-budget")
     if a.threshold is None and a.kv_budget is None and a.policies is None:
         a.kv_budget = DEFAULT_KV_BUDGET

@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ch = sub.add_parser("chat", help="chat with a GGUF through llama_cpp.Llama (streams)")
     ch.add_argument("model", help="GGUF file")
-    ch.add_argument("--prompt", action="append", help="scripted user turn (repeatable); default: interactive on a terminal, "
-                    "else one turn per line of standard input (the scripted demo turns when it is empty)")
+    ch.add_argument("--prompt", action="append", help="scripted user turn (repeatable; '-' reads one turn per line of standard input); default: "
+                    "interactive on a terminal, else two scripted demo turns")
     ch.add_argument("--n-ctx", type=ctx, default=4096)
     ch.add_argument("--max-tokens", type=_ranged(1, MAX_CELLS, "tokens"), default=200)
     sv = sub.add_parser("serve", help="llama-cpp-python's OpenAI-compatible server (python -m llama_cpp.server) "

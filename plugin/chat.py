@@ -44,17 +44,17 @@ def run(model_path: str, prompts: list[str] | None, n_ctx: int, max_tokens: int)
         print(f"KV cache: {st['kv_bytes'] / 2**20:.1f} MiB allocated instead of {st['full_bytes'] / 2**20:.1f} MiB "
               f"({1 - st['kv_bytes'] / st['full_bytes']:.0%} saved) at n_ctx {n_ctx}, "
               f"{len(st['classes'])} head classes")
-        if st["kv_bytes"] >= st["full_bytes"]:
+        if st["kv_bytes"] >= st["full_bytes"] and any(c["class"] != "full" for c in st["classes"]):
             print(f"  (at n_ctx {n_ctx} the classes' cells reach the context: this policy saves memory only at a "
                   f"larger --n-ctx)")
     else:
         print(f"KV cache: full ({st['kv_bytes'] / 2**20:.1f} MiB at n_ctx {n_ctx}; no fastgen policy in this GGUF)")
     messages: list[dict] = []
     interactive = prompts is None and sys.stdin.isatty()
-    if prompts is None and not interactive:  # piped: one turn per line
+    if prompts == ["-"]:  # turns from standard input, one per line (read to its end first)
         prompts = [ln.strip() for ln in sys.stdin if ln.strip()]
-        if not prompts:
-            print("(nothing on standard input: the scripted demo turns)")
+    elif prompts is None and not interactive:  # (a pipe that never closes must not hang the demo)
+        print("(standard input is not a terminal: the scripted demo turns; --prompt - reads turns from it)")
     todo = iter(prompts or SCRIPTED) if not interactive else None
     if interactive:
         print("chat with the model; an empty line or Ctrl-D ends")

@@ -38,3 +38,8 @@ def class_at_context(kind: int, window: int, budget: int, n_sink: int, n_ctx: in
     w, b = ffi.new("int32_t *", window), ffi.new("int32_t *", budget)
     lib.llama_fastgen_class_at_context(kind, w, b, n_sink, n_ctx, budget_ctx)
     return int(w[0]), int(b[0])
+
+
+def class_problem(kind: int, window: int, budget: int, n_sink: int) -> int:
+    """0 if the class can load, else what is wrong with it (llama_fastgen_class_problem: CLASS_BAD_KIND, ...)."""
+    return int(_lib()[1].llama_fastgen_class_problem(kind, window, budget, n_sink))

@@ -114,16 +114,16 @@ class HeadPolicy:
 
 
 def class_problem(c: HeadPolicy, n_sink: int) -> str | None:
-    """Why the native loader (llama_fastgen_policy::load) refuses this class, or None; the converter asks
-    before it writes, so it never writes a GGUF that cannot load."""
-    bad_window = c.window != 0 if c.kind == Kind.FULL else not 1 <= c.window <= MAX_CELLS
-    if bad_window or c.budget > MAX_CELLS:
-        return f"class {c.label}: the window is 0 for full classes, otherwise 1 to {MAX_CELLS}; budgets are at most {MAX_CELLS}"
-    if c.kind == Kind.FREQUENT and c.budget <= n_sink + c.window:
-        return f"class {c.label}: a frequent budget must exceed n_sink + window = {n_sink + c.window}"
-    if c.kind != Kind.FREQUENT and c.budget:
-        return f"class {c.label} has a budget; only frequent classes have one"
-    return None
+    """Why the native loader refuses this class (contract.class_problem, the rule it runs), or None; the
+    converter asks before it writes, so it never writes a GGUF that cannot load."""
+    if not all(0 <= v <= MAX_CELLS for v in (c.window, c.budget)):   # (also what no int32 holds)
+        return f"class {c.label}: windows and budgets are 0 to {MAX_CELLS}"
+    why = contract.class_problem(int(c.kind), c.window, c.budget, n_sink)
+    return {0: None, _C["CLASS_BAD_KIND"]: f"class kind {int(c.kind)} is unknown",
+            _C["CLASS_BAD_WINDOW"]: f"class {c.label}: the window is 0 for full classes, otherwise 1 to {MAX_CELLS}",
+            _C["CLASS_BAD_BUDGET"]: f"class {c.label}: a frequent budget must exceed n_sink + window = {n_sink + c.window} "
+                                    f"and be at most {MAX_CELLS}",
+            _C["CLASS_STRAY_BUDGET"]: f"class {c.label} has a budget; only frequent classes have one"}[why]
 
 
 def class_order(p: HeadPolicy):

@@ -132,7 +132,7 @@ def main() -> int:
     if prev:
         out["started"], out["resumed"] = prev["started"], prev.get("resumed", []) + [out["started"]]
         # the cells kept come from earlier commands and commits: the file names each, not only the last
-        out["earlier_runs"] = prev.get("earlier_runs", []) + [{k: prev[k] for k in ("command", "commit")}]
+        out["earlier_runs"] = prev.get("earlier_runs", []) + [{k: prev.get(k, "unknown") for k in ("command", "commit")}]
         t_start -= prev.get("seconds", 0)
 
     out["retrieval"] = [r for r in prev.get("retrieval", []) if r["config"] in out["configs"]]

@@ -256,7 +256,7 @@ def _tiny_frequent(tiny_model_dir, path, budget, window=8):
 def test_bad_metadata_is_refused_with_the_key_named(case, tiny_model_dir, tmp_path):
     base = TINY_BASE
     patch, expect = BAD[case]
-    out = gguf_export.convert(tiny_model_dir, tmp_path / "bad.gguf", "f32", extra_kv={**base, **patch})
+    out = gguf_export.convert(tiny_model_dir, tmp_path / "bad.gguf", "f32", extra_kv={**base, **patch}, check=False)
     with pytest.raises(ValueError) as e:
         Llama(model_path=str(out), n_ctx=256, verbose=False)
     assert expect in str(e.value)
@@ -512,7 +512,8 @@ def test_frequent_heads_refuse_several_sequences_with_a_clear_error(tiny_model_d
 def test_python_reader_refuses_what_the_native_loader_refuses(case, tiny_model_dir, tmp_path):
     from llama_fastgen import schema
 
-    out = gguf_export.convert(tiny_model_dir, tmp_path / "bad.gguf", "f32", extra_kv={**TINY_BASE, **HOSTILE[case][0]})
+    out = gguf_export.convert(tiny_model_dir, tmp_path / "bad.gguf", "f32", extra_kv={**TINY_BASE, **HOSTILE[case][0]},
+                              check=False)
     with pytest.raises(schema.MetadataError):
         schema.read(out)
 

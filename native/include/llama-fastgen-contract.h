@@ -59,6 +59,11 @@
 #define LLAMA_FASTGEN_MAX_CLASSES 64
 #define LLAMA_FASTGEN_MAX_N_SINK 65536
 #define LLAMA_FASTGEN_MAX_CELLS 16777216
+// what llama_fastgen_class_problem finds wrong with a class (0: nothing)
+#define LLAMA_FASTGEN_CLASS_BAD_KIND 1
+#define LLAMA_FASTGEN_CLASS_BAD_WINDOW 2
+#define LLAMA_FASTGEN_CLASS_BAD_BUDGET 3
+#define LLAMA_FASTGEN_CLASS_STRAY_BUDGET 4
 
 #if defined(_WIN32)
 #    define LLAMA_FASTGEN_CONTRACT_API __declspec(dllexport)
@@ -85,6 +90,12 @@ LLAMA_FASTGEN_CONTRACT_API uint32_t llama_fastgen_class_cells(int32_t kind, int3
 // window stays below budget - n_sink), so a head keeps the same share of a longer context.
 LLAMA_FASTGEN_CONTRACT_API void llama_fastgen_class_at_context(int32_t kind, int32_t * window, int32_t * budget,
                                                                uint32_t n_sink, uint32_t n_ctx, uint32_t budget_ctx);
+
+// Whether a class can load (the loader's rule, and the converter's before it writes): 0, or BAD_KIND (not a
+// kind above), BAD_WINDOW (full: 0; the others 1 to MAX_CELLS), BAD_BUDGET (frequent: above n_sink +
+// window, which are never evicted, so heavy hitters have room; at most MAX_CELLS), STRAY_BUDGET (a budget on
+// a class that is not frequent).
+LLAMA_FASTGEN_CONTRACT_API int32_t llama_fastgen_class_problem(int32_t kind, int32_t window, int32_t budget, uint32_t n_sink);
 
 #ifdef __cplusplus
 }

@@ -47,3 +47,17 @@ void llama_fastgen_class_at_context(int32_t kind, int32_t * window, int32_t * bu
     }
 #undef SCALE
 }
+
+int32_t llama_fastgen_class_problem(int32_t kind, int32_t window, int32_t budget, uint32_t n_sink) {
+    if (kind < LLAMA_FASTGEN_KIND_FULL || kind > LLAMA_FASTGEN_KIND_FREQUENT) {
+        return LLAMA_FASTGEN_CLASS_BAD_KIND;
+    }
+    const int full = kind == LLAMA_FASTGEN_KIND_FULL;
+    if ((full && window != 0) || (!full && window < 1) || window > LLAMA_FASTGEN_MAX_CELLS) {
+        return LLAMA_FASTGEN_CLASS_BAD_WINDOW;
+    }
+    if (kind == LLAMA_FASTGEN_KIND_FREQUENT) {
+        return (int64_t) budget <= (int64_t) n_sink + window || budget > LLAMA_FASTGEN_MAX_CELLS ? LLAMA_FASTGEN_CLASS_BAD_BUDGET : 0;
+    }
+    return budget != 0 ? LLAMA_FASTGEN_CLASS_STRAY_BUDGET : 0;
+}

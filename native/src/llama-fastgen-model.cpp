@@ -79,6 +79,14 @@ bool llama_fastgen_env_flag(const char * name, bool unset) {
             name, v.c_str()));
 }
 
+bool llama_fastgen_env_flag_or_unset(const char * name, bool unset) noexcept {
+    try {
+        return llama_fastgen_env_flag(name, unset);
+    } catch (...) {
+        return unset;
+    }
+}
+
 std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_loader & ml, const llama_model & model) {
     g_last_error.clear();
     try {

@@ -24,6 +24,9 @@ llama_memory_i * llama_fastgen_create_memory(const llama_model & model, const ll
 // a LLAMA_FASTGEN_* switch: 1/true/yes/on or 0/false/no/off, `unset` when unset or empty; anything else
 // throws (a typo must run neither path silently); llama_fastgen_load_policy checks every switch
 bool llama_fastgen_env_flag(const char * name, bool unset);
+// the same where nothing may throw (a static initializer, a graph build inside llama_decode): `unset` for a
+// value the load refuses anyway
+bool llama_fastgen_env_flag_or_unset(const char * name, bool unset) noexcept;
 
 // message of the last policy error (empty if none), for llama_fastgen_last_error()
 const std::string & llama_fastgen_last_error_str();

@@ -90,25 +90,22 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
                 budgets.size(), kinds.size()));
     }
     for (size_t c = 0; c < kinds.size(); ++c) {
-        if (kinds[c] < LLAMA_FASTGEN_FULL || kinds[c] > LLAMA_FASTGEN_FREQUENT) {
-            throw std::runtime_error(format("fastgen: fastgen.class.kind[%zu] = %d is not a known class id "
-                    "(0 full, 1 special, 2 special+punct, 3 special+punct+local, 4 frequent)", c, kinds[c]));
-        }
-        const bool full = kinds[c] == LLAMA_FASTGEN_FULL;
-        if ((full && windows[c] != 0) || (!full && windows[c] < 1) || windows[c] > MAX_CELLS) {
-            throw std::runtime_error(format("fastgen: fastgen.class.window[%zu] = %d is invalid for class kind %d",
-                    c, windows[c], kinds[c]));
-        }
-        if (kinds[c] == LLAMA_FASTGEN_FREQUENT) {
-            // the budget must hold what is never evicted (sinks, window) and leave room for heavy hitters
-            if (budgets[c] <= (int64_t) p->n_sink + windows[c] || budgets[c] > MAX_CELLS) {
+        switch (llama_fastgen_class_problem(kinds[c], windows[c], budgets[c], p->n_sink)) {
+            case LLAMA_FASTGEN_CLASS_BAD_KIND:
+                throw std::runtime_error(format("fastgen: fastgen.class.kind[%zu] = %d is not a known class id "
+                        "(0 full, 1 special, 2 special+punct, 3 special+punct+local, 4 frequent)", c, kinds[c]));
+            case LLAMA_FASTGEN_CLASS_BAD_WINDOW:
+                throw std::runtime_error(format("fastgen: fastgen.class.window[%zu] = %d is invalid for class kind %d",
+                        c, windows[c], kinds[c]));
+            case LLAMA_FASTGEN_CLASS_BAD_BUDGET:
                 throw std::runtime_error(format("fastgen: fastgen.class.budget[%zu] = %d must exceed n_sink + window = %d "
                         "and be at most %d for a frequent class; re-run convert.py --profile", c, budgets[c],
                         (int) p->n_sink + windows[c], MAX_CELLS));
-            }
-        } else if (budgets[c] != 0) {
-            throw std::runtime_error(format("fastgen: fastgen.class.budget[%zu] = %d is set for class kind %d, "
-                    "only frequent classes have a budget", c, budgets[c], kinds[c]));
+            case LLAMA_FASTGEN_CLASS_STRAY_BUDGET:
+                throw std::runtime_error(format("fastgen: fastgen.class.budget[%zu] = %d is set for class kind %d, "
+                        "only frequent classes have a budget", c, budgets[c], kinds[c]));
+            default:
+                break;
         }
         p->classes.push_back({ (llama_fastgen_kind) kinds[c], windows[c], budgets[c] });
     }

@@ -202,7 +202,7 @@ bool llama_fastgen_hh_store::op_supported(ggml_backend_dev_t dev, const layer & 
 }
 
 static bool fused_env_on() {
-    static const bool on = llama_fastgen_env_flag("LLAMA_FASTGEN_HH_FUSED", true); // (the load checked it)
+    static const bool on = llama_fastgen_env_flag_or_unset("LLAMA_FASTGEN_HH_FUSED", true); // (the load checked it)
     return on;
 }
 
@@ -215,7 +215,7 @@ std::string llama_fastgen_hh_store::why_not_fused(uint32_t n_tokens) const {
         return "";
     }
     if (!fused_env_on()) {
-        return "LLAMA_FASTGEN_HH_FUSED=0 turns it off";
+        return "LLAMA_FASTGEN_HH_FUSED turns it off";
     }
     if (!fused_off.empty()) {
         return fused_off;
@@ -483,8 +483,7 @@ size_t llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, lla
 // device idles during everything after the wait, so this is the bubble the stores add per ubatch
 struct hh_timing {
     enum phase { WAIT, READ, EVICT, PLACE, N_PHASE };
-    // built when the library loads, before any model: a bad value fails the load (llama_fastgen_load_policy), not this
-    const bool on = [] { try { return llama_fastgen_env_flag("LLAMA_FASTGEN_TIMING", false); } catch (...) { return false; } }();
+    const bool on = llama_fastgen_env_flag_or_unset("LLAMA_FASTGEN_TIMING", false); // (built when the library loads)
     double ms[N_PHASE] = {};
     size_t n_apply = 0, n_evicting = 0;
     ~hh_timing() {

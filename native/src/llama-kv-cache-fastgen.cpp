@@ -105,6 +105,7 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
     }
 
     size_t total = 0;
+    bool compressed = false; // some head is not full (an all-full policy saves nothing at any n_ctx)
     for (size_t c = 0; c < slices.size(); ++c) {
         if (!slices[c] && !class_cells((int) c)) {
             continue;
@@ -114,13 +115,14 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
             heads += policy->n_heads(il, (int) c);
         }
         total += slice_bytes((int) c);
+        compressed = compressed || (heads > 0 && policy->classes[c].kind != LLAMA_FASTGEN_FULL);
         LLAMA_LOG_INFO("%s: class %zu %-24s %3d heads, %6u cells, %8.2f MiB\n", __func__, c,
                 policy->describe_class((int) c).c_str(), heads, class_cells((int) c), slice_bytes((int) c) / 1048576.0);
     }
     LLAMA_LOG_INFO("%s: KV cache %.2f MiB instead of %.2f MiB for the full cache (%.1f%%, %.2f MiB saved)\n", __func__,
             total / 1048576.0, bytes_full / 1048576.0, 100.0 * total / std::max<size_t>(bytes_full, 1),
             (double) (bytes_full - std::min(total, bytes_full)) / 1048576.0);
-    if (total >= bytes_full) {
+    if (total >= bytes_full && compressed) {
         LLAMA_LOG_WARN("%s: at n_ctx %u the classes' cells (windows and budgets, padded for a ubatch) reach the context: "
                 "this policy saves no memory here, only at a larger n_ctx\n", __func__, kv_size);
     }
