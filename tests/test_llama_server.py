@@ -97,7 +97,10 @@ def test_four_parallel_slots_with_heavy_hitter_heads_answer_as_one_at_a_time(ser
     together (40 tokens per answer: an eviction in every slot)."""
     _four_slots(server_bin, heavy_gguf, tmp_path, layout, SHORT, {"n_predict": 40})
     log = (tmp_path / "server.log").read_text()
-    assert "special+frequent40+local8" in log and "instead of" in log, log[-3000:]
+    # a store per sequence in either layout, each of the capacity one sequence's store takes
+    cells = re.search(r"class 1 special\+frequent40\+local8 +4 heads, +(\d+) cells", log)
+    assert cells and "instead of" in log, log[-3000:]
+    assert int(cells.group(1)) == schema.class_capacity(schema.read(heavy_gguf), 1, 2048 if layout == "unified" else 512, 64)
 
 
 def _four_slots(server_bin, gguf, tmp_path, layout, prompts=PROMPTS, opts=None):
@@ -126,21 +129,27 @@ def test_parallel_slots_where_the_heavy_hitter_op_cannot_run_stop_with_the_reaso
 def test_a_slot_reuses_its_prompt_only_where_the_cache_can_roll_back(server_bin, fixture, tmp_path, request):
     """llama-server keeps each slot's tokens (cache_prompt, its default) and, for a new prompt that
     shares a prefix, removes the rest with a call whose refusal it ignores; it asks seq_pos_min
-    how far back the cache is complete. A compressed cache cannot drop evicted history, so it answers
-    like a recurrent one (its newest position): the server then restores one of its context
-    checkpoints or evaluates the prompt again. Oracle: the second prompt answered as by a fresh slot."""
+    how far back the cache can be cut. A compressed cache cannot drop evicted history: windowed heads
+    answer from where their windows are whole (the server cuts there), heavy-hitter heads without
+    fastgen.undo_tokens like a recurrent memory (its newest position: the server restores one of its
+    context checkpoints). Oracle: the second prompt answered as by a fresh slot."""
     gguf = request.getfixturevalue(fixture)
     first, second = PROMPTS[0], PROMPTS[0][:-12] + " Which is 3?"  # a shared prefix of ~280 tokens
     srv = LlamaServer(server_bin, gguf, tmp_path / "server.log", "-np", "1")
     try:
         assert srv.wait_ready(), srv.stop()[-3000:]
-        fresh = srv.complete(second, cache_prompt=False)
+        fresh = srv.request(second, cache_prompt=False)
         srv.complete(first, cache_prompt=True)
-        reused = srv.complete(second, cache_prompt=True)
-        again = srv.complete(second, cache_prompt=True)  # the same prompt once more: its last token again
+        reused = srv.request(second, cache_prompt=True)
+        again = srv.request(second, cache_prompt=True)  # the same prompt once more: its last token again
     finally:
         srv.stop()
-    assert reused == fresh and again == fresh
+    assert reused["tokens"] == fresh["tokens"] and again["tokens"] == fresh["tokens"]
+    # and the prompt was reused: cut natively where the windows allow (static classes), from a checkpoint
+    # where heavy-hitter heads cannot take tokens back; the shared prefix is not evaluated again
+    n = lambda r: r["timings"]["prompt_n"]
+    assert n(fresh) == fresh["tokens_evaluated"] and n(reused) < n(fresh) // 2 and n(again) < n(fresh) // 2, \
+        (n(fresh), n(reused), n(again))
 
 
 @pytest.fixture(scope="module")

@@ -330,13 +330,27 @@ llama_pos llama_kv_cache_fastgen::pos_max_compressed(llama_seq_id seq_id) const 
 }
 
 llama_pos llama_kv_cache_fastgen::seq_pos_min(llama_seq_id seq_id) const {
-    // The oldest position a removal may cut at, as llama.cpp's recurrent memory answers: compressed
-    // classes keep only their newest position removable (seq_rm), so that one; llama-server then
-    // restores a context checkpoint (LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) or evaluates the prompt
-    // again instead of removing inside evicted history. Full classes alone: their own.
+    // What llama-server reads as the oldest position held: with pos_min below the next position it cuts
+    // there (seq_rm), else it restores a context checkpoint (LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) or
+    // evaluates the prompt again. So one below the lowest position a tail removal may cut at
+    // (can_remove_tail holds from some position on: windows whole, the heavy hitters' undo floor), and
+    // the newest position where no cut is possible, as llama.cpp's recurrent memory answers; never a
+    // cut inside evicted history. Full classes alone: their own.
     const llama_pos pc = pos_max_compressed(seq_id);
     if (pc >= 0) {
-        return pc;
+        if (!can_remove_tail(seq_id, pc)) {
+            return pc;
+        }
+        llama_pos lo = 0, hi = pc; // the lowest p0 it accepts lies in [lo, hi]
+        while (lo < hi) {
+            const llama_pos mid = lo + (hi - lo)/2;
+            if (can_remove_tail(seq_id, mid)) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        return std::max<llama_pos>(lo - 1, 0);
     }
     llama_pos res = -1;
     for (const auto & s : slices) {
