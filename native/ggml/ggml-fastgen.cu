@@ -46,6 +46,20 @@ static_assert(GGML_FASTGEN_HH_P_PAD >= 3, "hh_attn keeps two counters and hi in 
 #define HH_WARPS 8
 
 // DL = D / 32: a cell's 4 lanes hold DL x 8 K elements each; RB query rows per register block
+// each token's own share of a cell's kept attention (ggml-fastgen.h), for a rollback: query rows
+// t*G .. t*G+G-1 are token t's; prob(r) is row r's probability of the cell, from wherever a path holds it
+template <typename P>
+static __device__ __forceinline__ void hh_write_undo(float * U, const float * qp_s, const int T, const int G,
+        const int n_undo, const int64_t u_s2, const int64_t cell, const P & prob) {
+    for (int t = 0; t < T; ++t) {
+        float ut = 0.0f;
+        for (int r = t*G; r < (t + 1)*G; ++r) {
+            ut += prob(r);
+        }
+        U[(int64_t) ((int) qp_s[t] % n_undo)*u_s2 + cell] = ut;
+    }
+}
+
 template <int DL, int RB>
 static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
@@ -340,12 +354,9 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                     acc += w_s[r*HH_CHUNK + cl]*inv_s[r];
                 }
                 Sj[c] = isinf(cp) || tn >= 0 ? acc : s_old + acc;
-                for (int t = 0; U && t < T; ++t) { // each token's own (ggml-fastgen.h), for a rollback
-                    float ut = 0.0f;
-                    for (int r = t*G; r < (t + 1)*G; ++r) {
-                        ut += w_s[r*HH_CHUNK + cl]*inv_s[r];
-                    }
-                    U[(int64_t) ((int) qp_s[t] % n_undo)*u_s2 + (int64_t) j*C + c] = ut;
+                if (U) {
+                    hh_write_undo(U, qp_s, T, G, n_undo, u_s2, (int64_t) j*C + c,
+                                  [&](int r) { return w_s[r*HH_CHUNK + cl]*inv_s[r]; });
                 }
             }
             return;
@@ -448,13 +459,11 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 acc += l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
             }
             Sj[c] = isinf(cp) || tn >= 0 ? acc : s_old + acc;
-            for (int t = 0; U && t < T; ++t) {
-                float ut = 0.0f;
-                for (int r = t*G; r < (t + 1)*G; ++r) {
+            if (U) {
+                hh_write_undo(U, qp_s, T, G, n_undo, u_s2, (int64_t) j*C + c, [&](int r) {
                     const float l = lg_s[r*HH_CHUNK + cl];
-                    ut += l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
-                }
-                U[(int64_t) ((int) qp_s[t] % n_undo)*u_s2 + (int64_t) j*C + c] = ut;
+                    return l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
+                });
             }
         }
         __syncthreads();
@@ -504,14 +513,10 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         if (!seen_s[c1 / HH_CHUNK]) {
             continue;
         }
-        for (int t = 0; t < T; ++t) {
-            float ut = 0.0f;
-            for (int r = t*G; r < (t + 1)*G; ++r) {
-                const float l = __ldcg(logits + ((int64_t) j*R + r)*C + c1);
-                ut += l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
-            }
-            U[(int64_t) ((int) qp_s[t] % n_undo)*u_s2 + (int64_t) j*C + c1] = ut;
-        }
+        hh_write_undo(U, qp_s, T, G, n_undo, u_s2, (int64_t) j*C + c1, [&](int r) {
+            const float l = __ldcg(logits + ((int64_t) j*R + r)*C + c1);
+            return l == -INFINITY ? 0.0f : expf(l - m_s[r])*inv_s[r];
+        });
     }
 }
 
