@@ -45,7 +45,6 @@
 static_assert(GGML_FASTGEN_HH_P_PAD >= 3, "hh_attn keeps two counters and hi in a head's position padding");
 #define HH_WARPS 8
 
-// DL = D / 32: a cell's 4 lanes hold DL x 8 K elements each; RB query rows per register block
 // each token's own share of a cell's kept attention (ggml-fastgen.h), for a rollback: query rows
 // t*G .. t*G+G-1 are token t's; prob(r) is row r's probability of the cell, from wherever a path holds it
 template <typename P>
@@ -60,6 +59,7 @@ static __device__ __forceinline__ void hh_write_undo(float * U, const float * qp
     }
 }
 
+// DL = D / 32: a cell's 4 lanes hold DL x 8 K elements each; RB query rows per register block
 template <int DL, int RB>
 static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
