@@ -93,8 +93,23 @@ def print_stalls(res: dict) -> None:
                   "registers; stall cycles per instruction: " + ", ".join(f"{k[6:]} {v:.2f}" for v, k in top))
 
 
+def stalls_markdown(res: dict, top: int = 6) -> str:
+    """--stalls results: per launch its time, instructions and the largest stall reasons (cycles per instruction)."""
+    launches = [(n, i, x) for n in ("fastgen", "full") for i, x in enumerate(res.get(n) or [])]
+    reasons = sorted({k for _, _, x in launches for k in x if k.startswith("stall_")},
+                     key=lambda k: -max(x.get(k, 0) for _, _, x in launches))[:top]
+    out = ["| launch | µs | warp instructions | " + " | ".join(k[6:] for k in reasons) + " |",
+           "|---|---|---|" + "---|" * len(reasons)]
+    for n, i, x in launches:
+        out.append(f"| {n} {i}: `{x['kernel'].split('(')[0].replace('void ', '')}` | {x['gpu__time_duration.sum']:.1f} | "
+                   f"{x['smsp__inst_executed.sum']:,.0f} | " + " | ".join(f"{x.get(k, 0):.2f}" for k in reasons) + " |")
+    return "\n".join(out)
+
+
 def markdown(res: dict, tokens: int = 0) -> str:
     """Kernel time by name, fastgen against the full cache: per launch, and in all (per decode token with tokens)."""
+    if isinstance(res.get("fastgen"), list):  # a --stalls run
+        return stalls_markdown(res)
     runs = {n: res[n] for n in ("fastgen", "full")}
     names = sorted(set().union(*(r["us_by_kernel"] for r in runs.values())),
                    key=lambda k: -max(r["us_by_kernel"].get(k, 0) for r in runs.values()))

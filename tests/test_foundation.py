@@ -166,8 +166,16 @@ def test_python_reads_the_contract_and_declarations_the_native_code_is_compiled_
     # every key written, each from the header; the kv overrides are not written
     assert set(meta.to_kv()) == set(schema.KEYS.values()) - {c["KEY_ENABLE"], c["KEY_UNDO_TOKENS"]}
     declared = re.findall(r"^LLAMA_FASTGEN_CONTRACT_API[^(]*?\b(llama_fastgen_\w+)\s*\(", src, re.M)
-    assert declared == ["llama_fastgen_class_cells", "llama_fastgen_class_at_context"]
+    assert declared == ["llama_fastgen_class_cells", "llama_fastgen_class_at_context", "llama_fastgen_class_problem"]
     assert all(getattr(contract._lib()[1], n) for n in declared)
+    # whether a class can load, the rule written out (kind, window, budget, n_sink): frequent budgets above
+    # n_sink + window, full windows 0, others 1 to MAX_CELLS, a budget only for frequent classes
+    K = schema.Kind
+    for args, why in (((K.FREQUENT, 16, 65, 48), 0), ((K.FREQUENT, 16, 64, 48), "CLASS_BAD_BUDGET"),
+                      ((K.FREQUENT, 16, c["MAX_CELLS"] + 1, 4), "CLASS_BAD_BUDGET"), ((K.FULL, 0, 0, 4), 0),
+                      ((K.FULL, 1, 0, 4), "CLASS_BAD_WINDOW"), ((K.SPECIAL_PUNCT_LOCAL, 0, 0, 4), "CLASS_BAD_WINDOW"),
+                      ((K.SPECIAL_PUNCT_LOCAL, 8, 5, 4), "CLASS_STRAY_BUDGET"), ((9, 1, 0, 4), "CLASS_BAD_KIND")):
+        assert contract.class_problem(int(args[0]), *args[1:]) == (c[why] if why else 0), (args, why)
     libllama = (llama_fastgen.lib_dir() / "libllama.so").read_bytes()
     assert b"libfastgen-contract" in libllama   # linked (DT_NEEDED), not compiled in a second time
     api = (REPO / "native" / "include" / "llama-fastgen.h").read_text()
