@@ -363,20 +363,25 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         }
     }
 
-    __threadfence();
-    __syncthreads();
     if (coop) {
         // Every block of the head merges (the launch checked that all blocks fit on the device at
         // once, so waiting for the others cannot deadlock): each scores its own cells from the logits
         // it still holds and writes a share of the output. No block waits for one merging block.
+        // One fence, by thread 0 after the barrier, publishes the block's partial results (as cooperative
+        // groups' grid sync does): per-thread fences stalled every warp on the writes' round trip.
+        __syncthreads();
         if (threadIdx.x == 0) {
+            __threadfence();
             atomicAdd(done, 1u);
             while (*(volatile unsigned int *) done < (unsigned int) na) {
             }
+            __threadfence();
         }
         __syncthreads();
     } else {
         // the last block of head j to get here merges its chunks (threadFenceReduction pattern)
+        __threadfence();
+        __syncthreads();
         if (threadIdx.x == 0) {
             last = atomicAdd(done, 1u) == (unsigned int) na - 1;
             if (last) {
@@ -387,14 +392,25 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         if (!last) {
             return;
         }
+        __threadfence();
     }
-    __threadfence();
 
     // Other blocks' results: read past L1 (__ldcg), which is not coherent between blocks. Each step's
-    // loads are issued together: one round trip for the rows' statistics, a few for the output and the scores.
+    // loads are issued together, and a thread's first output element's partial sums (of up to NO_PRE
+    // chunks) are requested before the rows' statistics: the statistics and the output take one round
+    // trip, not two (session 26's trace: a head's output blocks lagged its others by up to 4 us).
     constexpr int NS_LANE = GGML_FASTGEN_HH_MAX_CELLS/HH_CHUNK/WARP_SIZE; // chunks per lane, at most
     float * f_s = coop ? lg_s + R*HH_CHUNK : smem; // [ns][R]: weight of each chunk's partial sums
     __shared__ bool seen_s[GGML_FASTGEN_HH_MAX_CELLS/HH_CHUNK];
+    constexpr int NO_PRE = 16; // a store of 1,024 cells
+    float o_pre[NO_PRE];
+    const int i_first = (coop ? sp*blockDim.x : 0) + threadIdx.x; // this thread's first output element
+    if (i_first < R*Dv) {
+#pragma unroll
+        for (int s = 0; s < NO_PRE; ++s) {
+            o_pre[s] = s < na ? __ldcg(part_o + (((int64_t) j*ns + s)*R + i_first / Dv)*Dv + i_first % Dv) : 0.0f;
+        }
+    }
     for (int r = warp; r < R; r += HH_WARPS) {
         float ms[NS_LANE], ls[NS_LANE];
 #pragma unroll
@@ -439,8 +455,17 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     for (int i = (coop ? sp*blockDim.x : 0) + threadIdx.x; i < R*Dv; i += (coop ? na : 1)*blockDim.x) {
         const int r = i / Dv, d = i % Dv;
         float acc = 0.0f;
+        int s0 = 0;
+        if (i == i_first) {
+#pragma unroll
+            for (int s = 0; s < NO_PRE; ++s) {
+                const float f = s < na ? f_s[s*R + r] : 0.0f;
+                acc += f != 0.0f ? f*o_pre[s] : 0.0f;
+            }
+            s0 = min(na, NO_PRE);
+        }
 #pragma unroll 16
-        for (int s = 0; s < na; ++s) {
+        for (int s = s0; s < na; ++s) {
             const float f = f_s[s*R + r];
             const float o = __ldcg(part_o + (((int64_t) j*ns + s)*R + r)*Dv + d);
             acc += f != 0.0f ? f*o : 0.0f;
