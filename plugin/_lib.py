@@ -201,7 +201,11 @@ class _Native:
                             "dropped_upto": int(lib.llama_fastgen_ctx_class_dropped_upto(ctx, c, 0))})
         by_buffer = {self._str(lib.llama_fastgen_ctx_kv_buft_name(ctx, i)): int(lib.llama_fastgen_ctx_kv_buft_bytes(ctx, i))
                      for i in range(lib.llama_fastgen_ctx_kv_n_buft(ctx))}
+        counts = [self.ffi.new("uint64_t *") for _ in range(3)]
+        lib.llama_fastgen_ctx_mask_counts(ctx, *counts)
         return {"fastgen": bool(classes), "classes": classes,
+                # decode steps' full-class masks: filled over every cell / updated from the last step's
+                "masks": dict(zip(("filled", "updated", "mismatched"), (int(c[0]) for c in counts))),
                 "kv_bytes": int(lib.llama_fastgen_ctx_kv_bytes(ctx)),
                 "full_bytes": int(lib.llama_fastgen_ctx_full_bytes(ctx)),
                 "kv_bytes_by_buffer": by_buffer}  # where the bytes live (device buffers when split)

@@ -152,6 +152,55 @@ def test_fused_heavy_hitter_op_equals_the_composed_ggml_path(n_batch, real_fastg
     _agrees(nat[start:], ref[start:], full[start:])
 
 
+_MASK_SCRIPT = """
+import json, sys
+import numpy as np
+import llama_cpp
+from llama_fastgen import native
+from llama_cpp import Llama
+ids = json.loads(sys.argv[3])
+llm = Llama(model_path=sys.argv[2], n_ctx=1024, n_batch=64, verbose=False)
+rows, removed = [], False
+def step(toks):  # the logits of the last token
+    llm.eval(toks)
+    rows.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)).copy())
+step(ids[:300])                    # a prompt
+for t in ids[300:360]:             # decode steps
+    step([t])
+removed = llm._ctx.kv_cache_seq_rm(0, llm.n_tokens - 3, -1)  # a tail removal between decode steps
+llm.n_tokens -= 3 if removed else 0
+for t in ids[357:380]:
+    step([t])
+step(ids[380:400])                 # another prompt chunk
+for t in ids[400:430]:
+    step([t])
+np.save(sys.argv[1], np.stack(rows))
+print(json.dumps({**native.cache_stats(llm)["masks"], "removed": bool(removed)}))
+"""
+
+
+def test_decode_masks_updated_from_the_last_step_equal_llamas_fill(static_fastgen_gguf, long_ids, tmp_path):
+    """A decode step's full-class mask starts from the last step's (only the new token's cell changes) unless
+    the cells changed otherwise. Oracle: the same run with LLAMA_FASTGEN_CHECK_MASK=1, which fills every mask
+    with llama.cpp's pass over every cell and compares: the logits are the same to the bit, no update
+    differed, and updates did run (a tail removal and a prompt chunk between decode steps fill again)."""
+    import json
+
+    runs = {}
+    for name, env in (("updated", {}), ("filled", {"LLAMA_FASTGEN_CHECK_MASK": "1"})):
+        out = tmp_path / f"{name}.npy"
+        r = subprocess.run([sys.executable, "-c", _MASK_SCRIPT, str(out), str(static_fastgen_gguf), json.dumps(long_ids[:430])],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = (np.load(out), json.loads(r.stdout.strip().splitlines()[-1]))
+    (upd, cu), (ful, cf) = runs["updated"], runs["filled"]
+    assert cu["removed"] and cf["removed"]
+    # 113 decode steps: a fill after the prompt, the removal and the chunk (and where n_kv grows), else updates
+    assert cu["updated"] >= 100 and 3 <= cu["filled"] <= 10 and cu["mismatched"] == 0, cu
+    assert cf == cu, (cf, cu)  # the same decisions; every update checked against the fill, none differed
+    assert np.array_equal(upd, ful)
+
+
 def test_ubatch_size_does_not_change_static_keep_sets(static_fastgen_gguf, long_ids):
     """Strict semantics: a static policy applies inside a ubatch too, so token-by-token decoding and
     batches of 128 see the same keys; what remains is the numeric noise stock llama.cpp shows too.
@@ -577,7 +626,7 @@ def test_chat_says_when_a_context_is_too_small_for_the_policy_to_save_memory(tin
     assert said[256][0] <= 0 and said[256][1] and said[4096][0] > 0 and not said[4096][1], said
 
 
-@pytest.mark.parametrize("name", ["LLAMA_FASTGEN_HH_FUSED", "LLAMA_FASTGEN_TIMING"])
+@pytest.mark.parametrize("name", ["LLAMA_FASTGEN_HH_FUSED", "LLAMA_FASTGEN_TIMING", "LLAMA_FASTGEN_CHECK_MASK"])
 def test_every_switch_refuses_a_value_it_does_not_know_at_load(name, tiny_model_dir, tmp_path):
     """The switches read mid-run (once per process) are checked at load, with LLAMA_FASTGEN_DISABLE's words:
     a fresh process, since a switch read once keeps its first value."""

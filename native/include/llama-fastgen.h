@@ -77,6 +77,13 @@ LLAMA_API int32_t      llama_fastgen_ctx_kv_n_buft    (const struct llama_contex
 LLAMA_API const char * llama_fastgen_ctx_kv_buft_name (const struct llama_context * ctx, int32_t i);
 LLAMA_API size_t       llama_fastgen_ctx_kv_buft_bytes(const struct llama_context * ctx, int32_t i);
 
+// Class masks of decode steps (one token of one sequence, classes without a window): how many were filled
+// over every cell (llama.cpp's fill) and how many updated from the last step's (only the new token's cell
+// changes), and, with the environment variable LLAMA_FASTGEN_CHECK_MASK=1 (which fills updated masks in full
+// as well and uses that), how many updates differed from the fill. 0 for an ordinary cache.
+LLAMA_API void llama_fastgen_ctx_mask_counts(const struct llama_context * ctx, uint64_t * filled, uint64_t * updated,
+                                             uint64_t * mismatched);
+
 #ifdef __cplusplus
 }
 #endif

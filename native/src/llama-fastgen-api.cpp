@@ -155,6 +155,13 @@ uint32_t llama_fastgen_ctx_class_used(const llama_context * ctx, int32_t c) {
     return kv && c >= 0 && (size_t) c < kv->n_class() ? kv->class_used(c) : 0;
 }
 
+void llama_fastgen_ctx_mask_counts(const llama_context * ctx, uint64_t * filled, uint64_t * updated, uint64_t * mismatched) {
+    const auto * kv = fastgen_cache(ctx);
+    *filled     = kv ? kv->masks.full : 0;
+    *updated    = kv ? kv->masks.updated : 0;
+    *mismatched = kv ? kv->masks.mismatched : 0;
+}
+
 int32_t llama_fastgen_ctx_class_dropped_upto(const llama_context * ctx, int32_t c, int32_t seq_id) {
     const auto * kv = fastgen_cache(ctx);
     return kv && c >= 0 && (size_t) c < kv->n_class() ? kv->class_dropped_upto(c, seq_id) : 0;

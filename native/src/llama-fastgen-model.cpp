@@ -130,6 +130,7 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_load
         // read where they act (once per process, mid-run); a typo fails the load here instead
         llama_fastgen_env_flag("LLAMA_FASTGEN_HH_FUSED", true);
         llama_fastgen_env_flag("LLAMA_FASTGEN_TIMING", false);
+        llama_fastgen_env_flag("LLAMA_FASTGEN_CHECK_MASK", false);
         LLAMA_LOG_INFO("%s: fastgen policy: %zu classes, T = %.2f, %u sinks%s\n", __func__, policy->classes.size(),
                 policy->threshold, policy->n_sink, policy->enabled ? "" : " (disabled: full cache)");
         return policy;

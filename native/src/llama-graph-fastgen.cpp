@@ -1,8 +1,10 @@
 #include "llama-graph-fastgen.h"
 
 #include "llama-kv-cache-fastgen.h"
+#include "llama-fastgen-model.h"
 #include "ggml-fastgen.h"
 
+#include <chrono>
 #include <cstring>
 #include <stdexcept>
 
@@ -50,8 +52,75 @@ void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
         }
         m->set_input_k_idxs(cls[c].k_idxs, ubatch);
         m->set_input_v_idxs(cls[c].v_idxs, ubatch);
-        m->set_input_kq_mask(cls[c].kq_mask, ubatch, cparams.causal_attn);
+        set_input_mask((int) c, ubatch);
     }
+}
+
+// LLAMA_FASTGEN_TIMING=1: the host time of decode steps' full-class masks, filled and updated, printed at exit
+struct mask_timing {
+    const bool on = llama_fastgen_env_flag_or_unset("LLAMA_FASTGEN_TIMING", false); // (built when the library loads)
+    double   ms[2] = {};
+    uint64_t n[2]  = {};
+    ~mask_timing() {
+        if (on && (n[0] || n[1])) {
+            fprintf(stderr, "fastgen timing: decode-step class masks: %llu filled over every cell (%.1f us each), "
+                    "%llu updated from the last step (%.1f us each)\n", (unsigned long long) n[0], n[0] ? 1e3*ms[0]/n[0] : 0.0,
+                    (unsigned long long) n[1], n[1] ? 1e3*ms[1]/n[1] : 0.0);
+        }
+    }
+};
+static mask_timing g_mask_timing;
+
+// A decode step's mask of a full class (no window, nothing retained) differs from the last step's in one
+// cell, the new token's, when exactly this step's ubatch changed the cells since (no removal, copy, shift
+// or restore between, which all count as changes). That cell becomes visible; llama.cpp's fill instead
+// passes over every cell: at n_ctx 65,536 it took 190 us per token on the host of an H100 machine, the GPU
+// idle meanwhile, a cost no byte saved by the compressed classes takes off.
+void llm_graph_input_attn_kv_fastgen::set_input_mask(int c, const llama_ubatch * ubatch) {
+    static const bool check = llama_fastgen_env_flag_or_unset("LLAMA_FASTGEN_CHECK_MASK", false);
+    const auto * cache = mctx_fg->get_cache();
+    const auto * m     = mctx_fg->get(c);
+    ggml_tensor * mask = cls[c].kq_mask;
+    auto & memo = cls[c].memo;
+    const bool step = cache->get_policy().classes[c].kind == LLAMA_FASTGEN_FULL && cparams.causal_attn &&
+            !hparams.use_alibi && ubatch->n_tokens == 1 && ubatch->n_seq_id[0] == 1 && !ubatch->is_pos_2d() &&
+            ggml_nelements(mask) == mask->ne[0];
+    const llama_seq_id seq = step ? ubatch->seq_id[0][0] : -1;
+    const llama_pos    pos = step ? ubatch->pos[0] : -1;
+    const int64_t     cell = step ? ((const int64_t *) cls[c].k_idxs->data)[0] : -1;
+    const size_t        es = ggml_element_size(mask);
+    const auto          t0 = std::chrono::steady_clock::now();
+    const bool     updated = step && memo.valid && memo.version + 1 == cache->cells_version() && memo.seq == seq && memo.pos + 1 == pos &&
+            memo.row.size() == ggml_nbytes(mask) && cell >= 0 && cell < mask->ne[0];
+    if (updated) {
+        std::memset(memo.row.data() + cell*es, 0, es); // +0 in F16 and F32: visible
+        cache->masks.updated++;
+        if (check) { // the full fill as well, which is what the tensor then holds
+            m->set_input_kq_mask(mask, ubatch, cparams.causal_attn);
+            if (std::memcmp(mask->data, memo.row.data(), memo.row.size()) != 0) {
+                cache->masks.mismatched++;
+                LLAMA_LOG_ERROR("%s: class %d: the mask updated from the last step differs from llama.cpp's fill "
+                        "(position %d)\n", __func__, c, pos);
+                memo.row.assign((const char *) mask->data, (const char *) mask->data + ggml_nbytes(mask));
+            }
+        } else {
+            std::memcpy(mask->data, memo.row.data(), memo.row.size());
+        }
+    } else {
+        m->set_input_kq_mask(mask, ubatch, cparams.causal_attn);
+        if (step) {
+            cache->masks.full++;
+            memo.row.assign((const char *) mask->data, (const char *) mask->data + ggml_nbytes(mask));
+        }
+    }
+    if (step && g_mask_timing.on) {
+        g_mask_timing.ms[updated] += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        g_mask_timing.n[updated]++;
+    }
+    memo.valid   = step;
+    memo.version = cache->cells_version();
+    memo.seq     = seq;
+    memo.pos     = pos;
 }
 
 bool llm_graph_input_attn_kv_fastgen::can_reuse(const llm_graph_params & params) {

@@ -15,12 +15,21 @@ public:
                                     const llama_kv_cache_fastgen_context * mctx);
 
     void set_input(const llama_ubatch * ubatch) override;
+    void set_input_mask(int c, const llama_ubatch * ubatch); // class c's kq_mask
     bool can_reuse(const llm_graph_params & params) override;
 
     struct per_class {
         ggml_tensor * k_idxs  = nullptr;
         ggml_tensor * v_idxs  = nullptr;
         ggml_tensor * kq_mask = nullptr; // [n_kv_c, n_tokens/n_stream, 1, n_stream]
+        // a full class: its last decode step's mask, for the next step (set_input)
+        struct mask_memo {
+            bool              valid   = false;
+            uint64_t          version = 0; // llama_kv_cache_fastgen::cells_version() after that step
+            llama_seq_id      seq     = -1;
+            llama_pos         pos     = -1;
+            std::vector<char> row;
+        } memo;
     };
     std::vector<per_class> cls;
 

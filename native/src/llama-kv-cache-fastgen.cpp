@@ -161,6 +161,7 @@ size_t llama_kv_cache_fastgen::slice_bytes(int c) const {
 }
 
 void llama_kv_cache_fastgen::clear(bool data) {
+    cells_changed();
     evicted_upto.assign(slices.size(), {});
     drop_floor.clear();
     hh.clear();
@@ -198,6 +199,7 @@ bool llama_kv_cache_fastgen::can_remove_tail(llama_seq_id seq_id, llama_pos p0) 
 }
 
 bool llama_kv_cache_fastgen::make_removable(llama_seq_id seq_id, uint32_t n_tokens) {
+    cells_changed();
     if (n_tokens > n_ubatch || !hh.records(seq_id, n_tokens)) {
         return false; // several ubatches, or not recorded: an eviction now would not be the one it runs
     }
@@ -226,6 +228,9 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
     for (llama_seq_id s = seq_id < 0 ? 0 : seq_id; s < (seq_id < 0 ? (llama_seq_id) n_seq_max : seq_id + 1); ++s) {
         pmax = std::max(pmax, seq_pos_max(s));
     }
+    if (p0 <= pmax && (p1 < 0 || p1 > p0)) {
+        cells_changed(); // (llama-cpp-python removes what follows its tokens before every evaluation: mostly nothing)
+    }
     const llama_pos pmax_compressed = pos_max_compressed(seq_id);
     const bool everything = p0 == 0 && (p1 < 0 || p1 > pmax);
     if (!everything && p0 <= pmax_compressed) {
@@ -253,6 +258,7 @@ bool llama_kv_cache_fastgen::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
 }
 
 void llama_kv_cache_fastgen::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) {
+    cells_changed();
     if (seq_id_src == seq_id_dst) {
         return;
     }
@@ -276,6 +282,7 @@ void llama_kv_cache_fastgen::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id
 }
 
 void llama_kv_cache_fastgen::seq_keep(llama_seq_id seq_id) {
+    cells_changed();
     hh.seq_keep(seq_id);
     for (auto it = drop_floor.begin(); it != drop_floor.end();) {
         it = it->first == seq_id ? std::next(it) : drop_floor.erase(it);
@@ -293,6 +300,7 @@ void llama_kv_cache_fastgen::seq_keep(llama_seq_id seq_id) {
 }
 
 void llama_kv_cache_fastgen::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
+    cells_changed();
     if (!get_can_shift() && shift != 0) {
         llama_fastgen_refuse(__func__, "fastgen: positions of a compressed cache cannot be shifted (its windows and heavy hitters "
                 "were chosen at their positions); positions unchanged. Leave context shifting off");
@@ -306,6 +314,7 @@ void llama_kv_cache_fastgen::seq_add(llama_seq_id seq_id, llama_pos p0, llama_po
 }
 
 void llama_kv_cache_fastgen::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
+    cells_changed();
     if (!get_can_shift() && d != 1) {
         llama_fastgen_refuse(__func__, "fastgen: positions of a compressed cache cannot be divided; positions unchanged");
         return;
@@ -437,6 +446,7 @@ llama_memory_context_ptr llama_kv_cache_fastgen::init_batch(llama_batch_allocr &
 }
 
 bool llama_kv_cache_fastgen::evict_oldest_protected(int c) {
+    cells_changed();
     const auto & cls = policy->classes[c];
     if (cls.kind == LLAMA_FASTGEN_FULL) {
         return false;
@@ -537,6 +547,7 @@ void llama_kv_cache_fastgen::state_write(llama_io_write_i & io, llama_seq_id seq
 }
 
 void llama_kv_cache_fastgen::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
+    cells_changed();
     try {
         uint32_t magic = 0;
         uint64_t fp    = 0;
@@ -670,6 +681,7 @@ bool llama_kv_cache_fastgen_context::next() {
 
 bool llama_kv_cache_fastgen_context::apply() {
     assert(!llama_memory_status_is_fail(status));
+    kv->cells_changed();
     // a batch: the heavy-hitter stores evict and place this ubatch
     bool res = ubatches.empty() || kv->hh_memory().apply(ubatches[i_next]);
     for (auto & c : ctxs) {

@@ -85,6 +85,18 @@ public:
     // after a ubatch is applied: a batch that dropped protected tokens cannot be taken back
     void on_applied(const llama_ubatch & ubatch, bool last_of_batch);
 
+    // Counts every change of the slices' cells (an applied ubatch, a memory operation): a decode step's
+    // class mask can start from the last step's when exactly its own ubatch came between them
+    // (llm_graph_input_attn_kv_fastgen::set_input)
+    uint64_t cells_version() const { return version; }
+    void     cells_changed() { ++version; }
+    // class masks of decode steps filled over every cell / updated from the last step's, and (with
+    // LLAMA_FASTGEN_CHECK_MASK=1, which fills updated masks in full too) updates that differed
+    struct mask_counts {
+        uint64_t full = 0, updated = 0, mismatched = 0;
+    };
+    mutable mask_counts masks;
+
 private:
     // identifies the policy table and the slices' sizes in a saved state
     uint64_t state_fingerprint() const;
@@ -92,6 +104,7 @@ private:
     llama_pos pos_max_compressed(llama_seq_id seq_id) const;
     // when retained tokens fill a compressed class: drop its oldest protected tokens (not sinks)
     bool evict_oldest_protected(int c);
+    uint64_t version = 0;
     bool dropped_protected = false; // by the batch being applied
     std::map<llama_seq_id, llama_pos> drop_floor; // no tail removal below: protected tokens were dropped for a batch there
 
