@@ -9,9 +9,13 @@ runs a fastgen GGUF with its compressed cache:
 
 The library itself loads when llama_cpp is first imported, not here (see _lib._AfterLlamaCpp).
 """
-from ._lib import LibraryError, lib_dir, native, prepare
+from ._lib import LibraryError, exit_if_command, lib_dir, native, prepare
 
-prepare()
+try:
+    prepare()
+except LibraryError as e:
+    exit_if_command(e)  # our commands say it in one line; a program importing the package gets the exception
+    raise
 
 __version__ = "0.1.0"
 __all__ = ["LibraryError", "lib_dir", "llama_cpp", "native", "__version__"]

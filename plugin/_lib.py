@@ -65,6 +65,17 @@ class _AfterLlamaCpp(importlib.abc.MetaPathFinder):
         return spec
 
 
+def exit_if_command(err: Exception) -> None:
+    """In one of our commands (llama-fastgen, llama-fastgen-convert, python -m llama_fastgen...), whose first
+    import is this package: print the reason as one line and exit 1, not a traceback."""
+    commands = {"llama-fastgen", "llama-fastgen-convert"}
+    argv = getattr(sys, "orig_argv", sys.argv)
+    by_module = any(a == "-m" and b.split(".")[0] == "llama_fastgen" for a, b in zip(argv, argv[1:]))
+    if by_module or (sys.argv and Path(sys.argv[0]).name in commands):
+        print(f"llama-fastgen: error: {err}", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def prepare() -> None:
     """Point llama-cpp-python at our libllama (it loads the library when first imported)."""
     ours = lib_dir()
@@ -93,6 +104,7 @@ def _extend(llama_cpp) -> None:
     """What llama_fastgen adds to llama_cpp: reasons for refusals, prompt reuse via checkpoints."""
     from . import checkpoints, rpc
 
+    native.lib.llama_fastgen_keep_llama_errors()  # after llama-cpp-python's log callback: in front of it
     _explain_load_errors(llama_cpp)
     _raise_refusals(llama_cpp)
     rpc.install(llama_cpp)
@@ -143,7 +155,7 @@ def _explained(orig, reset: bool):
         except (ValueError, RuntimeError) as e:
             if reset:
                 args[0].reset()
-            why = native.last_error()
+            why = native.last_error() or native.llama_error()  # ours, else llama.cpp's
             if why:
                 raise type(e)(f"{e}: {why}") from None
             raise
@@ -185,6 +197,10 @@ class _Native:
 
     def last_error(self) -> str:
         return self._str(self.lib.llama_fastgen_last_error())
+
+    def llama_error(self) -> str:
+        """llama.cpp's own first error line since the last clear (verbose=False hides it), as one line."""
+        return " ".join(self._str(self.lib.llama_fastgen_llama_error()).split())
 
     def cache_stats(self, llm) -> dict:
         """What the cache of a llama_cpp.Llama holds: per class bytes/cells/used, totals."""

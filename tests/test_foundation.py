@@ -105,6 +105,14 @@ def test_foreign_library_is_refused_clearly():
     r = subprocess.run([sys.executable, "-c", "import llama_fastgen"], capture_output=True, text=True, env=env)
     assert r.returncode != 0
     assert "LLAMA_CPP_LIB_PATH=/nonexistent/lib points at another libllama" in r.stderr
+    # our commands say it in one line, no traceback: the console scripts and python -m
+    bindir = Path(sys.executable).parent
+    for cmd in ([str(bindir / "llama-fastgen"), "--version"], [str(bindir / "llama-fastgen-convert"), "--help"],
+                [sys.executable, "-m", "llama_fastgen", "--version"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (cmd, r.stderr[-2000:])
+        assert r.stderr.startswith("llama-fastgen: error: LLAMA_CPP_LIB_PATH=/nonexistent/lib points at another "
+                                   "libllama") and r.stderr.count("\n") == 1, (cmd, r.stderr)
 
 
 def test_stock_gguf_logits_match_transformers(model_dir, stock_gguf):

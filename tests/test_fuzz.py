@@ -69,3 +69,22 @@ def test_a_fastgen_gguf_missing_model_keys_is_named_not_a_traceback(base, tmp_pa
     r = subprocess.run([sys.executable, "-m", "llama_fastgen", "inspect", str(path)], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_llamas_own_refusal_of_a_file_reaches_the_error_with_verbose_off(base, tmp_path):
+    """A file llama.cpp itself refuses (here a feed-forward length its tensors do not have): its reason, an
+    error line that llama-cpp-python's verbose=False sends to /dev/null, ends the ValueError's message."""
+    import copy
+
+    b = copy.copy(base)
+    b.kv = dict(base.kv)
+    typ, n_ff = b.kv["llama.feed_forward_length"]
+    b.kv["llama.feed_forward_length"] = (typ, 2 * n_ff)
+    path = b.write(tmp_path / "m.gguf", base.policy())
+    code = ("import llama_fastgen, sys\nfrom llama_cpp import Llama\n"
+            "try:\n    Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)\nexcept ValueError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("Failed to load model from file: ") and "has wrong shape" in r.stdout, r.stdout
+    assert "ffn" in r.stdout and r.stdout.count("\n") == 1, r.stdout
+

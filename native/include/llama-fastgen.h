@@ -30,6 +30,12 @@ LLAMA_API bool llama_fastgen_rpc_serve(const char * endpoint, int32_t n_threads)
 // none; clear it before a call to tell its error from an older one.
 LLAMA_API const char * llama_fastgen_last_error(void);
 LLAMA_API void         llama_fastgen_clear_error(void);
+// llama.cpp's own reason for a refusal (a tensor of the wrong shape, a truncated file): the first
+// error-level line it logged since llama_fastgen_clear_error, "" if none. Kept once
+// llama_fastgen_keep_llama_errors has put a log callback in front of the one set before (llama-cpp-python's,
+// silenced by verbose=False during a load), which still receives every line.
+LLAMA_API void         llama_fastgen_keep_llama_errors(void);
+LLAMA_API const char * llama_fastgen_llama_error(void);
 
 // Number of policy classes in the model's fastgen metadata, 0 if it has none.
 LLAMA_API int32_t llama_fastgen_model_n_class(const struct llama_model * model);

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <map>
+#include <mutex>
 #include <vector>
 #include <string>
 
@@ -96,8 +97,52 @@ const char * llama_fastgen_last_error(void) {
     return llama_fastgen_last_error_str().c_str();
 }
 
+// llama.cpp's first error line since the last clear, kept by a log callback in front of the previous one
+static std::mutex        g_llama_error_mutex;
+static std::string       g_llama_error, g_llama_error_out;
+static bool              g_llama_error_open = false; // CONT lines continue the kept error
+static ggml_log_callback g_next_log      = nullptr;
+static void *            g_next_log_data = nullptr;
+
+static void keep_llama_errors(ggml_log_level level, const char * text, void * /*user_data*/) {
+    {
+        std::lock_guard<std::mutex> lock(g_llama_error_mutex);
+        if (level == GGML_LOG_LEVEL_ERROR && g_llama_error.empty()) {
+            g_llama_error = text;
+            g_llama_error_open = true;
+        } else if (level == GGML_LOG_LEVEL_CONT && g_llama_error_open) {
+            g_llama_error += text;
+        } else if (level != GGML_LOG_LEVEL_CONT) {
+            g_llama_error_open = false;
+        }
+    }
+    if (g_next_log) {
+        g_next_log(level, text, g_next_log_data);
+    }
+}
+
+void llama_fastgen_keep_llama_errors(void) {
+    ggml_log_callback cb = nullptr;
+    void * data = nullptr;
+    llama_log_get(&cb, &data);
+    if (cb != keep_llama_errors) {
+        g_next_log      = cb;
+        g_next_log_data = data;
+        llama_log_set(keep_llama_errors, nullptr);
+    }
+}
+
+const char * llama_fastgen_llama_error(void) {
+    std::lock_guard<std::mutex> lock(g_llama_error_mutex);
+    g_llama_error_out = g_llama_error;
+    return g_llama_error_out.c_str();
+}
+
 void llama_fastgen_clear_error(void) {
     llama_fastgen_set_last_error("");
+    std::lock_guard<std::mutex> lock(g_llama_error_mutex);
+    g_llama_error.clear();
+    g_llama_error_open = false;
 }
 
 int32_t llama_fastgen_model_n_class(const llama_model * model) {
