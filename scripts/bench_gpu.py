@@ -19,6 +19,9 @@
                same mix with its heavy-hitter heads full (--model-nohh), full f16, q8_0; and the ideal
                decode speed of our bytes: full-cache time at depth 0 + (our KV bytes / full KV bytes)
                x (full-cache time at that depth - at depth 0)
+  host         the host time the fastgen cache adds per ubatch at each of --depths (LLAMA_FASTGEN_TIMING=1,
+               one llama-bench tg64 run each): the heavy-hitter stores' phases, and the decode steps' class
+               masks filled over every cell or updated from the last step's
 
 Prints tables and writes JSON (--json). Numbers are measured, never typed in.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -292,6 +296,26 @@ def speed(args) -> list:
     return rows
 
 
+MASK_LINE = re.compile(r"decode-step class masks: (\d+) filled over every cell \(([\d.]+) us each\), (\d+) updated from the last "
+                       r"step \(([\d.]+) us each\)")
+
+
+def host(args) -> list:
+    """Host time the fastgen cache adds per ubatch at each depth, as LLAMA_FASTGEN_TIMING=1 prints it at exit
+    (one llama-bench tg64 run per depth): the heavy-hitter stores' phases and the decode steps' class masks,
+    filled over every cell (the first step) or updated from the last step's (the others)."""
+    out = []
+    for d in args.depths:
+        r = subprocess.run([args.llama_bench, "-m", args.model, "-ngl", "99", "-fa", "1", "-p", "0", "-n", "64", "-d", str(d),
+                            "-r", "1", "--no-warmup"], env=dict(os.environ, LLAMA_FASTGEN_TIMING="1"), capture_output=True, text=True)
+        lines = [l for l in r.stderr.splitlines() if l.startswith("fastgen timing:")]
+        m = next((MASK_LINE.search(l) for l in lines if MASK_LINE.search(l)), None)
+        out.append({"depth": d, "lines": lines, **({"masks_filled": int(m.group(1)), "fill_us": float(m.group(2)),
+                                                    "masks_updated": int(m.group(3)), "update_us": float(m.group(4))} if m else {})})
+        print(f"  host @ d{d}: " + (" | ".join(lines) or f"no timing lines (rc {r.returncode})"), flush=True)
+    return out
+
+
 def speed_table(rows, markdown: bool = False) -> str:
     """tokens/s per test and config (median [min-max] where repeated), fastgen / full and / ideal"""
     names = list(dict.fromkeys(r["config"] for r in rows))
@@ -335,7 +359,7 @@ def run_info() -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["all", "correctness", "sequences", "rollback", "kv", "reuse", "speed", "table", "child",
+    ap.add_argument("what", choices=["all", "correctness", "sequences", "rollback", "kv", "reuse", "speed", "host", "table", "child",
                                      "seqchild", "rbchild"])
     ap.add_argument("--model", help="8B-shape fastgen GGUF (kv, speed)")
     ap.add_argument("--small", nargs="+", default=[], help="small random fastgen GGUFs (correctness)")
@@ -372,9 +396,11 @@ def main() -> int:
                 print(correctness_table(res[step]))
         if "speed" in res:
             print(speed_table(res["speed"], markdown=True))
+        for h in res.get("host", []):
+            print(f"- depth {h['depth']}: " + "; ".join(l.removeprefix("fastgen timing: ") for l in h["lines"]))
         return 0
     out = run_info()
-    for step in ("correctness", "sequences", "rollback", "kv", "reuse", "speed"):
+    for step in ("correctness", "sequences", "rollback", "kv", "reuse", "speed", "host"):
         if args.what in (step, "all"):
             out[step] = globals()[step](args)
             if args.json:
