@@ -229,8 +229,20 @@ def test_allocated_kv_bytes_equal_the_policy_formula(real_fastgen_gguf, n_ctx):
     got = {c["class"]: c["bytes"] for c in st["classes"]}
     assert got == {cls.label: b for cls, b in zip(meta.at_context(n_ctx).classes, want) if b}
     assert st["kv_bytes"] == sum(want)
-    assert st["full_bytes"] == 30 * 3 * 64 * 2 * 2 * n_ctx
+    assert st["full_bytes"] == _f16_kv_bytes_per_cell(real_fastgen_gguf) * n_ctx
     assert st["kv_bytes"] < st["full_bytes"]
+
+
+def _f16_kv_bytes_per_cell(gguf_path) -> int:
+    """An ordinary f16 cache's K+V bytes per cell: layers x KV heads x (key + value length) x 2 bytes, from the
+    model's own keys (SmolLM2-135M: 30 x 3 x (64 + 64) x 2)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(gguf_path))
+    n_head = schema.arch_int(r, "attention.head_count")
+    head = schema.arch_int(r, "attention.key_length", default=schema.arch_int(r, "embedding_length") // n_head)
+    return (schema.arch_int(r, "block_count") * schema.arch_int(r, "attention.head_count_kv") *
+            (head + schema.arch_int(r, "attention.value_length", default=head)) * 2)
 
 
 def test_fastgen_can_be_switched_off_for_ab_comparison(real_fastgen_gguf):
@@ -239,7 +251,7 @@ def test_fastgen_can_be_switched_off_for_ab_comparison(real_fastgen_gguf):
         st = llama_fastgen.native.cache_stats(llm)
     finally:
         llm.close()
-    assert not st["fastgen"] and st["kv_bytes"] == st["full_bytes"] == 30 * 3 * 64 * 2 * 2 * 2048
+    assert not st["fastgen"] and st["kv_bytes"] == st["full_bytes"] == _f16_kv_bytes_per_cell(real_fastgen_gguf) * 2048
 
 
 def test_chat_streams_and_a_second_turn_reuses_or_resets_correctly(real_fastgen_gguf):
