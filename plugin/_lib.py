@@ -69,8 +69,12 @@ def exit_if_command(err: Exception) -> None:
     """In one of our commands (llama-fastgen, llama-fastgen-convert, python -m llama_fastgen...), whose first
     import is this package: print the reason as one line and exit 1, not a traceback."""
     commands = {"llama-fastgen", "llama-fastgen-convert"}
-    argv = getattr(sys, "orig_argv", sys.argv)
-    by_module = any(a == "-m" and b.split(".")[0] == "llama_fastgen" for a, b in zip(argv, argv[1:]))
+    # python -m llama_fastgen[.x]: runpy imports the package from _run_module_as_main(mod_name, ...)
+    frame, by_module = sys._getframe(), False
+    while frame is not None and not by_module:
+        by_module = (frame.f_code.co_name == "_run_module_as_main" and
+                     str(frame.f_locals.get("mod_name", "")).split(".")[0] == "llama_fastgen")
+        frame = frame.f_back
     if by_module or (sys.argv and Path(sys.argv[0]).name in commands):
         print(f"llama-fastgen: error: {err}", file=sys.stderr)
         raise SystemExit(1)

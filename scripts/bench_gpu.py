@@ -303,11 +303,15 @@ MASK_LINE = re.compile(r"decode-step class masks: (\d+) filled over every cell \
 def host(args) -> list:
     """Host time the fastgen cache adds per ubatch at each depth, as LLAMA_FASTGEN_TIMING=1 prints it at exit
     (one llama-bench tg64 run per depth): the heavy-hitter stores' phases and the decode steps' class masks,
-    filled over every cell (the first step) or updated from the last step's (the others)."""
+    filled over every cell (the first step, and where n_kv grows) or updated from the last step's (the others)."""
+    if not args.model:
+        sys.exit("host: --model (a fastgen GGUF) is needed")
     out = []
     for d in args.depths:
         r = subprocess.run([args.llama_bench, "-m", args.model, "-ngl", "99", "-fa", "1", "-p", "0", "-n", "64", "-d", str(d),
                             "-r", "1", "--no-warmup"], env=dict(os.environ, LLAMA_FASTGEN_TIMING="1"), capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f"host: llama-bench failed at depth {d} (rc {r.returncode}):\n{r.stderr[-2000:]}")
         lines = [l for l in r.stderr.splitlines() if l.startswith("fastgen timing:")]
         m = next((MASK_LINE.search(l) for l in lines if MASK_LINE.search(l)), None)
         out.append({"depth": d, "lines": lines, **({"masks_filled": int(m.group(1)), "fill_us": float(m.group(2)),

@@ -2,7 +2,8 @@
 """Host time of a decode step's class masks at depth: llama.cpp's fill over every cell against the update
 from the last step's (llm_graph_input_attn_kv_fastgen::set_input_mask), as LLAMA_FASTGEN_TIMING=1 reports
 them, and the decode speed around them. Each repetition is a fresh process (the timing prints at exit):
-a prompt of --depth random tokens, then --steps decode steps; the first step fills, the others update.
+a prompt of --depth random tokens, then --steps decode steps; the first step fills, the others update
+(as long as n_kv, padded by llama.cpp, does not grow: then the graph is rebuilt and the next step fills).
 
     python scripts/bench_masks.py --gguf M.gguf --depths 4096 16384 --json docs/results/masks-cpu.json
     python scripts/bench_masks.py --from-json docs/results/masks-cpu.json     # the markdown table
@@ -25,11 +26,11 @@ from llama_fastgen import native
 from llama_cpp import Llama
 depth, steps = int(sys.argv[2]), int(sys.argv[3])
 llm = Llama(model_path=sys.argv[1], n_ctx=depth + steps + 256, n_batch=512, n_ubatch=512, verbose=False, flash_attn=True)
-rng = random.Random(depth)
-llm.eval([rng.randrange(100, 30000) for _ in range(depth)])
+rng, n_vocab = random.Random(depth), llm.n_vocab()
+llm.eval([rng.randrange(n_vocab) for _ in range(depth)])
 t0 = time.perf_counter()
 for _ in range(steps):
-    llm.eval([rng.randrange(100, 30000)])
+    llm.eval([rng.randrange(n_vocab)])
 print("TOKS", steps/(time.perf_counter() - t0), native.cache_stats(llm)["masks"]["updated"], flush=True)
 """
 LINE = re.compile(r"decode-step class masks: (\d+) filled over every cell \(([\d.]+) us each\), (\d+) updated from the last step \(([\d.]+) us each\)")

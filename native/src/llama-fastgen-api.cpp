@@ -122,14 +122,15 @@ static void keep_llama_errors(ggml_log_level level, const char * text, void * /*
 }
 
 void llama_fastgen_keep_llama_errors(void) {
-    ggml_log_callback cb = nullptr;
-    void * data = nullptr;
-    llama_log_get(&cb, &data);
-    if (cb != keep_llama_errors) {
+    static std::once_flag once; // chained once: a second call could put us behind a callback that calls us
+    std::call_once(once, [] {
+        ggml_log_callback cb = nullptr;
+        void * data = nullptr;
+        llama_log_get(&cb, &data);
         g_next_log      = cb;
         g_next_log_data = data;
         llama_log_set(keep_llama_errors, nullptr);
-    }
+    });
 }
 
 const char * llama_fastgen_llama_error(void) {

@@ -4,6 +4,7 @@
 #include "llama-fastgen-model.h"
 #include "ggml-fastgen.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
@@ -91,7 +92,8 @@ void llm_graph_input_attn_kv_fastgen::set_input_mask(int c, const llama_ubatch *
     const size_t        es = ggml_element_size(mask);
     const auto          t0 = std::chrono::steady_clock::now();
     const bool     updated = step && memo.valid && memo.version + 1 == cache->cells_version() && memo.seq == seq && memo.pos + 1 == pos &&
-            memo.row.size() == ggml_nbytes(mask) && cell >= 0 && cell < mask->ne[0];
+            memo.row.size() == ggml_nbytes(mask) && cell >= 0 && cell < mask->ne[0] &&
+            std::any_of(memo.row.data() + cell*es, memo.row.data() + (cell + 1)*es, [](char b) { return b != 0; }); // was masked
     if (updated) {
         std::memset(memo.row.data() + cell*es, 0, es); // +0 in F16 and F32: visible
         cache->masks.updated++;
