@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -296,16 +295,14 @@ def speed(args) -> list:
     return rows
 
 
-MASK_LINE = re.compile(r"decode-step class masks: (\d+) filled over every cell \(([\d.]+) us each\), (\d+) updated from the last "
-                       r"step \(([\d.]+) us each\)")
-
-
 def host(args) -> list:
     """Host time the fastgen cache adds per ubatch at each depth, as LLAMA_FASTGEN_TIMING=1 prints it at exit
     (one llama-bench tg64 run per depth): the heavy-hitter stores' phases and the decode steps' class masks,
     filled over every cell (the first step, and where n_kv grows) or updated from the last step's (the others)."""
     if not args.model:
         sys.exit("host: --model (a fastgen GGUF) is needed")
+    from llama_fastgen.evaluation.report import mask_timing
+
     out = []
     for d in args.depths:
         r = subprocess.run([args.llama_bench, "-m", args.model, "-ngl", "99", "-fa", "1", "-p", "0", "-n", "64", "-d", str(d),
@@ -313,9 +310,7 @@ def host(args) -> list:
         if r.returncode != 0:
             sys.exit(f"host: llama-bench failed at depth {d} (rc {r.returncode}):\n{r.stderr[-2000:]}")
         lines = [l for l in r.stderr.splitlines() if l.startswith("fastgen timing:")]
-        m = next((MASK_LINE.search(l) for l in lines if MASK_LINE.search(l)), None)
-        out.append({"depth": d, "lines": lines, **({"masks_filled": int(m.group(1)), "fill_us": float(m.group(2)),
-                                                    "masks_updated": int(m.group(3)), "update_us": float(m.group(4))} if m else {})})
+        out.append({"depth": d, "lines": lines, **(mask_timing(r.stderr) or {})})
         print(f"  host @ d{d}: " + (" | ".join(lines) or f"no timing lines (rc {r.returncode})"), flush=True)
     return out
 

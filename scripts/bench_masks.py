@@ -33,17 +33,17 @@ for _ in range(steps):
     llm.eval([rng.randrange(n_vocab)])
 print("TOKS", steps/(time.perf_counter() - t0), native.cache_stats(llm)["masks"]["updated"], flush=True)
 """
-LINE = re.compile(r"decode-step class masks: (\d+) filled over every cell \(([\d.]+) us each\), (\d+) updated from the last step \(([\d.]+) us each\)")
 
 
 def run(gguf: str, depth: int, steps: int) -> dict:
     r = subprocess.run([sys.executable, "-c", CHILD, gguf, str(depth), str(steps)], capture_output=True, text=True,
                        env={**os.environ, "LLAMA_FASTGEN_TIMING": "1"})
-    m, toks = LINE.search(r.stderr), re.search(r"TOKS ([\d.]+) (\d+)", r.stdout)
-    if r.returncode or not m or not toks:
+    from llama_fastgen.evaluation.report import mask_timing
+
+    masks, toks = mask_timing(r.stderr), re.search(r"TOKS ([\d.]+) (\d+)", r.stdout)
+    if r.returncode or not masks or not toks:
         sys.exit(f"the child failed (rc {r.returncode}):\n{r.stderr[-2000:]}")
-    return {"filled": int(m.group(1)), "fill_us": float(m.group(2)), "updated": int(m.group(3)),
-            "update_us": float(m.group(4)), "decode_tps": float(toks.group(1))}
+    return {**masks, "decode_tps": float(toks.group(1))}
 
 
 def table(res: dict) -> str:

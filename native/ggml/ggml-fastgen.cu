@@ -452,7 +452,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
 
     // chunks nobody saw wrote no partial output: their f is 0, and what their slots hold is not used
     // coop: the head's outputs spread over its na blocks
-    for (int i = (coop ? sp*blockDim.x : 0) + threadIdx.x; i < R*Dv; i += (coop ? na : 1)*blockDim.x) {
+    for (int i = i_first; i < R*Dv; i += (coop ? na : 1)*blockDim.x) {
         const int r = i / Dv, d = i % Dv;
         float acc = 0.0f;
         int s0 = 0;

@@ -203,7 +203,7 @@ uint32_t llama_fastgen_ctx_class_used(const llama_context * ctx, int32_t c) {
 
 void llama_fastgen_ctx_mask_counts(const llama_context * ctx, uint64_t * filled, uint64_t * updated, uint64_t * mismatched) {
     const auto * kv = fastgen_cache(ctx);
-    *filled     = kv ? kv->masks.full : 0;
+    *filled     = kv ? kv->masks.filled : 0;
     *updated    = kv ? kv->masks.updated : 0;
     *mismatched = kv ? kv->masks.mismatched : 0;
 }

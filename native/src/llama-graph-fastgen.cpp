@@ -111,7 +111,7 @@ void llm_graph_input_attn_kv_fastgen::set_input_mask(int c, const llama_ubatch *
     } else {
         m->set_input_kq_mask(mask, ubatch, cparams.causal_attn);
         if (step) {
-            cache->masks.full++;
+            cache->masks.filled++;
             memo.row.assign((const char *) mask->data, (const char *) mask->data + ggml_nbytes(mask));
         }
     }

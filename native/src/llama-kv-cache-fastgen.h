@@ -93,7 +93,7 @@ public:
     // class masks of decode steps filled over every cell / updated from the last step's, and (with
     // LLAMA_FASTGEN_CHECK_MASK=1, which fills updated masks in full too) updates that differed
     struct mask_counts {
-        uint64_t full = 0, updated = 0, mismatched = 0;
+        uint64_t filled = 0, updated = 0, mismatched = 0;
     };
     mutable mask_counts masks;
 

@@ -80,6 +80,17 @@ def spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
+def mask_timing(stderr: str) -> dict | None:
+    """The decode-step class masks line LLAMA_FASTGEN_TIMING=1 prints at exit (llama-graph-fastgen.cpp), parsed:
+    filled / updated counts and µs each; None when the output has no such line."""
+    import re
+
+    m = re.search(r"decode-step class masks: (\d+) filled over every cell \(([\d.]+) us each\), (\d+) updated from "
+                  r"the last step \(([\d.]+) us each\)", stderr)
+    return m and {"filled": int(m.group(1)), "fill_us": float(m.group(2)), "updated": int(m.group(3)),
+                  "update_us": float(m.group(4))}
+
+
 def machine() -> dict:
     import platform
 
