@@ -201,6 +201,57 @@ def test_decode_masks_updated_from_the_last_step_equal_llamas_fill(static_fastge
     assert np.array_equal(upd, ful)
 
 
+_MASK_STREAMS_SCRIPT = """
+import json, sys
+import numpy as np
+import llama_fastgen
+from llama_fastgen import native
+import llama_cpp as lc
+ids = json.loads(sys.argv[3])
+model = lc.llama_model_load_from_file(sys.argv[2].encode(), lc.llama_model_default_params())
+cp = lc.llama_context_default_params()
+cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = 1024, 256, 64, 2, False  # a stream per sequence
+cp.n_threads = cp.n_threads_batch = 2
+ctx = lc.llama_init_from_model(model, cp)
+batch = lc.llama_batch_init(256, 0, 1)
+rows = []
+def decode(items):
+    batch.n_tokens = len(items)
+    for i, (tok, pos, seq) in enumerate(items):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, i == len(items) - 1
+        batch.seq_id[i][0] = seq
+    assert lc.llama_decode(ctx, batch) == 0
+    rows.append(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model)),)).copy())
+decode([(t, p, 0) for p, t in enumerate(ids[:200])])      # sequence 0 in stream 0
+decode([(t, p, 1) for p, t in enumerate(ids[200:400])])   # sequence 1 in stream 1
+for p, t in enumerate(ids[400:460]):                      # decode steps of sequence 1: stream 1's cells
+    decode([(t, 200 + p, 1)])
+np.save(sys.argv[1], np.stack(rows))
+c = [native.ffi.new("uint64_t *") for _ in range(3)]
+native.lib.llama_fastgen_ctx_mask_counts(native.ffi.cast("void *", ctx), *c)
+print(json.dumps(dict(zip(("filled", "updated", "mismatched"), (int(x[0]) for x in c)))))
+"""
+
+
+def test_decode_masks_are_updated_in_every_stream_of_a_per_sequence_cache(static_fastgen_gguf, long_ids, tmp_path):
+    """With a stream per sequence (kv_unified off), sequence 1's cell indices carry its stream's offset; its
+    decode steps update their masks all the same. Oracle: the LLAMA_FASTGEN_CHECK_MASK=1 run (llama.cpp's fill
+    compared with every update): the same logits to the bit, no update differed."""
+    import json
+
+    runs = {}
+    for name, env in (("updated", {}), ("filled", {"LLAMA_FASTGEN_CHECK_MASK": "1"})):
+        out = tmp_path / f"{name}.npy"
+        r = subprocess.run([sys.executable, "-c", _MASK_STREAMS_SCRIPT, str(out), str(static_fastgen_gguf), json.dumps(long_ids[:460])],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = (np.load(out), json.loads(r.stdout.strip().splitlines()[-1]))
+    (upd, cu), (ful, cf) = runs["updated"], runs["filled"]
+    assert cu["updated"] >= 55 and cu["mismatched"] == 0, cu  # 60 steps: the first fills (and where n_kv grows)
+    assert cf == cu, (cf, cu)
+    assert np.array_equal(upd, ful)
+
+
 def test_ubatch_size_does_not_change_static_keep_sets(static_fastgen_gguf, long_ids):
     """Strict semantics: a static policy applies inside a ubatch too, so token-by-token decoding and
     batches of 128 see the same keys; what remains is the numeric noise stock llama.cpp shows too.

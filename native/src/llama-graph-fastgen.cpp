@@ -88,7 +88,8 @@ void llm_graph_input_attn_kv_fastgen::set_input_mask(int c, const llama_ubatch *
             ggml_nelements(mask) == mask->ne[0];
     const llama_seq_id seq = step ? ubatch->seq_id[0][0] : -1;
     const llama_pos    pos = step ? ubatch->pos[0] : -1;
-    const int64_t     cell = step ? ((const int64_t *) cls[c].k_idxs->data)[0] : -1;
+    // the new token's cell in its stream (a cache of one stream per sequence offsets the others' indices)
+    const int64_t     cell = step ? ((const int64_t *) cls[c].k_idxs->data)[0] % cache->class_cells(c) : -1;
     const size_t        es = ggml_element_size(mask);
     const auto          t0 = std::chrono::steady_clock::now();
     const bool     updated = step && memo.valid && memo.version + 1 == cache->cells_version() && memo.seq == seq && memo.pos + 1 == pos &&
