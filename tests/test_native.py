@@ -179,21 +179,27 @@ print(json.dumps({**native.cache_stats(llm)["masks"], "removed": bool(removed)})
 """
 
 
+def _masks_updated_and_filled(script, gguf, ids, tmp_path):
+    """(logits, mask counts) of a mask script run as is and with LLAMA_FASTGEN_CHECK_MASK=1 (every update
+    checked against llama.cpp's fill, which the tensor then holds)"""
+    import json
+
+    runs = []
+    for name, env in (("updated", {}), ("filled", {"LLAMA_FASTGEN_CHECK_MASK": "1"})):
+        out = tmp_path / f"{name}.npy"
+        r = subprocess.run([sys.executable, "-c", script, str(out), str(gguf), json.dumps(ids)],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append((np.load(out), json.loads(r.stdout.strip().splitlines()[-1])))
+    return runs
+
+
 def test_decode_masks_updated_from_the_last_step_equal_llamas_fill(static_fastgen_gguf, long_ids, tmp_path):
     """A decode step's full-class mask starts from the last step's (only the new token's cell changes) unless
     the cells changed otherwise. Oracle: the same run with LLAMA_FASTGEN_CHECK_MASK=1, which fills every mask
     with llama.cpp's pass over every cell and compares: the logits are the same to the bit, no update
     differed, and updates did run (a tail removal and a prompt chunk between decode steps fill again)."""
-    import json
-
-    runs = {}
-    for name, env in (("updated", {}), ("filled", {"LLAMA_FASTGEN_CHECK_MASK": "1"})):
-        out = tmp_path / f"{name}.npy"
-        r = subprocess.run([sys.executable, "-c", _MASK_SCRIPT, str(out), str(static_fastgen_gguf), json.dumps(long_ids[:430])],
-                           capture_output=True, text=True, timeout=600, env={**os.environ, **env})
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs[name] = (np.load(out), json.loads(r.stdout.strip().splitlines()[-1]))
-    (upd, cu), (ful, cf) = runs["updated"], runs["filled"]
+    (upd, cu), (ful, cf) = _masks_updated_and_filled(_MASK_SCRIPT, static_fastgen_gguf, long_ids[:430], tmp_path)
     assert cu["removed"] and cf["removed"]
     # 113 decode steps: a fill after the prompt, the removal and the chunk (and where n_kv grows), else updates
     assert cu["updated"] >= 100 and 3 <= cu["filled"] <= 10 and cu["mismatched"] == 0, cu
@@ -237,16 +243,7 @@ def test_decode_masks_are_updated_in_every_stream_of_a_per_sequence_cache(static
     """With a stream per sequence (kv_unified off), sequence 1's cell indices carry its stream's offset; its
     decode steps update their masks all the same. Oracle: the LLAMA_FASTGEN_CHECK_MASK=1 run (llama.cpp's fill
     compared with every update): the same logits to the bit, no update differed."""
-    import json
-
-    runs = {}
-    for name, env in (("updated", {}), ("filled", {"LLAMA_FASTGEN_CHECK_MASK": "1"})):
-        out = tmp_path / f"{name}.npy"
-        r = subprocess.run([sys.executable, "-c", _MASK_STREAMS_SCRIPT, str(out), str(static_fastgen_gguf), json.dumps(long_ids[:460])],
-                           capture_output=True, text=True, timeout=600, env={**os.environ, **env})
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs[name] = (np.load(out), json.loads(r.stdout.strip().splitlines()[-1]))
-    (upd, cu), (ful, cf) = runs["updated"], runs["filled"]
+    (upd, cu), (ful, cf) = _masks_updated_and_filled(_MASK_STREAMS_SCRIPT, static_fastgen_gguf, long_ids[:460], tmp_path)
     assert cu["updated"] >= 55 and cu["mismatched"] == 0, cu  # 60 steps: the first fills (and where n_kv grows)
     assert cf == cu, (cf, cu)
     assert np.array_equal(upd, ful)
