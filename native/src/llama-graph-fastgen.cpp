@@ -3,6 +3,8 @@
 #include "llama-kv-cache-fastgen.h"
 #include "llama-fastgen-model.h"
 #include "ggml-fastgen.h"
+#include "llama-fastgen-timing.h"
+#include "llama-impl.h"
 
 #include <algorithm>
 #include <chrono>
@@ -57,21 +59,6 @@ void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
     }
 }
 
-// LLAMA_FASTGEN_TIMING=1: the host time of decode steps' full-class masks, filled and updated, printed at exit
-struct mask_timing {
-    const bool on = llama_fastgen_env_flag_or_unset("LLAMA_FASTGEN_TIMING", false); // (built when the library loads)
-    double   ms[2] = {};
-    uint64_t n[2]  = {};
-    ~mask_timing() {
-        if (on && (n[0] || n[1])) {
-            fprintf(stderr, "fastgen timing: decode-step class masks: %llu filled over every cell (%.1f us each), "
-                    "%llu updated from the last step (%.1f us each)\n", (unsigned long long) n[0], n[0] ? 1e3*ms[0]/n[0] : 0.0,
-                    (unsigned long long) n[1], n[1] ? 1e3*ms[1]/n[1] : 0.0);
-        }
-    }
-};
-static mask_timing g_mask_timing;
-
 // A decode step's mask of a full class (no window, nothing retained) differs from the last step's in one
 // cell, the new token's, when exactly this step's ubatch changed the cells since (no removal, copy, shift
 // or restore between, which all count as changes). That cell becomes visible; llama.cpp's fill instead
@@ -91,7 +78,7 @@ void llm_graph_input_attn_kv_fastgen::set_input_mask(int c, const llama_ubatch *
     // the new token's cell in its stream (a cache of one stream per sequence offsets the others' indices)
     const int64_t     cell = step ? ((const int64_t *) cls[c].k_idxs->data)[0] % cache->class_cells(c) : -1;
     const size_t        es = ggml_element_size(mask);
-    const auto          t0 = std::chrono::steady_clock::now();
+    auto                t0 = llama_fastgen_timing::clock::now();
     const bool     updated = step && memo.valid && memo.version + 1 == cache->cells_version() && memo.seq == seq && memo.pos + 1 == pos &&
             memo.row.size() == ggml_nbytes(mask) && cell >= 0 && cell < mask->ne[0] &&
             std::any_of(memo.row.data() + cell*es, memo.row.data() + (cell + 1)*es, [](char b) { return b != 0; }); // was masked
@@ -116,9 +103,8 @@ void llm_graph_input_attn_kv_fastgen::set_input_mask(int c, const llama_ubatch *
             memo.row.assign((const char *) mask->data, (const char *) mask->data + ggml_nbytes(mask));
         }
     }
-    if (step && g_mask_timing.on) {
-        g_mask_timing.ms[updated] += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-        g_mask_timing.n[updated]++;
+    if (step) {
+        llama_fastgen_timing_record().lap(updated ? llama_fastgen_timing::MASK_UPDATE : llama_fastgen_timing::MASK_FILL, t0);
     }
     memo.valid   = step;
     memo.version = cache->cells_version();

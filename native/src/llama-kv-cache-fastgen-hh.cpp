@@ -3,6 +3,7 @@
 #include "ggml-fastgen.h"
 
 #include "llama-fastgen-model.h"
+#include "llama-fastgen-timing.h"
 #include "llama-impl.h"
 #include "llama-io.h"
 #include "llama-model.h"
@@ -478,31 +479,7 @@ size_t llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, lla
     return n_evict;
 }
 
-// LLAMA_FASTGEN_TIMING=1: where a ubatch's host time goes in apply() (waiting for the device, reading
-// scores, evicting, placing and uploading), summed over the process and printed at its exit; the
-// device idles during everything after the wait, so this is the bubble the stores add per ubatch
-struct hh_timing {
-    enum phase { WAIT, READ, EVICT, PLACE, N_PHASE };
-    const bool on = llama_fastgen_env_flag_or_unset("LLAMA_FASTGEN_TIMING", false); // (built when the library loads)
-    double ms[N_PHASE] = {};
-    size_t n_apply = 0, n_evicting = 0;
-    ~hh_timing() {
-        if (on && n_apply) {
-            fprintf(stderr, "fastgen timing: %zu ubatches (%zu evicting): wait %.2f ms, read %.2f ms, evict %.2f ms, "
-                    "place+upload %.2f ms\n", n_apply, n_evicting, ms[WAIT], ms[READ], ms[EVICT], ms[PLACE]);
-        }
-    }
-    // adds the time since t to phase p and restarts t (nothing when off)
-    void lap(phase p, std::chrono::steady_clock::time_point & t) {
-        if (!on) {
-            return;
-        }
-        const auto now = std::chrono::steady_clock::now();
-        ms[p] += std::chrono::duration<double, std::milli>(now - t).count();
-        t = now;
-    }
-};
-static hh_timing g_timing;
+static llama_fastgen_timing & g_timing = llama_fastgen_timing_record(); // LLAMA_FASTGEN_TIMING=1
 
 bool llama_fastgen_hh_store::evict_for(uint32_t n, llama_pos p0, ggml_backend_sched_t sched, bool & synced,
         std::chrono::steady_clock::time_point & t) {
@@ -526,12 +503,12 @@ bool llama_fastgen_hh_store::evict_for(uint32_t n, llama_pos p0, ggml_backend_sc
             // the scores of the previous ubatch may still be computing on an asynchronous backend
             ggml_backend_sched_synchronize(sched);
             synced = true;
-            g_timing.lap(hh_timing::WAIT, t);
+            g_timing.lap(llama_fastgen_timing::WAIT, t);
         }
         blocks[b].s_host.resize((size_t) ggml_nelements(blocks[b].s));
         ggml_backend_tensor_get(blocks[b].s, blocks[b].s_host.data(), 0, ggml_nbytes(blocks[b].s));
     }
-    g_timing.lap(hh_timing::READ, t);
+    g_timing.lap(llama_fastgen_timing::READ, t);
     g_timing.n_evicting += !heads.empty();
     std::vector<size_t> n_evicted(heads.size());
     std::vector<char>   nan(heads.size(), 0);
@@ -551,7 +528,7 @@ bool llama_fastgen_hh_store::evict_for(uint32_t n, llama_pos p0, ggml_backend_sc
         LLAMA_LOG_WARN("%s: NaN attention scores (non-finite activations?): those cells are evicted first\n", __func__);
         warned_nan = true;
     }
-    g_timing.lap(hh_timing::EVICT, t);
+    g_timing.lap(llama_fastgen_timing::EVICT, t);
     return evicted;
 }
 
@@ -626,10 +603,10 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
     n_active = fz ? cap : std::min(cap, GGML_PAD(hi, 128));
     if (fz && std::any_of(layers.begin(), layers.end(), [](const layer & l) { return l.dirty; })) {
         if (!synced && sched) {
-            g_timing.lap(hh_timing::PLACE, t);
+            g_timing.lap(llama_fastgen_timing::PLACE, t);
             ggml_backend_sched_synchronize(sched); // the positions may be in use by the last graph
             synced = true;
-            g_timing.lap(hh_timing::WAIT, t);
+            g_timing.lap(llama_fastgen_timing::WAIT, t);
         }
         upload_positions();
     }
@@ -653,7 +630,7 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
     } else if (evicted) {
         undo_floor = std::max(undo_floor, p0);
     }
-    g_timing.lap(hh_timing::PLACE, t);
+    g_timing.lap(llama_fastgen_timing::PLACE, t);
     return true;
 }
 

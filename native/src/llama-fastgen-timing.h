@@ -1,0 +1,36 @@
+#pragma once
+// LLAMA_FASTGEN_TIMING=1: the host time the fastgen cache adds, summed over the process and printed at its
+// exit (scripts/bench_gpu.py host and scripts/bench_masks.py parse the lines: keep their wording).
+//  - per applied ubatch of the heavy-hitter stores: waiting for the device, reading scores back, evicting,
+//    placing the new tokens and uploading (the device idles during everything after the wait);
+//  - per decode step: the full classes' masks, filled over every cell or updated from the last step's.
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+
+struct llama_fastgen_timing {
+    enum phase { WAIT, READ, EVICT, PLACE, MASK_FILL, MASK_UPDATE, N_PHASE };
+    using clock = std::chrono::steady_clock;
+
+    const bool on;
+    double   ms[N_PHASE] = {};
+    uint64_t n[N_PHASE]  = {};  // MASK_*: masks; the store phases count ubatches in n_apply
+    size_t   n_apply = 0, n_evicting = 0;
+
+    llama_fastgen_timing();
+    ~llama_fastgen_timing();
+
+    // adds the time since t to phase p and restarts t (nothing when off)
+    void lap(phase p, clock::time_point & t) {
+        if (on) {
+            const auto now = clock::now();
+            ms[p] += std::chrono::duration<double, std::milli>(now - t).count();
+            n[p]++;
+            t = now;
+        }
+    }
+};
+
+// the process's one record
+llama_fastgen_timing & llama_fastgen_timing_record();
