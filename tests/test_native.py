@@ -184,13 +184,18 @@ def _masks_updated_and_filled(script, gguf, ids, tmp_path):
     checked against llama.cpp's fill, which the tensor then holds)"""
     import json
 
+    from llama_fastgen.evaluation.report import mask_timing
+
     runs = []
-    for name, env in (("updated", {}), ("filled", {"LLAMA_FASTGEN_CHECK_MASK": "1"})):
+    for name, env in (("updated", {"LLAMA_FASTGEN_TIMING": "1"}), ("filled", {"LLAMA_FASTGEN_CHECK_MASK": "1"})):
         out = tmp_path / f"{name}.npy"
         r = subprocess.run([sys.executable, "-c", script, str(out), str(gguf), json.dumps(ids)],
                            capture_output=True, text=True, timeout=600, env={**os.environ, **env})
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append((np.load(out), json.loads(r.stdout.strip().splitlines()[-1])))
+        if name == "updated":  # the timing line at exit counts what the C API counts
+            t = mask_timing(r.stderr)
+            assert t and (t["filled"], t["updated"]) == (runs[-1][1]["filled"], runs[-1][1]["updated"]), (t, runs[-1][1])
     return runs
 
 

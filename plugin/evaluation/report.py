@@ -81,7 +81,7 @@ def spread(xs: list[float]) -> dict:
 
 
 def mask_timing(stderr: str) -> dict | None:
-    """The decode-step class masks line LLAMA_FASTGEN_TIMING=1 prints at exit (llama-graph-fastgen.cpp), parsed:
+    """The decode-step class masks line LLAMA_FASTGEN_TIMING=1 prints at exit (llama-fastgen-timing.cpp), parsed:
     filled / updated counts and µs each; None when the output has no such line."""
     import re
 
