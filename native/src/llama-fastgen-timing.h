@@ -15,12 +15,19 @@ struct llama_fastgen_timing {
 
     const bool on;
     double   ms[N_PHASE] = {};
-    uint64_t n[N_PHASE]  = {};  // MASK_*: masks; the store phases count ubatches in n_apply
-    size_t   n_apply = 0, n_evicting = 0;
+    uint64_t n[N_PHASE]  = {};  // laps; MASK_*: one per mask (a store phase can lap twice in a ubatch)
+    size_t   n_apply = 0, n_evicting = 0; // ubatches the stores applied, and those that evicted
 
     llama_fastgen_timing();
     ~llama_fastgen_timing();
 
+    // counts a ubatch of the stores (nothing when off: contexts on several threads would race on the counts)
+    void count_ubatch(bool applied, bool evicting) {
+        if (on) {
+            n_apply    += applied;
+            n_evicting += evicting;
+        }
+    }
     // adds the time since t to phase p and restarts t (nothing when off)
     void lap(phase p, clock::time_point & t) {
         if (on) {

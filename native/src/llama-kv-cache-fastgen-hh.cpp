@@ -509,7 +509,7 @@ bool llama_fastgen_hh_store::evict_for(uint32_t n, llama_pos p0, ggml_backend_sc
         ggml_backend_tensor_get(blocks[b].s, blocks[b].s_host.data(), 0, ggml_nbytes(blocks[b].s));
     }
     g_timing.lap(llama_fastgen_timing::READ, t);
-    g_timing.n_evicting += !heads.empty();
+    g_timing.count_ubatch(false, !heads.empty());
     std::vector<size_t> n_evicted(heads.size());
     std::vector<char>   nan(heads.size(), 0);
     hh_parallel_for(heads.size(), heads.size()*cap, [&](size_t i, std::vector<llama_fastgen_hh_cand> & scratch) {
@@ -545,7 +545,7 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
     const llama_pos p0 = ub.pos[0];
     auto t = std::chrono::steady_clock::now();
     bool synced = false;
-    g_timing.n_apply++;
+    g_timing.count_ubatch(true, false);
     const bool evicted = evict_for(n, p0, sched, synced, t);
 
     // per decoding step only O(heads) host work: slots from a hint, keep and positions for
