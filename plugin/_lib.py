@@ -206,6 +206,13 @@ class _Native:
         """llama.cpp's own first error line since the last clear (verbose=False hides it), as one line."""
         return " ".join(self._str(self.lib.llama_fastgen_llama_error()).split())
 
+    def mask_counts(self, ctx) -> dict:
+        """Decode steps' full-class masks of a llama_context (a pointer): filled over every cell, updated from the
+        last step's, and updates that differed from the fill (LLAMA_FASTGEN_CHECK_MASK=1)."""
+        counts = [self.ffi.new("uint64_t *") for _ in range(3)]
+        self.lib.llama_fastgen_ctx_mask_counts(self.ffi.cast("void *", ctx), *counts)
+        return dict(zip(("filled", "updated", "mismatched"), (int(c[0]) for c in counts)))
+
     def cache_stats(self, llm) -> dict:
         """What the cache of a llama_cpp.Llama holds: per class bytes/cells/used, totals."""
         ctx = self.ffi.cast("void *", llm._ctx.ctx)
@@ -221,11 +228,8 @@ class _Native:
                             "dropped_upto": int(lib.llama_fastgen_ctx_class_dropped_upto(ctx, c, 0))})
         by_buffer = {self._str(lib.llama_fastgen_ctx_kv_buft_name(ctx, i)): int(lib.llama_fastgen_ctx_kv_buft_bytes(ctx, i))
                      for i in range(lib.llama_fastgen_ctx_kv_n_buft(ctx))}
-        counts = [self.ffi.new("uint64_t *") for _ in range(3)]
-        lib.llama_fastgen_ctx_mask_counts(ctx, *counts)
         return {"fastgen": bool(classes), "classes": classes,
-                # decode steps' full-class masks: filled over every cell / updated from the last step's
-                "masks": dict(zip(("filled", "updated", "mismatched"), (int(c[0]) for c in counts))),
+                "masks": self.mask_counts(ctx),
                 "kv_bytes": int(lib.llama_fastgen_ctx_kv_bytes(ctx)),
                 "full_bytes": int(lib.llama_fastgen_ctx_full_bytes(ctx)),
                 "kv_bytes_by_buffer": by_buffer}  # where the bytes live (device buffers when split)

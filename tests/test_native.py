@@ -239,12 +239,11 @@ decode([(t, p, 1) for p, t in enumerate(ids[200:400])])   # sequence 1 in stream
 for p, t in enumerate(ids[400:460]):                      # decode steps of sequence 1: stream 1's cells
     decode([(t, 200 + p, 1)])
 np.save(sys.argv[1], np.stack(rows))
-c = [native.ffi.new("uint64_t *") for _ in range(3)]
-native.lib.llama_fastgen_ctx_mask_counts(native.ffi.cast("void *", ctx), *c)
+counts = native.mask_counts(ctx)
 lc.llama_batch_free(batch)
 lc.llama_free(ctx)
 lc.llama_model_free(model)
-print(json.dumps(dict(zip(("filled", "updated", "mismatched"), (int(x[0]) for x in c)))))
+print(json.dumps(counts))
 """
 
 
