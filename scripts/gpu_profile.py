@@ -5,7 +5,7 @@ fastgen and the full cache. Run on the GPU machine after scripts/gpu_run.sh has 
 
     python scripts/gpu_profile.py --llama-bench BIN --model M.gguf [--depth 0] [--tokens 8] [--prompt 0] [--json F]
 
---stalls --kernels REGEX [--launch-skip K] [--launch-count N]: why the matching launches take their time
+--stalls --kernels REGEX [--launch-skip K] [--launch-count N] [--prompt N]: why the matching launches take their time
 instead (Nsight Compute's full set, clocks left alone): duration, instructions, registers, grid and the
 stall reasons per issued instruction of each launch. Session 19 ran the same ncu commands from a call
 script on `hh_attn` (docs/RESULTS.md); this mode, which packs them, has not run on the GPU yet.
@@ -48,10 +48,19 @@ def profile(bench: str, model: str, depth: int, tokens: int, env_extra: dict, pr
 
 
 STALL_KEYS = ("gpu__time_duration.sum", "smsp__inst_executed.sum", "launch__registers_per_thread", "launch__grid_dim_x",
-              "launch__grid_dim_y")
+              "launch__grid_dim_y", "launch__grid_dim_z",
+              # achieved occupancy, tensor-pipe and SM busy shares (%): latency-bound or throughput-bound
+              "sm__warps_active.avg.pct_of_peak_sustained_active",
+              "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+              "sm__throughput.avg.pct_of_peak_sustained_elapsed", "launch__occupancy_limit_registers",
+              "launch__occupancy_limit_shared_mem")
+SHARES = {"sm__warps_active.avg.pct_of_peak_sustained_active": "occupancy",
+          "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active": "tensor pipe",
+          "sm__throughput.avg.pct_of_peak_sustained_elapsed": "SM throughput"}
 
 
-def stalls(bench: str, model: str, depth: int, tokens: int, env_extra: dict, kernels: str, skip: int, count: int) -> list[dict]:
+def stalls(bench: str, model: str, depth: int, tokens: int, env_extra: dict, kernels: str, skip: int, count: int,
+           prompt: int = 0) -> list[dict]:
     """Per matching launch: STALL_KEYS and every smsp__average_warps_issue_stalled_*_per_issue_active.ratio."""
     import tempfile
 
@@ -59,7 +68,7 @@ def stalls(bench: str, model: str, depth: int, tokens: int, env_extra: dict, ker
         rep = os.path.join(tmp, "stalls")
         subprocess.run(["ncu", "--clock-control", "none", "--set", "full", "--kernel-name", f"regex:{kernels}",
                         "--launch-skip", str(skip), "--launch-count", str(count), "-f", "-o", rep,
-                        bench, "-m", model, "-ngl", "99", "-fa", "1", "-p", "0", "-n", str(tokens), "-d", str(depth),
+                        bench, "-m", model, "-ngl", "99", "-fa", "1", "-p", str(prompt), "-n", str(tokens), "-d", str(depth),
                         "-r", "1", "--no-warmup"], env=dict(os.environ, **env_extra), capture_output=True, text=True)
         if not os.path.exists(rep + ".ncu-rep"):
             return []   # no launch matched (e.g. the full cache runs no hh_attn)
@@ -90,7 +99,9 @@ def print_stalls(res: dict) -> None:
             print(f"  {name} launch {n}: {launch['kernel'][:40]} {launch.get('gpu__time_duration.sum')} "
                   f"{launch['units'].get('gpu__time_duration.sum', '')}, "
                   f"{launch.get('smsp__inst_executed.sum')} warp instructions, {launch.get('launch__registers_per_thread')} "
-                  "registers; stall cycles per instruction: " + ", ".join(f"{k[6:]} {v:.2f}" for v, k in top))
+                  "registers, grid " + "x".join(str(launch.get(f"launch__grid_dim_{d}")) for d in "xyz") + "; "
+                  + ", ".join(f"{v} {launch.get(k)}%" for k, v in SHARES.items() if k in launch)
+                  + "; stall cycles per instruction: " + ", ".join(f"{k[6:]} {v:.2f}" for v, k in top))
 
 
 def stalls_markdown(res: dict, top: int = 6) -> str:
@@ -159,8 +170,9 @@ def main() -> int:
         if not a.kernels:
             ap.error("--stalls needs --kernels REGEX")
         for name, env in (("fastgen", {}), ("full", {"LLAMA_FASTGEN_DISABLE": "1"})):
-            res[name] = stalls(a.llama_bench, a.model, a.depth, a.tokens, env, a.kernels, a.launch_skip, a.launch_count or 2)
-        print(f"Stall reasons of {a.kernels!r} at depth {a.depth} (ncu --set full, clocks left alone)")
+            res[name] = stalls(a.llama_bench, a.model, a.depth, a.tokens, env, a.kernels, a.launch_skip, a.launch_count or 2, a.prompt)
+        print(f"Stall reasons of {a.kernels!r} at depth {a.depth}" + (f", {a.prompt}-token prompt" if a.prompt else "")
+              + " (ncu --set full, clocks left alone)")
         print_stalls(res)
         if a.json:
             with open(a.json, "w") as f:
