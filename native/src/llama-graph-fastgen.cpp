@@ -78,7 +78,8 @@ void llm_graph_input_attn_kv_fastgen::set_input_mask(int c, const llama_ubatch *
     // the new token's cell in its stream (a cache of one stream per sequence offsets the others' indices)
     const int64_t     cell = step ? ((const int64_t *) cls[c].k_idxs->data)[0] % cache->class_cells(c) : -1;
     const size_t        es = ggml_element_size(mask);
-    auto                t0 = llama_fastgen_timing::clock::now();
+    llama_fastgen_timing & timing = llama_fastgen_timing_record(); // LLAMA_FASTGEN_TIMING=1
+    auto                t0 = timing.on ? llama_fastgen_timing::clock::now() : llama_fastgen_timing::clock::time_point();
     const bool     updated = step && memo.valid && memo.version + 1 == cache->cells_version() && memo.seq == seq && memo.pos + 1 == pos &&
             memo.row.size() == ggml_nbytes(mask) && cell >= 0 && cell < mask->ne[0] &&
             std::any_of(memo.row.data() + cell*es, memo.row.data() + (cell + 1)*es, [](char b) { return b != 0; }); // was masked
@@ -104,7 +105,7 @@ void llm_graph_input_attn_kv_fastgen::set_input_mask(int c, const llama_ubatch *
         }
     }
     if (step) {
-        llama_fastgen_timing_record().lap(updated ? llama_fastgen_timing::MASK_UPDATE : llama_fastgen_timing::MASK_FILL, t0);
+        timing.lap(updated ? llama_fastgen_timing::MASK_UPDATE : llama_fastgen_timing::MASK_FILL, t0);
     }
     memo.valid   = step;
     memo.version = cache->cells_version();

@@ -479,10 +479,9 @@ size_t llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, lla
     return n_evict;
 }
 
-static llama_fastgen_timing & g_timing = llama_fastgen_timing_record(); // LLAMA_FASTGEN_TIMING=1
-
 bool llama_fastgen_hh_store::evict_for(uint32_t n, llama_pos p0, ggml_backend_sched_t sched, bool & synced,
         std::chrono::steady_clock::time_point & t) {
+    llama_fastgen_timing & timing = llama_fastgen_timing_record(); // LLAMA_FASTGEN_TIMING=1
     // the heads that evict, and their blocks' scores (one read-back per buffer type, not per layer or head)
     std::vector<std::pair<size_t, int>> heads; // (layer, head)
     std::vector<char> read(blocks.size(), 0);
@@ -503,13 +502,13 @@ bool llama_fastgen_hh_store::evict_for(uint32_t n, llama_pos p0, ggml_backend_sc
             // the scores of the previous ubatch may still be computing on an asynchronous backend
             ggml_backend_sched_synchronize(sched);
             synced = true;
-            g_timing.lap(llama_fastgen_timing::WAIT, t);
+            timing.lap(llama_fastgen_timing::WAIT, t);
         }
         blocks[b].s_host.resize((size_t) ggml_nelements(blocks[b].s));
         ggml_backend_tensor_get(blocks[b].s, blocks[b].s_host.data(), 0, ggml_nbytes(blocks[b].s));
     }
-    g_timing.lap(llama_fastgen_timing::READ, t);
-    g_timing.count_ubatch(false, !heads.empty());
+    timing.lap(llama_fastgen_timing::READ, t);
+    timing.count_ubatch(false, !heads.empty());
     std::vector<size_t> n_evicted(heads.size());
     std::vector<char>   nan(heads.size(), 0);
     hh_parallel_for(heads.size(), heads.size()*cap, [&](size_t i, std::vector<llama_fastgen_hh_cand> & scratch) {
@@ -528,7 +527,7 @@ bool llama_fastgen_hh_store::evict_for(uint32_t n, llama_pos p0, ggml_backend_sc
         LLAMA_LOG_WARN("%s: NaN attention scores (non-finite activations?): those cells are evicted first\n", __func__);
         warned_nan = true;
     }
-    g_timing.lap(llama_fastgen_timing::EVICT, t);
+    timing.lap(llama_fastgen_timing::EVICT, t);
     return evicted;
 }
 
@@ -545,7 +544,8 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
     const llama_pos p0 = ub.pos[0];
     auto t = std::chrono::steady_clock::now();
     bool synced = false;
-    g_timing.count_ubatch(true, false);
+    llama_fastgen_timing & timing = llama_fastgen_timing_record(); // LLAMA_FASTGEN_TIMING=1
+    timing.count_ubatch(true, false);
     const bool evicted = evict_for(n, p0, sched, synced, t);
 
     // per decoding step only O(heads) host work: slots from a hint, keep and positions for
@@ -603,10 +603,10 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
     n_active = fz ? cap : std::min(cap, GGML_PAD(hi, 128));
     if (fz && std::any_of(layers.begin(), layers.end(), [](const layer & l) { return l.dirty; })) {
         if (!synced && sched) {
-            g_timing.lap(llama_fastgen_timing::PLACE, t);
+            timing.lap(llama_fastgen_timing::PLACE, t);
             ggml_backend_sched_synchronize(sched); // the positions may be in use by the last graph
             synced = true;
-            g_timing.lap(llama_fastgen_timing::WAIT, t);
+            timing.lap(llama_fastgen_timing::WAIT, t);
         }
         upload_positions();
     }
@@ -630,7 +630,7 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
     } else if (evicted) {
         undo_floor = std::max(undo_floor, p0);
     }
-    g_timing.lap(llama_fastgen_timing::PLACE, t);
+    timing.lap(llama_fastgen_timing::PLACE, t);
     return true;
 }
 
