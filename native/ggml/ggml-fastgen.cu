@@ -608,8 +608,7 @@ static __device__ __forceinline__ void hh_mma(float (&d)[4], const uint32_t (&a)
 }
 
 // EXPERIMENT (session 28, removed after the A/B): OPT = logits in log2 units (scale * log2 e) and exp2f, the
-// column sums by a reduce-scatter, no masks on V's fragments; !OPT = the kernels as they were. hh_pf_out's VAR:
-// 0 = old, 1 = OPT, 2 = OPT bound to two blocks per SM (more registers, no spills); LLAMA_FASTGEN_PF_VARIANT
+// column sums by a reduce-scatter, no masks on V's fragments; !OPT = the kernels as they were
 template <bool OPT>
 static __device__ __forceinline__ float hh_pf_exp(const float x) {
     return OPT ? exp2f(x) : expf(x);
@@ -848,15 +847,14 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_stats(
 //    never forms;
 //  - the output rows += p V on tensor cores (p's C fragments are A fragments of the next product; no
 //    rescaling, the probabilities are final): into dst when ns == 1, else into part_o[z] for hh_pf_merge.
-template <int D, int VAR>
-static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, VAR == 2 ? 2 : 3) hh_pf_out(
+template <int D, bool OPT>
+static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, 3) hh_pf_out(
         const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
         const half * __restrict__ K, const half * __restrict__ V, const float * __restrict__ P,
         const float * __restrict__ qpos, const float * __restrict__ part_m, const float * __restrict__ part_l, const int ns_m,
         float * __restrict__ dst, float * __restrict__ part_o, float * __restrict__ part_c,
         const int C, const int T, const int G, const float scale) {
 #if defined(HH_PF_AVAILABLE)
-    constexpr bool OPT = VAR > 0;
     constexpr int Dv = D;
     const int j = blockIdx.y, n = gridDim.y, z = blockIdx.z, ns = gridDim.z, rt = blockIdx.x;
     const int r0 = rt*HH_PF_TILE, R = G*T, RP = gridDim.x*HH_PF_TILE;
@@ -1133,8 +1131,7 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
     // every split writes its own output rows for the merge, which the wave count does not see (8B shape,
     // pp8192 at ubatch 512 on the H200: splits of up to 16 on the layers with few heavy-hitter heads ran at
     // 9,361 tok/s, never splitting at 10,027, splitting every layer in 4 at 10,023)
-    static const int var = getenv("LLAMA_FASTGEN_PF_OLD") ? 0 : getenv("LLAMA_FASTGEN_PF_VARIANT") ? atoi(getenv("LLAMA_FASTGEN_PF_VARIANT")) : 1;
-    const int slots = (var == 2 ? 2 : 3)*ggml_cuda_info().devices[ctx.device].nsm;
+    const int slots = 3*ggml_cuda_info().devices[ctx.device].nsm;
     const int row_tiles = RP/HH_PF_TILE, cell_tiles = (C + HH_PF_TILE - 1)/HH_PF_TILE;
     const auto cost = [&](int s) { return (int64_t) ((row_tiles*n*s + slots - 1)/slots) * ((cell_tiles + s - 1)/s); };
     int ns = 1;
@@ -1153,16 +1150,17 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
         (const int64_t *) a.idxs->data, a.idxs->nb[1]/sizeof(int64_t), a.h0, K, V, S, P, qpos, D, Dv, C);
 
     const dim3 grid(row_tiles, n, ns), block(HH_PF_WARPS*WARP_SIZE);
+    static const bool opt = !getenv("LLAMA_FASTGEN_PF_OLD");
 #define HH_PF_LAUNCH(D_, O_) { \
         static size_t raised_stats[GGML_CUDA_MAX_DEVICES] = {}, raised_out[GGML_CUDA_MAX_DEVICES] = {}; \
-        hh_pf_smem_limit((const void *) hh_pf_stats<D_, (O_ > 0)>, raised_stats[ctx.device], hh_pf_smem(D, 0)); \
-        hh_pf_stats<D_, (O_ > 0)><<<grid, block, hh_pf_smem(D, 0), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
+        hh_pf_smem_limit((const void *) hh_pf_stats<D_, O_>, raised_stats[ctx.device], hh_pf_smem(D, 0)); \
+        hh_pf_stats<D_, O_><<<grid, block, hh_pf_smem(D, 0), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
             K, P, qpos, part_m.get(), part_l.get(), C, T, G, a.scale); \
         hh_pf_smem_limit((const void *) hh_pf_out<D_, O_>, raised_out[ctx.device], hh_pf_smem(D, Dv)); \
         hh_pf_out<D_, O_><<<grid, block, hh_pf_smem(D, Dv), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
             K, V, P, qpos, part_m.get(), part_l.get(), ns, (float *) dst->data, part_o.get(), part_c.get(), C, T, G, a.scale); \
         }
-#define HH_PF_CASE(D_) case D_: if (var == 2) HH_PF_LAUNCH(D_, 2) else if (var == 1) HH_PF_LAUNCH(D_, 1) else HH_PF_LAUNCH(D_, 0) break;
+#define HH_PF_CASE(D_) case D_: if (opt) HH_PF_LAUNCH(D_, true) else HH_PF_LAUNCH(D_, false) break;
     switch (D) {
         HH_PF_D_CASES(HH_PF_CASE)
         default: GGML_ABORT("fastgen: head size %d not supported by the prefill kernels", D);
