@@ -607,13 +607,6 @@ static __device__ __forceinline__ void hh_mma(float (&d)[4], const uint32_t (&a)
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// EXPERIMENT (session 28, removed after the A/B): OPT = logits in log2 units (scale * log2 e) and exp2f, the
-// column sums by a reduce-scatter, no masks on V's fragments; !OPT = the kernels as they were
-template <bool OPT>
-static __device__ __forceinline__ float hh_pf_exp(const float x) {
-    return OPT ? exp2f(x) : expf(x);
-}
-
 // What both passes start with, block (row tile at r0, head j, split z of ns):
 //  - the block's query rows (r = t*G + g) as f16 A fragments in registers, the warp's 16 rows (rows past R:
 //    zero), staged through `stage` ([64][D] halves, swizzled); their positions in qp_r (-inf past R);
@@ -749,7 +742,7 @@ static __device__ __forceinline__ void hh_pf_logits(float (&s)[HH_PF_TILE/8][4],
 
 // Pass 1, block (row tile, head j, split z): the max logit and sum of exponentials of each query row
 // over the seen cell tiles z, z + ns, ... (part_m, part_l [ns][n][RP]); the output pass merges the splits.
-template <int D, bool OPT>
+template <int D>
 static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_stats(
         const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
         const half * __restrict__ K, const float * __restrict__ P, const float * __restrict__ qpos,
@@ -788,7 +781,7 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_stats(
                 (z + list[i + 1]*ns)*HH_PF_TILE, C);
         }
         float s[HH_PF_TILE/8][4];
-        hh_pf_logits<D>(s, qa, k_s + bf*HH_PF_TILE*D, OPT ? scale*1.4426950408889634f : scale);
+        hh_pf_logits<D>(s, qa, k_s + bf*HH_PF_TILE*D, scale);
         const float * pc = p_s + bf*HH_PF_TILE;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -809,9 +802,9 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_stats(
             float sum = 0.0f;
 #pragma unroll
             for (int b = 0; b < HH_PF_TILE/8; ++b) {
-                sum += hh_pf_exp<OPT>(s[b][2*h] - mn) + hh_pf_exp<OPT>(s[b][2*h + 1] - mn);
+                sum += expf(s[b][2*h] - mn) + expf(s[b][2*h + 1] - mn);
             }
-            l[h] = (m[h] == -INFINITY ? 0.0f : l[h]*hh_pf_exp<OPT>(m[h] - mn)) + sum;
+            l[h] = (m[h] == -INFINITY ? 0.0f : l[h]*expf(m[h] - mn)) + sum;
             m[h] = mn;
         }
     }
@@ -823,7 +816,7 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_stats(
             const float mo = __shfl_xor_sync(0xffffffff, m[h], off), lo = __shfl_xor_sync(0xffffffff, l[h], off);
             const float mn = fmaxf(m[h], mo);
             if (mn != -INFINITY) {
-                l[h] = (m[h] == -INFINITY ? 0.0f : l[h]*hh_pf_exp<OPT>(m[h] - mn)) + (mo == -INFINITY ? 0.0f : lo*hh_pf_exp<OPT>(mo - mn));
+                l[h] = (m[h] == -INFINITY ? 0.0f : l[h]*expf(m[h] - mn)) + (mo == -INFINITY ? 0.0f : lo*expf(mo - mn));
             }
             m[h] = mn;
         }
@@ -847,7 +840,7 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_stats(
 //    never forms;
 //  - the output rows += p V on tensor cores (p's C fragments are A fragments of the next product; no
 //    rescaling, the probabilities are final): into dst when ns == 1, else into part_o[z] for hh_pf_merge.
-template <int D, bool OPT>
+template <int D>
 static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, 3) hh_pf_out(
         const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
         const half * __restrict__ K, const half * __restrict__ V, const float * __restrict__ P,
@@ -866,7 +859,7 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, 3) hh_pf_out(
     half  * v_s = k_s + 2*HH_PF_TILE*D;               // [2][Dv][64]
     float * p_s = (float *) (v_s + 2*Dv*HH_PF_TILE);  // [2][64]
     __shared__ float qp_r[HH_PF_TILE], m_r[HH_PF_TILE], il_r[HH_PF_TILE];
-    __shared__ __align__(16) float cs_s[2][HH_PF_WARPS][HH_PF_TILE]; // each warp's column sums of a tile
+    __shared__ float cs_s[2][HH_PF_WARPS][HH_PF_TILE]; // each warp's column sums of a tile
     __shared__ unsigned char seen[HH_PF_MAX_TILES];
     __shared__ uint16_t list[HH_PF_MAX_TILES];
 
@@ -878,7 +871,7 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, 3) hh_pf_out(
         }
         for (int s = 0; s < ns_m; ++s) {
             const float ms = part_m[((int64_t) s*n + j)*RP + r];
-            l += ms == -INFINITY ? 0.0f : hh_pf_exp<OPT>(ms - m)*part_l[((int64_t) s*n + j)*RP + r];
+            l += ms == -INFINITY ? 0.0f : expf(ms - m)*part_l[((int64_t) s*n + j)*RP + r];
         }
         m_r[threadIdx.x]  = m;
         il_r[threadIdx.x] = l > 0.0f ? 1.0f/l : 0.0f;
@@ -922,54 +915,10 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, 3) hh_pf_out(
                 Kj, Vj, Pj, (z + list[i + 1]*ns)*HH_PF_TILE, C);
         }
         float s[HH_PF_TILE/8][4];
-        hh_pf_logits<D>(s, qa, k_s + bf*HH_PF_TILE*D, OPT ? scale*1.4426950408889634f : scale);
+        hh_pf_logits<D>(s, qa, k_s + bf*HH_PF_TILE*D, scale);
         const float * pc = p_s + bf*HH_PF_TILE;
 
         uint32_t pa[HH_PF_TILE/16][4]; // the probabilities as A fragments of p V: cells 16 k .. 16 k + 15
-        if constexpr (OPT) {
-            float v[HH_PF_TILE/4]; // the warp's 16 rows summed, per cell: v[2 b + e] is cell 8 b + 2 tig + e
-#pragma unroll
-            for (int b = 0; b < HH_PF_TILE/8; ++b) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float pce = pc[8*b + 2*tig + e];
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        float & x = s[b][2*h + e];
-                        x = qp[h] - pce > 0.0f ? exp2f(x - m[h])*il[h] : 0.0f;
-                    }
-                    v[2*b + e] = s[b][e] + s[b][2 + e];
-                }
-                const half2 lo = __floats2half2_rn(s[b][0], s[b][1]), hi = __floats2half2_rn(s[b][2], s[b][3]);
-                pa[b/2][2*(b % 2) + 0] = *(const uint32_t *) &lo;
-                pa[b/2][2*(b % 2) + 1] = *(const uint32_t *) &hi;
-            }
-            // no masks on V: a free cell's V is a row once written (the store's buffer starts cleared), and
-            // its probability is 0
-#pragma unroll
-            for (int k = 0; k < HH_PF_TILE/16; ++k) {
-#pragma unroll
-                for (int b = 0; b < Dv/16; ++b) { // B fragments of output columns 16 b .. 16 b + 15: V rows, as stored
-                    uint32_t vb[4];
-                    hh_ldmatrix_x4(vb, v_s + bf*Dv*HH_PF_TILE + hh_pf_swz(16*b + lane % 8 + 8*(lane/16), 2*k + (lane/8) % 2, HH_PF_TILE));
-                    hh_mma(o[2*b + 0], pa[k], vb[0], vb[1]);
-                    hh_mma(o[2*b + 1], pa[k], vb[2], vb[3]);
-                }
-            }
-            // then over the warp: a reduce-scatter over the 8 lanes of a cell (lane bits 4, 3, 2), each step
-            // sending half of what is left; a lane ends with cells 2 lane + {0, 1}
-            const auto step = [&](const int w) { // lane bit 4 (w = 8), 3, 2
-                const bool up = lane & (2*w);
-#pragma unroll
-                for (int k = 0; k < w; ++k) {
-                    const float send = up ? v[k] : v[k + w], keep = up ? v[k + w] : v[k];
-                    v[k] = keep + __shfl_xor_sync(0xffffffff, send, 2*w);
-                }
-            };
-            step(8); step(4); step(2);
-            *(float2 *) &cs_s[bf][warp][2*lane] = make_float2(v[0], v[1]);
-            continue;
-        }
 #pragma unroll
         for (int b = 0; b < HH_PF_TILE/8; ++b) {
 #pragma unroll
@@ -1150,23 +1099,20 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
         (const int64_t *) a.idxs->data, a.idxs->nb[1]/sizeof(int64_t), a.h0, K, V, S, P, qpos, D, Dv, C);
 
     const dim3 grid(row_tiles, n, ns), block(HH_PF_WARPS*WARP_SIZE);
-    static const bool opt = !getenv("LLAMA_FASTGEN_PF_OLD");
-#define HH_PF_LAUNCH(D_, O_) { \
+#define HH_PF_CASE(D_) case D_: { \
         static size_t raised_stats[GGML_CUDA_MAX_DEVICES] = {}, raised_out[GGML_CUDA_MAX_DEVICES] = {}; \
-        hh_pf_smem_limit((const void *) hh_pf_stats<D_, O_>, raised_stats[ctx.device], hh_pf_smem(D, 0)); \
-        hh_pf_stats<D_, O_><<<grid, block, hh_pf_smem(D, 0), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
+        hh_pf_smem_limit((const void *) hh_pf_stats<D_>, raised_stats[ctx.device], hh_pf_smem(D, 0)); \
+        hh_pf_stats<D_><<<grid, block, hh_pf_smem(D, 0), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
             K, P, qpos, part_m.get(), part_l.get(), C, T, G, a.scale); \
-        hh_pf_smem_limit((const void *) hh_pf_out<D_, O_>, raised_out[ctx.device], hh_pf_smem(D, Dv)); \
-        hh_pf_out<D_, O_><<<grid, block, hh_pf_smem(D, Dv), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
+        hh_pf_smem_limit((const void *) hh_pf_out<D_>, raised_out[ctx.device], hh_pf_smem(D, Dv)); \
+        hh_pf_out<D_><<<grid, block, hh_pf_smem(D, Dv), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
             K, V, P, qpos, part_m.get(), part_l.get(), ns, (float *) dst->data, part_o.get(), part_c.get(), C, T, G, a.scale); \
-        }
-#define HH_PF_CASE(D_) case D_: if (opt) HH_PF_LAUNCH(D_, true) else HH_PF_LAUNCH(D_, false) break;
+        } break;
     switch (D) {
         HH_PF_D_CASES(HH_PF_CASE)
         default: GGML_ABORT("fastgen: head size %d not supported by the prefill kernels", D);
     }
 #undef HH_PF_CASE
-#undef HH_PF_LAUNCH
     if (ns > 1) {
         hh_pf_merge<<<dim3(R, n), 128, 0, stream>>>(part_o.get(), (float *) dst->data, Dv, G, RP, ns);
     }
