@@ -369,6 +369,23 @@ def _tiny_frequent(tiny_model_dir, path, budget, window=8):
     return gguf_export.convert(tiny_model_dir, path, "f32", extra_kv=kv)
 
 
+def test_timing_counts_the_ubatches_and_the_host_time_after_the_wait(tiny_model_dir, tmp_path):
+    """LLAMA_FASTGEN_TIMING=1's ubatch line: every applied ubatch counted (300 tokens in ubatches of 64: 5), the
+    evicting ones among those that waited for the device, and the host time from there to the end of the
+    fastgen input's set_input (graph build and inputs: what the stock cache overlaps with the device)."""
+    from llama_fastgen.evaluation.report import ubatch_timing
+
+    g = _tiny_frequent(tiny_model_dir, tmp_path / "hh.gguf", budget=64)
+    code = ("import llama_fastgen, sys\nfrom llama_cpp import Llama\n"
+            "llm = Llama(model_path=sys.argv[1], n_ctx=512, n_batch=64, verbose=False)\nllm.eval(list(range(1, 301)))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(g)], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, LLAMA_FASTGEN_TIMING="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = ubatch_timing(r.stderr)
+    assert t and t["applied"] == 5, r.stderr[-2000:]
+    assert 1 <= t["evicting"] <= t["waited"] <= t["applied"] and t["build_ms"] > 0, t
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_metadata_is_refused_with_the_key_named(case, tiny_model_dir, tmp_path):
     base = TINY_BASE

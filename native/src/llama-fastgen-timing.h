@@ -3,6 +3,10 @@
 // exit (scripts/bench_gpu.py host and scripts/bench_masks.py parse the lines: keep their wording).
 //  - per applied ubatch of the heavy-hitter stores: waiting for the device, reading scores back, evicting,
 //    placing the new tokens and uploading (the device idles during everything after the wait);
+//  - per applied ubatch that waited for the device: the host time from the end of the stores' work to the end
+//    of the fastgen graph input's set_input (llama.cpp's graph build and allocation, the inputs before ours,
+//    our indices and masks), which the stock cache overlaps with the device's previous ubatch and ours,
+//    having waited, cannot;
 //  - per decode step: the full classes' masks, filled over every cell or updated from the last step's.
 
 #include <chrono>
@@ -10,13 +14,15 @@
 #include <cstdint>
 
 struct llama_fastgen_timing {
-    enum phase { WAIT, READ, EVICT, PLACE, MASK_FILL, MASK_UPDATE, N_PHASE };
+    enum phase { WAIT, READ, EVICT, PLACE, BUILD, MASK_FILL, MASK_UPDATE, N_PHASE };
     using clock = std::chrono::steady_clock;
 
     const bool on;
     double   ms[N_PHASE] = {};
     uint64_t n[N_PHASE]  = {};  // laps; MASK_*: one per mask (a store phase can lap twice in a ubatch)
     size_t   n_apply = 0, n_evicting = 0; // ubatches the stores applied, and those that evicted
+    bool              idle = false;       // the stores waited for the device and ended at idle_since
+    clock::time_point idle_since;
 
     llama_fastgen_timing();
     ~llama_fastgen_timing();
@@ -26,6 +32,21 @@ struct llama_fastgen_timing {
         if (on) {
             n_apply    += applied;
             n_evicting += evicting;
+        }
+    }
+    // the stores are done with a ubatch for which they waited for the device (t: now)
+    void device_idle(const clock::time_point & t) {
+        if (on) {
+            idle = true;
+            idle_since = t;
+        }
+    }
+    // the fastgen graph input has set a ubatch's inputs: BUILD takes the time since device_idle
+    void inputs_set() {
+        if (on && idle) {
+            clock::time_point t = idle_since;
+            lap(BUILD, t);
+            idle = false;
         }
     }
     // adds the time since t to phase p and restarts t (nothing when off)

@@ -57,6 +57,7 @@ void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
         m->set_input_v_idxs(cls[c].v_idxs, ubatch);
         set_input_mask((int) c, ubatch);
     }
+    llama_fastgen_timing_record().inputs_set(); // LLAMA_FASTGEN_TIMING=1
 }
 
 // A decode step's mask of a full class (no window, nothing retained) differs from the last step's in one

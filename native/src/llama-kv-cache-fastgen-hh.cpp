@@ -631,6 +631,9 @@ bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t
         undo_floor = std::max(undo_floor, p0);
     }
     timing.lap(llama_fastgen_timing::PLACE, t);
+    if (synced) {
+        timing.device_idle(t);
+    }
     return true;
 }
 
