@@ -1,6 +1,7 @@
 #pragma once
 // LLAMA_FASTGEN_TIMING=1: the host time the fastgen cache adds, summed over the process and printed at its
-// exit (scripts/bench_gpu.py host and scripts/bench_masks.py parse the lines: keep their wording).
+// exit (llama_fastgen.evaluation.report parses the lines for the tests, scripts/bench_gpu.py host and
+// scripts/bench_masks.py: keep their wording).
 //  - per applied ubatch of the heavy-hitter stores: waiting for the device, reading scores back, evicting,
 //    placing the new tokens and uploading (the device idles during everything after the wait);
 //  - per applied ubatch that waited for the device: the host time from the end of the stores' work to the end
@@ -43,9 +44,8 @@ struct llama_fastgen_timing {
     }
     // the fastgen graph input has set a ubatch's inputs: BUILD takes the time since device_idle
     void inputs_set() {
-        if (on && idle) {
-            clock::time_point t = idle_since;
-            lap(BUILD, t);
+        if (idle) { // only ever set when on
+            lap(BUILD, idle_since);
             idle = false;
         }
     }
