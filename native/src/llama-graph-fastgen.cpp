@@ -37,7 +37,19 @@ llm_graph_input_attn_kv_fastgen::llm_graph_input_attn_kv_fastgen(
 }
 
 void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
+    for (size_t c = 0; c < cls.size(); ++c) {
+        const auto * m = mctx_fg->get((int) c);
+        if (!m) {
+            continue;
+        }
+        m->set_input_k_idxs(cls[c].k_idxs, ubatch);
+        m->set_input_v_idxs(cls[c].v_idxs, ubatch);
+        set_input_mask((int) c, ubatch);
+    }
     if (const auto * cache = mctx_fg->get_cache(); cache->hh_store()) {
+        // a fused ubatch's eviction and placement, which may wait for the device: last, so that the host
+        // work before it overlaps the previous ubatch's compute
+        mctx_fg->hh_place();
         for (uint32_t g = 0; g < hh_n_groups(*ubatch); ++g) {
             cache->hh_store(hh_group_seq(*ubatch, g))->set_input_idxs(hh.idxs, g*(ubatch->n_tokens/hh_n_groups(*ubatch)));
         }
@@ -47,15 +59,6 @@ void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
             st->set_input_keep(hh.keep);
             st->set_input_cell_pos(hh.cell_pos);
         }
-    }
-    for (size_t c = 0; c < cls.size(); ++c) {
-        const auto * m = mctx_fg->get((int) c);
-        if (!m) {
-            continue;
-        }
-        m->set_input_k_idxs(cls[c].k_idxs, ubatch);
-        m->set_input_v_idxs(cls[c].v_idxs, ubatch);
-        set_input_mask((int) c, ubatch);
     }
     llama_fastgen_timing_record().inputs_set(); // LLAMA_FASTGEN_TIMING=1
 }

@@ -539,7 +539,55 @@ void llama_fastgen_hh_store::evict_ahead(uint32_t n_tokens, ggml_backend_sched_t
     }
 }
 
+bool llama_fastgen_hh_store::room_for(const llama_ubatch & ub) const {
+    const uint32_t n = ub.n_tokens;
+    const llama_pos p0 = ub.pos[0];
+    for (const auto & l : layers) {
+        for (int h = 0; h < l.n_head; ++h) {
+            uint32_t used = l.n_used[h];
+            if (evicts(used, n, l.budget[h])) { // evict()'s candidates: occupied, no sink, behind the window
+                const auto & pos = l.pos[h];
+                const size_t n_cand = std::count_if(pos.begin(), pos.end(), [&](llama_pos p) {
+                    return p >= 0 && p >= (llama_pos) n_sink && p0 - p >= (llama_pos) l.window[h];
+                });
+                used -= (uint32_t) std::min<size_t>(n_cand, used - l.budget[h]);
+            }
+            if (used + n > cap) {
+                LLAMA_LOG_ERROR("%s: heavy-hitter cache of layer %d head %d is full (%u of %u cells)\n",
+                        __func__, l.il, h, used, cap);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
 bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t sched) {
+    static const bool in_apply = getenv("LLAMA_FASTGEN_EVICT_IN_APPLY") != nullptr; // EXPERIMENT (GPU A/B)
+    pending_n = 0;
+    if (!fused(ub.n_tokens) || in_apply) {
+        return commit(ub, sched);
+    }
+    if (!room_for(ub)) {
+        return false;
+    }
+    n_active   = cap;
+    pending_n  = ub.n_tokens;
+    pending_p0 = ub.pos[0];
+    return true;
+}
+
+void llama_fastgen_hh_store::place(const llama_ubatch & ub, ggml_backend_sched_t sched) {
+    if (pending_n == 0) {
+        return; // apply() committed it (composed), or it is placed
+    }
+    GGML_ASSERT(pending_n == ub.n_tokens && pending_p0 == ub.pos[0]); // the ubatch apply() took
+    pending_n = 0;
+    const bool ok = commit(ub, sched);
+    GGML_ASSERT(ok); // room_for() said it fits
+}
+
+bool llama_fastgen_hh_store::commit(const llama_ubatch & ub, ggml_backend_sched_t sched) {
     const uint32_t n = ub.n_tokens;
     const llama_pos p0 = ub.pos[0];
     auto t = std::chrono::steady_clock::now();
@@ -900,6 +948,12 @@ bool llama_fastgen_hh_memory::apply(const llama_ubatch & ub) {
         res = stores[hh_group_seq(ub, g)]->apply(hh_group(ub, g), sched) && res;
     }
     return res;
+}
+
+void llama_fastgen_hh_memory::place(const llama_ubatch & ub) {
+    for (uint32_t g = 0; !stores.empty() && g < hh_n_groups(ub); ++g) {
+        stores[hh_group_seq(ub, g)]->place(hh_group(ub, g), sched);
+    }
 }
 
 void llama_fastgen_hh_memory::clear() {

@@ -87,8 +87,14 @@ public:
     std::map<ggml_backend_buffer_type_t, size_t> memory_breakdown() const;
 
     // evict if needed, then choose the slots of the ubatch's tokens and commit them (false: no room);
-    // sched: synchronized before reading or writing tensors the last graph may still be using
+    // sched: synchronized before reading or writing tensors the last graph may still be using.
+    // A fused ubatch's graph depends on neither, so apply() (the first step of llama.cpp's ubatch) only
+    // checks that it fits, and place() does both from the graph input's set_input: after llama.cpp built and
+    // allocated the graph, work the host then does while the device still computes the previous ubatch,
+    // whose scores the eviction waits for. A composed ubatch's graph attends over n_active cells: apply()
+    // does both.
     bool apply(const llama_ubatch & ubatch, ggml_backend_sched_t sched);
+    void place(const llama_ubatch & ubatch, ggml_backend_sched_t sched); // after apply(); once per ubatch
     // would a batch fit, n_new[u] of its tokens in ubatch u (cells are freed by eviction, never by the batch itself)
     bool fits(const std::vector<uint32_t> & n_new) const;
 
@@ -127,7 +133,11 @@ private:
     // head's state, so heads evict in parallel.
     size_t evict(layer & l, int h, const float * scores, llama_pos p0, std::vector<struct llama_fastgen_hh_cand> & scratch,
                  bool & nan) const;
-    // the eviction part of apply(): heads that would overflow with n more tokens drop back to their
+    // evict, choose the slots and commit (apply()'s or place()'s); false: no room
+    bool commit(const llama_ubatch & ub, ggml_backend_sched_t sched);
+    // will the ubatch's tokens fit after the eviction it triggers (the cells that eviction can free)
+    bool room_for(const llama_ubatch & ub) const;
+    // the eviction part of commit(): heads that would overflow with n more tokens drop back to their
     // budget (scores read back once); returns whether a cell was evicted
     bool evict_for(uint32_t n, llama_pos p0, ggml_backend_sched_t sched, bool & synced, std::chrono::steady_clock::time_point & t);
     void upload_positions(); // the dirty layers', one copy per block
@@ -138,6 +148,8 @@ private:
     bool     undo_host = true; // every layer in host memory (the CPU op keeps them for any ubatch)
     llama_pos undo_floor = 0; // no removal below this position can be undone
     uint32_t n_active = 0; // set by apply()
+    uint32_t  pending_n  = 0;  // the fused ubatch apply() left to place(): its tokens and first position
+    llama_pos pending_p0 = -1;
     int32_t  c_first = -1;
     uint32_t n_sink;
     size_t   bytes_per_head = 0;
@@ -194,8 +206,9 @@ public:
     bool takes_seqs(const std::vector<llama_ubatch> & ubatches) const;
     // would the ubatches fit, each store taking its sequence's tokens (after takes_seqs)
     bool fits(const std::vector<llama_ubatch> & ubatches) const;
-    // each sequence's tokens of the ubatch to its store (false: no room)
+    // each sequence's tokens of the ubatch to its store (false: no room); place() from the graph's set_input
     bool apply(const llama_ubatch & ubatch);
+    void place(const llama_ubatch & ubatch);
 
     void      clear();
     void      seq_rm(llama_seq_id seq_id); // the whole sequence (every one when < 0): cells are per sequence

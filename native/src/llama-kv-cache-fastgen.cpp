@@ -700,6 +700,12 @@ uint32_t llama_kv_cache_fastgen_context::hh_n_active() const {
     return !h ? 0 : ubatches.empty() ? h->get_size() : h->get_n_active(); // composed ubatches: one sequence
 }
 
+void llama_kv_cache_fastgen_context::hh_place() const {
+    if (!ubatches.empty()) {
+        kv->hh_memory().place(ubatches[i_next]);
+    }
+}
+
 llama_memory_status llama_kv_cache_fastgen_context::get_status() const {
     return status;
 }

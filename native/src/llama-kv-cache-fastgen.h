@@ -144,6 +144,9 @@ public:
     // cells of the heavy-hitter store a composed ubatch attends over: the occupied prefix after
     // apply() for a batch, every cell for the worst-case graph (reserve)
     uint32_t hh_n_active() const;
+    // the heavy-hitter stores evict and place the current ubatch if apply() left it to the graph's set_input
+    // (fused ubatches: llama_fastgen_hh_store::apply)
+    void hh_place() const;
 
 private:
     llama_kv_cache_fastgen * kv = nullptr;
