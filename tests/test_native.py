@@ -372,7 +372,7 @@ def _tiny_frequent(tiny_model_dir, path, budget, window=8):
 def test_timing_counts_the_ubatches_and_the_host_time_after_the_wait(tiny_model_dir, tmp_path):
     """LLAMA_FASTGEN_TIMING=1's ubatch line: every applied ubatch counted (300 tokens in ubatches of 64: 5), the
     evicting ones among those that waited for the device, and the host time from there to the end of the
-    fastgen input's set_input (graph build and inputs: what the stock cache overlaps with the device)."""
+    fastgen input's set_input (what the device idles for besides the stores' own phases)."""
     from llama_fastgen.evaluation.report import ubatch_timing
 
     g = _tiny_frequent(tiny_model_dir, tmp_path / "hh.gguf", budget=64)

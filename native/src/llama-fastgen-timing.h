@@ -5,9 +5,10 @@
 //  - per applied ubatch of the heavy-hitter stores: waiting for the device, reading scores back, evicting,
 //    placing the new tokens and uploading (the device idles during everything after the wait);
 //  - per applied ubatch that waited for the device: the host time from the end of the stores' work to the end
-//    of the fastgen graph input's set_input (llama.cpp's graph build and allocation, the inputs before ours,
-//    our indices and masks), which the stock cache overlaps with the device's previous ubatch and ours,
-//    having waited, cannot;
+//    of the fastgen graph input's set_input, the device still idle: for a composed ubatch (the stores run at
+//    its start) llama.cpp's graph build and allocation, the inputs before ours, our indices and masks, all of
+//    which the stock cache overlaps with the device's previous ubatch; for a fused one (the stores run from
+//    set_input, after the build) only the heavy-hitter indices;
 //  - per decode step: the full classes' masks, filled over every cell or updated from the last step's.
 
 #include <chrono>

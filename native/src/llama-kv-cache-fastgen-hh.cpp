@@ -545,7 +545,7 @@ bool llama_fastgen_hh_store::room_for(const llama_ubatch & ub) const {
     for (const auto & l : layers) {
         for (int h = 0; h < l.n_head; ++h) {
             uint32_t used = l.n_used[h];
-            if (evicts(used, n, l.budget[h])) { // evict()'s candidates: occupied, no sink, behind the window
+            if (used + n > cap && evicts(used, n, l.budget[h])) { // evict()'s candidates: occupied, no sink, behind the window
                 const auto & pos = l.pos[h];
                 const size_t n_cand = std::count_if(pos.begin(), pos.end(), [&](llama_pos p) {
                     return p >= 0 && p >= (llama_pos) n_sink && p0 - p >= (llama_pos) l.window[h];
@@ -797,6 +797,7 @@ void llama_fastgen_hh_store::clear() {
     }
     last_pos = -1;
     undo_floor = 0;
+    pending_n = 0;
 }
 
 void llama_fastgen_hh_store::copy_from(const llama_fastgen_hh_store & src, ggml_backend_sched_t sched) {
@@ -819,6 +820,7 @@ void llama_fastgen_hh_store::copy_from(const llama_fastgen_hh_store & src, ggml_
     }
     last_pos = src.last_pos;
     undo_floor = last_pos + 1; // the contributions stay with the source
+    pending_n = 0;
 }
 
 void llama_fastgen_hh_store::state_write(llama_io_write_i & io) const {
@@ -891,6 +893,7 @@ void llama_fastgen_hh_store::state_read(llama_io_read_i & io) {
         }
         last_pos = last;
         undo_floor = last_pos + 1; // a saved state has no contributions
+        pending_n = 0;
     } catch (...) {
         clear();
         throw;
