@@ -607,6 +607,10 @@ static __device__ __forceinline__ void hh_mma(float (&d)[4], const uint32_t (&a)
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Both prefill passes take the logits in log2 units (scale x log2 e), so that exponentials are exp2f; their row
+// statistics (part_m) stay in those units between the passes.
+static constexpr float HH_PF_LOG2E = 1.4426950408889634f;
+
 // What both passes start with, block (row tile at r0, head j, split z of ns):
 //  - the block's query rows (r = t*G + g) as f16 A fragments in registers, the warp's 16 rows (rows past R:
 //    zero), staged through `stage` ([64][D] halves, swizzled); their positions in qp_r (-inf past R);
@@ -781,7 +785,7 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_stats(
                 (z + list[i + 1]*ns)*HH_PF_TILE, C);
         }
         float s[HH_PF_TILE/8][4];
-        hh_pf_logits<D>(s, qa, k_s + bf*HH_PF_TILE*D, scale);
+        hh_pf_logits<D>(s, qa, k_s + bf*HH_PF_TILE*D, scale*HH_PF_LOG2E);
         const float * pc = p_s + bf*HH_PF_TILE;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -802,9 +806,9 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_stats(
             float sum = 0.0f;
 #pragma unroll
             for (int b = 0; b < HH_PF_TILE/8; ++b) {
-                sum += expf(s[b][2*h] - mn) + expf(s[b][2*h + 1] - mn);
+                sum += exp2f(s[b][2*h] - mn) + exp2f(s[b][2*h + 1] - mn);
             }
-            l[h] = (m[h] == -INFINITY ? 0.0f : l[h]*expf(m[h] - mn)) + sum;
+            l[h] = (m[h] == -INFINITY ? 0.0f : l[h]*exp2f(m[h] - mn)) + sum;
             m[h] = mn;
         }
     }
@@ -816,7 +820,7 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_stats(
             const float mo = __shfl_xor_sync(0xffffffff, m[h], off), lo = __shfl_xor_sync(0xffffffff, l[h], off);
             const float mn = fmaxf(m[h], mo);
             if (mn != -INFINITY) {
-                l[h] = (m[h] == -INFINITY ? 0.0f : l[h]*expf(m[h] - mn)) + (mo == -INFINITY ? 0.0f : lo*expf(mo - mn));
+                l[h] = (m[h] == -INFINITY ? 0.0f : l[h]*exp2f(m[h] - mn)) + (mo == -INFINITY ? 0.0f : lo*exp2f(mo - mn));
             }
             m[h] = mn;
         }
@@ -840,8 +844,10 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE) hh_pf_stats(
 //    never forms;
 //  - the output rows += p V on tensor cores (p's C fragments are A fragments of the next product; no
 //    rescaling, the probabilities are final): into dst when ns == 1, else into part_o[z] for hh_pf_merge.
+//  Two blocks per SM: 225 registers (sm_90, D = 128) and no spills, where three spilled; at 8B shape and
+//  ubatch 512 a layer launches about 256 blocks, fewer than two per SM anyway.
 template <int D>
-static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, 3) hh_pf_out(
+static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, 2) hh_pf_out(
         const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
         const half * __restrict__ K, const half * __restrict__ V, const float * __restrict__ P,
         const float * __restrict__ qpos, const float * __restrict__ part_m, const float * __restrict__ part_l, const int ns_m,
@@ -859,7 +865,7 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, 3) hh_pf_out(
     half  * v_s = k_s + 2*HH_PF_TILE*D;               // [2][Dv][64]
     float * p_s = (float *) (v_s + 2*Dv*HH_PF_TILE);  // [2][64]
     __shared__ float qp_r[HH_PF_TILE], m_r[HH_PF_TILE], il_r[HH_PF_TILE];
-    __shared__ float cs_s[2][HH_PF_WARPS][HH_PF_TILE]; // each warp's column sums of a tile
+    __shared__ __align__(16) float cs_s[2][HH_PF_WARPS][HH_PF_TILE]; // each warp's column sums of a tile
     __shared__ unsigned char seen[HH_PF_MAX_TILES];
     __shared__ uint16_t list[HH_PF_MAX_TILES];
 
@@ -871,7 +877,7 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, 3) hh_pf_out(
         }
         for (int s = 0; s < ns_m; ++s) {
             const float ms = part_m[((int64_t) s*n + j)*RP + r];
-            l += ms == -INFINITY ? 0.0f : expf(ms - m)*part_l[((int64_t) s*n + j)*RP + r];
+            l += ms == -INFINITY ? 0.0f : exp2f(ms - m)*part_l[((int64_t) s*n + j)*RP + r];
         }
         m_r[threadIdx.x]  = m;
         il_r[threadIdx.x] = l > 0.0f ? 1.0f/l : 0.0f;
@@ -915,10 +921,11 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, 3) hh_pf_out(
                 Kj, Vj, Pj, (z + list[i + 1]*ns)*HH_PF_TILE, C);
         }
         float s[HH_PF_TILE/8][4];
-        hh_pf_logits<D>(s, qa, k_s + bf*HH_PF_TILE*D, scale);
+        hh_pf_logits<D>(s, qa, k_s + bf*HH_PF_TILE*D, scale*HH_PF_LOG2E);
         const float * pc = p_s + bf*HH_PF_TILE;
 
         uint32_t pa[HH_PF_TILE/16][4]; // the probabilities as A fragments of p V: cells 16 k .. 16 k + 15
+        float v[HH_PF_TILE/4]; // the warp's 16 rows summed, per cell: v[2 b + e] is cell 8 b + 2 tig + e
 #pragma unroll
         for (int b = 0; b < HH_PF_TILE/8; ++b) {
 #pragma unroll
@@ -927,41 +934,38 @@ static __global__ void __launch_bounds__(HH_PF_WARPS*WARP_SIZE, 3) hh_pf_out(
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     float & x = s[b][2*h + e];
-                    x = qp[h] - pce > 0.0f ? expf(x - m[h])*il[h] : 0.0f;
+                    x = qp[h] - pce > 0.0f ? exp2f(x - m[h])*il[h] : 0.0f;
                 }
-            }
-            float c0 = s[b][0] + s[b][2], c1 = s[b][1] + s[b][3]; // the warp's 16 rows, per cell
-#pragma unroll
-            for (int off = 4; off < WARP_SIZE; off *= 2) {
-                c0 += __shfl_xor_sync(0xffffffff, c0, off);
-                c1 += __shfl_xor_sync(0xffffffff, c1, off);
-            }
-            if (lane < 4) {
-                cs_s[bf][warp][8*b + 2*tig + 0] = c0;
-                cs_s[bf][warp][8*b + 2*tig + 1] = c1;
+                v[2*b + e] = s[b][e] + s[b][2 + e];
             }
             const half2 lo = __floats2half2_rn(s[b][0], s[b][1]), hi = __floats2half2_rn(s[b][2], s[b][3]);
             pa[b/2][2*(b % 2) + 0] = *(const uint32_t *) &lo;
             pa[b/2][2*(b % 2) + 1] = *(const uint32_t *) &hi;
         }
-
-        // a free cell's V may be anything (0 x NaN is NaN): as the CPU op, 0 (masks on the B fragments'
-        // halves: cells 16 k + 2 (lane % 4) + {0, 1} and + 8)
-        const unsigned int f_lo = __ballot_sync(0xffffffff, isinf(pc[lane])), f_hi = __ballot_sync(0xffffffff, isinf(pc[lane + WARP_SIZE]));
-        const uint64_t f = ((uint64_t) f_hi << 32) | f_lo;
+        // no masks on V: a free cell's V is a row once written (the store's buffer starts cleared), and
+        // its probability is 0
 #pragma unroll
         for (int k = 0; k < HH_PF_TILE/16; ++k) {
-            const int c = 16*k + 2*tig;
-            const uint32_t m0 = ((f >> c) & 1 ? 0u : 0x0000ffffu) | ((f >> (c + 1)) & 1 ? 0u : 0xffff0000u);
-            const uint32_t m1 = ((f >> (c + 8)) & 1 ? 0u : 0x0000ffffu) | ((f >> (c + 9)) & 1 ? 0u : 0xffff0000u);
 #pragma unroll
             for (int b = 0; b < Dv/16; ++b) { // B fragments of output columns 16 b .. 16 b + 15: V rows, as stored
                 uint32_t vb[4];
                 hh_ldmatrix_x4(vb, v_s + bf*Dv*HH_PF_TILE + hh_pf_swz(16*b + lane % 8 + 8*(lane/16), 2*k + (lane/8) % 2, HH_PF_TILE));
-                hh_mma(o[2*b + 0], pa[k], vb[0] & m0, vb[1] & m1);
-                hh_mma(o[2*b + 1], pa[k], vb[2] & m0, vb[3] & m1);
+                hh_mma(o[2*b + 0], pa[k], vb[0], vb[1]);
+                hh_mma(o[2*b + 1], pa[k], vb[2], vb[3]);
             }
         }
+        // then over the warp: a reduce-scatter over the 8 lanes of a cell (lane bits 4, 3, 2), each step
+        // sending half of what is left; a lane ends with cells 2 lane + {0, 1}
+        const auto step = [&](const int w) { // lane bit 4 (w = 8), 3, 2
+            const bool up = lane & (2*w);
+#pragma unroll
+            for (int k = 0; k < w; ++k) {
+                const float send = up ? v[k] : v[k + w], keep = up ? v[k + w] : v[k];
+                v[k] = keep + __shfl_xor_sync(0xffffffff, send, 2*w);
+            }
+        };
+        step(8); step(4); step(2);
+        *(float2 *) &cs_s[bf][warp][2*lane] = make_float2(v[0], v[1]);
     }
     __syncthreads();
     if (n_seen > 0 && threadIdx.x < HH_PF_TILE) { // the last tile's column sums
@@ -1074,13 +1078,13 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
     float * S = (float *) a.S->data, * P = (float *) a.P->data;
     const float * qpos = (const float *) a.query_pos->data;
 
-    // both passes split the cells when a layer has too few (row tile, head) blocks to fill the GPU (three
+    // both passes split the cells when a layer has too few (row tile, head) blocks to fill the GPU (two
     // per SM): the fewest splits whose waves x tiles per block is least, and only when that saves more
     // than a quarter (the splits' outputs then take one more launch to add up). At most HH_PF_MAX_SPLIT:
     // every split writes its own output rows for the merge, which the wave count does not see (8B shape,
     // pp8192 at ubatch 512 on the H200: splits of up to 16 on the layers with few heavy-hitter heads ran at
     // 9,361 tok/s, never splitting at 10,027, splitting every layer in 4 at 10,023)
-    const int slots = 3*ggml_cuda_info().devices[ctx.device].nsm;
+    const int slots = 2*ggml_cuda_info().devices[ctx.device].nsm; // hh_pf_out's bound
     const int row_tiles = RP/HH_PF_TILE, cell_tiles = (C + HH_PF_TILE - 1)/HH_PF_TILE;
     const auto cost = [&](int s) { return (int64_t) ((row_tiles*n*s + slots - 1)/slots) * ((cell_tiles + s - 1)/s); };
     int ns = 1;

@@ -563,9 +563,8 @@ bool llama_fastgen_hh_store::room_for(const llama_ubatch & ub) const {
 }
 
 bool llama_fastgen_hh_store::apply(const llama_ubatch & ub, ggml_backend_sched_t sched) {
-    static const bool in_apply = getenv("LLAMA_FASTGEN_EVICT_IN_APPLY") != nullptr; // EXPERIMENT (GPU A/B)
     pending_n = 0;
-    if (!fused(ub.n_tokens) || in_apply) {
+    if (!fused(ub.n_tokens)) {
         return commit(ub, sched);
     }
     if (!room_for(ub)) {
