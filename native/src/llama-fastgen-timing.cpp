@@ -19,7 +19,7 @@ llama_fastgen_timing::~llama_fastgen_timing() {
     if (n_apply) {
         fprintf(stderr, "fastgen timing: %zu ubatches (%zu evicting): wait %.2f ms, read %.2f ms, evict %.2f ms, "
                 "place+upload %.2f ms; then, in %llu that waited, host until inputs set %.2f ms\n", n_apply, n_evicting,
-                ms[WAIT], ms[READ], ms[EVICT], ms[PLACE], (unsigned long long) n[BUILD], ms[BUILD]);
+                ms[WAIT], ms[READ], ms[EVICT], ms[PLACE], (unsigned long long) n[AFTER_WAIT], ms[AFTER_WAIT]);
     }
 }
 

@@ -16,7 +16,7 @@
 #include <cstdint>
 
 struct llama_fastgen_timing {
-    enum phase { WAIT, READ, EVICT, PLACE, BUILD, MASK_FILL, MASK_UPDATE, N_PHASE };
+    enum phase { WAIT, READ, EVICT, PLACE, AFTER_WAIT, MASK_FILL, MASK_UPDATE, N_PHASE };
     using clock = std::chrono::steady_clock;
 
     const bool on;
@@ -43,10 +43,10 @@ struct llama_fastgen_timing {
             idle_since = t;
         }
     }
-    // the fastgen graph input has set a ubatch's inputs: BUILD takes the time since device_idle
+    // the fastgen graph input has set a ubatch's inputs: AFTER_WAIT takes the time since device_idle
     void inputs_set() {
         if (idle) { // only ever set when on
-            lap(BUILD, idle_since);
+            lap(AFTER_WAIT, idle_since);
             idle = false;
         }
     }

@@ -411,6 +411,11 @@ static bool evicts(uint32_t used, uint32_t n, uint32_t budget) {
     return used + n > budget + llama_fastgen_policy::FREQUENT_EVICT_BATCH && used > budget;
 }
 
+// a cell the eviction before a query at p0 may remove: occupied, not a sink, behind the head's window
+static bool evictable(llama_pos p, llama_pos p0, uint32_t n_sink, uint32_t window) {
+    return p >= 0 && p >= (llama_pos) n_sink && p0 - p >= (llama_pos) window;
+}
+
 size_t llama_fastgen_hh_store::total_bytes() const {
     size_t n = 0;
     for (const auto & [_, buf] : ctxs_bufs) {
@@ -456,8 +461,8 @@ size_t llama_fastgen_hh_store::evict(layer & l, int h, const float * scores, lla
     cands.clear();
     for (uint32_t i = 0; i < cap; ++i) {
         const llama_pos p = pos[i];
-        if (p < 0 || p < (llama_pos) n_sink || p0 - p < (llama_pos) l.window[h]) {
-            continue; // free, sink, or inside the window of the next query
+        if (!evictable(p, p0, n_sink, l.window[h])) {
+            continue;
         }
         float s = scores[i] / (float) (p0 - p); // mean over the queries p .. p0-1 that saw it
         if (std::isnan(s)) {
@@ -545,10 +550,10 @@ bool llama_fastgen_hh_store::room_for(const llama_ubatch & ub) const {
     for (const auto & l : layers) {
         for (int h = 0; h < l.n_head; ++h) {
             uint32_t used = l.n_used[h];
-            if (used + n > cap && evicts(used, n, l.budget[h])) { // evict()'s candidates: occupied, no sink, behind the window
+            if (used + n > cap && evicts(used, n, l.budget[h])) { // what evict() will free
                 const auto & pos = l.pos[h];
                 const size_t n_cand = std::count_if(pos.begin(), pos.end(), [&](llama_pos p) {
-                    return p >= 0 && p >= (llama_pos) n_sink && p0 - p >= (llama_pos) l.window[h];
+                    return evictable(p, p0, n_sink, l.window[h]);
                 });
                 used -= (uint32_t) std::min<size_t>(n_cand, used - l.budget[h]);
             }

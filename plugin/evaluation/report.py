@@ -100,7 +100,7 @@ def ubatch_timing(stderr: str) -> dict | None:
                   r"place\+upload ([\d.]+) ms; then, in (\d+) that waited, host until inputs set ([\d.]+) ms", stderr)
     return m and {"applied": int(m.group(1)), "evicting": int(m.group(2)), "wait_ms": float(m.group(3)),
                   "read_ms": float(m.group(4)), "evict_ms": float(m.group(5)), "place_ms": float(m.group(6)),
-                  "waited": int(m.group(7)), "build_ms": float(m.group(8))}
+                  "waited": int(m.group(7)), "after_wait_ms": float(m.group(8))}
 
 
 def machine() -> dict:
