@@ -12,21 +12,14 @@
 // other branch while still being read. Every tensor read or written in the region is kept until the join
 // (add_alloc_dep), so nothing is freed or reused until both branches have joined.
 //
-// LLAMA_FASTGEN_CUDA_STREAMS=0 keeps one stream (A/B measurements, debugging).
+// LLAMA_FASTGEN_CUDA_STREAMS=0 keeps one stream (A/B measurements); =2 prints what it found per op.
 #include "ggml-fastgen.cuh"
+#include "ggml-fastgen-branches.h"
 
 #include "ggml-backend-impl.h"
 
 #include <cstdlib>
 #include <cstring>
-#include <unordered_map>
-#include <unordered_set>
-#include <vector>
-
-static bool fg_noop(const ggml_tensor * t) { // as ggml-cuda's ggml_cuda_is_view_or_noop: launches nothing
-    return ggml_is_empty(t) || t->op == GGML_OP_RESHAPE || t->op == GGML_OP_TRANSPOSE || t->op == GGML_OP_VIEW ||
-           t->op == GGML_OP_PERMUTE || t->op == GGML_OP_NONE;
-}
 
 // a tensor the allocator could free (a node, or an input in the compute buffer), so worth keeping alive
 static bool fg_freeable(const ggml_tensor * t) {
@@ -37,90 +30,33 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
                                       ggml_backend_graph_optimize_params * params, bool use_cuda_graph) {
     ggml_cuda_stream_context & sc = ctx->stream_context();
     sc.reset();
-    static const bool on = [] {
+    static const int mode = [] { // 0: one stream; 2: also one line per heavy-hitter op on stderr
         const char * e = getenv("LLAMA_FASTGEN_CUDA_STREAMS");
-        return e == nullptr || strcmp(e, "0") != 0;
+        return e ? atoi(e) : 1;
     }();
-    if (!on || !use_cuda_graph || !params) {
+    if (mode == 0 || !use_cuda_graph || !params) {
         return;
     }
-    std::unordered_map<const ggml_tensor *, int> idx;
-    for (int i = 0; i < g->n_nodes; ++i) {
-        idx[g->nodes[i]] = i;
-    }
-    for (int h = 0; h < g->n_nodes; ++h) {
-        ggml_tensor * H = g->nodes[h];
-        if (H->op != GGML_OP_FASTGEN_HH_ATTN) {
-            continue;
-        }
-        // the join: the first later node that reads the op's output
-        int j = -1;
-        for (int k = h + 1; k < g->n_nodes && j < 0; ++k) {
-            for (int s = 0; s < GGML_MAX_SRC; ++s) {
-                if (g->nodes[k]->src[s] == H) {
-                    j = k;
-                    break;
-                }
-            }
-        }
-        // branch 2: the op and the views it reads through; the fork: the last node launching a kernel that
-        // the op depends on (what the op reads was computed before it, in stream order)
-        std::unordered_set<const ggml_tensor *> b2 = { H };
-        std::vector<const ggml_tensor *> todo = { H };
-        int f = -1;
-        while (!todo.empty()) {
-            const ggml_tensor * t = todo.back();
-            todo.pop_back();
-            for (int s = 0; s < GGML_MAX_SRC; ++s) {
-                const ggml_tensor * src = t->src[s];
-                auto it = src ? idx.find(src) : idx.end();
-                if (it == idx.end()) {
-                    continue; // a leaf, or a node of another split
-                }
-                if (!fg_noop(src)) {
-                    f = std::max(f, it->second);
-                } else if (b2.insert(src).second) {
-                    todo.push_back(src);
-                }
-            }
-        }
-        if (j < 0 || f < 0 || f >= h || g->nodes[j]->op != GGML_OP_CONCAT) {
-            continue;
-        }
-        // branch 1: every other node between fork and join; it must launch something, must not read branch 2,
-        // and branch 2's views must lie between fork and join
-        std::vector<const ggml_tensor *> region;
-        bool ok = true, work = false;
-        for (int k = f + 1; k < j && ok; ++k) {
-            const ggml_tensor * t = g->nodes[k];
-            const bool in2 = b2.count(t) > 0;
-            ok = !(t->op == GGML_OP_FASTGEN_HH_ATTN && t != H); // one heavy-hitter op per region
-            for (int s = 0; s < GGML_MAX_SRC && ok && !in2; ++s) {
-                ok = !(t->src[s] && b2.count(t->src[s]));
-            }
-            work = work || (!in2 && !fg_noop(t));
-            region.push_back(t);
-        }
-        for (const ggml_tensor * t : b2) {
-            const auto it = idx.find(t);
-            ok = ok && it != idx.end() && it->second > f && it->second < j;
-        }
-        if (!ok || !work || sc.concurrent_events.count(g->nodes[f])) {
-            continue;
-        }
+    const std::vector<ggml_fastgen_branches> regions = ggml_fastgen_branch_regions(g, mode == 2);
+    if (!regions.empty()) {
         ggml_cuda_set_device(ctx->device); // the events below belong to this device
+    }
+    for (const ggml_fastgen_branches & r : regions) {
+        ggml_tensor * join = g->nodes[r.join];
         ggml_cuda_concurrent_event ev(2);
-        ev.join_node = g->nodes[j];
-        ev.original_order = region;
-        for (const ggml_tensor * t : region) {
-            ev.stream_mapping[t] = b2.count(t) ? 2 : 1;
-            params->add_alloc_dep(params->user_data, const_cast<ggml_tensor *>(t), g->nodes[j]);
+        ev.join_node = join;
+        ev.original_order = r.nodes;
+        for (size_t k = 0; k < r.nodes.size(); ++k) {
+            const ggml_tensor * t = r.nodes[k];
+            ev.stream_mapping[t] = r.branch[k];
+            params->add_alloc_dep(params->user_data, const_cast<ggml_tensor *>(t), join);
             for (int s = 0; s < GGML_MAX_SRC; ++s) {
                 if (t->src[s] && fg_freeable(t->src[s])) {
-                    params->add_alloc_dep(params->user_data, t->src[s], g->nodes[j]);
+                    params->add_alloc_dep(params->user_data, t->src[s], join);
                 }
             }
         }
-        sc.concurrent_events.emplace(g->nodes[f], std::move(ev));
+        sc.concurrent_events.emplace(g->nodes[r.fork], std::move(ev));
     }
+    GGML_LOG_DEBUG("%s: %zu heavy-hitter ops on a second stream beside their layer's other attention\n", __func__, regions.size());
 }
