@@ -16,6 +16,9 @@ time per launch.
 
 --from-json F [--tokens N]: the markdown table of a results file for docs/RESULTS.md (per decode token
 when N is given: the file's decode tokens).
+
+--from-ncu-csv FASTGEN.csv FULL.csv --ncu-command CMD --tokens N --json F: the results file from two saved
+outputs of the ncu command above (a call script ran it by hand), recording which.
 """
 from __future__ import annotations
 
@@ -37,6 +40,11 @@ def profile(bench: str, model: str, depth: int, tokens: int, env_extra: dict, pr
            bench, "-m", model, "-ngl", "99", "-fa", "1", "-p", str(prompt), "-n", str(tokens), "-d", str(depth), "-r", "1",
            "--no-warmup"]
     out = subprocess.run(cmd, env=dict(os.environ, **env_extra), capture_output=True, text=True).stdout
+    return parse(out)
+
+
+def parse(out: str) -> dict:
+    """ncu --csv --metrics gpu__time_duration.sum output: time and launches per kernel name"""
     rows = list(csv.DictReader(io.StringIO(out[out.index('"ID"'):])))
     per, launches = defaultdict(float), defaultdict(int)
     for r in rows:
@@ -155,7 +163,28 @@ def main() -> int:
     ap.add_argument("--launch-skip", type=int, default=0, help="--stalls: skip the first K matching launches")
     ap.add_argument("--stalls", action="store_true", help="stall reasons of the --kernels launches (ncu --set full)")
     ap.add_argument("--json")
+    ap.add_argument("--from-ncu-csv", nargs=2, metavar=("FASTGEN", "FULL"),
+                    help="make the results file from two saved outputs of the same ncu command instead of running it")
+    ap.add_argument("--ncu-command", help="--from-ncu-csv: the ncu command line that wrote them, for the record")
+    ap.add_argument("--measured", nargs=3, metavar=("MACHINE", "COMMIT", "WHEN"),
+                    help="--from-ncu-csv: the GPU, the commit built there and when the files were written")
     a = ap.parse_args()
+    if a.from_ncu_csv:
+        from bench_gpu import run_info  # beside this script
+
+        if not (a.ncu_command and a.measured):
+            ap.error("--from-ncu-csv needs --ncu-command and --measured")
+        res = run_info()  # this conversion; the measurement's machine, commit and time replace its own
+        res["source"] = {"files": a.from_ncu_csv, "ncu_command": a.ncu_command}
+        res["machine"], res["commit"], res["started"] = a.measured
+        for name, f in zip(("fastgen", "full"), a.from_ncu_csv):
+            with open(f) as fh:
+                res[name] = parse(fh.read())
+        print(markdown(res, a.tokens))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     if a.from_json:
         print(markdown(json.load(a.from_json), a.tokens if "--tokens" in sys.argv else 0))
         return 0

@@ -23,8 +23,8 @@ static inline bool ggml_fastgen_noop(const ggml_tensor * t) { // as ggml-cuda's 
 }
 
 // For each heavy-hitter op H: the join is the concat that first reads H; branch 2 is H and the views it
-// reads through; the fork is the last node launching a kernel that H depends on (so all H reads was
-// computed before, in stream order); branch 1 is every other node between fork and join, which must
+// reads through; the fork is the last node launching a kernel that H depends on (so everything H reads
+// is computed before it, in stream order); branch 1 is every other node between fork and join, which must
 // launch something and must not read branch 2. Views before the fork (llama.cpp reshapes V once for
 // every head: "Vcur") are nobody's. debug: one line per heavy-hitter op on stderr.
 static inline std::vector<ggml_fastgen_branches> ggml_fastgen_branch_regions(const ggml_cgraph * g, bool debug = false) {

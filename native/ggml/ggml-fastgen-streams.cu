@@ -1,18 +1,20 @@
-// llama-fastgen: a layer that mixes full heads with heavy-hitter heads runs its two attentions side by side.
+// llama-fastgen: a layer that mixes full heads with heavy-hitter heads may run its two attentions side by side.
 //
 // In such a layer the full class writes its new K/V rows and runs flash attention over its cells, and the
 // heavy-hitter op attends over its store; neither reads what the other writes, and a concat joins them.
 // In one stream they run one after the other: at depth 0 on an H100 (session 30, ncu) a mixed layer's
-// attention kernels took 27.7 us against the full cache's 12.7 us, the heavy-hitter op 8.8 us of it. Here
+// attention kernels took 27.6 us against the full cache's 12.7 us, the heavy-hitter op 8.7 us of it. Here
 // they become two branches of llama.cpp's own concurrent-stream machinery (ggml_cuda_concurrent_event,
 // which GGML_CUDA_GRAPH_OPT=1 uses for Q/K/V): branch 1 the full class, branch 2 the heavy-hitter op,
-// forked after the last node the op depends on, joined at the concat. Only under CUDA graphs, as there.
+// forked after the last node the op depends on, joined at the concat (ggml-fastgen-branches.h finds
+// them). Only under CUDA graphs, as there.
 //
 // Lifetimes: the allocator assumes one stream, so a tensor freed inside the region could be reused by the
 // other branch while still being read. Every tensor read or written in the region is kept until the join
 // (add_alloc_dep), so nothing is freed or reused until both branches have joined.
 //
-// LLAMA_FASTGEN_CUDA_STREAMS=0 keeps one stream (A/B measurements); =2 prints what it found per op.
+// Opt-in until its CPU/CUDA comparison has run (session 30 measured its speed only):
+// LLAMA_FASTGEN_CUDA_STREAMS=1 runs the two branches; =2 also prints per op what it found.
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen-branches.h"
 
@@ -30,9 +32,9 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
                                       ggml_backend_graph_optimize_params * params, bool use_cuda_graph) {
     ggml_cuda_stream_context & sc = ctx->stream_context();
     sc.reset();
-    static const int mode = [] { // 0: one stream; 2: also one line per heavy-hitter op on stderr
+    static const int mode = [] { // 0 (default): one stream; 1: two; 2: two, and one line per op on stderr
         const char * e = getenv("LLAMA_FASTGEN_CUDA_STREAMS");
-        return e ? atoi(e) : 1;
+        return e ? atoi(e) : 0;
     }();
     if (mode == 0 || !use_cuda_graph || !params) {
         return;
