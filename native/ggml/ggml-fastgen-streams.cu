@@ -7,7 +7,9 @@
 // they become two branches of llama.cpp's own concurrent-stream machinery (ggml_cuda_concurrent_event,
 // which GGML_CUDA_GRAPH_OPT=1 uses for Q/K/V): branch 1 the full class, branch 2 the heavy-hitter op,
 // forked after the last node the op depends on, joined at the concat (ggml-fastgen-branches.h finds
-// them). Only under CUDA graphs, as there.
+// them). Only where CUDA graphs are enabled, as there (warm-up steps then run the two streams eagerly).
+// Not with an eval callback (imatrix, llama-eval-callback): llama.cpp then computes parts of the graph, a
+// part can end inside a region, and neither this nor GGML_CUDA_GRAPH_OPT joins the streams there.
 //
 // Lifetimes: the allocator assumes one stream, so a tensor freed inside the region could be reused by the
 // other branch while still being read. Every tensor read or written in the region is kept until the join
@@ -22,11 +24,6 @@
 
 #include <cstdlib>
 #include <cstring>
-
-// a tensor the allocator could free (a node, or an input in the compute buffer), so worth keeping alive
-static bool fg_freeable(const ggml_tensor * t) {
-    return t->op != GGML_OP_NONE || (t->flags & GGML_TENSOR_FLAG_INPUT);
-}
 
 void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgraph * g,
                                       ggml_backend_graph_optimize_params * params, bool use_cuda_graph) {
@@ -52,8 +49,8 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
             const ggml_tensor * t = r.nodes[k];
             ev.stream_mapping[t] = r.branch[k];
             params->add_alloc_dep(params->user_data, const_cast<ggml_tensor *>(t), join);
-            for (int s = 0; s < GGML_MAX_SRC; ++s) {
-                if (t->src[s] && fg_freeable(t->src[s])) {
+            for (int s = 0; s < GGML_MAX_SRC; ++s) { // every source: by now the split's inputs are plain copies
+                if (t->src[s]) {                       // (no INPUT flag), and the allocator keeps what it does not own anyway
                     params->add_alloc_dep(params->user_data, t->src[s], join);
                 }
             }
