@@ -17,8 +17,9 @@ time per launch.
 --from-json F [--tokens N]: the markdown table of a results file for docs/RESULTS.md (per decode token
 when N is given: the file's decode tokens).
 
---from-ncu-csv FASTGEN.csv FULL.csv --ncu-command CMD --tokens N --json F: the results file from two saved
-outputs of the ncu command above (a call script ran it by hand), recording which.
+--from-ncu-csv FASTGEN.csv FULL.csv --ncu-command CMD --measured MACHINE COMMIT WHEN --tokens N --json F: the
+results file from two saved outputs of the ncu command above (a call script ran it by hand), recording which, and
+the machine, commit and time of the measurement instead of this conversion's.
 """
 from __future__ import annotations
 
