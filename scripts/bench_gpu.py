@@ -275,9 +275,9 @@ def speed(args) -> list:
                ("fastgen hh->full", args.model_nohh, [], {}),
                ("full f16", args.model, [], {"LLAMA_FASTGEN_DISABLE": "1"}),
                ("full q8_0", args.model, ["-ctk", "q8_0", "-ctv", "q8_0"], {"LLAMA_FASTGEN_DISABLE": "1"}),
-               # diagnostics, only when named in --configs: a mixed layer's two attentions on two streams
-               # (ggml-fastgen-streams.cu, opt-in), and without CUDA graphs
-               ("diag fastgen two-streams", args.model, [], {"LLAMA_FASTGEN_CUDA_STREAMS": "1"}),
+               # diagnostics, only when named in --configs: a mixed layer's two attentions on one stream
+               # (ggml-fastgen-streams.cu: two by default in decode), and without CUDA graphs
+               ("diag fastgen one-stream", args.model, [], {"LLAMA_FASTGEN_CUDA_STREAMS": "0"}),
                ("diag fastgen no-graphs", args.model, [], {"GGML_CUDA_DISABLE_GRAPHS": "1"}),
                ("diag full no-graphs", args.model, [], {"LLAMA_FASTGEN_DISABLE": "1", "GGML_CUDA_DISABLE_GRAPHS": "1"})]
     configs = [c for c in configs if c[1] and (c[0] in args.configs if args.configs else not c[0].startswith("diag"))]

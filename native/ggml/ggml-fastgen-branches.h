@@ -12,6 +12,7 @@
 #include <vector>
 
 struct ggml_fastgen_branches {
+    const ggml_tensor * op;                         // the heavy-hitter op
     int fork, join;                                 // node indices: the region is (fork, join)
     std::vector<const ggml_tensor *> nodes;         // the region's nodes, in graph order
     std::vector<int>                 branch;        // per node: 1 the rest of the attention, 2 the heavy-hitter op
@@ -88,7 +89,7 @@ static inline std::vector<ggml_fastgen_branches> ggml_fastgen_branch_regions(con
         if (!ok || !work) {
             continue;
         }
-        ggml_fastgen_branches r = { f, j, {}, {} };
+        ggml_fastgen_branches r = { H, f, j, {}, {} };
         for (int k = f + 1; k < j; ++k) {
             r.nodes.push_back(g->nodes[k]);
             r.branch.push_back(b2.count(g->nodes[k]) ? 2 : 1);

@@ -9,19 +9,24 @@
 // forked after the last node the op depends on, joined at the concat (ggml-fastgen-branches.h finds
 // them). Only where CUDA graphs are enabled, as there (warm-up steps then run the two streams eagerly).
 // Not with an eval callback (imatrix, llama-eval-callback): llama.cpp then computes parts of the graph, a
-// part can end inside a region, and neither this nor GGML_CUDA_GRAPH_OPT joins the streams there.
+// part can end inside a region, and nothing would join the streams there (GGML_CUDA_GRAPH_OPT has the same
+// hole); the graph builder marks such a context's ops (ggml-fastgen.h, beside = 0) and they keep one stream.
 //
 // Lifetimes: the allocator assumes one stream, so a tensor freed inside the region could be reused by the
 // other branch while still being read. Every tensor read or written in the region is kept until the join
 // (add_alloc_dep), so nothing is freed or reused until both branches have joined.
 //
-// Opt-in until its CPU/CUDA comparison has run (session 30 measured its speed only):
-// LLAMA_FASTGEN_CUDA_STREAMS=1 runs the two branches; =2 also prints per op what it found.
+// Only for the decode kernel (query rows per head up to GGML_FASTGEN_HH_MAX_ROWS): there the op is a
+// latency-bound launch that can hide behind the other branch. Beside a prefill ubatch's kernels, which fill
+// the GPU on their own, pp8192 ran 1-3.5% slower on two streams (session 31, H100).
+// LLAMA_FASTGEN_CUDA_STREAMS=0 keeps one stream; =2 also prints per op what the finder decided.
 #include "ggml-fastgen.cuh"
+#include "ggml-fastgen.h"
 #include "ggml-fastgen-branches.h"
 
 #include "ggml-backend-impl.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -29,14 +34,18 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
                                       ggml_backend_graph_optimize_params * params, bool use_cuda_graph) {
     ggml_cuda_stream_context & sc = ctx->stream_context();
     sc.reset();
-    static const int mode = [] { // 0 (default): one stream; 1: two; 2: two, and one line per op on stderr
+    static const int mode = [] { // 0: one stream; 1 (default): two; 2: two, and one line per op on stderr
         const char * e = getenv("LLAMA_FASTGEN_CUDA_STREAMS");
-        return e ? atoi(e) : 0;
+        return e && *e ? atoi(e) : 1;
     }();
     if (mode == 0 || !use_cuda_graph || !params) {
         return;
     }
-    const std::vector<ggml_fastgen_branches> regions = ggml_fastgen_branch_regions(g, mode == 2);
+    std::vector<ggml_fastgen_branches> regions = ggml_fastgen_branch_regions(g, mode == 2);
+    regions.erase(std::remove_if(regions.begin(), regions.end(), [](const ggml_fastgen_branches & r) {
+        const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(r.op);
+        return !a.beside || a.G*a.T > GGML_FASTGEN_HH_MAX_ROWS; // an eval callback's graph; a prefill ubatch
+    }), regions.end());
     if (!regions.empty()) {
         ggml_cuda_set_device(ctx->device); // the events below belong to this device
     }

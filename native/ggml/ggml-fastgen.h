@@ -30,7 +30,9 @@
 // input would be one more host-to-device copy per layer and token.
 // Precision: the CPU paths and the CUDA decode kernel take q in F32; the CUDA prefill kernels round q to
 // F16 for the tensor cores, as llama.cpp's CUDA flash attention does (logits accumulate in F32).
-// op_params: float scale, int32 h0 (this layer's first row in idxs). Result: F32 [Dv*G*n, T], heads in q order (kv head j, then group g).
+// op_params: float scale, int32 h0 (this layer's first row in idxs), int32 beside (1: the graph is computed
+// whole, with no eval callback between its nodes, so CUDA may run the op on a second stream beside the rest of
+// its layer's attention: ggml-fastgen-streams.cu). Result: F32 [Dv*G*n, T], heads in q order (kv head j, then group g).
 // K, V, S and P are updated in place (they live in the cache's buffers, outside the graph allocator).
 #pragma once
 
@@ -66,6 +68,7 @@ struct ggml_fastgen_hh_args {
     int64_t D, C, n, Dv, T, G; // head size, cells, KV heads, V head size, tokens, query heads per KV head
     float   scale;
     int32_t h0;
+    int32_t beside;
 };
 
 static inline struct ggml_fastgen_hh_args ggml_fastgen_hh_unpack(const struct ggml_tensor * dst) {
@@ -88,6 +91,7 @@ static inline struct ggml_fastgen_hh_args ggml_fastgen_hh_unpack(const struct gg
     a.G  = a.q->ne[1]/a.n;
     memcpy(&a.scale, dst->op_params, sizeof(float));
     a.h0 = dst->op_params[1];
+    a.beside = dst->op_params[2];
     return a;
 }
 
@@ -95,13 +99,14 @@ static inline struct ggml_fastgen_hh_args ggml_fastgen_hh_unpack(const struct gg
 static inline struct ggml_tensor * ggml_fastgen_hh_attn(struct ggml_context * ctx, struct ggml_tensor * q,
         struct ggml_tensor * k_cur, struct ggml_tensor * v_cur, struct ggml_tensor * idxs, struct ggml_tensor * K,
         struct ggml_tensor * V, struct ggml_tensor * S, struct ggml_tensor * P, struct ggml_tensor * query_pos,
-        struct ggml_tensor * U, float scale, int32_t h0) {
+        struct ggml_tensor * U, float scale, int32_t h0, int32_t beside) {
     const int64_t Dv = V->ne[1], n = K->ne[2], G = q->ne[1]/n, T = q->ne[2];
     struct ggml_tensor * res = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, Dv*G*n, T);
     struct ggml_tensor * srcs[] = { q, k_cur, v_cur, idxs, K, V, S, P, query_pos, U };
     res->op = GGML_OP_FASTGEN_HH_ATTN;
     memcpy(res->op_params, &scale, sizeof(float));
     res->op_params[1] = h0;
+    res->op_params[2] = beside;
     for (int i = 0; i < (int) (sizeof(srcs)/sizeof(srcs[0])); ++i) {
         res->src[i] = srcs[i];
     }

@@ -215,11 +215,15 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_kv_c
             const auto * sg = cache.hh_store(in.seqs[gr]);
             const auto & lg = sg->get_layer(li);
             ggml_tensor * u = sg->records((uint32_t) T_g) ? lg.u : nullptr; // each token's scores, for a rollback
+            // an eval callback (imatrix) has the scheduler compute the graph in parts, which may end between
+            // the op and its layer's concat: then no second stream (ggml-fastgen.h, op_params)
+            const int32_t beside = g.cparams.cb_eval == nullptr;
             ggml_tensor * out = n_g == 1
-                ? ggml_fastgen_hh_attn(ctx0, q, k, v, in.idxs, lg.k, lg.v, lg.s, lg.p, in.query_pos, u, kq_scale, (int32_t) h0)
+                ? ggml_fastgen_hh_attn(ctx0, q, k, v, in.idxs, lg.k, lg.v, lg.s, lg.p, in.query_pos, u, kq_scale, (int32_t) h0, beside)
                 : ggml_fastgen_hh_attn(ctx0, token_range(ctx0, q, 2, gr*T_g, T_g), token_range(ctx0, k, 2, gr*T_g, T_g),
                         token_range(ctx0, v, 2, gr*T_g, T_g), token_range(ctx0, in.idxs, 0, gr*T_g, T_g),
-                        lg.k, lg.v, lg.s, lg.p, token_range(ctx0, in.query_pos, 1, gr*T_g, T_g), u, kq_scale, (int32_t) h0);
+                        lg.k, lg.v, lg.s, lg.p, token_range(ctx0, in.query_pos, 1, gr*T_g, T_g), u, kq_scale, (int32_t) h0,
+                        beside);
             if (on_host) {
                 // the store is in host memory: run where it is (the op writes it in place), like llama.cpp's
                 // own attention

@@ -198,7 +198,7 @@ bool llama_fastgen_hh_store::op_supported(ggml_backend_dev_t dev, const layer & 
     ggml_tensor * idxs  = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I64, n_tokens, n_heads_all);
     ggml_tensor * qpos  = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, 1, n_tokens, 1, 1);
     ggml_tensor * op = ggml_fastgen_hh_attn(ctx.get(), q, k_cur, v_cur, idxs, l.k, l.v, l.s, l.p, qpos, nullptr, 1.0f,
-            offsets[&l - layers.data()]);
+            offsets[&l - layers.data()], 0);
     return ggml_backend_dev_supports_op(dev, op);
 }
 
