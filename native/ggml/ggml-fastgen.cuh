@@ -7,8 +7,8 @@
 void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
 bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op);
 
-// ggml-cuda's graph_optimize when GGML_CUDA_GRAPH_OPT is off: with LLAMA_FASTGEN_CUDA_STREAMS=1, a layer's
-// full-class attention and its heavy-hitter op on two streams (ggml-fastgen-streams.cu)
+// ggml-cuda's graph_optimize when GGML_CUDA_GRAPH_OPT is off: in decode, a layer's full-class attention and its
+// heavy-hitter op on two streams (ggml-fastgen-streams.cu; LLAMA_FASTGEN_CUDA_STREAMS=0: one)
 struct ggml_backend_graph_optimize_params;
 void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgraph * cgraph,
                                       ggml_backend_graph_optimize_params * params, bool use_cuda_graph);
