@@ -280,6 +280,10 @@ def speed(args) -> list:
                ("diag fastgen one-stream", args.model, [], {"LLAMA_FASTGEN_CUDA_STREAMS": "0"}),
                ("diag fastgen no-graphs", args.model, [], {"GGML_CUDA_DISABLE_GRAPHS": "1"}),
                ("diag full no-graphs", args.model, [], {"LLAMA_FASTGEN_DISABLE": "1", "GGML_CUDA_DISABLE_GRAPHS": "1"})]
+    unknown = set(args.configs or []) - {c[0] for c in configs}
+    if unknown:
+        raise SystemExit(f"bench_gpu.py speed: no config named {', '.join(sorted(unknown))}; the configs are: "
+                         + ", ".join(repr(c[0]) for c in configs))
     configs = [c for c in configs if c[1] and (c[0] in args.configs if args.configs else not c[0].startswith("diag"))]
     rows = []
     depths = ",".join(str(d) for d in args.depths)

@@ -27,8 +27,11 @@
 #include "ggml-backend-impl.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <strings.h>
+#include <utility>
 
 void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgraph * g,
                                       ggml_backend_graph_optimize_params * params, bool use_cuda_graph) {
@@ -36,7 +39,18 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
     sc.reset();
     static const int mode = [] { // 0: one stream; 1 (default): two; 2: two, and one line per op on stderr
         const char * e = getenv("LLAMA_FASTGEN_CUDA_STREAMS");
-        return e && *e ? atoi(e) : 1;
+        if (!e || !*e) {
+            return 1;
+        }
+        for (const auto & [word, m] : { std::pair<const char *, int>{ "0", 0 }, { "1", 1 }, { "2", 2 }, { "false", 0 },
+                { "no", 0 }, { "off", 0 }, { "true", 1 }, { "yes", 1 }, { "on", 1 } }) {
+            if (strcasecmp(e, word) == 0) {
+                return m;
+            }
+        }
+        GGML_LOG_WARN("llama-fastgen: LLAMA_FASTGEN_CUDA_STREAMS=%s is not 0, 1 or 2 (or false/true, no/yes, off/on): "
+                      "two streams in decode, the default\n", e);
+        return 1;
     }();
     if (mode == 0 || !use_cuda_graph || !params) {
         return;
@@ -44,7 +58,12 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
     std::vector<ggml_fastgen_branches> regions = ggml_fastgen_branch_regions(g, mode == 2);
     regions.erase(std::remove_if(regions.begin(), regions.end(), [](const ggml_fastgen_branches & r) {
         const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(r.op);
-        return !a.beside || a.G*a.T > GGML_FASTGEN_HH_MAX_ROWS; // an eval callback's graph; a prefill ubatch
+        const bool skip = !a.beside || a.G*a.T > GGML_FASTGEN_HH_MAX_ROWS; // an eval callback's graph; a prefill ubatch
+        if (skip && mode == 2) {
+            fprintf(stderr, "%s: %s: one stream (%s)\n", __func__, r.op->name,
+                    a.beside ? "prefill rows" : "eval callback");
+        }
+        return skip;
     }), regions.end());
     if (!regions.empty()) {
         ggml_cuda_set_device(ctx->device); // the events below belong to this device

@@ -365,7 +365,8 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
 
     if (coop) {
         // Every block of the head merges (the launch checked that all blocks fit on the device at
-        // once, so waiting for the others cannot deadlock): each scores its own cells from the logits
+        // once, so waiting for the others cannot deadlock; beside a flash attention on a second stream,
+        // ggml-fastgen-streams.cu, the missing blocks wait for its blocks, which wait for nothing): each scores its own cells from the logits
         // it still holds and writes a share of the output. No block waits for one merging block.
         // One fence, by thread 0 after the barrier, publishes the block's partial results (as cooperative
         // groups' grid sync does): per-thread fences stalled every warp on the writes' round trip.
