@@ -1,10 +1,12 @@
-// Builds (metadata only, nothing computed) three layers' attention as llama-graph-fastgen.cpp does and prints what
-// ggml_fastgen_branch_regions (the CUDA streams' region finder, ggml-fastgen-streams.cu) decides, one JSON
-// object per region: layer 0 mixes a full class with heavy-hitter heads (a region), layer 1 has heavy-hitter
-// heads only (no concat, no region), layer 2 mixes them but its full class reads the heavy-hitter op's output
-// (a dependency: no region), layer 3 mixes them but both classes read K through one view made after the fork
-// (not split: views are nobody's only before the fork). tests/test_branches.py compiles it against ggml-base
-// and checks the output.
+// Builds (metadata only, nothing computed) four layers' attention as llama-graph-fastgen.cpp does and prints the
+// regions ggml_fastgen_branch_regions (ggml-fastgen-branches.h; ggml-fastgen-streams.cu runs them on two CUDA
+// streams) finds, one JSON object per region:
+//   layer 0 mixes a full class with heavy-hitter heads: a region;
+//   layer 1 has heavy-hitter heads only: no concat, no region;
+//   layer 2 mixes them, but the op's first reader is the full class, not a concat: no join, no region;
+//   layer 3 mixes them, but both classes read K through one view made after the fork: not split (views are
+//   nobody's only before the fork; after it a node of branch 1 may not read one of branch 2's).
+// tests/test_branches.py compiles it against ggml-base and checks the output.
 #include "ggml-fastgen.h"
 #include "ggml-fastgen-branches.h"
 
@@ -57,8 +59,9 @@ int main() {
         ggml_tensor * V = ggml_new_tensor_3d(ctx, GGML_TYPE_F16, C, D, nh);
         ggml_tensor * S = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, C, nh);
         ggml_tensor * P = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, C + GGML_FASTGEN_HH_P_PAD, nh);
-        ggml_tensor * hh = named(ggml_fastgen_hh_attn(ctx, heads(ctx, q_cur, nf*G, nh*G), heads(ctx, k_all, nf, nh),
-                heads(ctx, v_cur, nf, nh), idxs, K, V, S, P, qpos, nullptr, 0.125f, 0, 1), "kqv_hh" + l);
+        ggml_tensor * hh = named(ggml_fastgen_hh_attn(ctx, named(heads(ctx, q_cur, nf*G, nh*G), "q_hh" + l),
+                named(heads(ctx, k_all, nf, nh), "k_hh" + l), named(heads(ctx, v_cur, nf, nh), "v_hh" + l),
+                idxs, K, V, S, P, qpos, nullptr, 0.125f, 0, 1), "kqv_hh" + l);
         ggml_tensor * out = nullptr;
         if (nf > 0) { // the full class: K and V rows into its cache, attention over its cells
             ggml_tensor * kc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*nf, N_KV);
@@ -67,7 +70,7 @@ int main() {
             ggml_build_forward_expand(gf, named(ggml_set_rows(ctx, kc, ggml_reshape_2d(ctx, ggml_cont(ctx, k), D*nf, T), k_idx), "k_rows" + l));
             ggml_build_forward_expand(gf, named(ggml_set_rows(ctx, vc, ggml_reshape_2d(ctx, ggml_cont(ctx, v), D*nf, T), v_idx), "v_rows" + l));
             ggml_tensor * q  = ggml_cont(ctx, heads(ctx, q_cur, 0, nf*G));
-            if (il == 2) { // the full class reads the heavy-hitter op: it must not run beside it
+            if (il == 2) { // the full class reads the heavy-hitter op (before any concat): no region
                 q = ggml_add(ctx, q, ggml_reshape_3d(ctx, ggml_view_1d(ctx, hh, D*nf*G*T, 0), D, nf*G, T));
             }
             ggml_tensor * kq = named(ggml_soft_max(ctx, ggml_mul_mat(ctx, ggml_reshape_3d(ctx, kc, D, N_KV, nf), q)), "kq_full" + l);
