@@ -17,25 +17,36 @@ import llama_fastgen
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(cmd: list[str]) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True)
+def _run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         pytest.fail(f"{' '.join(cmd[:2])} ... failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return r.stdout
+    return r
 
 
 @pytest.fixture(scope="module")
-def regions(tmp_path_factory) -> list[dict]:
+def finder(tmp_path_factory):
+    """finder(tokens, beside) -> (the regions found, the finder's debug lines)"""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not cxx:
         pytest.fail("no C++ compiler: the build needs one too (CXX or c++)")
-    tree = Path(_run([sys.executable, str(REPO / "native" / "llama_cpp_tree.py"), "prepare"]).strip().splitlines()[-1])
+    prep = _run([sys.executable, str(REPO / "native" / "llama_cpp_tree.py"), "prepare"])
+    tree = Path(prep.stdout.strip().splitlines()[-1])
     lib = llama_fastgen.lib_dir()
     exe = tmp_path_factory.mktemp("branches") / "branch_regions"
     _run([cxx, "-std=c++17", "-O0", str(REPO / "tests" / "native" / "branch_regions.cpp"),
           f"-I{tree / 'ggml' / 'include'}", f"-I{tree / 'ggml' / 'src'}", f"-I{REPO / 'native' / 'ggml'}",
           f"-I{REPO / 'native' / 'include'}", f"-L{lib}", "-lggml-base", f"-Wl,-rpath,{lib}", "-o", str(exe)])
-    return json.loads(_run([str(exe)]))
+
+    def run(tokens: int, beside: int) -> tuple[list[dict], list[str]]:
+        r = _run([str(exe), str(tokens), str(beside)], env={**os.environ, "DEBUG": "1"})
+        return json.loads(r.stdout), [ln for ln in r.stderr.splitlines() if "ggml_fastgen_branch_regions" in ln]
+    return run
+
+
+@pytest.fixture(scope="module")
+def regions(finder) -> list[dict]:
+    return finder(1, 1)[0]
 
 
 def test_a_mixed_layer_splits_into_the_full_class_and_the_heavy_hitter_op(regions):
@@ -51,3 +62,15 @@ def test_a_mixed_layer_splits_into_the_full_class_and_the_heavy_hitter_op(region
     launched = {name for name, noop in one if not noop}
     assert {"k_rows-0", "v_rows-0", "kq_full-0"} <= launched
     assert not any(name.endswith("_hh-0") for name, _ in one)
+
+
+def test_only_decode_steps_of_graphs_computed_whole_split(finder):
+    # G = 2 query heads per KV head: 16 tokens are 32 rows per head (GGML_FASTGEN_HH_MAX_ROWS, the decode kernel's
+    # bound), 17 tokens run the prefill kernels, which fill the GPU on their own
+    found, _ = finder(16, 1)
+    assert [(r["op"], r["join"]) for r in found] == [("kqv_hh-0", "kqv_out-0")]
+    for tokens, beside, why in ((17, 1, "prefill rows"), (1, 0, "eval callback")):
+        found, debug = finder(tokens, beside)
+        assert found == [], (tokens, beside)
+        # every layer's op is turned away for that reason, before the graph is searched
+        assert len(debug) == 4 and all(f"one stream ({why})" in ln for ln in debug), debug

@@ -1,9 +1,11 @@
 // llama-fastgen: the regions of a graph where a layer's heavy-hitter op can run beside the rest of its
-// attention (ggml-fastgen-streams.cu says why and how). Plain C++ over the graph: no CUDA in here.
+// attention (ggml-fastgen-streams.cu says why and how). Plain C++ over the graph: no CUDA in here, so
+// tests/test_branches.py checks the whole rule on the CPU.
 #pragma once
 
 #include "ggml.h"
 #include "ggml-impl.h"
+#include "ggml-fastgen.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -18,12 +20,10 @@ struct ggml_fastgen_branches {
     std::vector<int>                 branch;        // per node: 1 the rest of the attention, 2 the heavy-hitter op
 };
 
-static inline bool ggml_fastgen_noop(const ggml_tensor * t) { // as ggml-cuda's ggml_cuda_is_view_or_noop
-    return ggml_is_empty(t) || t->op == GGML_OP_RESHAPE || t->op == GGML_OP_TRANSPOSE || t->op == GGML_OP_VIEW ||
-           t->op == GGML_OP_PERMUTE || t->op == GGML_OP_NONE;
-}
-
-// For each heavy-hitter op H: the join is the concat that first reads H; branch 2 is H and the views it
+// For each heavy-hitter op H of a decode step (query rows per head up to GGML_FASTGEN_HH_MAX_ROWS: a latency-bound
+// launch that can hide behind the other branch; a prefill ubatch's kernels fill the GPU on their own) in a graph
+// computed whole (op_params "beside": no eval callback, which could end a part of the graph inside a region):
+// the join is the concat that first reads H; branch 2 is H and the views it
 // reads through; the fork is the last node launching a kernel that H depends on (so everything H reads
 // is computed before it, in stream order); branch 1 is every other node between fork and join, which must
 // launch something and must not read branch 2. Views before the fork (llama.cpp reshapes V once for
@@ -37,6 +37,13 @@ static inline std::vector<ggml_fastgen_branches> ggml_fastgen_branch_regions(con
     for (int h = 0; h < g->n_nodes; ++h) {
         const ggml_tensor * H = g->nodes[h];
         if (H->op != GGML_OP_FASTGEN_HH_ATTN) {
+            continue;
+        }
+        const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(H);
+        if (!a.beside || a.G*a.T > GGML_FASTGEN_HH_MAX_ROWS) {
+            if (debug) {
+                fprintf(stderr, "%s: %s: one stream (%s)\n", __func__, H->name, a.beside ? "prefill rows" : "eval callback");
+            }
             continue;
         }
         int j = -1;

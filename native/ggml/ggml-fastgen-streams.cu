@@ -16,13 +16,14 @@
 // other branch while still being read. Every tensor read or written in the region is kept until the join
 // (add_alloc_dep), so nothing is freed or reused until both branches have joined.
 //
-// Only for the decode kernel (query rows per head up to GGML_FASTGEN_HH_MAX_ROWS): there the op is a
-// latency-bound launch that can hide behind the other branch. Beside a prefill ubatch's kernels, which fill
-// the GPU on their own, pp8192 ran 1-3.5% slower on two streams (session 31, H100).
+// Only for the decode kernel (the finder skips prefill ops): there the op is a latency-bound launch that can
+// hide behind the other branch. Beside a prefill ubatch's kernels, which fill the GPU on their own, pp8192
+// ran 1-3.5% slower on two streams (session 31, H100).
 // LLAMA_FASTGEN_CUDA_STREAMS=0 keeps one stream; =2 also prints per op what the finder decided.
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
 #include "ggml-fastgen-branches.h"
+#include "llama-fastgen-env.h"
 
 #include "ggml-backend-impl.h"
 
@@ -30,7 +31,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <strings.h>
 #include <utility>
 
 void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgraph * g,
@@ -42,29 +42,18 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
         if (!e || !*e) {
             return 1;
         }
-        for (const auto & [word, m] : { std::pair<const char *, int>{ "0", 0 }, { "1", 1 }, { "2", 2 }, { "false", 0 },
-                { "no", 0 }, { "off", 0 }, { "true", 1 }, { "yes", 1 }, { "on", 1 } }) {
-            if (strcasecmp(e, word) == 0) {
-                return m;
-            }
+        const int w = strcmp(e, "2") == 0 ? 2 : llama_fastgen_env_word(e);
+        if (w >= 0) {
+            return w;
         }
-        GGML_LOG_WARN("llama-fastgen: LLAMA_FASTGEN_CUDA_STREAMS=%s is not 0, 1 or 2 (or false/true, no/yes, off/on): "
-                      "two streams in decode, the default\n", e);
+        GGML_LOG_WARN("llama-fastgen: LLAMA_FASTGEN_CUDA_STREAMS=%s is not 2 or " LLAMA_FASTGEN_ENV_WORDS ": two streams "
+                      "in decode, the default\n", e);
         return 1;
     }();
     if (mode == 0 || !use_cuda_graph || !params) {
         return;
     }
-    std::vector<ggml_fastgen_branches> regions = ggml_fastgen_branch_regions(g, mode == 2);
-    regions.erase(std::remove_if(regions.begin(), regions.end(), [](const ggml_fastgen_branches & r) {
-        const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(r.op);
-        const bool skip = !a.beside || a.G*a.T > GGML_FASTGEN_HH_MAX_ROWS; // an eval callback's graph; a prefill ubatch
-        if (skip && mode == 2) {
-            fprintf(stderr, "%s: %s: one stream (%s)\n", __func__, r.op->name,
-                    a.beside ? "prefill rows" : "eval callback");
-        }
-        return skip;
-    }), regions.end());
+    const std::vector<ggml_fastgen_branches> regions = ggml_fastgen_branch_regions(g, mode == 2);
     if (!regions.empty()) {
         ggml_cuda_set_device(ctx->device); // the events below belong to this device
     }

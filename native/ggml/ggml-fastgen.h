@@ -95,6 +95,13 @@ static inline struct ggml_fastgen_hh_args ggml_fastgen_hh_unpack(const struct gg
     return a;
 }
 
+// a node that launches nothing and writes nothing (as ggml-cuda's ggml_cuda_is_view_or_noop): the streams' region
+// finder (ggml-fastgen-branches.h) and ggml-cuda's check of a region's writes (patch 0002) agree on it here
+static inline bool ggml_fastgen_noop(const struct ggml_tensor * t) {
+    return ggml_is_empty(t) || t->op == GGML_OP_RESHAPE || t->op == GGML_OP_TRANSPOSE || t->op == GGML_OP_VIEW ||
+           t->op == GGML_OP_PERMUTE || t->op == GGML_OP_NONE;
+}
+
 // the op: the graph and the store's capability probe (llama-kv-cache-fastgen-hh.cpp) build it alike
 static inline struct ggml_tensor * ggml_fastgen_hh_attn(struct ggml_context * ctx, struct ggml_tensor * q,
         struct ggml_tensor * k_cur, struct ggml_tensor * v_cur, struct ggml_tensor * idxs, struct ggml_tensor * K,

@@ -1,5 +1,7 @@
 #include "llama-fastgen-model.h"
 
+#include "llama-fastgen-env.h"
+
 #include "llama-cparams.h"
 #include "llama-fastgen-policy.h"
 #include "llama-impl.h"
@@ -65,18 +67,14 @@ static uint32_t override_undo_tokens(const llama_model_kv_override & ov) {
 
 bool llama_fastgen_env_flag(const char * name, bool unset) {
     const char * e = std::getenv(name);
-    const std::string v = e ? e : "";
-    if (v.empty()) {
+    if (!e || !*e) {
         return unset;
     }
-    if (v == "0" || v == "false" || v == "no" || v == "off") {
-        return false;
+    const int w = llama_fastgen_env_word(e);
+    if (w < 0) {
+        throw std::runtime_error(format("fastgen: %s=%s: expected " LLAMA_FASTGEN_ENV_WORDS ", or leave it unset", name, e));
     }
-    if (v == "1" || v == "true" || v == "yes" || v == "on") {
-        return true;
-    }
-    throw std::runtime_error(format("fastgen: %s=%s: expected 1/true/yes/on or 0/false/no/off, or leave it unset",
-            name, v.c_str()));
+    return w == 1;
 }
 
 bool llama_fastgen_env_flag_or_unset(const char * name, bool unset) noexcept {

@@ -210,14 +210,14 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_kv_c
         GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F32 && v->type == GGML_TYPE_F32);
         // one op per sequence of the ubatch, on its tokens and its store (a single group: the whole ubatch)
         const int64_t n_g = (int64_t) in.seqs.size(), T_g = T/n_g;
+        // an eval callback (imatrix) has the scheduler compute the graph in parts, which may end between
+        // the op and its layer's concat: then no second stream (ggml-fastgen.h, op_params)
+        const int32_t beside = g.cparams.cb_eval == nullptr;
         ggml_tensor * res = nullptr;
         for (int64_t gr = 0; gr < n_g; ++gr) {
             const auto * sg = cache.hh_store(in.seqs[gr]);
             const auto & lg = sg->get_layer(li);
             ggml_tensor * u = sg->records((uint32_t) T_g) ? lg.u : nullptr; // each token's scores, for a rollback
-            // an eval callback (imatrix) has the scheduler compute the graph in parts, which may end between
-            // the op and its layer's concat: then no second stream (ggml-fastgen.h, op_params)
-            const int32_t beside = g.cparams.cb_eval == nullptr;
             ggml_tensor * out = n_g == 1
                 ? ggml_fastgen_hh_attn(ctx0, q, k, v, in.idxs, lg.k, lg.v, lg.s, lg.p, in.query_pos, u, kq_scale, (int32_t) h0, beside)
                 : ggml_fastgen_hh_attn(ctx0, token_range(ctx0, q, 2, gr*T_g, T_g), token_range(ctx0, k, 2, gr*T_g, T_g),

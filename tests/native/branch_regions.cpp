@@ -6,6 +6,8 @@
 //   layer 2 mixes them, but the op's first reader is the full class, not a concat: no join, no region;
 //   layer 3 mixes them, but both classes read K through one view made after the fork: not split (views are
 //   nobody's only before the fork; after it a node of branch 1 may not read one of branch 2's).
+// Arguments: tokens T (default 1) and beside (default 1: no eval callback); the finder splits decode steps only
+// (G*T query rows per head up to GGML_FASTGEN_HH_MAX_ROWS) of graphs with beside = 1.
 // tests/test_branches.py compiles it against ggml-base and checks the output.
 #include "ggml-fastgen.h"
 #include "ggml-fastgen-branches.h"
@@ -24,8 +26,10 @@ static ggml_tensor * heads(ggml_context * ctx, ggml_tensor * t, int64_t h0, int6
     return ggml_view_3d(ctx, t, t->ne[0], n, t->ne[2], t->nb[1], t->nb[2], h0*t->nb[1]);
 }
 
-int main() {
-    const int64_t D = 64, H = 4, G = 2, T = 1, C = 128, N_KV = 256, n_full = 1, n_hh = H - n_full;
+int main(int argc, char ** argv) {
+    const int64_t T = argc > 1 ? atoi(argv[1]) : 1;
+    const int32_t beside = argc > 2 ? atoi(argv[2]) : 1;
+    const int64_t D = 64, H = 4, G = 2, C = 128, N_KV = 256, n_full = 1, n_hh = H - n_full;
     ggml_init_params ip = { 64u*1024*1024, nullptr, true };
     ggml_context * ctx = ggml_init(ip);
     ggml_cgraph * gf = ggml_new_graph(ctx);
@@ -61,7 +65,7 @@ int main() {
         ggml_tensor * P = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, C + GGML_FASTGEN_HH_P_PAD, nh);
         ggml_tensor * hh = named(ggml_fastgen_hh_attn(ctx, named(heads(ctx, q_cur, nf*G, nh*G), "q_hh" + l),
                 named(heads(ctx, k_all, nf, nh), "k_hh" + l), named(heads(ctx, v_cur, nf, nh), "v_hh" + l),
-                idxs, K, V, S, P, qpos, nullptr, 0.125f, 0, 1), "kqv_hh" + l);
+                idxs, K, V, S, P, qpos, nullptr, 0.125f, 0, beside), "kqv_hh" + l);
         ggml_tensor * out = nullptr;
         if (nf > 0) { // the full class: K and V rows into its cache, attention over its cells
             ggml_tensor * kc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*nf, N_KV);
