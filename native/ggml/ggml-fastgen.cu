@@ -59,17 +59,19 @@ static __device__ __forceinline__ void hh_write_undo(float * U, const float * qp
     }
 }
 
-// DL = D / 32: a cell's 4 lanes hold DL x 8 K elements each; RB query rows per register block
+// DL = D / 32: a cell's 4 lanes hold DL x 8 K elements each; RB query rows per register block.
+// No __restrict__: with programmatic dependent launch (below) the compiler could move a load above the
+// wait for the previous kernel (llama.cpp drops it for the same reason, its PR 24030).
 template <int DL, int RB>
 static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
-        const char * __restrict__ q, const int64_t q_nb1, const int64_t q_nb2,
-        const char * __restrict__ kc, const int64_t kc_nb1, const int64_t kc_nb2,
-        const char * __restrict__ vc, const int64_t vc_nb1, const int64_t vc_nb2,
-        const int64_t * __restrict__ idxs, const int64_t idxs_s1, const int h0,
-        half * __restrict__ K, half * __restrict__ V, float * __restrict__ S, float * __restrict__ P,
-        const float * __restrict__ qpos, float * __restrict__ dst,
-        float * __restrict__ logits, float * __restrict__ part_m, float * __restrict__ part_l, float * __restrict__ part_o,
-        float * __restrict__ U, const int64_t u_s2, const int n_undo,
+        const char * q, const int64_t q_nb1, const int64_t q_nb2,
+        const char * kc, const int64_t kc_nb1, const int64_t kc_nb2,
+        const char * vc, const int64_t vc_nb1, const int64_t vc_nb2,
+        const int64_t * idxs, const int64_t idxs_s1, const int h0,
+        half * K, half * V, float * S, float * P,
+        const float * qpos, float * dst,
+        float * logits, float * part_m, float * part_l, float * part_o,
+        float * U, const int64_t u_s2, const int n_undo,
         const int Dv, const int C, const int T, const int G, const float scale, const bool coop) {
     constexpr int D = DL*WARP_SIZE;
     const int j = blockIdx.x, sp = blockIdx.y, ns = gridDim.y, c0 = sp*HH_CHUNK, n = gridDim.x;
@@ -101,6 +103,14 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     float * Sj = S + (int64_t) j*C;
     float * pm = part_m + ((int64_t) j*ns + sp)*R;
     float * pl = part_l + ((int64_t) j*ns + sp)*R;
+
+    // Programmatic dependent launch, as llama.cpp's own kernels: the next kernel may launch (its blocks
+    // wait in their own sync) once every block of this one runs, and this one's blocks are resident while
+    // the previous kernel finishes; they wait here until its writes are visible. A launch that breaks the
+    // chain costs both neighbours their overlap. (Every block has started before anything launches
+    // behind it, so the merge's wait for the head's other blocks cannot be starved by a later kernel.)
+    ggml_cuda_pdl_lc();
+    ggml_cuda_pdl_sync();
 
     // Decoding is a chain of memory round trips, not bandwidth: the chunk's work takes two (what the
     // cells hold; then their K and V).
@@ -1167,7 +1177,7 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
         ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) n*ns*R);
         ggml_cuda_pool_alloc<float> part_l(ctx.pool(), (size_t) n*ns*R);
         ggml_cuda_pool_alloc<float> part_o(ctx.pool(), (size_t) n*ns*R*Dv);
-        kernel<<<grid, block, smem, ctx.stream()>>>(
+        ggml_cuda_kernel_launch(kernel, ggml_cuda_kernel_launch_params(grid, block, smem, ctx.stream()),
             (const char *) q->data, q->nb[1], q->nb[2], (const char *) kc->data, kc->nb[1], kc->nb[2],
             (const char *) vc->data, vc->nb[1], vc->nb[2], (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), h0,
             (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data,
