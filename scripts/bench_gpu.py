@@ -278,6 +278,8 @@ def speed(args) -> list:
                # diagnostics, only when named in --configs: a mixed layer's two attentions on one stream
                # (ggml-fastgen-streams.cu: two by default in decode), and without CUDA graphs
                ("diag fastgen one-stream", args.model, [], {"LLAMA_FASTGEN_CUDA_STREAMS": "0"}),
+               # hh_attn launched without programmatic dependent launch (the rest of llama.cpp keeps it)
+               ("diag fastgen no-pdl", args.model, [], {"LLAMA_FASTGEN_CUDA_PDL": "0"}),
                ("diag fastgen no-graphs", args.model, [], {"GGML_CUDA_DISABLE_GRAPHS": "1"}),
                ("diag full no-graphs", args.model, [], {"LLAMA_FASTGEN_DISABLE": "1", "GGML_CUDA_DISABLE_GRAPHS": "1"})]
     unknown = set(args.configs or []) - {c[0] for c in configs}

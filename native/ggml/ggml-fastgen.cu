@@ -36,10 +36,12 @@
 // and the ubatch's later tokens are skipped) and load the next tile with cp.async while computing one.
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
+#include "llama-fastgen-env.h"
 
 #include "cp-async.cuh"
 
 #include <map>
+#include <tuple>
 
 #define HH_CHUNK 64 // cells per block: 8 warps x 8 cells x 4 lanes
 static_assert(GGML_FASTGEN_HH_P_PAD >= 3, "hh_attn keeps two counters and hi in a head's position padding");
@@ -1177,13 +1179,26 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
         ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) n*ns*R);
         ggml_cuda_pool_alloc<float> part_l(ctx.pool(), (size_t) n*ns*R);
         ggml_cuda_pool_alloc<float> part_o(ctx.pool(), (size_t) n*ns*R*Dv);
-        ggml_cuda_kernel_launch(kernel, ggml_cuda_kernel_launch_params(grid, block, smem, ctx.stream()),
+        // programmatic dependent launch unless LLAMA_FASTGEN_CUDA_PDL=0 (a diagnostic: bench_gpu.py's
+        // 'diag fastgen no-pdl'); ggml_cuda_kernel_launch also obeys llama.cpp's GGML_CUDA_PDL=0
+        static const bool pdl = [] {
+            const char * e = getenv("LLAMA_FASTGEN_CUDA_PDL");
+            return !e || !*e || llama_fastgen_env_word(e) != 0;
+        }();
+        const auto args = std::make_tuple(
             (const char *) q->data, q->nb[1], q->nb[2], (const char *) kc->data, kc->nb[1], kc->nb[2],
             (const char *) vc->data, vc->nb[1], vc->nb[2], (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), h0,
             (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data,
             (float *) dst->data, logits.get(), part_m.get(), part_l.get(), part_o.get(),
             a.U ? (float *) a.U->data : nullptr, a.U ? a.U->nb[2]/(int64_t) sizeof(float) : 0, a.U ? (int) a.U->ne[2] : 1,
             Dv, C, T, G, scale, coop);
+        std::apply([&](const auto &... x) {
+            if (pdl) {
+                ggml_cuda_kernel_launch(kernel, ggml_cuda_kernel_launch_params(grid, block, smem, ctx.stream()), x...);
+            } else {
+                kernel<<<grid, block, smem, ctx.stream()>>>(x...);
+            }
+        }, args);
     };
 #define HH_CASE(DL) case DL: if (RB == 4) { launch(hh_attn<DL, 4>); } else { launch(hh_attn<DL, 8>); } break
     switch (D / WARP_SIZE) {
