@@ -718,7 +718,7 @@ def test_every_switch_refuses_a_value_it_does_not_know_at_load(name, tiny_model_
     g = gguf_export.convert(tiny_model_dir, tmp_path / "t.gguf", "f32", extra_kv=TINY_BASE)
     code = ("import llama_fastgen, sys\nfrom llama_cpp import Llama\n"
             "try:\n    Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)\nexcept ValueError as e:\n    print(e)\n")
-    for value, refused in (("false", False), ("on", False), ("maybe", True)):
+    for value, refused in (("false", False), ("On", False), ("maybe", True)):  # the words in any case
         r = subprocess.run([sys.executable, "-c", code, str(g)], capture_output=True, text=True, timeout=120,
                            env=dict(os.environ, **{name: value}))
         assert r.returncode == 0, r.stderr[-2000:]

@@ -40,7 +40,7 @@ static inline std::vector<ggml_fastgen_branches> ggml_fastgen_branch_regions(con
             continue;
         }
         const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(H);
-        if (!a.beside || a.G*a.T > GGML_FASTGEN_HH_MAX_ROWS) {
+        if (!a.beside || !ggml_fastgen_hh_decode(&a)) {
             if (debug) {
                 fprintf(stderr, "%s: %s: one stream (%s)\n", __func__, H->name, a.beside ? "prefill rows" : "eval callback");
             }

@@ -400,7 +400,7 @@ static void hh_attn_rows(const ggml_compute_params * params, ggml_tensor * dst) 
 void ggml_compute_forward_fastgen_hh_attn(const ggml_compute_params * params, ggml_tensor * dst) {
     const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(dst);
     // query rows per head; each token's own column sums (U) only the heads path keeps
-    if (a.G*a.T <= GGML_FASTGEN_HH_MAX_ROWS || a.U) {
+    if (ggml_fastgen_hh_decode(&a) || a.U) {
         hh_attn_heads(params, dst);
     } else {
         hh_attn_rows(params, dst);

@@ -27,8 +27,6 @@
 
 #include "ggml-backend-impl.h"
 
-#include <algorithm>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <utility>

@@ -63,7 +63,9 @@ static __device__ __forceinline__ void hh_write_undo(float * U, const float * qp
 
 // DL = D / 32: a cell's 4 lanes hold DL x 8 K elements each; RB query rows per register block.
 // No __restrict__: with programmatic dependent launch (below) the compiler could move a load above the
-// wait for the previous kernel (llama.cpp drops it for the same reason, its PR 24030).
+// wait for the previous kernel. llama.cpp drops it in Hopper builds only (GGML_CUDA_RESTRICT, its PR 24030),
+// on locals: the macro differs between the host and device passes, so on parameters the kernel's two
+// signatures would not match. Here it is dropped for every architecture.
 template <int DL, int RB>
 static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         const char * q, const int64_t q_nb1, const int64_t q_nb2,
@@ -74,7 +76,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         const float * qpos, float * dst,
         float * logits, float * part_m, float * part_l, float * part_o,
         float * U, const int64_t u_s2, const int n_undo,
-        const int Dv, const int C, const int T, const int G, const float scale, const bool coop) {
+        const int Dv, const int C, const int T, const int G, const float scale, const bool coop, const bool pdl) {
     constexpr int D = DL*WARP_SIZE;
     const int j = blockIdx.x, sp = blockIdx.y, ns = gridDim.y, c0 = sp*HH_CHUNK, n = gridDim.x;
     const int R = G*T, RP = (R + RB - 1)/RB*RB;
@@ -111,7 +113,11 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     // the previous kernel finishes; they wait here until its writes are visible. A launch that breaks the
     // chain costs both neighbours their overlap. (Every block has started before anything launches
     // behind it, so the merge's wait for the head's other blocks cannot be starved by a later kernel.)
-    ggml_cuda_pdl_lc();
+    // pdl = 0 (LLAMA_FASTGEN_CUDA_PDL=0): no trigger either, so nothing launches behind this kernel early; the
+    // wait returns at once in a plain launch
+    if (pdl) {
+        ggml_cuda_pdl_lc();
+    }
     ggml_cuda_pdl_sync();
 
     // Decoding is a chain of memory round trips, not bandwidth: the chunk's work takes two (what the
@@ -377,9 +383,11 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
 
     if (coop) {
         // Every block of the head merges (the launch checked that all blocks fit on the device at
-        // once, so waiting for the others cannot deadlock; beside a flash attention on a second stream,
-        // ggml-fastgen-streams.cu, the missing blocks wait for its blocks, which wait for nothing): each scores its own cells from the logits
-        // it still holds and writes a share of the output. No block waits for one merging block.
+        // once, so waiting for the others cannot deadlock. Beside a flash attention on a second stream,
+        // ggml-fastgen-streams.cu, the missing blocks wait for its blocks, which wait only for kernels whose
+        // blocks have all started (programmatic launch: nothing launches behind a kernel before all its
+        // blocks run), so they drain): each scores its own cells from the logits it still holds and writes a
+        // share of the output. No block waits for one merging block.
         // One fence, by thread 0 after the barrier, publishes the block's partial results (as cooperative
         // groups' grid sync does): per-thread fences stalled every warp on the writes' round trip.
         __syncthreads();
@@ -1059,8 +1067,9 @@ bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op) {
     if (!common) {
         return false;
     }
-    const ggml_tensor * U = op->src[GGML_FASTGEN_HH_U];
-    if ((q->ne[1]/n)*q->ne[2] <= GGML_FASTGEN_HH_MAX_ROWS) { // decode kernel: it also keeps each token's scores
+    const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(op);
+    const ggml_tensor * U = a.U;
+    if (ggml_fastgen_hh_decode(&a)) { // decode kernel: it also keeps each token's scores
         return !U || (U->type == GGML_TYPE_F32 && U->ne[0] == K->ne[1] && U->ne[1] == n && U->nb[1] == U->ne[0]*sizeof(float));
     }
     if (U) {
@@ -1154,7 +1163,7 @@ static bool hh_coop_fits(const void * fn, int device, size_t smem, int blocks) {
 void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     GGML_ASSERT(ggml_cuda_fastgen_hh_attn_supported(ctx.device, dst));
     const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(dst);
-    if (a.G*a.T > GGML_FASTGEN_HH_MAX_ROWS) {
+    if (!ggml_fastgen_hh_decode(&a)) {
         hh_prefill(ctx, a, dst);
         return;
     }
@@ -1165,6 +1174,16 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     const int ns = (C + HH_CHUNK - 1)/HH_CHUNK, RB = R <= 4 ? 4 : 8, RP = (R + RB - 1)/RB*RB;
     const float scale = a.scale;
 
+    // programmatic dependent launch unless LLAMA_FASTGEN_CUDA_PDL=0 (a diagnostic: bench_gpu.py's
+    // 'diag fastgen no-pdl'); ggml_cuda_kernel_launch also obeys llama.cpp's GGML_CUDA_PDL=0
+    static const bool pdl = [] {
+        const char * e = getenv("LLAMA_FASTGEN_CUDA_PDL");
+        const int w = e && *e ? llama_fastgen_env_word(e) : 1;
+        if (w < 0) {
+            GGML_LOG_WARN("llama-fastgen: LLAMA_FASTGEN_CUDA_PDL=%s is not " LLAMA_FASTGEN_ENV_WORDS ": on, the default\n", e);
+        }
+        return w != 0;
+    }();
     const dim3 grid(n, ns), block(HH_WARPS*WARP_SIZE);
     // as hh_attn lays it out: queries, weights, the second part's output sums; coop: + the chunk's logits,
     // the chunks' weights
@@ -1179,19 +1198,13 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
         ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) n*ns*R);
         ggml_cuda_pool_alloc<float> part_l(ctx.pool(), (size_t) n*ns*R);
         ggml_cuda_pool_alloc<float> part_o(ctx.pool(), (size_t) n*ns*R*Dv);
-        // programmatic dependent launch unless LLAMA_FASTGEN_CUDA_PDL=0 (a diagnostic: bench_gpu.py's
-        // 'diag fastgen no-pdl'); ggml_cuda_kernel_launch also obeys llama.cpp's GGML_CUDA_PDL=0
-        static const bool pdl = [] {
-            const char * e = getenv("LLAMA_FASTGEN_CUDA_PDL");
-            return !e || !*e || llama_fastgen_env_word(e) != 0;
-        }();
         const auto args = std::make_tuple(
             (const char *) q->data, q->nb[1], q->nb[2], (const char *) kc->data, kc->nb[1], kc->nb[2],
             (const char *) vc->data, vc->nb[1], vc->nb[2], (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), h0,
             (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data,
             (float *) dst->data, logits.get(), part_m.get(), part_l.get(), part_o.get(),
             a.U ? (float *) a.U->data : nullptr, a.U ? a.U->nb[2]/(int64_t) sizeof(float) : 0, a.U ? (int) a.U->ne[2] : 1,
-            Dv, C, T, G, scale, coop);
+            Dv, C, T, G, scale, coop, pdl);
         std::apply([&](const auto &... x) {
             if (pdl) {
                 ggml_cuda_kernel_launch(kernel, ggml_cuda_kernel_launch_params(grid, block, smem, ctx.stream()), x...);

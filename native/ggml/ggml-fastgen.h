@@ -32,7 +32,7 @@
 // F16 for the tensor cores, as llama.cpp's CUDA flash attention does (logits accumulate in F32).
 // op_params: float scale, int32 h0 (this layer's first row in idxs), int32 beside (1: the graph is computed
 // whole, with no eval callback between its nodes, so CUDA may run the op on a second stream beside the rest of
-// its layer's attention: ggml-fastgen-streams.cu). Result: F32 [Dv*G*n, T], heads in q order (kv head j, then group g).
+// its layer's attention: ggml-fastgen-branches.h). Result: F32 [Dv*G*n, T], heads in q order (kv head j, then group g).
 // K, V, S and P are updated in place (they live in the cache's buffers, outside the graph allocator).
 #pragma once
 
@@ -100,6 +100,12 @@ static inline struct ggml_fastgen_hh_args ggml_fastgen_hh_unpack(const struct gg
 static inline bool ggml_fastgen_noop(const struct ggml_tensor * t) {
     return ggml_is_empty(t) || t->op == GGML_OP_RESHAPE || t->op == GGML_OP_TRANSPOSE || t->op == GGML_OP_VIEW ||
            t->op == GGML_OP_PERMUTE || t->op == GGML_OP_NONE;
+}
+
+// a decode step (query rows per head up to GGML_FASTGEN_HH_MAX_ROWS): the decode paths run it (the CPU op's heads
+// path, CUDA's hh_attn), and only such an op may run on a second CUDA stream (ggml-fastgen-branches.h)
+static inline bool ggml_fastgen_hh_decode(const struct ggml_fastgen_hh_args * a) {
+    return a->G*a->T <= GGML_FASTGEN_HH_MAX_ROWS;
 }
 
 // the op: the graph and the store's capability probe (llama-kv-cache-fastgen-hh.cpp) build it alike
