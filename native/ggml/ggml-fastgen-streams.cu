@@ -23,31 +23,17 @@
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
 #include "ggml-fastgen-branches.h"
-#include "llama-fastgen-env.h"
 
 #include "ggml-backend-impl.h"
 
-#include <cstdlib>
-#include <cstring>
 #include <utility>
 
 void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgraph * g,
                                       ggml_backend_graph_optimize_params * params, bool use_cuda_graph) {
     ggml_cuda_stream_context & sc = ctx->stream_context();
     sc.reset();
-    static const int mode = [] { // 0: one stream; 1 (default): two; 2: two, and one line per op on stderr
-        const char * e = getenv("LLAMA_FASTGEN_CUDA_STREAMS");
-        if (!e || !*e) {
-            return 1;
-        }
-        const int w = strcmp(e, "2") == 0 ? 2 : llama_fastgen_env_word(e);
-        if (w >= 0) {
-            return w;
-        }
-        GGML_LOG_WARN("llama-fastgen: LLAMA_FASTGEN_CUDA_STREAMS=%s is not 2 or " LLAMA_FASTGEN_ENV_WORDS ": two streams "
-                      "in decode, the default\n", e);
-        return 1;
-    }();
+    // 0: one stream; 1 (default): two; 2: two, and one line per op on stderr
+    static const int mode = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_STREAMS", 1, true, "two streams in decode");
     if (mode == 0 || !use_cuda_graph || !params) {
         return;
     }

@@ -40,6 +40,7 @@
 
 #include "cp-async.cuh"
 
+#include <cstring>
 #include <map>
 #include <tuple>
 
@@ -1149,6 +1150,23 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
 // Whether the merge may have every block of a head wait for the others: only if all n*ns blocks of the
 // launch are resident at once (else a waiting block could hold the SM a missing one needs).
 #define HH_COOP_MAX_SMEM (48*1024)
+int ggml_cuda_fastgen_env_switch(const char * name, int unset, bool allow_2, const char * unset_means) {
+    const char * e = getenv(name);
+    if (!e || !*e) {
+        return unset;
+    }
+    if (allow_2 && strcmp(e, "2") == 0) {
+        return 2;
+    }
+    const int w = llama_fastgen_env_word(e);
+    if (w < 0) {
+        GGML_LOG_WARN("llama-fastgen: %s=%s is not %s" LLAMA_FASTGEN_ENV_WORDS ": %s, the default\n", name, e,
+                      allow_2 ? "2 or " : "", unset_means);
+        return unset;
+    }
+    return w;
+}
+
 static bool hh_coop_fits(const void * fn, int device, size_t smem, int blocks) {
     thread_local std::map<std::pair<const void *, size_t>, int> per_sm; // occupancy per kernel and shared memory
     auto it = per_sm.find({ fn, smem });
@@ -1176,14 +1194,7 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
 
     // programmatic dependent launch unless LLAMA_FASTGEN_CUDA_PDL=0 (a diagnostic: bench_gpu.py's
     // 'diag fastgen no-pdl'); ggml_cuda_kernel_launch also obeys llama.cpp's GGML_CUDA_PDL=0
-    static const bool pdl = [] {
-        const char * e = getenv("LLAMA_FASTGEN_CUDA_PDL");
-        const int w = e && *e ? llama_fastgen_env_word(e) : 1;
-        if (w < 0) {
-            GGML_LOG_WARN("llama-fastgen: LLAMA_FASTGEN_CUDA_PDL=%s is not " LLAMA_FASTGEN_ENV_WORDS ": on, the default\n", e);
-        }
-        return w != 0;
-    }();
+    static const bool pdl = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_PDL", 1, false, "on") != 0;
     const dim3 grid(n, ns), block(HH_WARPS*WARP_SIZE);
     // as hh_attn lays it out: queries, weights, the second part's output sums; coop: + the chunk's logits,
     // the chunks' weights

@@ -7,6 +7,10 @@
 void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
 bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op);
 
+// the CUDA side's LLAMA_FASTGEN_CUDA_* switches (the words: llama-fastgen-env.h): unset or empty -> `unset`; with
+// allow_2 also "2"; anything else warns, naming what `unset` means, and gives `unset`
+int ggml_cuda_fastgen_env_switch(const char * name, int unset, bool allow_2, const char * unset_means);
+
 // ggml-cuda's graph_optimize when GGML_CUDA_GRAPH_OPT is off: in decode, a layer's full-class attention and its
 // heavy-hitter op on two streams (ggml-fastgen-streams.cu; LLAMA_FASTGEN_CUDA_STREAMS=0: one)
 struct ggml_backend_graph_optimize_params;
