@@ -280,6 +280,8 @@ def speed(args) -> list:
                ("diag fastgen one-stream", args.model, [], {"LLAMA_FASTGEN_CUDA_STREAMS": "0"}),
                # hh_attn launched without programmatic dependent launch (the rest of llama.cpp keeps it)
                ("diag fastgen no-pdl", args.model, [], {"LLAMA_FASTGEN_CUDA_PDL": "0"}),
+               # the classes' flash attention on llama.cpp's own kernel choice (the vector kernel in decode), not MMA
+               ("diag fastgen fa-vec", args.model, [], {"LLAMA_FASTGEN_CUDA_FA_MMA": "0"}),
                ("diag fastgen no-graphs", args.model, [], {"GGML_CUDA_DISABLE_GRAPHS": "1"}),
                ("diag full no-graphs", args.model, [], {"LLAMA_FASTGEN_DISABLE": "1", "GGML_CUDA_DISABLE_GRAPHS": "1"})]
     unknown = set(args.configs or []) - {c[0] for c in configs}

@@ -1167,6 +1167,12 @@ int ggml_cuda_fastgen_env_switch(const char * name, int unset, bool allow_2, con
     return w;
 }
 
+bool ggml_cuda_fastgen_fa_mma(const ggml_tensor * dst) {
+    // =0: llama.cpp's own choice for every attention (a diagnostic: bench_gpu.py's 'diag fastgen fa-vec')
+    static const bool on = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_FA_MMA", 1, false, "on") != 0;
+    return on && ggml_fastgen_fa_marked(dst);
+}
+
 static bool hh_coop_fits(const void * fn, int device, size_t smem, int blocks) {
     thread_local std::map<std::pair<const void *, size_t>, int> per_sm; // occupancy per kernel and shared memory
     auto it = per_sm.find({ fn, smem });

@@ -7,6 +7,10 @@
 void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
 bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op);
 
+// fattn.cu (patch 0002): a decode step of this flash attention runs on the MMA kernel instead of the vector kernel;
+// true for the attentions llama-fastgen marked (ggml-fastgen.h) unless LLAMA_FASTGEN_CUDA_FA_MMA=0
+bool ggml_cuda_fastgen_fa_mma(const ggml_tensor * dst);
+
 // the CUDA side's LLAMA_FASTGEN_CUDA_* switches (the words: llama-fastgen-env.h): unset or empty -> `unset`; with
 // allow_2 also "2"; anything else warns, naming what `unset` means, and gives `unset`
 int ggml_cuda_fastgen_env_switch(const char * name, int unset, bool allow_2, const char * unset_means);

@@ -102,6 +102,22 @@ static inline bool ggml_fastgen_noop(const struct ggml_tensor * t) {
            t->op == GGML_OP_PERMUTE || t->op == GGML_OP_NONE;
 }
 
+// A flash attention that llama-fastgen builds over one class of its cache (llama-graph-fastgen.cpp) carries this mark
+// in its last op_params slot (ggml's own parameters of the op end at slot 4). ggml-cuda then runs its decode step on
+// the MMA kernel, which reads each KV head once for its G query heads, where it would pick the vector kernel, which
+// reads each KV head once per query head and is bound by L2 at long context (patch 0002 in fattn.cu,
+// ggml_cuda_fastgen_fa_mma). The CPU and other backends ignore the mark.
+#define GGML_FASTGEN_FA_MARK_SLOT (GGML_MAX_OP_PARAMS/4 - 1)
+#define GGML_FASTGEN_FA_MARK 0x41464746 // "FGFA"
+
+static inline void ggml_fastgen_fa_mark(struct ggml_tensor * fa) {
+    fa->op_params[GGML_FASTGEN_FA_MARK_SLOT] = GGML_FASTGEN_FA_MARK;
+}
+
+static inline bool ggml_fastgen_fa_marked(const struct ggml_tensor * fa) {
+    return fa->op == GGML_OP_FLASH_ATTN_EXT && fa->op_params[GGML_FASTGEN_FA_MARK_SLOT] == GGML_FASTGEN_FA_MARK;
+}
+
 // a decode step (query rows per head up to GGML_FASTGEN_HH_MAX_ROWS): the decode paths run it (the CPU op's heads
 // path, CUDA's hh_attn), and only such an op may run on a second CUDA stream (ggml-fastgen-branches.h)
 static inline bool ggml_fastgen_hh_decode(const struct ggml_fastgen_hh_args * a) {

@@ -344,6 +344,9 @@ ggml_tensor * llama_fastgen_build_attn(
 
         ggml_tensor * out = g.build_attn_mha(q, mc->get_k(ctx0, il), mc->get_v(ctx0, il), nullptr,
                 inp->cls[c].kq_mask, nullptr, nullptr, 0, kq_scale, il);
+        if (out->op == GGML_OP_RESHAPE && out->src[0]->op == GGML_OP_FLASH_ATTN_EXT) {
+            ggml_fastgen_fa_mark(out->src[0]); // CUDA decode: each KV head read once for its query heads
+        }
         cur = cur ? ggml_concat(ctx0, cur, out, 0) : out;
     }
     g.cb(cur, "kqv_out", il);
