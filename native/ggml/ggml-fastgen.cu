@@ -1170,7 +1170,7 @@ int ggml_cuda_fastgen_env_switch(const char * name, int unset, bool allow_2, con
 bool ggml_cuda_fastgen_fa_mma(const ggml_tensor * dst) {
     // =0: llama.cpp's own choice for every attention (a diagnostic: bench_gpu.py's 'diag fastgen fa-vec')
     static const bool on = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_FA_MMA", 1, false, "on") != 0;
-    return on && ggml_fastgen_fa_marked(dst);
+    return on && ggml_fastgen_fa_marked(dst) && dst->src[1]->ne[1] >= GGML_FASTGEN_FA_MMA_MIN_KV;
 }
 
 static bool hh_coop_fits(const void * fn, int device, size_t smem, int blocks) {
