@@ -1147,9 +1147,6 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
     CUDA_CHECK(cudaGetLastError());
 }
 
-// Whether the merge may have every block of a head wait for the others: only if all n*ns blocks of the
-// launch are resident at once (else a waiting block could hold the SM a missing one needs).
-#define HH_COOP_MAX_SMEM (48*1024)
 int ggml_cuda_fastgen_env_switch(const char * name, int unset, bool allow_2, const char * unset_means) {
     const char * e = getenv(name);
     if (!e || !*e) {
@@ -1173,6 +1170,9 @@ bool ggml_cuda_fastgen_fa_mma(const ggml_tensor * dst) {
     return on && ggml_fastgen_fa_marked(dst) && dst->src[1]->ne[1] >= GGML_FASTGEN_FA_MMA_MIN_KV;
 }
 
+// Whether the merge may have every block of a head wait for the others: only if all n*ns blocks of the
+// launch are resident at once (else a waiting block could hold the SM a missing one needs).
+#define HH_COOP_MAX_SMEM (48*1024)
 static bool hh_coop_fits(const void * fn, int device, size_t smem, int blocks) {
     thread_local std::map<std::pair<const void *, size_t>, int> per_sm; // occupancy per kernel and shared memory
     auto it = per_sm.find({ fn, smem });

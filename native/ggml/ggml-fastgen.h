@@ -109,8 +109,9 @@ static inline bool ggml_fastgen_noop(const struct ggml_tensor * t) {
 // ggml_cuda_fastgen_fa_mma). The CPU and other backends ignore the mark.
 #define GGML_FASTGEN_FA_MARK_SLOT (GGML_MAX_OP_PARAMS/4 - 1)
 #define GGML_FASTGEN_FA_MARK 0x41464746 // "FGFA"
-// KV cells from which the mark takes effect: below, the vector kernel was faster (H100, session 33: the full cache
-// crosses over between 4,096 and 8,192 cells; llama.cpp's own rule for GQA > 4 switches at 8,192 too)
+// KV cells from which the mark takes effect (H100, session 33: the full cache's two kernels cross between 4,096 and
+// 8,192 cells, and at depth 0 the vector kernel was faster for both caches; llama.cpp's own rule for GQA > 4 switches
+// at 8,192 too)
 #define GGML_FASTGEN_FA_MMA_MIN_KV 8192
 
 static inline void ggml_fastgen_fa_mark(struct ggml_tensor * fa) {

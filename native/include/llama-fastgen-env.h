@@ -1,5 +1,5 @@
 // The words llama-fastgen's environment switches take, defined once: libllama (llama-fastgen-model.cpp) and
-// ggml-cuda (ggml_cuda_fastgen_env_switch in ggml-fastgen.cu: LLAMA_FASTGEN_CUDA_STREAMS and _PDL; it
+// ggml-cuda (ggml_cuda_fastgen_env_switch in ggml-fastgen.cu: LLAMA_FASTGEN_CUDA_STREAMS, _PDL and _FA_MMA; it
 // does not link libllama) both parse them here. Header-only C.
 #pragma once
 
