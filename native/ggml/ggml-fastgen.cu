@@ -1164,6 +1164,10 @@ int ggml_cuda_fastgen_env_switch(const char * name, int unset, bool allow_2, con
     return w;
 }
 
+// KV cells from which a marked attention (ggml-fastgen.h) takes the MMA kernel (H100, session 33: the full cache's two
+// kernels cross between 4,096 and 8,192 cells, and at depth 0 the vector kernel was faster for both caches; llama.cpp's
+// own rule for GQA > 4 switches at 8,192 too). Here, not in ggml-fastgen.h, which every ggml-cuda file includes.
+#define GGML_FASTGEN_FA_MMA_MIN_KV 8192
 bool ggml_cuda_fastgen_fa_mma(const ggml_tensor * dst) {
     // =0: llama.cpp's own choice for every attention (a diagnostic: bench_gpu.py's 'diag fastgen fa-vec')
     static const bool on = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_FA_MMA", 1, false, "on") != 0;

@@ -106,13 +106,9 @@ static inline bool ggml_fastgen_noop(const struct ggml_tensor * t) {
 // in its last op_params slot (ggml's own parameters of the op end at slot 4). ggml-cuda then runs its decode step on
 // the MMA kernel, which reads each KV head once for its G query heads, where it would pick the vector kernel, which
 // reads each KV head once per query head and is bound by L2 at long context (patch 0002 in fattn.cu,
-// ggml_cuda_fastgen_fa_mma). The CPU and other backends ignore the mark.
+// ggml_cuda_fastgen_fa_mma, which also holds the KV length it starts at). The CPU and other backends ignore the mark.
 #define GGML_FASTGEN_FA_MARK_SLOT (GGML_MAX_OP_PARAMS/4 - 1)
 #define GGML_FASTGEN_FA_MARK 0x41464746 // "FGFA"
-// KV cells from which the mark takes effect (H100, session 33: the full cache's two kernels cross between 4,096 and
-// 8,192 cells, and at depth 0 the vector kernel was faster for both caches; llama.cpp's own rule for GQA > 4 switches
-// at 8,192 too)
-#define GGML_FASTGEN_FA_MMA_MIN_KV 8192
 
 static inline void ggml_fastgen_fa_mark(struct ggml_tensor * fa) {
     fa->op_params[GGML_FASTGEN_FA_MARK_SLOT] = GGML_FASTGEN_FA_MARK;
