@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-# HF architecture -> what needs permuting beyond q/k/v/o (biases are handled when present).
+# HF architectures whose heads the converter permutes (q/k/v/o, biases when present)
 SUPPORTED = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",   # q_norm/k_norm act per head_dim, shared by heads: unaffected
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",   # q_norm/k_norm act per head_dim, shared by heads: unaffected
 }
 REFUSED = {
     "Gemma2ForCausalLM": "its layers already use a sliding window (iSWA cache); not supported yet",

@@ -36,6 +36,8 @@ if __package__ in (None, ""):  # run as a file (python converter/convert.py): us
 
     sys.exit(_installed_main())
 
+from llama_fastgen.schema import DEFAULT_N_SINK
+
 from . import gguf_export
 
 log = logging.getLogger("llama-fastgen.convert")
@@ -74,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--calibration", type=Path,
                    help="a .txt file or a directory of .txt files (default: the bundled varied set)")
     g.add_argument("--max-tokens", type=int, default=1024, help="tokens per calibration prompt (default 1024)")
-    g.add_argument("--n-sink", type=int, default=4, help="attention sinks kept by compressed heads (default 4)")
+    g.add_argument("--n-sink", type=int, default=DEFAULT_N_SINK,
+                   help=f"attention sinks kept by compressed heads (default {DEFAULT_N_SINK})")
     g.add_argument("--max-window", type=int, default=4096, help="largest local window tried (default 4096)")
     g.add_argument("--ctx", type=int, default=8192,
                    help="context length at which rung costs are compared and the KV budget is spent "

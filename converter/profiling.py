@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from llama_fastgen.schema import class_order
+from llama_fastgen.schema import DEFAULT_N_SINK, class_order
 
 from .architectures import shape
 from .policies import HeadPolicy, Kind, TokenContext, ladder, to_policy
@@ -72,7 +72,7 @@ def token_context(ids: list[int], special: set[int], punct: set[int], n_sink: in
 
 @torch.no_grad()
 def profile(model, prompts: list[tuple[str, list[int]]], special: set[int], punct: set[int], *,
-            n_sink: int = 4, max_window: int = 4096, progress: bool = True) -> ProfileResult:
+            n_sink: int = DEFAULT_N_SINK, max_window: int = 4096, progress: bool = True) -> ProfileResult:
     n_layer, n_head, n_kv, _ = shape(model.config)
     longest = max(len(ids) for _, ids in prompts)
     rungs = ladder(max_window=min(max_window, max(16, longest // 2)), n_sink=n_sink)

@@ -234,11 +234,6 @@ class _Native:
                 "full_bytes": int(lib.llama_fastgen_ctx_full_bytes(ctx)),
                 "kv_bytes_by_buffer": by_buffer}  # where the bytes live (device buffers when split)
 
-    def set_enabled(self, llm_or_model, enabled: bool) -> bool:
-        """Use the fastgen cache (or the full one) for contexts created afterwards from this model."""
-        model = getattr(llm_or_model, "_model", llm_or_model)
-        return bool(self.lib.llama_fastgen_model_set_enabled(self.ffi.cast("void *", model.model), enabled))
-
     def backends(self) -> list[str]:
         load().llama_backend_init()  # registers the backends compiled into ggml
         s = self._str(self.lib.llama_fastgen_backends())

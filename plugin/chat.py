@@ -37,6 +37,7 @@ def reply(llm, messages: list[dict], max_tokens: int, out=sys.stdout) -> str:
 
 def run(model_path: str, prompts: list[str] | None, n_ctx: int, max_tokens: int) -> int:
     from . import native
+    from .schema import KIND_NAMES, Kind
 
     llm = load(model_path, n_ctx)
     st = native.cache_stats(llm)
@@ -44,7 +45,7 @@ def run(model_path: str, prompts: list[str] | None, n_ctx: int, max_tokens: int)
         print(f"KV cache: {st['kv_bytes'] / 2**20:.1f} MiB allocated instead of {st['full_bytes'] / 2**20:.1f} MiB "
               f"({1 - st['kv_bytes'] / st['full_bytes']:.0%} saved) at n_ctx {n_ctx}, "
               f"{len(st['classes'])} head classes")
-        if st["kv_bytes"] >= st["full_bytes"] and any(c["class"] != "full" for c in st["classes"]):
+        if st["kv_bytes"] >= st["full_bytes"] and any(c["class"] != KIND_NAMES[Kind.FULL] for c in st["classes"]):
             print(f"  (at n_ctx {n_ctx} the classes' cells reach the context: this policy saves memory only at a "
                   f"larger --n-ctx)")
     else:

@@ -142,9 +142,10 @@ def of(llm) -> Checkpoints | None:
     ctx = llm._ctx
     if ctx not in _by_ctx:
         from ._lib import native
+        from .schema import KIND_NAMES, Kind
 
         stats = native.cache_stats(llm)
-        compressed = any(c["class"] != "full" for c in stats["classes"])
+        compressed = any(c["class"] != KIND_NAMES[Kind.FULL] for c in stats["classes"])
         n = max_checkpoints()
         _by_ctx[ctx] = Checkpoints(llm, n) if compressed and n > 0 else None
     return _by_ctx[ctx]

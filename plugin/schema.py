@@ -53,13 +53,17 @@ class Kind(IntEnum):
     FREQUENT = _C["KIND_FREQUENT"]                        # sinks + special + window + heavy hitters, `budget` cells per head
 
 
-KIND_NAMES = {Kind.FULL: "full", Kind.SPECIAL: "special", Kind.SPECIAL_PUNCT: "special+punct",
-              Kind.SPECIAL_PUNCT_LOCAL: "special+punct+local", Kind.FREQUENT: "special+frequent"}
+# labels as the native cache prints them (the header's LABEL_<kind>); special+punct+local adds its window,
+# special+frequent its budget and "+local" + window
+KIND_NAMES = {k: _C[f"LABEL_{k.name}"] for k in Kind}
+assert len(KIND_NAMES) == _C["N_KINDS"]
 
 # a frequent class evicts once it holds budget + this many cells; upper bounds for strangers' GGUFs
 FREQUENT_EVICT_BATCH, HH_POS_PAD = _C["FREQUENT_EVICT_BATCH"], _C["HH_POS_PAD"]
 MAX_CLASSES, MAX_N_SINK, MAX_CELLS = _C["MAX_CLASSES"], _C["MAX_N_SINK"], _C["MAX_CELLS"]
 SCHEMA_VERSION = _C["SCHEMA_VERSION"]
+SLICE_PAD = _C["SLICE_PAD"]   # a class slice's cells are a multiple of this
+DEFAULT_N_SINK = 4            # attention sinks a compressed head keeps unless convert.py --n-sink says otherwise
 
 
 @dataclass(frozen=True, order=True)
@@ -84,16 +88,18 @@ class HeadPolicy:
         """Inverse of `label` ('full', 'special+punct+local128', 'special+frequent512+local128', ...)."""
         import re
 
-        m = re.fullmatch(r"special\+frequent(\d+)\+local(\d+)", label)
+        name = {k: re.escape(v) for k, v in KIND_NAMES.items()}
+        m = re.fullmatch(rf"{name[Kind.FREQUENT]}(\d+)\+local(\d+)", label)
         if m:
             return cls(Kind.FREQUENT, int(m.group(2)), int(m.group(1)))
-        m = re.fullmatch(r"special\+punct\+local(\d+)", label)
+        m = re.fullmatch(rf"{name[Kind.SPECIAL_PUNCT_LOCAL]}(\d+)", label)
         if m:
             return cls(Kind.SPECIAL_PUNCT_LOCAL, int(m.group(1)))
-        simple = {"full": cls(Kind.FULL), "special": cls(Kind.SPECIAL, 1), "special+punct": cls(Kind.SPECIAL_PUNCT, 1)}
+        simple = {KIND_NAMES[Kind.FULL]: cls(Kind.FULL), KIND_NAMES[Kind.SPECIAL]: cls(Kind.SPECIAL, 1),
+                  KIND_NAMES[Kind.SPECIAL_PUNCT]: cls(Kind.SPECIAL_PUNCT, 1)}
         if label not in simple:
-            raise MetadataError(f"unknown policy label {label!r}; expected full, special, special+punct, "
-                                f"special+punct+local<W> or special+frequent<B>+local<W>")
+            raise MetadataError(f"unknown policy label {label!r}; expected {', '.join(simple)}, "
+                                f"{KIND_NAMES[Kind.SPECIAL_PUNCT_LOCAL]}<W> or {KIND_NAMES[Kind.FREQUENT]}<B>+local<W>")
         return simple[label]
 
     def cost(self, n_ctx: int, protected_frac: float, n_sink: int) -> float:

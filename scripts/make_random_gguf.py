@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_fastgen.schema import FastgenMetadata, HeadPolicy, Kind, add_to_writer, class_order
+from llama_fastgen.schema import DEFAULT_N_SINK, FastgenMetadata, HeadPolicy, Kind, add_to_writer, class_order
 
 SHAPES = {
     # n_layer, n_embd, n_head, n_head_kv, n_ff
@@ -93,7 +93,7 @@ def main() -> int:
     if a.profile:
         report = json.loads(a.profile.read_text())
         classes, counts = policy_from_report(report, n_layer, n_kv, a.frequent_as_full)
-        meta = FastgenMetadata(threshold=float(report["threshold"]), n_sink=4, classes=classes, layer_class_heads=counts,
+        meta = FastgenMetadata(threshold=float(report["threshold"]), n_sink=DEFAULT_N_SINK, classes=classes, layer_class_heads=counts,
                                head_perm=[list(range(n_kv))] * n_layer, special_token_ids=[], punct_token_ids=[],
                                protected_frac=float(report["protected_frac"]),
                                calibration={"random_weights": True, "profile": str(a.profile)})

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SEEDS = Path(os.environ.get("LLAMA_FASTGEN_SEEDS", REPO / "converter" / "calibration"))
 
 
 @pytest.fixture(scope="session")
@@ -31,13 +30,6 @@ def stock_gguf(model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stock") / "model-f32.gguf"
     convert_stock(model_dir, out, outtype="f32")
     return out
-
-
-@pytest.fixture(scope="session")
-def sample_text() -> str:
-    from llama_fastgen.converter.calibration import load_texts
-
-    return "\n\n".join(t for _, t in load_texts())
 
 
 def _tiny_model(model_dir, out: Path, hidden: int, n_head: int) -> Path:

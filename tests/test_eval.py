@@ -82,7 +82,7 @@ def test_quick_evaluation_runs_end_to_end_with_fair_baselines(tmp_path):
         name = next(c for c, f in fams.items() if f == fam)
         assert abs(mem[name] / fg - 1) <= 0.02, (name, mem[name], fg)
     kl = {q["config"]: q["kl_mean"] for q in res["quality"]}
-    assert kl["full f16"] == 0.0 and kl["full q8_0"] < kl["full q4_0"]
+    assert 0 < kl["full q8_0"] < kl["full q4_0"]
     # Wilson score intervals of 4 trials, written out (z = 1.96): k = 0..4
     wilson4 = {0: (0.0, 0.490), 1: (0.046, 0.699), 2: (0.150, 0.850), 3: (0.301, 0.954), 4: (0.510, 1.0)}
     for x in res["retrieval"]:

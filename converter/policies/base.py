@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from llama_fastgen.schema import DEFAULT_N_SINK
 
 
 @dataclass(frozen=True)
@@ -13,7 +14,7 @@ class TokenContext:
     ids: torch.Tensor          # int64 [T]
     special: torch.Tensor      # bool [T]: BOS/EOS/control tokens
     punct: torch.Tensor        # bool [T]: punctuation tokens
-    n_sink: int = 4
+    n_sink: int = DEFAULT_N_SINK
 
     @property
     def n(self) -> int:

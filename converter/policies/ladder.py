@@ -8,7 +8,7 @@ Windows and budgets are powers of two so that the native cache has few classes.
 """
 from __future__ import annotations
 
-from llama_fastgen.schema import HeadPolicy, Kind, class_problem
+from llama_fastgen.schema import DEFAULT_N_SINK, HeadPolicy, Kind, class_problem
 
 from .frequent import Frequent
 from .full import Full
@@ -36,7 +36,7 @@ def frequent_rung(budget: int) -> HeadPolicy:
     return HeadPolicy(Kind.FREQUENT, max(1, budget // 4), budget)
 
 
-def ladder(max_window: int, min_window: int = 16, frequent: bool = True, n_sink: int = 4) -> list[HeadPolicy]:
+def ladder(max_window: int, min_window: int = 16, frequent: bool = True, n_sink: int = DEFAULT_N_SINK) -> list[HeadPolicy]:
     """Every rung the profiler measures (selection orders them by cost); a frequent rung only where its
     budget leaves room for heavy hitters beside the sinks and its window (schema.class_problem)."""
     rungs = [HeadPolicy(Kind.SPECIAL, 1), HeadPolicy(Kind.SPECIAL_PUNCT, 1)]

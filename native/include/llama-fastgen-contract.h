@@ -40,6 +40,14 @@
 #define LLAMA_FASTGEN_KIND_SPECIAL_PUNCT 2
 #define LLAMA_FASTGEN_KIND_SPECIAL_PUNCT_LOCAL 3
 #define LLAMA_FASTGEN_KIND_FREQUENT 4
+#define LLAMA_FASTGEN_N_KINDS 5
+// each kind's label, as logs, `llama-fastgen inspect` and the converter's reports print it; special+punct+local
+// adds its window ("special+punct+local128"), special+frequent its budget and "+local" + window
+#define LLAMA_FASTGEN_LABEL_FULL "full"
+#define LLAMA_FASTGEN_LABEL_SPECIAL "special"
+#define LLAMA_FASTGEN_LABEL_SPECIAL_PUNCT "special+punct"
+#define LLAMA_FASTGEN_LABEL_SPECIAL_PUNCT_LOCAL "special+punct+local"
+#define LLAMA_FASTGEN_LABEL_FREQUENT "special+frequent"
 // a frequent class evicts when it holds more than budget + this many cells: decoding pays for one
 // score read-back and selection every FREQUENT_EVICT_BATCH tokens, not every token
 #define LLAMA_FASTGEN_FREQUENT_EVICT_BATCH 32

@@ -49,7 +49,7 @@ void llama_fastgen_class_at_context(int32_t kind, int32_t * window, int32_t * bu
 }
 
 int32_t llama_fastgen_class_problem(int32_t kind, int32_t window, int32_t budget, uint32_t n_sink) {
-    if (kind < LLAMA_FASTGEN_KIND_FULL || kind > LLAMA_FASTGEN_KIND_FREQUENT) {
+    if (kind < 0 || kind >= LLAMA_FASTGEN_N_KINDS) {
         return LLAMA_FASTGEN_CLASS_BAD_KIND;
     }
     const int full = kind == LLAMA_FASTGEN_KIND_FULL;

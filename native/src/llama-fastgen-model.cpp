@@ -65,23 +65,23 @@ static uint32_t override_undo_tokens(const llama_model_kv_override & ov) {
             LLAMA_FASTGEN_KEY_UNDO_TOKENS, LLAMA_FASTGEN_MAX_UNDO_TOKENS));
 }
 
-bool llama_fastgen_env_flag(const char * name, bool unset) {
-    const char * e = std::getenv(name);
+bool llama_fastgen_env_flag(const llama_fastgen_switch & sw) {
+    const char * e = std::getenv(sw.name);
     if (!e || !*e) {
-        return unset;
+        return sw.unset;
     }
     const int w = llama_fastgen_env_word(e);
     if (w < 0) {
-        throw std::runtime_error(format("fastgen: %s=%s: expected " LLAMA_FASTGEN_ENV_WORDS ", or leave it unset", name, e));
+        throw std::runtime_error(format("fastgen: %s=%s: expected " LLAMA_FASTGEN_ENV_WORDS ", or leave it unset", sw.name, e));
     }
     return w == 1;
 }
 
-bool llama_fastgen_env_flag_or_unset(const char * name, bool unset) noexcept {
+bool llama_fastgen_env_flag_or_unset(const llama_fastgen_switch & sw) noexcept {
     try {
-        return llama_fastgen_env_flag(name, unset);
+        return llama_fastgen_env_flag(sw);
     } catch (...) {
-        return unset;
+        return sw.unset;
     }
 }
 
@@ -122,13 +122,13 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_load
             }
             policy->enabled = override_enabled(ov);
         }
-        if (llama_fastgen_env_flag("LLAMA_FASTGEN_DISABLE", false)) { // 1: the full cache, for any program
+        if (llama_fastgen_env_flag(LLAMA_FASTGEN_SWITCH_DISABLE)) { // 1: the full cache, for any program
             policy->enabled = false;
         }
         // read where they act (once per process, mid-run); a typo fails the load here instead
-        llama_fastgen_env_flag("LLAMA_FASTGEN_HH_FUSED", true);
-        llama_fastgen_env_flag("LLAMA_FASTGEN_TIMING", false);
-        llama_fastgen_env_flag("LLAMA_FASTGEN_CHECK_MASK", false);
+        for (const auto & sw : { LLAMA_FASTGEN_SWITCH_HH_FUSED, LLAMA_FASTGEN_SWITCH_TIMING, LLAMA_FASTGEN_SWITCH_CHECK_MASK }) {
+            llama_fastgen_env_flag(sw);
+        }
         LLAMA_LOG_INFO("%s: fastgen policy: %zu classes, T = %.2f, %u sinks%s\n", __func__, policy->classes.size(),
                 policy->threshold, policy->n_sink, policy->enabled ? "" : " (disabled: full cache)");
         return policy;

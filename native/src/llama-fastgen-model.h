@@ -21,12 +21,23 @@ void llama_fastgen_adjust_cparams(const llama_model & model, llama_cparams & cpa
 llama_memory_i * llama_fastgen_create_memory(const llama_model & model, const llama_memory_params & params,
                                              const llama_cparams & cparams);
 
-// a LLAMA_FASTGEN_* switch: 1/true/yes/on or 0/false/no/off, `unset` when unset or empty; anything else
-// throws (a typo must run neither path silently); llama_fastgen_load_policy checks every switch
-bool llama_fastgen_env_flag(const char * name, bool unset);
+// the LLAMA_FASTGEN_* switches of the host side, each its name and its value when unset or empty, in one place:
+// llama_fastgen_load_policy checks every one, the code reads each where it acts
+struct llama_fastgen_switch {
+    const char * name;
+    bool         unset;
+};
+inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_DISABLE    = { "LLAMA_FASTGEN_DISABLE",    false };
+inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_HH_FUSED   = { "LLAMA_FASTGEN_HH_FUSED",   true  };
+inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_TIMING     = { "LLAMA_FASTGEN_TIMING",     false };
+inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_CHECK_MASK = { "LLAMA_FASTGEN_CHECK_MASK", false };
+
+// a switch's value: 1/true/yes/on or 0/false/no/off, its `unset` when unset or empty; anything else
+// throws (a typo must run neither path silently)
+bool llama_fastgen_env_flag(const llama_fastgen_switch & sw);
 // the same where nothing may throw (a static initializer, a graph build inside llama_decode): `unset` for a
 // value the load refuses anyway
-bool llama_fastgen_env_flag_or_unset(const char * name, bool unset) noexcept;
+bool llama_fastgen_env_flag_or_unset(const llama_fastgen_switch & sw) noexcept;
 
 // message of the last policy error (empty if none), for llama_fastgen_last_error()
 const std::string & llama_fastgen_last_error_str();

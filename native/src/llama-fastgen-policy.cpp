@@ -7,6 +7,23 @@
 #include <cstring>
 #include <stdexcept>
 
+// the contract header's label of a known kind (indexed by kind), and all of them for messages
+static const char * kind_label(int kind) {
+    static const char * labels[LLAMA_FASTGEN_N_KINDS] = {
+        LLAMA_FASTGEN_LABEL_FULL, LLAMA_FASTGEN_LABEL_SPECIAL, LLAMA_FASTGEN_LABEL_SPECIAL_PUNCT,
+        LLAMA_FASTGEN_LABEL_SPECIAL_PUNCT_LOCAL, LLAMA_FASTGEN_LABEL_FREQUENT };
+    static_assert(LLAMA_FASTGEN_KIND_FREQUENT == LLAMA_FASTGEN_N_KINDS - 1, "a label for every kind, in kind order");
+    return labels[kind];
+}
+
+static std::string kind_labels() {
+    std::string s;
+    for (int k = 0; k < LLAMA_FASTGEN_N_KINDS; ++k) {
+        s += format("%s%d %s", k ? ", " : "", k, kind_label(k));
+    }
+    return s;
+}
+
 static std::vector<int32_t> get_i32_arr(const gguf_context * ctx, const char * key, bool required) {
     const int64_t kid = gguf_find_key(ctx, key);
     if (kid < 0) {
@@ -93,7 +110,7 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
         switch (llama_fastgen_class_problem(kinds[c], windows[c], budgets[c], p->n_sink)) {
             case LLAMA_FASTGEN_CLASS_BAD_KIND:
                 throw std::runtime_error(format("fastgen: fastgen.class.kind[%zu] = %d is not a known class id "
-                        "(0 full, 1 special, 2 special+punct, 3 special+punct+local, 4 frequent)", c, kinds[c]));
+                        "(0 to %d: %s)", c, kinds[c], LLAMA_FASTGEN_N_KINDS - 1, kind_labels().c_str()));
             case LLAMA_FASTGEN_CLASS_BAD_WINDOW:
                 throw std::runtime_error(format("fastgen: fastgen.class.window[%zu] = %d is invalid for class kind %d",
                         c, windows[c], kinds[c]));
@@ -229,11 +246,10 @@ std::vector<bool> llama_fastgen_policy::protected_tokens(int c) const {
 }
 
 std::string llama_fastgen_policy::describe_class(int c) const {
-    static const char * names[] = { "full", "special", "special+punct", "special+punct+local" };
     const auto & cls = classes[c];
     if (cls.kind == LLAMA_FASTGEN_FREQUENT) {
-        return format("special+frequent%d+local%d", cls.budget, cls.window);
+        return format(LLAMA_FASTGEN_LABEL_FREQUENT "%d+local%d", cls.budget, cls.window);
     }
-    return cls.kind == LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL ? format("%s%d", names[cls.kind], cls.window)
-                                                         : std::string(names[cls.kind]);
+    return cls.kind == LLAMA_FASTGEN_SPECIAL_PUNCT_LOCAL ? format("%s%d", kind_label(cls.kind), cls.window)
+                                                         : std::string(kind_label(cls.kind));
 }

@@ -4,7 +4,7 @@
 
 #include <cstdio>
 
-llama_fastgen_timing::llama_fastgen_timing() : on(llama_fastgen_env_flag_or_unset("LLAMA_FASTGEN_TIMING", false)) {}
+llama_fastgen_timing::llama_fastgen_timing() : on(llama_fastgen_env_flag_or_unset(LLAMA_FASTGEN_SWITCH_TIMING)) {}
 
 llama_fastgen_timing::~llama_fastgen_timing() {
     if (!on) {

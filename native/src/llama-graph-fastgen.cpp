@@ -69,7 +69,7 @@ void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
 // passes over every cell: at n_ctx 65,536 it took 190 us per token on the host of an H100 machine, the GPU
 // idle meanwhile, a cost no byte saved by the compressed classes takes off.
 void llm_graph_input_attn_kv_fastgen::set_input_mask(int c, const llama_ubatch * ubatch) {
-    static const bool check = llama_fastgen_env_flag_or_unset("LLAMA_FASTGEN_CHECK_MASK", false);
+    static const bool check = llama_fastgen_env_flag_or_unset(LLAMA_FASTGEN_SWITCH_CHECK_MASK);
     const auto * cache = mctx_fg->get_cache();
     const auto * m     = mctx_fg->get(c);
     ggml_tensor * mask = cls[c].kq_mask;

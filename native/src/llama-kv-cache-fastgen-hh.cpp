@@ -203,7 +203,7 @@ bool llama_fastgen_hh_store::op_supported(ggml_backend_dev_t dev, const layer & 
 }
 
 static bool fused_env_on() {
-    static const bool on = llama_fastgen_env_flag_or_unset("LLAMA_FASTGEN_HH_FUSED", true); // (the load checked it)
+    static const bool on = llama_fastgen_env_flag_or_unset(LLAMA_FASTGEN_SWITCH_HH_FUSED); // (the load checked it)
     return on;
 }
 

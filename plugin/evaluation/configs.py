@@ -11,7 +11,6 @@ from pathlib import Path
 from llama_fastgen import schema
 from llama_fastgen.evaluation.child import in_child
 
-GGML_TYPE = {"f16": 1, "q4_0": 2, "q8_0": 8}
 GPU_LAYERS = 0  # scripts/eval.py --gpu: -1 (all layers and the KV cache on the GPU)
 
 
@@ -26,8 +25,12 @@ class Config:
         kw = {"flash_attn": True, "n_threads": os.cpu_count(), "n_gpu_layers": GPU_LAYERS}
         if not self.fastgen:
             kw["kv_overrides"] = dict(schema.STOCK_CACHE)
-        if self.kv != "f16":
-            kw.update(type_k=GGML_TYPE[self.kv], type_v=GGML_TYPE[self.kv])
+        if self.kv != "f16":   # in the measuring child, where libllama is loaded anyway: ggml's own type ids
+            import llama_fastgen  # noqa: F401  (points llama_cpp at our libllama)
+            import llama_cpp
+
+            t = getattr(llama_cpp, f"GGML_TYPE_{self.kv.upper()}")
+            kw.update(type_k=t, type_v=t)
         return kw
 
 
@@ -42,7 +45,7 @@ def uniform_gguf(model_dir: Path, window: int, protected_frac: float, out: Path,
     tok = AutoTokenizer.from_pretrained(model_dir)
     policy = policy or schema.HeadPolicy(schema.Kind.SPECIAL_PUNCT_LOCAL, window)
     meta = schema.FastgenMetadata(
-        threshold=0.0, n_sink=4, classes=[policy], layer_class_heads=[[n_kv]] * n_layer,
+        threshold=0.0, n_sink=schema.DEFAULT_N_SINK, classes=[policy], layer_class_heads=[[n_kv]] * n_layer,
         head_perm=[list(range(n_kv))] * n_layer, special_token_ids=tokens.special_ids(tok),
         punct_token_ids=tokens.punct_ids(tok) if punct else [],
         protected_frac=protected_frac if punct else 0.0, calibration={"uniform_baseline": policy.label})
@@ -75,9 +78,9 @@ def policy_gguf(model_dir: Path, out: Path, table: list[list], *args: str) -> Pa
     return convert(model_dir, out, "--policies", str(spec), *args)
 
 
-def widest_window(w: int, n_ctx: int, n_ubatch: int, share: float, n_sink: int = 4) -> int:
+def widest_window(w: int, n_ctx: int, n_ubatch: int, share: float, n_sink: int = schema.DEFAULT_N_SINK) -> int:
     """The largest window whose class gets the same cells as window w (capacities are padded to
-    256 cells): a baseline should not pay for cells it leaves unused."""
+    SLICE_PAD cells): a baseline should not pay for cells it leaves unused."""
 
     def cells(x):
         meta = schema.FastgenMetadata(threshold=0, n_sink=n_sink, classes=[schema.HeadPolicy(schema.Kind.SPECIAL_PUNCT_LOCAL, x)],
@@ -115,8 +118,8 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
     rest as fastgen (random-protect); then q8_0, q4_0 and fastgen + q8_0."""
     import random
 
-
     from llama_fastgen.converter.architectures import shape
+    from llama_fastgen.converter.policies.ladder import frequent_rung
     from llama_fastgen.schema import HeadPolicy, Kind
     from transformers import AutoConfig
 
@@ -149,14 +152,14 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
 
     def nbytes(table):
         classes = sorted({p for row in table for p in row})
-        meta = schema.FastgenMetadata(threshold=0, n_sink=4, classes=classes,
+        meta = schema.FastgenMetadata(threshold=0, n_sink=schema.DEFAULT_N_SINK, classes=classes,
                                       layer_class_heads=[[row.count(c) for c in classes] for row in table],
                                       head_perm=[list(range(n_kv))] * n_layer, special_token_ids=[], punct_token_ids=[],
                                       protected_frac=share)
         return sum(schema.kv_bytes(meta, head_dim, n_ctx, n_ubatch))
 
     def uniform_window(full=()):
-        """sinks + window on every head not in `full`; some heads one 256-cell padding step wider
+        """sinks + window on every head not in `full`; some heads one padding step (SLICE_PAD cells) wider
         than the others, so the bytes meet the target closely."""
         def table(w, m=0):
             out, i = [], 0
@@ -166,17 +169,17 @@ def build_configs(model_dir: Path, work: Path, thresholds, n_ctx: int, n_ubatch:
                     if (l, h) in full:
                         row.append(HeadPolicy(Kind.FULL))
                     else:
-                        row.append(HeadPolicy(Kind.SPECIAL_PUNCT_LOCAL, w + (256 if i < m else 0)))
+                        row.append(HeadPolicy(Kind.SPECIAL_PUNCT_LOCAL, w + (schema.SLICE_PAD if i < m else 0)))
                         i += 1
                 row and out.append(row)
             return out
         w = fit_bytes(table, 1, n_ctx, target, nbytes)[1]
-        w = max(1, w - 256) if nbytes(table(w)) > target else w
-        w = widest_window(w, n_ctx, n_ubatch, share)        # w + 256 is then the widest of the next step
+        w = max(1, w - schema.SLICE_PAD) if nbytes(table(w)) > target else w
+        w = widest_window(w, n_ctx, n_ubatch, share)        # w + SLICE_PAD is then the widest of the next step
         return fit_bytes(lambda m: table(w, m), 0, n_layer * n_kv - len(full), target, nbytes)[0]
 
     streaming = uniform_window()
-    h2o, hh_budget = fit_bytes(lambda b: [[HeadPolicy(Kind.FREQUENT, max(1, b // 4), b)] * n_kv for _ in range(n_layer)],
+    h2o, hh_budget = fit_bytes(lambda b: [[frequent_rung(b)] * n_kv for _ in range(n_layer)],
                                64, n_ctx, target, nbytes)
     baselines = [("StreamingLLM", streaming, f"sinks + window {min(p.window for r in streaming for p in r)}-"
                                               f"{max(p.window for r in streaming for p in r)}"),
