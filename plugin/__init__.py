@@ -9,6 +9,7 @@ runs a fastgen GGUF with its compressed cache:
 
 The library itself loads when llama_cpp is first imported, not here (see _lib._AfterLlamaCpp).
 """
+from . import _lib
 from ._lib import LibraryError, exit_if_command, lib_dir, native, prepare
 
 try:
@@ -17,7 +18,7 @@ except LibraryError as e:
     exit_if_command(e)  # our commands say it in one line; a program importing the package gets the exception
     raise
 
-__version__ = "0.1.0"
+__version__ = _lib.installed_version("llama-fastgen")   # pyproject.toml's, as the native library's
 __all__ = ["LibraryError", "lib_dir", "llama_cpp", "native", "__version__"]
 
 

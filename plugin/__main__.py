@@ -54,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.version:
         from . import __version__, native
+        from ._lib import installed_version
 
         print(f"llama-fastgen {__version__} (native {native.version()})")
-        print(f"llama.cpp {native.llama_commit()} (pinned by llama-cpp-python 0.3.36)")
+        print(f"llama.cpp {native.llama_commit()} (pinned by llama-cpp-python {installed_version('llama_cpp_python')})")
         print(f"backends: {', '.join(native.backends())}")
         return 0
     if args.cmd in ("inspect", "chat", "serve") and not os.path.isfile(args.model):
@@ -112,7 +113,7 @@ def serve(model: str, server_args: list[str]) -> int:
         from llama_cpp.server.__main__ import main as server_main
     except ImportError as e:
         print(f"llama-fastgen: error: the server needs llama-cpp-python's server packages ({e.name} is missing); "
-              f"pip install 'llama-fastgen[serve]' (or 'llama-cpp-python[server]==0.3.36')", file=sys.stderr)
+              f"pip install 'llama-fastgen[serve]'", file=sys.stderr)
         return 2
     sys.argv = ["llama-fastgen serve", "--model", model, *server_args]
     try:

@@ -17,6 +17,17 @@ class LibraryError(ImportError):
     """The libllama in use is not the one llama-fastgen built."""
 
 
+def installed_version(dist: str) -> str:
+    """A distribution's version as pip installed it (pyproject.toml's, for llama-fastgen); a tree staged
+    without pip's metadata (the GPU machine's) says so."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (no package metadata)"
+
+
 def lib_dir() -> Path:
     """Directory holding our libllama and its ggml libraries."""
     d = Path(__file__).absolute().parent / "lib"  # not resolve(): a development install links the sources
