@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import llama_fastgen  # noqa: E402  (before llama_cpp: our libllama)
-from llama_fastgen import schema  # noqa: E402
+from llama_fastgen import checkpoints, schema  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 
 from llama_fastgen.evaluation.report import (commit, document_bench_args, document_bench_preamble, held_out_document,  # noqa: E402
@@ -37,8 +37,6 @@ CONFIGS = {"full cache": ({"kv_overrides": dict(schema.STOCK_CACHE)}, None),
 
 
 def one_rep(gguf: str, kw: dict, doc: str, n_ctx: int, answer_tokens: int, questions: list[str]) -> dict:
-    from llama_fastgen import checkpoints
-
     llm = Llama(model_path=gguf, n_ctx=n_ctx, verbose=False, **kw)
     try:
         times = []
@@ -74,9 +72,9 @@ def main() -> int:
     print(f"  {'config':<26} {'question 1':>22} {'later questions':>22}  restored  KV MiB  checkpoints MiB")
     for name, (kw, env) in CONFIGS.items():
         if env is None:
-            os.environ.pop("LLAMA_FASTGEN_CHECKPOINTS", None)
+            os.environ.pop(checkpoints.ENV, None)
         else:
-            os.environ["LLAMA_FASTGEN_CHECKPOINTS"] = env
+            os.environ[checkpoints.ENV] = env
         reps = [one_rep(a.gguf, kw, doc, a.ctx, a.answer_tokens, QUESTIONS) for _ in range(a.reps)]
         row = {"config": name, "first": spread([r["first"] for r in reps]),
                "later": spread([t for r in reps for t in r["later"]]),
@@ -87,7 +85,7 @@ def main() -> int:
         print(f"  {name:<26} {f['median']:7.2f} [{f['min']:.2f}, {f['max']:.2f}]   "
               f"{l['median']:7.2f} [{l['min']:.2f}, {l['max']:.2f}]   {sum(row['restored']):8d}  {row['kv_bytes'] / 2**20:6.1f}  "
               f"{row['checkpoint_bytes'] / 2**20:6.1f}", flush=True)
-    os.environ.pop("LLAMA_FASTGEN_CHECKPOINTS", None)
+    os.environ.pop(checkpoints.ENV, None)
     if a.json:
         write_results(a.json, {"gguf": Path(a.gguf).name, "doc_tokens": a.doc_tokens, "n_ctx": a.ctx, "reps": a.reps,
                                "answer_tokens": a.answer_tokens, "questions": QUESTIONS, "rows": rows}, measured, t_start)

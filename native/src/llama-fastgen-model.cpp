@@ -53,7 +53,7 @@ static bool override_enabled(const llama_model_kv_override & ov) {
         }
         default: break;
     }
-    throw std::runtime_error("fastgen: kv_overrides fastgen.enable must be true/false (a bool, 0/1 or the "
+    throw std::runtime_error("fastgen: kv_overrides " LLAMA_FASTGEN_KEY_ENABLE " must be true/false (a bool, 0/1 or the "
             "string true/false)");
 }
 
@@ -116,8 +116,8 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_load
                 continue;
             }
             if (key != LLAMA_FASTGEN_KEY_ENABLE) { // the policy table is the converter's to write, not an override's
-                throw std::runtime_error(format("fastgen: kv_overrides %s is not supported: only fastgen.enable "
-                        "(true/false) and fastgen.undo_tokens (a number of tokens) can be overridden; re-run "
+                throw std::runtime_error(format("fastgen: kv_overrides %s is not supported: only " LLAMA_FASTGEN_KEY_ENABLE " "
+                        "(true/false) and " LLAMA_FASTGEN_KEY_UNDO_TOKENS " (a number of tokens) can be overridden; re-run "
                         "convert.py --profile to change the policies", key.c_str()));
             }
             policy->enabled = override_enabled(ov);

@@ -58,7 +58,7 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
         // no policy, unless other fastgen keys say one was meant: then refuse rather than run full
         for (int64_t i = 0; i < gguf_get_n_kv(ctx); ++i) {
             if (strncmp(gguf_get_key(ctx, i), LLAMA_FASTGEN_KEY_PREFIX, strlen(LLAMA_FASTGEN_KEY_PREFIX)) == 0) {
-                throw std::runtime_error(format("fastgen: %s is set but fastgen.version is missing; "
+                throw std::runtime_error(format("fastgen: %s is set but " LLAMA_FASTGEN_KEY_VERSION " is missing; "
                         "re-run convert.py --profile", gguf_get_key(ctx, i)));
             }
         }
@@ -68,7 +68,7 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
 
     const uint32_t version = gguf_get_val_u32(ctx, get_scalar_key(ctx, LLAMA_FASTGEN_KEY_VERSION, GGUF_TYPE_UINT32));
     if (version != SCHEMA_VERSION) {
-        throw std::runtime_error(format("fastgen: fastgen.version is %u but this build reads version %u; "
+        throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_VERSION " is %u but this build reads version %u; "
                 "re-run convert.py --profile with this llama-fastgen", version, SCHEMA_VERSION));
     }
     p->threshold      = gguf_get_val_f32(ctx, get_scalar_key(ctx, LLAMA_FASTGEN_KEY_THRESHOLD, GGUF_TYPE_FLOAT32));
@@ -77,25 +77,25 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
     if (const int64_t kid = gguf_find_key(ctx, LLAMA_FASTGEN_KEY_BUDGET_CTX); kid >= 0) { // optional: budgets fixed without it
         p->budget_ctx = gguf_get_val_u32(ctx, get_scalar_key(ctx, LLAMA_FASTGEN_KEY_BUDGET_CTX, GGUF_TYPE_UINT32));
         if (p->budget_ctx < 1 || p->budget_ctx > (uint32_t) MAX_CELLS) {
-            throw std::runtime_error(format("fastgen: fastgen.budget_ctx = %u must be in [1, %d]; re-run convert.py --profile",
+            throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_BUDGET_CTX " = %u must be in [1, %d]; re-run convert.py --profile",
                     p->budget_ctx, MAX_CELLS));
         }
     }
     if (p->n_sink > MAX_N_SINK) {
-        throw std::runtime_error(format("fastgen: fastgen.n_sink = %u exceeds %u", p->n_sink, MAX_N_SINK));
+        throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_N_SINK " = %u exceeds %u", p->n_sink, MAX_N_SINK));
     }
     if (!(p->protected_frac >= 0.0f && p->protected_frac <= 1.0f)) {
-        throw std::runtime_error("fastgen: fastgen.protected_frac must be in [0, 1]");
+        throw std::runtime_error("fastgen: " LLAMA_FASTGEN_KEY_PROTECTED_FRAC " must be in [0, 1]");
     }
 
     const auto kinds   = get_i32_arr(ctx, LLAMA_FASTGEN_KEY_CLASS_KIND, true);
     const auto windows = get_i32_arr(ctx, LLAMA_FASTGEN_KEY_CLASS_WINDOW, true);
     if (kinds.size() > MAX_CLASSES) {
-        throw std::runtime_error(format("fastgen: fastgen.class.kind has %zu classes, at most %u are allowed",
+        throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_CLASS_KIND " has %zu classes, at most %u are allowed",
                 kinds.size(), MAX_CLASSES));
     }
     if (kinds.empty() || kinds.size() != windows.size()) {
-        throw std::runtime_error(format("fastgen: fastgen.class.kind (%zu) and fastgen.class.window (%zu) must "
+        throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_CLASS_KIND " (%zu) and " LLAMA_FASTGEN_KEY_CLASS_WINDOW " (%zu) must "
                 "have the same, non-zero length", kinds.size(), windows.size()));
     }
     auto budgets = get_i32_arr(ctx, LLAMA_FASTGEN_KEY_CLASS_BUDGET, false); // only needed with frequent classes
@@ -103,23 +103,23 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
         budgets.assign(kinds.size(), 0);
     }
     if (budgets.size() != kinds.size()) {
-        throw std::runtime_error(format("fastgen: fastgen.class.budget has %zu entries, fastgen.class.kind %zu",
+        throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_CLASS_BUDGET " has %zu entries, " LLAMA_FASTGEN_KEY_CLASS_KIND " %zu",
                 budgets.size(), kinds.size()));
     }
     for (size_t c = 0; c < kinds.size(); ++c) {
         switch (llama_fastgen_class_problem(kinds[c], windows[c], budgets[c], p->n_sink)) {
             case LLAMA_FASTGEN_CLASS_BAD_KIND:
-                throw std::runtime_error(format("fastgen: fastgen.class.kind[%zu] = %d is not a known class id "
+                throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_CLASS_KIND "[%zu] = %d is not a known class id "
                         "(0 to %d: %s)", c, kinds[c], LLAMA_FASTGEN_N_KINDS - 1, kind_labels().c_str()));
             case LLAMA_FASTGEN_CLASS_BAD_WINDOW:
-                throw std::runtime_error(format("fastgen: fastgen.class.window[%zu] = %d is invalid for class kind %d",
+                throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_CLASS_WINDOW "[%zu] = %d is invalid for class kind %d",
                         c, windows[c], kinds[c]));
             case LLAMA_FASTGEN_CLASS_BAD_BUDGET:
-                throw std::runtime_error(format("fastgen: fastgen.class.budget[%zu] = %d must exceed n_sink + window = %d "
+                throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_CLASS_BUDGET "[%zu] = %d must exceed n_sink + window = %d "
                         "and be at most %d for a frequent class; re-run convert.py --profile", c, budgets[c],
                         (int) p->n_sink + windows[c], MAX_CELLS));
             case LLAMA_FASTGEN_CLASS_STRAY_BUDGET:
-                throw std::runtime_error(format("fastgen: fastgen.class.budget[%zu] = %d is set for class kind %d, "
+                throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_CLASS_BUDGET "[%zu] = %d is set for class kind %d, "
                         "only frequent classes have a budget", c, budgets[c], kinds[c]));
             default:
                 break;
@@ -130,7 +130,7 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
     const size_t n_class = p->classes.size();
     const auto lch = get_i32_arr(ctx, LLAMA_FASTGEN_KEY_LAYER_CLASS_HEADS, true);
     if (lch.size() != hparams.n_layer() * n_class) {
-        throw std::runtime_error(format("fastgen: fastgen.layer_class_heads has %zu entries, expected "
+        throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_LAYER_CLASS_HEADS " has %zu entries, expected "
                 "n_layer * n_class = %u * %zu", lch.size(), hparams.n_layer(), n_class));
     }
     for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
@@ -138,13 +138,13 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
         int64_t sum = 0; // each count is at most n_head_kv, so the sum cannot wrap
         for (size_t c = 0; c < row.size(); ++c) {
             if (row[c] < 0 || (uint32_t) row[c] > hparams.n_head_kv(il)) {
-                throw std::runtime_error(format("fastgen: fastgen.layer_class_heads gives layer %u class %zu %d KV heads, "
+                throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_LAYER_CLASS_HEADS " gives layer %u class %zu %d KV heads, "
                         "the model has %u", il, c, row[c], hparams.n_head_kv(il)));
             }
             sum += row[c];
         }
         if (sum != (int64_t) hparams.n_head_kv(il)) {
-            throw std::runtime_error(format("fastgen: fastgen.layer_class_heads gives layer %u %lld KV heads, the "
+            throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_LAYER_CLASS_HEADS " gives layer %u %lld KV heads, the "
                     "model has %u: the metadata does not belong to this model", il, (long long) sum, hparams.n_head_kv(il)));
         }
         p->layer_class_heads.push_back(std::move(row));
@@ -160,21 +160,21 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_policy::load(
         for (uint32_t h = 0; h < n; ++h, ++at) {
             const int32_t v = at < perm.size() ? perm[at] : -1;
             if (at >= perm.size()) {
-                throw std::runtime_error(format("fastgen: fastgen.head_perm has %zu entries, fewer than the model's KV "
+                throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_HEAD_PERM " has %zu entries, fewer than the model's KV "
                         "heads; re-run convert.py --profile", perm.size()));
             }
             if (v < 0 || (uint32_t) v >= n || seen[v]) {
-                throw std::runtime_error(format("fastgen: fastgen.head_perm of layer %u is not a permutation of its %u KV "
+                throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_HEAD_PERM " of layer %u is not a permutation of its %u KV "
                         "heads (entry %u is %d); re-run convert.py --profile", il, n, h, v));
             }
             seen[v] = true;
         }
     }
     if (at != perm.size()) {
-        throw std::runtime_error(format("fastgen: fastgen.head_perm has %zu entries, the model %zu KV heads", perm.size(), at));
+        throw std::runtime_error(format("fastgen: " LLAMA_FASTGEN_KEY_HEAD_PERM " has %zu entries, the model %zu KV heads", perm.size(), at));
     }
     if (const int64_t kid = gguf_find_key(ctx, LLAMA_FASTGEN_KEY_CALIBRATION); kid >= 0 && gguf_get_kv_type(ctx, kid) != GGUF_TYPE_STRING) {
-        throw std::runtime_error(format("fastgen: key fastgen.calibration has type %s, expected %s",
+        throw std::runtime_error(format("fastgen: key " LLAMA_FASTGEN_KEY_CALIBRATION " has type %s, expected %s",
                 gguf_type_name(gguf_get_kv_type(ctx, kid)), gguf_type_name(GGUF_TYPE_STRING)));
     }
 
