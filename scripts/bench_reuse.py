@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 import llama_fastgen  # noqa: E402  (before llama_cpp: our libllama)
-from llama_fastgen import checkpoints, schema  # noqa: E402
+from llama_fastgen import schema  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
+
+from llama_fastgen import checkpoints  # noqa: E402  (numpy: after libllama, as the CUDA build needs)
 
 from llama_fastgen.evaluation.report import (commit, document_bench_args, document_bench_preamble, held_out_document,  # noqa: E402
                                              spread, write_results)

@@ -174,7 +174,7 @@ def test_python_reads_the_contract_and_declarations_the_native_code_is_compiled_
     for p in (schema.HeadPolicy(schema.Kind.FULL), schema.HeadPolicy(schema.Kind.SPECIAL, 1),
               schema.HeadPolicy(schema.Kind.SPECIAL_PUNCT, 1), schema.HeadPolicy(schema.Kind.SPECIAL_PUNCT_LOCAL, 128),
               schema.HeadPolicy(schema.Kind.FREQUENT, 128, 512)):
-        assert schema.HeadPolicy.from_label(p.label) == p and p.label.startswith(c[f"LABEL_{p.kind.name}"])
+        assert schema.HeadPolicy.from_label(p.label) == p
     assert schema.KEYS and all(v.startswith(c["KEY_PREFIX"]) for v in schema.KEYS.values())
     meta = schema.FastgenMetadata(threshold=0.9, n_sink=4, classes=[schema.HeadPolicy(schema.Kind.FULL)],
                                   layer_class_heads=[[1]], head_perm=[[0]], special_token_ids=[1], punct_token_ids=[2],

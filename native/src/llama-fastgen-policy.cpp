@@ -9,10 +9,10 @@
 
 // the contract header's label of a known kind (indexed by kind), and all of them for messages
 static const char * kind_label(int kind) {
-    static const char * labels[LLAMA_FASTGEN_N_KINDS] = {
+    static const char * const labels[] = {
         LLAMA_FASTGEN_LABEL_FULL, LLAMA_FASTGEN_LABEL_SPECIAL, LLAMA_FASTGEN_LABEL_SPECIAL_PUNCT,
         LLAMA_FASTGEN_LABEL_SPECIAL_PUNCT_LOCAL, LLAMA_FASTGEN_LABEL_FREQUENT };
-    static_assert(LLAMA_FASTGEN_KIND_FREQUENT == LLAMA_FASTGEN_N_KINDS - 1, "a label for every kind, in kind order");
+    static_assert(sizeof labels / sizeof labels[0] == LLAMA_FASTGEN_N_KINDS, "a label for every kind, in kind order");
     return labels[kind];
 }
 

@@ -37,7 +37,7 @@ llama_fastgen_hh_store::llama_fastgen_hh_store(const llama_model & model, const 
             continue;
         }
         if (c_last >= 0 && c != c_last + 1) {
-            throw std::runtime_error("fastgen: frequent classes must be consecutive in fastgen.class.kind "
+            throw std::runtime_error("fastgen: frequent classes must be consecutive in " LLAMA_FASTGEN_KEY_CLASS_KIND " "
                     "(their heads share one store); re-run convert.py --profile");
         }
         c_first = c_first < 0 ? c : c_first;

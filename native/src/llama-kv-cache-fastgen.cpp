@@ -87,7 +87,7 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
         if (!why.empty()) {
             throw std::runtime_error(format("fastgen: heavy-hitter heads serve several sequences (n_seq_max = %u) only "
                     "through the fused op, and %s: create the context with n_seq_max = 1, or disable fastgen "
-                    "(kv_overrides fastgen.enable=false)", n_seq_max, why.c_str()));
+                    "(kv_overrides " LLAMA_FASTGEN_KEY_ENABLE "=false)", n_seq_max, why.c_str()));
         }
         size_t other = 0;
         for (size_t c = 0; c < slices.size(); ++c) {
@@ -97,7 +97,7 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
         if (need > bytes_full) {
             throw std::runtime_error(format("fastgen: %u sequences with a heavy-hitter store each take %.1f MiB, more than "
                     "the full cache (%.1f MiB): use fewer sequences (n_seq_max), a GGUF without heavy-hitter heads, or "
-                    "disable fastgen (kv_overrides fastgen.enable=false)", n_seq_max, need/1048576.0, bytes_full/1048576.0));
+                    "disable fastgen (kv_overrides " LLAMA_FASTGEN_KEY_ENABLE "=false)", n_seq_max, need/1048576.0, bytes_full/1048576.0));
         }
         while (hh.size() < n_seq_max) {
             hh.add(std::make_unique<llama_fastgen_hh_store>(model, *policy, type_k, type_v, offload, kv_size, n_ubatch));

@@ -26,8 +26,7 @@ class Config:
         if not self.fastgen:
             kw["kv_overrides"] = dict(schema.STOCK_CACHE)
         if self.kv != "f16":   # in the measuring child, where libllama is loaded anyway: ggml's own type ids
-            import llama_fastgen  # noqa: F401  (points llama_cpp at our libllama)
-            import llama_cpp
+            import llama_cpp   # on our libllama: this module imported llama_fastgen
 
             t = getattr(llama_cpp, f"GGML_TYPE_{self.kv.upper()}")
             kw.update(type_k=t, type_v=t)
