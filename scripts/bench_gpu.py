@@ -80,14 +80,16 @@ def correctness(args) -> dict:
     """Positions compared: from 600 (past every window of the policy mix) in ubatches of --batch
     (default 64: many small blocks, the prefill kernels split the cells; 2048: the (row tile, head)
     blocks fill the GPU, no split); the last 400, decoded one token at a time after a prefill, in
-    decode mode (skipped with --no-decode); and a young cache, the first 300 tokens decoded one at a time from
-    position 1 (the decode kernel's one-chunk path while at most 64 cells are used, then a few chunks)."""
+    decode mode; and a young cache, the first 300 tokens decoded one at a time from
+    position 1 (the decode kernel's one-chunk path while at most 64 cells are used, then a few chunks). --modes picks
+    some of the three (ubatch, decode, young)."""
     res = {}
     n, b = args.n_tokens, args.batch
     for small in args.small:
         name = os.path.basename(small)
-        modes = ((f"ubatch{b}", n, None, 600), ("decode", n, n - 400, n - 400), ("young decode", min(n, 300), 1, 1))
-        for mode, nt, dec, s in modes[:3 if args.decode else 1]:
+        modes = {"ubatch": (f"ubatch{b}", n, None, 600), "decode": ("decode", n, n - 400, n - 400),
+                 "young": ("young decode", min(n, 300), 1, 1)}
+        for mode, nt, dec, s in (modes[m] for m in args.modes):
             for fg in (True, False):
                 cpu = run_child(small, nt, False, fg, "/tmp/cpu.npy", dec, batch=b)
                 gpu = run_child(small, nt, True, fg, "/tmp/gpu.npy", dec, batch=b)
@@ -95,6 +97,9 @@ def correctness(args) -> dict:
                 if fg:
                     composed = run_child(small, nt, True, True, "/tmp/gpu0.npy", dec, {"LLAMA_FASTGEN_HH_FUSED": "0"}, batch=b)
                     res[f"{name} {mode} fastgen CUDA composed vs fused"] = compare(composed, gpu, s)
+                    for kv in args.also_env: # CUDA with a switch set against CUDA as shipped
+                        other = run_child(small, nt, True, True, "/tmp/gpu1.npy", dec, dict([kv.split("=", 1)]), batch=b)
+                        res[f"{name} {mode} fastgen CUDA {kv} vs default"] = compare(other, gpu, s)
     print("CPU vs CUDA (random-weight small models, %d tokens)" % n)
     for k, v in res.items():
         print(f"  {k:52s} top-1 {v['top1_agreement']:.4f}  max|diff| {v['max_abs']:.4f}  mean|diff| {v['mean_abs']:.5f}  max rel {v['max_rel']:.2e}", flush=True)
@@ -282,6 +287,8 @@ def speed(args) -> list:
                ("diag fastgen no-pdl", args.model, [], {"LLAMA_FASTGEN_CUDA_PDL": "0"}),
                # the classes' flash attention on llama.cpp's own kernel choice (the vector kernel in decode), not MMA
                ("diag fastgen fa-vec", args.model, [], {"LLAMA_FASTGEN_CUDA_FA_MMA": "0"}),
+               # a mixed layer's K and V rows in two launches and its concat launched (ggml-fastgen-fuse.cu: neither)
+               ("diag fastgen no-fuse", args.model, [], {"LLAMA_FASTGEN_CUDA_FUSE": "0"}),
                ("diag fastgen no-graphs", args.model, [], {"GGML_CUDA_DISABLE_GRAPHS": "1"}),
                ("diag full no-graphs", args.model, [], {"LLAMA_FASTGEN_DISABLE": "1", "GGML_CUDA_DISABLE_GRAPHS": "1"})]
     unknown = set(args.configs or []) - {c[0] for c in configs}
@@ -385,7 +392,10 @@ def main() -> int:
     ap.add_argument("--n-seq", type=int, default=3)
     ap.add_argument("--ubatch", type=int, default=48)
     ap.add_argument("--batch", type=int, default=64, help="correctness: ubatch size of the prefill comparison")
-    ap.add_argument("--no-decode", dest="decode", action="store_false", help="correctness: the prefill comparison only")
+    ap.add_argument("--also-env", nargs="+", default=[], metavar="VAR=VALUE",
+                    help="correctness: also compare fastgen on CUDA with each of these set against CUDA as shipped")
+    ap.add_argument("--modes", nargs="+", choices=["ubatch", "decode", "young"], default=["ubatch", "decode", "young"],
+                    help="correctness: which comparisons (default all three; 'ubatch' alone is the prefill comparison)")
     ap.add_argument("--unified", action="store_true")
     ap.add_argument("--no-prefill", dest="prefill", action="store_false", help="speed: decode only")
     ap.add_argument("--configs", nargs="+", help="speed: only these configs (names as printed)")

@@ -26,7 +26,7 @@ def _run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def finder(tmp_path_factory):
-    """finder(tokens, beside) -> (the regions found, the finder's debug lines)"""
+    """finder(tokens, beside) -> (the regions found, the finder's debug lines, the marked rows and their pairs)"""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not cxx:
         pytest.fail("no C++ compiler: the build needs one too (CXX or c++)")
@@ -38,9 +38,10 @@ def finder(tmp_path_factory):
           f"-I{tree / 'ggml' / 'include'}", f"-I{tree / 'ggml' / 'src'}", f"-I{REPO / 'native' / 'ggml'}",
           f"-I{REPO / 'native' / 'include'}", f"-L{lib}", "-lggml-base", f"-Wl,-rpath,{lib}", "-o", str(exe)])
 
-    def run(tokens: int, beside: int) -> tuple[list[dict], list[str]]:
+    def run(tokens: int, beside: int) -> tuple[list[dict], list[str], list[list[str]]]:
         r = _run([str(exe), str(tokens), str(beside)], env={**os.environ, "DEBUG": "1"})
-        return json.loads(r.stdout), [ln for ln in r.stderr.splitlines() if "ggml_fastgen_branch_regions" in ln]
+        out = json.loads(r.stdout)
+        return out["regions"], [ln for ln in r.stderr.splitlines() if "ggml_fastgen_branch_regions" in ln], out["rows_pairs"]
     return run
 
 
@@ -50,9 +51,10 @@ def regions(finder) -> list[dict]:
 
 
 def test_a_mixed_layer_splits_into_the_full_class_and_the_heavy_hitter_op(regions):
-    # layer 0 only: layer 1 has no full class, layer 2's first reader of the op is no concat, and in layer 3 the full
+    # layers 0 and 4: layer 1 has no full class, layer 2's first reader of the op is no concat, and in layer 3 the full
     # class reads a view that the op reads too, made after the fork
-    assert [(r["op"], r["fork"], r["join"]) for r in regions] == [("kqv_hh-0", "Kcur-0", "kqv_out-0")]
+    assert [(r["op"], r["fork"], r["join"]) for r in regions] == [("kqv_hh-0", "Kcur-0", "kqv_out-0"),
+                                                                  ("kqv_hh-4", "Kcur-4", "kqv_out-4")]
     nodes = regions[0]["nodes"]
     two = [(name, noop) for name, branch, noop in nodes if branch == 2]
     one = [(name, noop) for name, branch, noop in nodes if branch == 1]
@@ -67,10 +69,25 @@ def test_a_mixed_layer_splits_into_the_full_class_and_the_heavy_hitter_op(region
 def test_only_decode_steps_of_graphs_computed_whole_split(finder):
     # G = 2 query heads per KV head: 16 tokens are 32 rows per head (GGML_FASTGEN_HH_MAX_ROWS, the decode kernel's
     # bound), 17 tokens run the prefill kernels, which fill the GPU on their own
-    found, _ = finder(16, 1)
-    assert [(r["op"], r["join"]) for r in found] == [("kqv_hh-0", "kqv_out-0")]
+    found, _, _ = finder(16, 1)
+    assert [(r["op"], r["join"]) for r in found] == [("kqv_hh-0", "kqv_out-0"), ("kqv_hh-4", "kqv_out-4")]
     for tokens, beside, why in ((17, 1, "prefill rows"), (1, 0, "eval callback")):
-        found, debug = finder(tokens, beside)
+        found, debug, _ = finder(tokens, beside)
         assert found == [], (tokens, beside)
         # every layer's op is turned away for that reason, before the graph is searched
-        assert len(debug) == 4 and all(f"one stream ({why})" in ln for ln in debug), debug
+        assert len(debug) == 5 and all(f"one stream ({why})" in ln for ln in debug), debug
+
+
+def test_a_one_token_join_of_a_flash_attention_and_the_op_is_written_in_place(finder, regions):
+    # layer 4 (a marked flash attention): CUDA points both parts into the concat's buffer and launches no concat
+    # (ggml-fastgen-fuse.cu); layer 0's full class is no flash attention; with 16 tokens the parts' rows interleave
+    assert [(r["op"], r["in_place"]) for r in regions] == [("kqv_hh-0", 0), ("kqv_hh-4", 1)]
+    found, _, _ = finder(16, 1)
+    assert [(r["op"], r["in_place"]) for r in found] == [("kqv_hh-0", 0), ("kqv_hh-4", 0)]
+
+
+def test_a_class_s_k_rows_pair_with_its_v_rows_across_views_only(finder):
+    # the marked K rows of layer 4 pair with its V rows (views between), the V rows with nothing after them (the next
+    # node that launches is the flash attention); layer 0's rows are not marked
+    _, _, pairs = finder(1, 1)
+    assert pairs == [["k_rows-4", "v_rows-4"], ["v_rows-4", ""]]

@@ -105,3 +105,56 @@ static inline std::vector<ggml_fastgen_branches> ggml_fastgen_branch_regions(con
     }
     return out;
 }
+
+// The node of a class's V rows that a class's K rows at node i pair with (both marked ROWS, ggml-fastgen.h), or -1:
+// the next node that launches anything, with only views between (llama-graph-fastgen.cpp builds them one after the
+// other), so one launch may write both where the K rows stand.
+static inline int ggml_fastgen_rows_pair(const ggml_cgraph * g, int i) {
+    if (!ggml_fastgen_marked(g->nodes[i], GGML_OP_SET_ROWS, GGML_FASTGEN_MARK_ROWS)) {
+        return -1;
+    }
+    for (int m = i + 1; m < g->n_nodes; ++m) {
+        const ggml_tensor * t = g->nodes[m];
+        if (!ggml_fastgen_noop(t)) {
+            return ggml_fastgen_marked(t, GGML_OP_SET_ROWS, GGML_FASTGEN_MARK_ROWS) ? m : -1;
+        }
+    }
+    return -1;
+}
+
+// Whether a region's join can be left out (ggml-fastgen-fuse.cu): a one-token concat along rows of exactly two parts,
+// the heavy-hitter op and the reshape of a class's flash attention (marked FA), each F32, contiguous and read by
+// nothing else, so the two can write their rows straight into the concat's buffer. The allocator keeps every tensor
+// of the region alive until the join (ggml-fastgen-streams.cu), so that buffer overlaps nothing either branch reads.
+static inline bool ggml_fastgen_join_in_place(const ggml_cgraph * g, const ggml_fastgen_branches & r) {
+    const ggml_tensor * J = g->nodes[r.join];
+    if (J->op != GGML_OP_CONCAT || ggml_get_op_params_i32(J, 0) != 0 || J->type != GGML_TYPE_F32 || !ggml_is_contiguous(J) ||
+            J->ne[1] != 1 || J->ne[2] != 1 || J->ne[3] != 1) {
+        return false;
+    }
+    const ggml_tensor * H = r.op;
+    const ggml_tensor * F = J->src[0] == H ? J->src[1] : J->src[0]; // the flash attention's reshape
+    if ((J->src[0] != H && J->src[1] != H) || F == H || F->op != GGML_OP_RESHAPE ||
+            !ggml_fastgen_marked(F->src[0], GGML_OP_FLASH_ATTN_EXT, GGML_FASTGEN_MARK_FA)) {
+        return false;
+    }
+    const ggml_tensor * FA = F->src[0];
+    for (const ggml_tensor * t : { H, F, FA }) {
+        if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t)) {
+            return false;
+        }
+    }
+    for (int k = 0; k < g->n_nodes; ++k) { // read by nothing else
+        const ggml_tensor * t = g->nodes[k];
+        if (t != F && t->view_src == FA) {
+            return false;
+        }
+        for (int s = 0; s < GGML_MAX_SRC; ++s) {
+            const ggml_tensor * src = t->src[s];
+            if ((t != J && (src == H || src == F)) || (t != F && src == FA)) {
+                return false;
+            }
+        }
+    }
+    return true;
+}

@@ -19,7 +19,8 @@
 // Only for the decode kernel (the finder skips prefill ops): there the op is a latency-bound launch that can
 // hide behind the other branch. Beside a prefill ubatch's kernels, which fill the GPU on their own, pp8192
 // ran 1-3.5% slower on two streams (session 31, H100).
-// LLAMA_FASTGEN_CUDA_STREAMS=0 keeps one stream; =2 also prints per op what the finder decided.
+// LLAMA_FASTGEN_CUDA_STREAMS=0 keeps one stream; =2 also prints per op what the finder decided, and per graph how many
+// joins ggml-fastgen-fuse.cu leaves out.
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
 #include "ggml-fastgen-branches.h"
@@ -41,6 +42,7 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
     if (!regions.empty()) {
         ggml_cuda_set_device(ctx->device); // the events below belong to this device
     }
+    int n_in_place = 0;
     for (const ggml_fastgen_branches & r : regions) {
         ggml_tensor * join = g->nodes[r.join];
         ggml_cuda_concurrent_event ev(2);
@@ -56,7 +58,14 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
                 }
             }
         }
+        if (ggml_fastgen_join_in_place(g, r)) { // its parts written into its buffer (ggml-fastgen-fuse.cu)
+            ggml_fastgen_mark(join, GGML_FASTGEN_MARK_JOIN);
+            n_in_place++;
+        }
         sc.concurrent_events.emplace(g->nodes[r.fork], std::move(ev));
     }
     GGML_LOG_DEBUG("%s: %zu heavy-hitter ops on a second stream beside their layer's other attention\n", __func__, regions.size());
+    if (mode == 2) {
+        fprintf(stderr, "%s: %zu regions, %d of their joins written in place\n", __func__, regions.size(), n_in_place);
+    }
 }

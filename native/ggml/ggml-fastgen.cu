@@ -1171,7 +1171,7 @@ int ggml_cuda_fastgen_env_switch(const char * name, int unset, bool allow_2, con
 bool ggml_cuda_fastgen_fa_mma(const ggml_tensor * dst) {
     // =0: llama.cpp's own choice for every attention (a diagnostic: bench_gpu.py's 'diag fastgen fa-vec')
     static const bool on = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_FA_MMA", 1, false, "on") != 0;
-    return on && ggml_fastgen_fa_marked(dst) && dst->src[1]->ne[1] >= GGML_FASTGEN_FA_MMA_MIN_KV;
+    return on && ggml_fastgen_marked(dst, GGML_OP_FLASH_ATTN_EXT, GGML_FASTGEN_MARK_FA) && dst->src[1]->ne[1] >= GGML_FASTGEN_FA_MMA_MIN_KV;
 }
 
 // Whether the merge may have every block of a head wait for the others: only if all n*ns blocks of the
@@ -1223,7 +1223,7 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
             (const char *) q->data, q->nb[1], q->nb[2], (const char *) kc->data, kc->nb[1], kc->nb[2],
             (const char *) vc->data, vc->nb[1], vc->nb[2], (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), h0,
             (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data,
-            (float *) dst->data, logits.get(), part_m.get(), part_l.get(), part_o.get(),
+            ggml_cuda_fastgen_hh_out(ctx, dst), logits.get(), part_m.get(), part_l.get(), part_o.get(),
             a.U ? (float *) a.U->data : nullptr, a.U ? a.U->nb[2]/(int64_t) sizeof(float) : 0, a.U ? (int) a.U->ne[2] : 1,
             Dv, C, T, G, scale, coop, pdl);
         std::apply([&](const auto &... x) {

@@ -20,3 +20,11 @@ int ggml_cuda_fastgen_env_switch(const char * name, int unset, bool allow_2, con
 struct ggml_backend_graph_optimize_params;
 void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgraph * cgraph,
                                       ggml_backend_graph_optimize_params * params, bool use_cuda_graph);
+
+// ggml-fastgen-fuse.cu: launches a decode step of a mixed layer saves (patch 0002's hooks). try_fuse: a class's K and
+// V rows in one launch at its K rows' node i (returns the nodes done after i, else 0); compute_forward: true when it
+// computed dst itself (a class's flash attention into its slot of the layer's concat) or dst needs nothing (that
+// concat); hh_out: where the heavy-hitter op writes its rows (its slot of that concat, else its own buffer)
+int     ggml_cuda_fastgen_try_fuse(ggml_backend_cuda_context & ctx, ggml_cgraph * cgraph, int i);
+bool    ggml_cuda_fastgen_compute_forward(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+float * ggml_cuda_fastgen_hh_out(ggml_backend_cuda_context & ctx, const ggml_tensor * dst);

@@ -102,20 +102,30 @@ static inline bool ggml_fastgen_noop(const struct ggml_tensor * t) {
            t->op == GGML_OP_PERMUTE || t->op == GGML_OP_NONE;
 }
 
-// A flash attention that llama-fastgen builds over one class of its cache (llama-graph-fastgen.cpp) carries this mark
-// in its last op_params slot (ggml's own parameters of the op end at slot 4). ggml-cuda then runs its decode step on
-// the MMA kernel, which reads each KV head once for its G query heads, where it would pick the vector kernel, which
-// reads each KV head once per query head and is bound by L2 at long context (patch 0002 in fattn.cu,
-// ggml_cuda_fastgen_fa_mma, which also holds the KV length it starts at). The CPU and other backends ignore the mark.
-#define GGML_FASTGEN_FA_MARK_SLOT (GGML_MAX_OP_PARAMS/4 - 1)
-#define GGML_FASTGEN_FA_MARK 0x41464746 // "FGFA"
+// Nodes of llama-fastgen's graphs that ggml-cuda treats its own way carry a mark in their last op_params slot (the
+// marked ops' own parameters end at slot 4); the CPU and other backends ignore it:
+//  FA:   a flash attention over one class of the cache (llama-graph-fastgen.cpp). ggml-cuda runs its decode step on
+//        the MMA kernel, which reads each KV head once for its G query heads, where it would pick the vector kernel,
+//        which reads each KV head once per query head and is bound by L2 at long context (patch 0002 in fattn.cu,
+//        ggml_cuda_fastgen_fa_mma, which also holds the KV length it starts at);
+//  ROWS: a class's K or V rows (set_rows into its cache); ggml-cuda writes a class's K and V rows in one launch
+//        (ggml-fastgen-fuse.cu; the pair: ggml_fastgen_rows_pair in ggml-fastgen-branches.h);
+//  JOIN: set by ggml-cuda's graph_optimize (ggml-fastgen-streams.cu) on a decode step's concat whose two parts, the
+//        class's flash attention and the heavy-hitter op, are written in place into its buffer: no concat launches
+//        (ggml_fastgen_join_in_place in ggml-fastgen-branches.h).
+#define GGML_FASTGEN_MARK_SLOT (GGML_MAX_OP_PARAMS/4 - 1)
+enum ggml_fastgen_mark {
+    GGML_FASTGEN_MARK_FA   = 0x41464746, // "FGFA"
+    GGML_FASTGEN_MARK_ROWS = 0x564b4746, // "FGKV"
+    GGML_FASTGEN_MARK_JOIN = 0x4e4a4746, // "FGJN"
+};
 
-static inline void ggml_fastgen_fa_mark(struct ggml_tensor * fa) {
-    fa->op_params[GGML_FASTGEN_FA_MARK_SLOT] = GGML_FASTGEN_FA_MARK;
+static inline void ggml_fastgen_mark(struct ggml_tensor * t, enum ggml_fastgen_mark m) {
+    t->op_params[GGML_FASTGEN_MARK_SLOT] = (int32_t) m;
 }
 
-static inline bool ggml_fastgen_fa_marked(const struct ggml_tensor * fa) {
-    return fa->op == GGML_OP_FLASH_ATTN_EXT && fa->op_params[GGML_FASTGEN_FA_MARK_SLOT] == GGML_FASTGEN_FA_MARK;
+static inline bool ggml_fastgen_marked(const struct ggml_tensor * t, enum ggml_op op, enum ggml_fastgen_mark m) {
+    return t->op == op && t->op_params[GGML_FASTGEN_MARK_SLOT] == (int32_t) m;
 }
 
 // a decode step (query rows per head up to GGML_FASTGEN_HH_MAX_ROWS): the decode paths run it (the CPU op's heads

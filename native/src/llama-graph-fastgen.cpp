@@ -339,13 +339,18 @@ ggml_tensor * llama_fastgen_build_attn(
             continue;
         }
 
-        ggml_build_forward_expand(g.gf, mc->cpy_k(ctx0, k, inp->cls[c].k_idxs, il));
-        ggml_build_forward_expand(g.gf, mc->cpy_v(ctx0, v, inp->cls[c].v_idxs, il));
+        // CUDA writes both in one launch (ggml-fastgen.h, marks)
+        for (ggml_tensor * rows : { mc->cpy_k(ctx0, k, inp->cls[c].k_idxs, il), mc->cpy_v(ctx0, v, inp->cls[c].v_idxs, il) }) {
+            if (rows->op == GGML_OP_SET_ROWS) {
+                ggml_fastgen_mark(rows, GGML_FASTGEN_MARK_ROWS);
+            }
+            ggml_build_forward_expand(g.gf, rows);
+        }
 
         ggml_tensor * out = g.build_attn_mha(q, mc->get_k(ctx0, il), mc->get_v(ctx0, il), nullptr,
                 inp->cls[c].kq_mask, nullptr, nullptr, 0, kq_scale, il);
         if (out->op == GGML_OP_RESHAPE && out->src[0]->op == GGML_OP_FLASH_ATTN_EXT) {
-            ggml_fastgen_fa_mark(out->src[0]); // CUDA decode: each KV head read once for its query heads
+            ggml_fastgen_mark(out->src[0], GGML_FASTGEN_MARK_FA); // CUDA decode: each KV head read once for its query heads
         }
         cur = cur ? ggml_concat(ctx0, cur, out, 0) : out;
     }

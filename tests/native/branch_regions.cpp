@@ -5,7 +5,9 @@
 //   layer 1 has heavy-hitter heads only: no concat, no region;
 //   layer 2 mixes them, but the op's first reader is the full class, not a concat: no join, no region;
 //   layer 3 mixes them, but both classes read K through one view made after the fork: not split (views are
-//   nobody's only before the fork; after it a node of branch 1 may not read one of branch 2's).
+//   nobody's only before the fork; after it a node of branch 1 may not read one of branch 2's);
+//   layer 4 mixes them as llama.cpp's flash attention path does: marked K and V rows (ggml_fastgen_rows_pair pairs
+//   them) and a marked flash attention, whose concat with the op CUDA may leave out (ggml_fastgen_join_in_place).
 // Arguments: tokens T (default 1) and beside (default 1: no eval callback); the finder splits decode steps only
 // (G*T query rows per head up to GGML_FASTGEN_HH_MAX_ROWS) of graphs with beside = 1.
 // tests/test_branches.py compiles it against ggml-base and checks the output.
@@ -42,7 +44,7 @@ int main(int argc, char ** argv) {
 
     ggml_tensor * cur = x;
     ggml_tensor * pos = named(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T), "inp_pos");
-    for (int il = 0; il < 4; ++il) {
+    for (int il = 0; il < 5; ++il) {
         const std::string l = "-" + std::to_string(il);
         const int64_t nf = il == 1 ? 0 : n_full, nh = H - nf;
         ggml_tensor * wq = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, D*H, D*H*G);
@@ -71,6 +73,23 @@ int main(int argc, char ** argv) {
             ggml_tensor * kc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*nf, N_KV);
             ggml_tensor * vc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*nf, N_KV);
             ggml_tensor * k = heads(ctx, k_all, 0, nf), * v = heads(ctx, v_cur, 0, nf);
+            if (il == 4) { // as llama-graph-fastgen.cpp with flash attention: views of the rows, both marked
+                for (ggml_tensor * rows : { named(ggml_set_rows(ctx, kc, ggml_view_2d(ctx, k, D*nf, T, k->nb[2], 0), k_idx), "k_rows" + l),
+                                            named(ggml_set_rows(ctx, vc, ggml_view_2d(ctx, v, D*nf, T, v->nb[2], 0), v_idx), "v_rows" + l) }) {
+                    ggml_fastgen_mark(rows, GGML_FASTGEN_MARK_ROWS);
+                    ggml_build_forward_expand(gf, rows);
+                }
+                ggml_tensor * mask = named(ggml_new_tensor_2d(ctx, GGML_TYPE_F16, N_KV, T), "kq_mask" + l);
+                ggml_tensor * fa = named(ggml_flash_attn_ext(ctx, ggml_permute(ctx, heads(ctx, q_cur, 0, nf*G), 0, 2, 1, 3),
+                        ggml_permute(ctx, ggml_reshape_3d(ctx, kc, D, nf, N_KV), 0, 2, 1, 3),
+                        ggml_permute(ctx, ggml_reshape_3d(ctx, vc, D, nf, N_KV), 0, 2, 1, 3), mask, 0.125f, 0.0f, 0.0f), "fa" + l);
+                ggml_fastgen_mark(fa, GGML_FASTGEN_MARK_FA);
+                out = named(ggml_reshape_2d(ctx, fa, D*G*nf, T), "kqv_full" + l);
+                out = named(ggml_concat(ctx, out, hh, 0), "kqv_out" + l);
+                cur = named(ggml_mul_mat(ctx, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, D*H*G, D*H), out), "attn_out" + l);
+                ggml_build_forward_expand(gf, cur);
+                continue;
+            }
             ggml_build_forward_expand(gf, named(ggml_set_rows(ctx, kc, ggml_reshape_2d(ctx, ggml_cont(ctx, k), D*nf, T), k_idx), "k_rows" + l));
             ggml_build_forward_expand(gf, named(ggml_set_rows(ctx, vc, ggml_reshape_2d(ctx, ggml_cont(ctx, v), D*nf, T), v_idx), "v_rows" + l));
             ggml_tensor * q  = ggml_cont(ctx, heads(ctx, q_cur, 0, nf*G));
@@ -88,17 +107,25 @@ int main(int argc, char ** argv) {
     }
 
     const std::vector<ggml_fastgen_branches> regions = ggml_fastgen_branch_regions(gf, getenv("DEBUG") != nullptr);
-    printf("[");
+    printf("{\"regions\": [");
     for (size_t r = 0; r < regions.size(); ++r) {
         const ggml_fastgen_branches & b = regions[r];
-        printf("%s{\"op\": \"%s\", \"fork\": \"%s\", \"join\": \"%s\", \"nodes\": [", r ? ", " : "", b.op->name,
-               gf->nodes[b.fork]->name, gf->nodes[b.join]->name);
+        printf("%s{\"op\": \"%s\", \"fork\": \"%s\", \"join\": \"%s\", \"in_place\": %d, \"nodes\": [", r ? ", " : "",
+               b.op->name, gf->nodes[b.fork]->name, gf->nodes[b.join]->name, ggml_fastgen_join_in_place(gf, b) ? 1 : 0);
         for (size_t k = 0; k < b.nodes.size(); ++k) {
             printf("%s[\"%s\", %d, %d]", k ? ", " : "", b.nodes[k]->name, b.branch[k], ggml_fastgen_noop(b.nodes[k]) ? 1 : 0);
         }
         printf("]}");
     }
-    printf("]\n");
+    printf("], \"rows_pairs\": [");
+    for (int i = 0, first = 1; i < gf->n_nodes; ++i) { // every ROWS-marked node and the node it pairs with
+        if (ggml_fastgen_marked(gf->nodes[i], GGML_OP_SET_ROWS, GGML_FASTGEN_MARK_ROWS)) {
+            const int m = ggml_fastgen_rows_pair(gf, i);
+            printf("%s[\"%s\", \"%s\"]", first ? "" : ", ", gf->nodes[i]->name, m < 0 ? "" : gf->nodes[m]->name);
+            first = 0;
+        }
+    }
+    printf("]}\n");
     ggml_free(ctx);
     return 0;
 }
