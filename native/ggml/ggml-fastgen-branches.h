@@ -123,9 +123,11 @@ static inline int ggml_fastgen_rows_pair(const ggml_cgraph * g, int i) {
 }
 
 // Whether a region's join can be left out (ggml-fastgen-fuse.cu): a one-token concat along rows of exactly two parts,
-// the heavy-hitter op and the reshape of a class's flash attention (marked FA), each F32, contiguous and read by
-// nothing else, so the two can write their rows straight into the concat's buffer. The allocator keeps every tensor
-// of the region alive until the join (ggml-fastgen-streams.cu), so that buffer overlaps nothing either branch reads.
+// the heavy-hitter op and the reshape of a class's flash attention (marked FA) computed in the region's first branch,
+// each F32, contiguous, no graph output and read by nothing else, so the two can write their rows straight into the
+// concat's buffer. The allocator keeps every tensor of the region alive until the join (ggml-fastgen-streams.cu), so
+// that buffer overlaps nothing either branch reads, and it is free from the fork on. (CUDA also requires that the
+// flash attention needs no scratch after its output: ggml-fastgen-streams.cu.)
 static inline bool ggml_fastgen_join_in_place(const ggml_cgraph * g, const ggml_fastgen_branches & r) {
     const ggml_tensor * J = g->nodes[r.join];
     if (J->op != GGML_OP_CONCAT || ggml_get_op_params_i32(J, 0) != 0 || J->type != GGML_TYPE_F32 || !ggml_is_contiguous(J) ||
@@ -140,9 +142,16 @@ static inline bool ggml_fastgen_join_in_place(const ggml_cgraph * g, const ggml_
     }
     const ggml_tensor * FA = F->src[0];
     for (const ggml_tensor * t : { H, F, FA }) {
-        if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t)) {
+        if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t) || (t->flags & GGML_TENSOR_FLAG_OUTPUT)) {
             return false;
         }
+    }
+    int in_first = 0; // the flash attention and its reshape run in branch 1, after the fork
+    for (size_t k = 0; k < r.nodes.size(); ++k) {
+        in_first += (r.nodes[k] == FA || r.nodes[k] == F) && r.branch[k] == 1;
+    }
+    if (in_first != 2) {
+        return false;
     }
     for (int k = 0; k < g->n_nodes; ++k) { // read by nothing else
         const ggml_tensor * t = g->nodes[k];

@@ -9,7 +9,8 @@
 //  - the concat: in a one-token step whose concat joins the two streams (ggml_fastgen_join_in_place, which marks it in
 //    graph_optimize), the class's flash attention and the heavy-hitter op write their rows straight into its buffer,
 //    and it launches nothing. The allocator keeps every tensor the region reads or writes alive until the join, so
-//    that buffer overlaps none of them. Where the streams are not used this step (one stream, no CUDA graph, an eval
+//    that buffer overlaps none of them (not for a flash attention that converts K and V to F16 into scratch after
+//    its output: graph_optimize marks no such join). Where the streams are not used this step (one stream, no CUDA graph, an eval
 //    callback, events llama.cpp found invalid), each writes its own buffer and the concat runs, as before.
 // LLAMA_FASTGEN_CUDA_FUSE=0 turns both off (to compare); llama.cpp's GGML_CUDA_DISABLE_FUSION=1 the first.
 #include "ggml-fastgen.cuh"
@@ -118,5 +119,6 @@ bool ggml_cuda_fastgen_compute_forward(ggml_backend_cuda_context & ctx, ggml_ten
     dst->data = slot;
     ggml_cuda_flash_attn_ext(ctx, dst);
     dst->data = own;
+    CUDA_CHECK(cudaGetLastError());
     return true;
 }

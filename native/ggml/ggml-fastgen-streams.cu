@@ -25,6 +25,8 @@
 #include "ggml-fastgen.h"
 #include "ggml-fastgen-branches.h"
 
+#include "fattn.cuh"
+
 #include "ggml-backend-impl.h"
 
 #include <utility>
@@ -58,7 +60,10 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
                 }
             }
         }
-        if (ggml_fastgen_join_in_place(g, r)) { // its parts written into its buffer (ggml-fastgen-fuse.cu)
+        // its parts written into its buffer (ggml-fastgen-fuse.cu), unless the flash attention keeps F16 copies of K
+        // and V after its output (a cache of another type): that scratch is allocated with its own buffer only
+        const auto fa_of = [&]() { return (join->src[0] == r.op ? join->src[1] : join->src[0])->src[0]; }; // in place: the reshape's
+        if (ggml_fastgen_join_in_place(g, r) && ggml_cuda_flash_attn_ext_get_alloc_size(ctx->device, fa_of()) == ggml_nbytes(fa_of())) {
             ggml_fastgen_mark(join, GGML_FASTGEN_MARK_JOIN);
             n_in_place++;
         }

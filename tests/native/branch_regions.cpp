@@ -7,7 +7,9 @@
 //   layer 3 mixes them, but both classes read K through one view made after the fork: not split (views are
 //   nobody's only before the fork; after it a node of branch 1 may not read one of branch 2's);
 //   layer 4 mixes them as llama.cpp's flash attention path does: marked K and V rows (ggml_fastgen_rows_pair pairs
-//   them) and a marked flash attention, whose concat with the op CUDA may leave out (ggml_fastgen_join_in_place).
+//   them) and a marked flash attention, whose concat with the op CUDA may leave out (ggml_fastgen_join_in_place);
+//   layer 5 as 4 with the op first in the concat (the frequent class first in class order);
+//   layer 6 as 4, but another node reads the flash attention's output too: its concat stays.
 // Arguments: tokens T (default 1) and beside (default 1: no eval callback); the finder splits decode steps only
 // (G*T query rows per head up to GGML_FASTGEN_HH_MAX_ROWS) of graphs with beside = 1.
 // tests/test_branches.py compiles it against ggml-base and checks the output.
@@ -44,7 +46,7 @@ int main(int argc, char ** argv) {
 
     ggml_tensor * cur = x;
     ggml_tensor * pos = named(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T), "inp_pos");
-    for (int il = 0; il < 5; ++il) {
+    for (int il = 0; il < 7; ++il) {
         const std::string l = "-" + std::to_string(il);
         const int64_t nf = il == 1 ? 0 : n_full, nh = H - nf;
         ggml_tensor * wq = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, D*H, D*H*G);
@@ -73,7 +75,7 @@ int main(int argc, char ** argv) {
             ggml_tensor * kc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*nf, N_KV);
             ggml_tensor * vc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*nf, N_KV);
             ggml_tensor * k = heads(ctx, k_all, 0, nf), * v = heads(ctx, v_cur, 0, nf);
-            if (il == 4) { // as llama-graph-fastgen.cpp with flash attention: views of the rows, both marked
+            if (il >= 4) { // as llama-graph-fastgen.cpp with flash attention: views of the rows, both marked
                 for (ggml_tensor * rows : { named(ggml_set_rows(ctx, kc, ggml_view_2d(ctx, k, D*nf, T, k->nb[2], 0), k_idx), "k_rows" + l),
                                             named(ggml_set_rows(ctx, vc, ggml_view_2d(ctx, v, D*nf, T, v->nb[2], 0), v_idx), "v_rows" + l) }) {
                     ggml_fastgen_mark(rows, GGML_FASTGEN_MARK_ROWS);
@@ -85,7 +87,10 @@ int main(int argc, char ** argv) {
                         ggml_permute(ctx, ggml_reshape_3d(ctx, vc, D, nf, N_KV), 0, 2, 1, 3), mask, 0.125f, 0.0f, 0.0f), "fa" + l);
                 ggml_fastgen_mark(fa, GGML_FASTGEN_MARK_FA);
                 out = named(ggml_reshape_2d(ctx, fa, D*G*nf, T), "kqv_full" + l);
-                out = named(ggml_concat(ctx, out, hh, 0), "kqv_out" + l);
+                if (il == 6) {
+                    ggml_build_forward_expand(gf, named(ggml_scale(ctx, out, 2.0f), "second_reader" + l));
+                }
+                out = named(il == 5 ? ggml_concat(ctx, hh, out, 0) : ggml_concat(ctx, out, hh, 0), "kqv_out" + l);
                 cur = named(ggml_mul_mat(ctx, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, D*H*G, D*H), out), "attn_out" + l);
                 ggml_build_forward_expand(gf, cur);
                 continue;
