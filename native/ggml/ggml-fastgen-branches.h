@@ -127,23 +127,23 @@ static inline int ggml_fastgen_rows_pair(const ggml_cgraph * g, int i) {
 // each F32, contiguous, no graph output and read by nothing else, so the two can write their rows straight into the
 // concat's buffer. The allocator keeps every tensor of the region alive until the join (ggml-fastgen-streams.cu), so
 // that buffer overlaps nothing either branch reads, and it is free from the fork on. (CUDA also requires that the
-// flash attention needs no scratch after its output: ggml-fastgen-streams.cu.)
-static inline bool ggml_fastgen_join_in_place(const ggml_cgraph * g, const ggml_fastgen_branches & r) {
+// flash attention needs no scratch after its output: ggml-fastgen-streams.cu.) Returns that flash attention, or nullptr.
+static inline const ggml_tensor * ggml_fastgen_join_in_place(const ggml_cgraph * g, const ggml_fastgen_branches & r) {
     const ggml_tensor * J = g->nodes[r.join];
     if (J->op != GGML_OP_CONCAT || ggml_get_op_params_i32(J, 0) != 0 || J->type != GGML_TYPE_F32 || !ggml_is_contiguous(J) ||
             J->ne[1] != 1 || J->ne[2] != 1 || J->ne[3] != 1) {
-        return false;
+        return nullptr;
     }
     const ggml_tensor * H = r.op;
     const ggml_tensor * F = J->src[0] == H ? J->src[1] : J->src[0]; // the flash attention's reshape
     if ((J->src[0] != H && J->src[1] != H) || F == H || F->op != GGML_OP_RESHAPE ||
             !ggml_fastgen_marked(F->src[0], GGML_OP_FLASH_ATTN_EXT, GGML_FASTGEN_MARK_FA)) {
-        return false;
+        return nullptr;
     }
     const ggml_tensor * FA = F->src[0];
     for (const ggml_tensor * t : { H, F, FA }) {
         if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t) || (t->flags & GGML_TENSOR_FLAG_OUTPUT)) {
-            return false;
+            return nullptr;
         }
     }
     int in_first = 0; // the flash attention and its reshape run in branch 1, after the fork
@@ -151,19 +151,19 @@ static inline bool ggml_fastgen_join_in_place(const ggml_cgraph * g, const ggml_
         in_first += (r.nodes[k] == FA || r.nodes[k] == F) && r.branch[k] == 1;
     }
     if (in_first != 2) {
-        return false;
+        return nullptr;
     }
     for (int k = 0; k < g->n_nodes; ++k) { // read by nothing else
         const ggml_tensor * t = g->nodes[k];
         if (t != F && t->view_src == FA) {
-            return false;
+            return nullptr;
         }
         for (int s = 0; s < GGML_MAX_SRC; ++s) {
             const ggml_tensor * src = t->src[s];
             if ((t != J && (src == H || src == F)) || (t != F && src == FA)) {
-                return false;
+                return nullptr;
             }
         }
     }
-    return true;
+    return FA;
 }

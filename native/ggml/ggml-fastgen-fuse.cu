@@ -73,20 +73,32 @@ int ggml_cuda_fastgen_try_fuse(ggml_backend_cuda_context & ctx, ggml_cgraph * g,
     return m - i; // the views between and the V rows: done
 }
 
-// Where node t (a marked flash attention or the heavy-hitter op) writes its rows when the concat that reads it is
-// left out this step: its part of the concat's buffer; else nullptr (its own). The concat must be marked JOIN and
-// be the join of one of this step's two-stream regions.
-static char * join_slot(ggml_backend_cuda_context & ctx, const ggml_tensor * t, const ggml_tensor ** join = nullptr) {
-    if (!fuse_on()) {
-        return nullptr;
+// A concat that graph_optimize marked JOIN (ggml-fastgen-streams.cu), with the fused launches on
+static bool join_marked(const ggml_tensor * J) {
+    return J && fuse_on() && ggml_fastgen_marked(J, GGML_OP_CONCAT, GGML_FASTGEN_MARK_JOIN);
+}
+
+// A marked concat left out this step: the join of one of this step's two-stream regions (else the streams are not used
+// this step, and it runs)
+static bool join_in_place(ggml_backend_cuda_context & ctx, const ggml_tensor * J) {
+    if (!join_marked(J)) {
+        return false;
     }
     for (const auto & fe : ctx.stream_context().concurrent_events) {
-        const ggml_tensor * J = fe.second.join_node;
-        if (!J || !ggml_fastgen_marked(J, GGML_OP_CONCAT, GGML_FASTGEN_MARK_JOIN)) {
-            continue;
+        if (fe.second.join_node == J) {
+            return true;
         }
-        if (join && *join == J) {
-            return (char *) J->data;
+    }
+    return false;
+}
+
+// Where node t (a marked flash attention or the heavy-hitter op) writes its rows: its part of the buffer of the concat
+// that reads it, where that concat is left out this step; else nullptr (its own)
+static char * join_slot(ggml_backend_cuda_context & ctx, const ggml_tensor * t) {
+    for (const auto & fe : ctx.stream_context().concurrent_events) {
+        const ggml_tensor * J = fe.second.join_node;
+        if (!join_marked(J)) {
+            continue;
         }
         for (int p = 0; p < 2; ++p) {
             const ggml_tensor * s = J->src[p];
@@ -104,9 +116,8 @@ float * ggml_cuda_fastgen_hh_out(ggml_backend_cuda_context & ctx, const ggml_ten
 }
 
 bool ggml_cuda_fastgen_compute_forward(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
-    if (dst->op == GGML_OP_CONCAT && ggml_fastgen_marked(dst, GGML_OP_CONCAT, GGML_FASTGEN_MARK_JOIN)) {
-        const ggml_tensor * J = dst;
-        return join_slot(ctx, nullptr, &J) != nullptr; // its parts are in place: nothing to launch
+    if (join_marked(dst)) {
+        return join_in_place(ctx, dst); // its parts are in place: nothing to launch
     }
     if (!ggml_fastgen_marked(dst, GGML_OP_FLASH_ATTN_EXT, GGML_FASTGEN_MARK_FA)) {
         return false;

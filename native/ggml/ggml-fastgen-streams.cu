@@ -62,8 +62,8 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
         }
         // its parts written into its buffer (ggml-fastgen-fuse.cu), unless the flash attention keeps F16 copies of K
         // and V after its output (a cache of another type): that scratch is allocated with its own buffer only
-        const auto fa_of = [&]() { return (join->src[0] == r.op ? join->src[1] : join->src[0])->src[0]; }; // in place: the reshape's
-        if (ggml_fastgen_join_in_place(g, r) && ggml_cuda_flash_attn_ext_get_alloc_size(ctx->device, fa_of()) == ggml_nbytes(fa_of())) {
+        const ggml_tensor * fa = ggml_fastgen_join_in_place(g, r);
+        if (fa && ggml_cuda_flash_attn_ext_get_alloc_size(ctx->device, fa) == ggml_nbytes(fa)) {
             ggml_fastgen_mark(join, GGML_FASTGEN_MARK_JOIN);
             n_in_place++;
         }

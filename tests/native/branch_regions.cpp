@@ -116,7 +116,7 @@ int main(int argc, char ** argv) {
     for (size_t r = 0; r < regions.size(); ++r) {
         const ggml_fastgen_branches & b = regions[r];
         printf("%s{\"op\": \"%s\", \"fork\": \"%s\", \"join\": \"%s\", \"in_place\": %d, \"nodes\": [", r ? ", " : "",
-               b.op->name, gf->nodes[b.fork]->name, gf->nodes[b.join]->name, ggml_fastgen_join_in_place(gf, b) ? 1 : 0);
+               b.op->name, gf->nodes[b.fork]->name, gf->nodes[b.join]->name, ggml_fastgen_join_in_place(gf, b) != nullptr ? 1 : 0);
         for (size_t k = 0; k < b.nodes.size(); ++k) {
             printf("%s[\"%s\", %d, %d]", k ? ", " : "", b.nodes[k]->name, b.branch[k], ggml_fastgen_noop(b.nodes[k]) ? 1 : 0);
         }
