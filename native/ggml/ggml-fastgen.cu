@@ -1,8 +1,8 @@
 // llama-fastgen: GGML_OP_FASTGEN_HH_ATTN on CUDA (see ggml-fastgen.h for the function).
 //
 // One kernel, flash-decoding style: a block per (head, chunk of HH_CHUNK cells). A block writes the
-// new tokens that fall in its chunk (K, V, position: each cell belongs to one block, and the block takes a
-// new token's K and V from its shared copy, never from the store), and if any query sees a cell of the chunk, computes the chunk's
+// new tokens that fall in its chunk (K, V, position: each cell belongs to one block, so nothing
+// reads it before it is written), and if any query sees a cell of the chunk, computes the chunk's
 // logits (four lanes per cell, four query rows at a time), their max and sum of exponentials per
 // query row, and the unnormalized output (two threads per V row when two rows fit in the block, each
 // over half of the chunk's cells, so every warp works: V is stored transposed, so a thread's cells
@@ -42,9 +42,7 @@
 #include "cp-async.cuh"
 
 #include <cstring>
-#include <algorithm>
 #include <map>
-#include <mutex>
 #include <tuple>
 
 #define HH_CHUNK 64 // cells per block: 8 warps x 8 cells x 4 lanes
@@ -55,23 +53,6 @@ static_assert(GGML_FASTGEN_HH_P_PAD >= 3, "hh_attn keeps two counters and hi in 
 static __host__ __device__ int hh_new_halves(int T, int D, int Dv) {
     return (T*(D + Dv) + 7)/8*8;
 }
-
-// query rows per register block of hh_attn's output step (its template parameter RB)
-static int hh_attn_rb(int R) {
-    return R <= 4 ? 4 : 8;
-}
-
-// hh_attn's dynamic shared memory as it lays it out: queries, weights, the second part's output sums, the new tokens'
-// K and V; coop: + the chunk's logits and the chunks' weights; else at least the last block's merge weights (up to
-// 72 KB: head size 256, 32 query rows)
-static size_t hh_attn_smem(int D, int Dv, int R, int T, int ns, bool coop) {
-    const int RB = hh_attn_rb(R), RP = (R + RB - 1)/RB*RB;
-    const size_t chunk = (size_t) (R*D + RP*HH_CHUNK + (2*Dv <= HH_WARPS*WARP_SIZE ? 2*RB*Dv : 0))*sizeof(float) +
-                         (size_t) hh_new_halves(T, D, Dv)*sizeof(half);
-    return coop ? chunk + (size_t) (R*HH_CHUNK + ns*R)*sizeof(float) : std::max(chunk, (size_t) ns*R*sizeof(float));
-}
-// its static shared memory (1,408 bytes in ptxas' report for sm_90), with room
-#define HH_ATTN_STATIC_SMEM 2048
 
 // each token's own share of a cell's kept attention (ggml-fastgen.h), for a rollback: query rows
 // t*G .. t*G+G-1 are token t's; prob(r) is row r's probability of the cell, from wherever a path holds it
@@ -125,7 +106,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     __shared__ bool    last;
     __shared__ int     hi_s;
     // cells of the chunk whose stored V is not read: free ones (they hold no token; as the CPU op, their V
-    // counts as 0) and the new tokens' (theirs comes from the shared copy)
+    // counts as 0) and the new tokens' (theirs comes from v_cur)
     __shared__ __align__(8) unsigned char zv_s[HH_CHUNK];
 
     half  * Kj = K + (int64_t) j*C*D;
@@ -1101,12 +1082,8 @@ bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op) {
     }
     const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(op);
     const ggml_tensor * U = a.U;
-    if (ggml_fastgen_hh_decode(&a)) {
-        // decode kernel: it also keeps each token's scores; its shared memory without the cooperative merge (which it
-        // takes only where that fits) must fit a block
-        const size_t smem = hh_attn_smem(a.D, a.Dv, a.G*a.T, a.T, (a.C + HH_CHUNK - 1)/HH_CHUNK, false);
-        return smem + HH_ATTN_STATIC_SMEM <= ggml_cuda_info().devices[device].smpbo &&
-               (!U || (U->type == GGML_TYPE_F32 && U->ne[0] == K->ne[1] && U->ne[1] == n && U->nb[1] == U->ne[0]*sizeof(float)));
+    if (ggml_fastgen_hh_decode(&a)) { // decode kernel: it also keeps each token's scores
+        return !U || (U->type == GGML_TYPE_F32 && U->ne[0] == K->ne[1] && U->ne[1] == n && U->nb[1] == U->ne[0]*sizeof(float));
     }
     if (U) {
         return false; // the prefill kernels do not keep each token's scores
@@ -1120,16 +1097,12 @@ bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op) {
            smem <= info.smpbo;
 }
 
-// dynamic shared memory above the default 48 KB (less the kernel's static) needs an opt-in per kernel and device:
-// raised to what this launch needs when it needs more than any launch before (supported() checked it fits)
-static void hh_smem_limit(const void * kernel, int device, size_t nbytes) {
-    static std::mutex m;
-    static std::map<std::pair<const void *, int>, size_t> raised;
-    std::lock_guard<std::mutex> lock(m);
-    size_t & r = raised[{ kernel, device }];
-    if (nbytes > r) {
+// dynamic shared memory above the default 48 KB needs an opt-in per kernel and device: raised to what
+// this launch needs when it needs more than any launch before (supported() checked it fits)
+static void hh_pf_smem_limit(const void * kernel, size_t & raised, size_t nbytes) {
+    if (nbytes > raised) {
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) nbytes));
-        r = nbytes;
+        raised = nbytes;
     }
 }
 
@@ -1166,10 +1139,11 @@ static void hh_prefill(ggml_backend_cuda_context & ctx, const ggml_fastgen_hh_ar
 
     const dim3 grid(row_tiles, n, ns), block(HH_PF_WARPS*WARP_SIZE);
 #define HH_PF_CASE(D_) case D_: { \
-        hh_smem_limit((const void *) hh_pf_stats<D_>, ctx.device, hh_pf_smem(D, 0)); \
+        static size_t raised_stats[GGML_CUDA_MAX_DEVICES] = {}, raised_out[GGML_CUDA_MAX_DEVICES] = {}; \
+        hh_pf_smem_limit((const void *) hh_pf_stats<D_>, raised_stats[ctx.device], hh_pf_smem(D, 0)); \
         hh_pf_stats<D_><<<grid, block, hh_pf_smem(D, 0), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
             K, P, qpos, part_m.get(), part_l.get(), C, T, G, a.scale); \
-        hh_smem_limit((const void *) hh_pf_out<D_>, ctx.device, hh_pf_smem(D, Dv)); \
+        hh_pf_smem_limit((const void *) hh_pf_out<D_>, raised_out[ctx.device], hh_pf_smem(D, Dv)); \
         hh_pf_out<D_><<<grid, block, hh_pf_smem(D, Dv), stream>>>((const char *) a.q->data, a.q->nb[1], a.q->nb[2], \
             K, V, P, qpos, part_m.get(), part_l.get(), ns, (float *) dst->data, part_o.get(), part_c.get(), C, T, G, a.scale); \
         } break;
@@ -1237,7 +1211,7 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     ggml_tensor * K = a.K, * V = a.V, * S = a.S, * P = a.P;
     const int h0 = a.h0;
     const int D = a.D, C = a.C, n = a.n, Dv = a.Dv, T = a.T, G = a.G, R = G*T;
-    const int ns = (C + HH_CHUNK - 1)/HH_CHUNK, RB = hh_attn_rb(R);
+    const int ns = (C + HH_CHUNK - 1)/HH_CHUNK, RB = R <= 4 ? 4 : 8, RP = (R + RB - 1)/RB*RB;
     const float scale = a.scale;
 
     // programmatic dependent launch unless LLAMA_FASTGEN_CUDA_PDL=0 (a diagnostic: bench_gpu.py's
@@ -1247,14 +1221,16 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     // 'diag fastgen no-early')
     static const bool early = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_EARLY", 1, false, "on") != 0;
     const dim3 grid(n, ns), block(HH_WARPS*WARP_SIZE);
-    const size_t smem_coop = hh_attn_smem(D, Dv, R, T, ns, true), smem_last = hh_attn_smem(D, Dv, R, T, ns, false);
+    // as hh_attn lays it out: queries, weights, the second part's output sums, the new tokens' K and V; coop: + the
+    // chunk's logits, the chunks' weights
+    const size_t smem_chunk = (size_t) (R*D + RP*HH_CHUNK + (2*Dv <= HH_WARPS*WARP_SIZE ? 2*RB*Dv : 0))*sizeof(float) +
+                              (size_t) hh_new_halves(T, D, Dv)*sizeof(half);
+    const size_t smem_coop  = smem_chunk + (size_t) (R*HH_CHUNK + ns*R)*sizeof(float);
     auto launch = [&](auto kernel) {
         // every block of a head merges when all blocks of the launch fit on the device at once; else the last
         // one merges, from the logits kept in a scratch buffer (the only path that needs it)
-        const bool coop_size = smem_coop <= HH_COOP_MAX_SMEM;
-        hh_smem_limit((const void *) kernel, ctx.device, std::max(coop_size ? smem_coop : (size_t) 0, smem_last)); // before the occupancy
-        const bool coop = coop_size && hh_coop_fits((const void *) kernel, ctx.device, smem_coop, n*ns);
-        const size_t smem = coop ? smem_coop : smem_last;
+        const bool coop = smem_coop <= HH_COOP_MAX_SMEM && hh_coop_fits((const void *) kernel, ctx.device, smem_coop, n*ns);
+        const size_t smem = coop ? smem_coop : std::max(smem_chunk, (size_t) ns*R*sizeof(float));
         ggml_cuda_pool_alloc<float> logits(ctx.pool(), coop ? 1 : (size_t) n*R*C);
         ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) n*ns*R);
         ggml_cuda_pool_alloc<float> part_l(ctx.pool(), (size_t) n*ns*R);
