@@ -289,8 +289,6 @@ def speed(args) -> list:
                ("diag fastgen fa-vec", args.model, [], {"LLAMA_FASTGEN_CUDA_FA_MMA": "0"}),
                # a mixed layer's K and V rows in two launches and its concat launched (ggml-fastgen-fuse.cu: neither)
                ("diag fastgen no-fuse", args.model, [], {"LLAMA_FASTGEN_CUDA_FUSE": "0"}),
-               # hh_attn's chunk 0 loads its K and V after its positions, not with them (one round trip more)
-               ("diag fastgen no-early", args.model, [], {"LLAMA_FASTGEN_CUDA_EARLY": "0"}),
                ("diag fastgen no-graphs", args.model, [], {"GGML_CUDA_DISABLE_GRAPHS": "1"}),
                ("diag full no-graphs", args.model, [], {"LLAMA_FASTGEN_DISABLE": "1", "GGML_CUDA_DISABLE_GRAPHS": "1"})]
     unknown = set(args.configs or []) - {c[0] for c in configs}

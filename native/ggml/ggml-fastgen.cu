@@ -16,8 +16,7 @@
 // block to finish merges alone, the logits kept in a scratch buffer. Either way the probabilities
 // added to the scores are those the output used.
 // Each step issues its loads together: at decode the kernel's time is its chain of memory round
-// trips, not its bytes. Chunk 0 (at depth 0 the only one) issues its K and V with its positions, and the new
-// tokens' K and V are read once per block into shared memory with them: its chain is one round trip.
+// trips, not its bytes.
 // One launch per layer: at depth 0 a decode step is dominated by per-kernel latency, not bytes.
 //
 // Prefill (more query rows than GGML_FASTGEN_HH_MAX_ROWS) takes four launches on tensor cores (mma.sync
@@ -49,11 +48,6 @@
 static_assert(GGML_FASTGEN_HH_P_PAD >= 3, "hh_attn keeps two counters and hi in a head's position padding");
 #define HH_WARPS 8
 
-// halves of hh_attn's shared copy of the new tokens' K and V, rounded up to 16 bytes
-static __host__ __device__ int hh_new_halves(int T, int D, int Dv) {
-    return (T*(D + Dv) + 7)/8*8;
-}
-
 // each token's own share of a cell's kept attention (ggml-fastgen.h), for a rollback: query rows
 // t*G .. t*G+G-1 are token t's; prob(r) is row r's probability of the cell, from wherever a path holds it
 template <typename P>
@@ -83,8 +77,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         const float * qpos, float * dst,
         float * logits, float * part_m, float * part_l, float * part_o,
         float * U, const int64_t u_s2, const int n_undo,
-        const int Dv, const int C, const int T, const int G, const float scale, const bool coop, const bool pdl,
-        const bool early) {
+        const int Dv, const int C, const int T, const int G, const float scale, const bool coop, const bool pdl) {
     constexpr int D = DL*WARP_SIZE;
     const int j = blockIdx.x, sp = blockIdx.y, ns = gridDim.y, c0 = sp*HH_CHUNK, n = gridDim.x;
     const int R = G*T, RP = (R + RB - 1)/RB*RB;
@@ -96,10 +89,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     // V rows and parts of the chunk per thread (step 2): two parts when two rows fit in the block
     const int np = 2*Dv <= HH_WARPS*WARP_SIZE ? 2 : 1;
     float * red_s = w_s + RP*HH_CHUNK; // np == 2: [2][RB][Dv] the second part's output sums, by parity of r0/RB
-    // the new tokens' K [T][D] and V [T][Dv] as the store holds them (rounded to f16), loaded with the positions
-    half  * kn_s = (half *) (red_s + (np == 2 ? 2*RB*Dv : 0));
-    half  * vn_s = kn_s + T*D;
-    float * lg_s = (float *) (kn_s + hh_new_halves(T, D, Dv)); // coop: [R][HH_CHUNK] the chunk's logits, kept for its scores
+    float * lg_s = red_s + (np == 2 ? 2*RB*Dv : 0); // coop: [R][HH_CHUNK] the chunk's logits, kept for its scores
     __shared__ int64_t new_c[GGML_FASTGEN_HH_MAX_ROWS], dof_s[GGML_FASTGEN_HH_MAX_ROWS];
     __shared__ float   qp_s[GGML_FASTGEN_HH_MAX_ROWS], qpr_s[GGML_FASTGEN_HH_MAX_ROWS], m_s[GGML_FASTGEN_HH_MAX_ROWS],
                        inv_s[GGML_FASTGEN_HH_MAX_ROWS];
@@ -132,37 +122,10 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
     ggml_cuda_pdl_sync();
 
     // Decoding is a chain of memory round trips, not bandwidth: the chunk's work takes two (what the
-    // cells hold; then their K and V), chunk 0's one (early: its K and V go out with the positions; chunk 0 holds
-    // tokens whenever the store does, so at depth 0, one chunk, that is the whole kernel's chain).
+    // cells hold; then their K and V).
     // 1. this lane's cell (lane `sub` of 4 holds elements (i*4 + sub)*8 .. +8) and position, the new
-    //    tokens' cells, positions, K and V, the queries; early: the cell's K and the thread's V row
+    //    tokens' cells and positions, the queries
     const int cl = warp*(WARP_SIZE/4) + lane/4, sub = lane % 4, c = c0 + cl;
-    // one thread per V row and part of the chunk's cells (Dv <= the block's threads): V is stored
-    // transposed, so a part's cells are contiguous 16-byte loads (cells past C: 0, and their weights
-    // are 0). Two parts when two rows fit in the block: every warp works.
-    const int cpp = HH_CHUNK/np; // cells per part
-    const int part = threadIdx.x / Dv, d = threadIdx.x % Dv, cv0 = part*cpp;
-    const bool vt = part < np;
-    const int nc8 = min(cpp, C - c0 - cv0)/8; // C % 8 == 0
-    const bool ld_early = early && sp == 0;
-    uint4 ku[DL], vu[HH_CHUNK/8];
-    const auto load_k = [&](bool on) {
-#pragma unroll
-        for (int i = 0; i < DL; ++i) {
-            ku[i] = on ? *(const uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8) : make_uint4(0, 0, 0, 0);
-        }
-    };
-    const auto load_v = [&]() {
-        const uint4 * vrow = (const uint4 *) (Vj + (int64_t) d*C + c0 + cv0);
-#pragma unroll
-        for (int i = 0; i < HH_CHUNK/8; ++i) {
-            vu[i] = vt && i < nc8 ? vrow[i] : make_uint4(0, 0, 0, 0);
-        }
-    };
-    if (ld_early) {
-        load_k(c < C);
-        load_v();
-    }
     float cp = c < C ? Pj[c] : INFINITY;
     const float s_old = sub == 0 && c < C ? Sj[c] : 0.0f; // for the paths where a block scores its own cells
     if (threadIdx.x == 0) {
@@ -178,14 +141,8 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         dof_s[r] = (int64_t) (r / G)*Dv*G*n + ((int64_t) j*G + r % G)*Dv;
     }
     for (int i = threadIdx.x; i < R*D; i += blockDim.x) {
-        const int r = i / D, e = i % D, t = r / G, g = r % G;
-        q_s[i] = ((const float *) (q + (int64_t) (j*G + g)*q_nb1 + t*q_nb2))[e];
-    }
-    for (int i = threadIdx.x; i < T*D; i += blockDim.x) { // whichever chunk holds a new token reads them from here
-        kn_s[i] = __float2half(((const float *) (kc + j*kc_nb1 + (i / D)*kc_nb2))[i % D]);
-    }
-    for (int i = threadIdx.x; i < T*Dv; i += blockDim.x) {
-        vn_s[i] = __float2half(((const float *) (vc + j*vc_nb1 + (i / Dv)*vc_nb2))[i % Dv]);
+        const int r = i / D, d = i % D, t = r / G, g = r % G;
+        q_s[i] = ((const float *) (q + (int64_t) (j*G + g)*q_nb1 + t*q_nb2))[d];
     }
     __syncthreads();
     int tn = -1, hi = hi_s;
@@ -213,36 +170,66 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             pl[r] = 0.0f;
         }
     } else {
-        // 2. K of this lane's cell (a new token's: into the store) and the V rows of this thread's output
-        //    column, all loads in flight together (early: already there)
-        if (!ld_early) {
-            load_k(any && tn < 0);
-            load_v();
-        }
+        // 2. K of this lane's cell (a new token's from k_cur: into the store first, rounded as stored)
+        //    and the V row of this thread's output column, all loads in flight together
         float k[DL*8];
-#pragma unroll
-        for (int i = 0; i < DL; ++i) {
-            uint4 u = tn >= 0 ? *(const uint4 *) (kn_s + tn*D + (i*4 + sub)*8) : any ? ku[i] : make_uint4(0, 0, 0, 0);
-            if (tn >= 0) {
-                *(uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8) = u;
-            }
-            const half * h = (const half *) &u;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                k[i*8 + e] = __half2float(h[e]);
-            }
-        }
         if (tn >= 0) {
+            const float * kr = (const float *) (kc + j*kc_nb1 + tn*kc_nb2);
+#pragma unroll
+            for (int i = 0; i < DL; ++i) {
+                __align__(16) half h[8];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    h[e] = __float2half(kr[(i*4 + sub)*8 + e]);
+                    k[i*8 + e] = __half2float(h[e]);
+                }
+                *(uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8) = *(const uint4 *) h;
+            }
             cp = qp_s[tn] - 0.5f;
             if (sub == 0) {
                 Pj[c] = cp;
             }
+        } else {
+#pragma unroll
+            for (int i = 0; i < DL; ++i) {
+                uint4 u = make_uint4(0, 0, 0, 0);
+                if (any) {
+                    u = *(const uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8);
+                }
+                const half * h = (const half *) &u;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    k[i*8 + e] = __half2float(h[e]);
+                }
+            }
         }
-        // the new tokens of the thread's part: their V into the store (their weights take it from vn_s below)
-        for (int t = 0; vt && t < T; ++t) {
-            const int64_t cn = new_c[t] - c0 - cv0;
-            if (cn >= 0 && cn < cpp) {
-                Vj[new_c[t] + (int64_t) d*C] = vn_s[t*Dv + d];
+        // one thread per V row and part of the chunk's cells (Dv <= the block's threads): V is stored
+        // transposed, so a part's cells are contiguous 16-byte loads (cells past C: 0, and their weights
+        // are 0). Two parts when two rows fit in the block: every warp works. The new tokens of the part:
+        // this thread writes their V into the store (rounded as stored) and takes it from v_cur below.
+        const int cpp = HH_CHUNK/np; // cells per part
+        const int part = threadIdx.x / Dv, d = threadIdx.x % Dv, cv0 = part*cpp;
+        const bool vt = part < np;
+        const int nc8 = min(cpp, C - c0 - cv0)/8; // C % 8 == 0
+        uint4 vu[HH_CHUNK/8];
+        float vn0 = 0.0f; // the first new token of the part: its V
+        int   cn0 = -1;   //   and its cell in the part
+        if (vt) {
+            const uint4 * vrow = (const uint4 *) (Vj + (int64_t) d*C + c0 + cv0);
+#pragma unroll
+            for (int i = 0; i < HH_CHUNK/8; ++i) {
+                vu[i] = i < nc8 ? vrow[i] : make_uint4(0, 0, 0, 0);
+            }
+            for (int t = 0; t < T; ++t) {
+                const int64_t cn = new_c[t] - c0 - cv0;
+                if (cn >= 0 && cn < cpp) {
+                    const half hv = __float2half(((const float *) (vc + j*vc_nb1 + t*vc_nb2))[d]);
+                    Vj[new_c[t] + (int64_t) d*C] = hv;
+                    if (cn0 < 0) {
+                        cn0 = (int) cn;
+                        vn0 = __half2float(hv);
+                    }
+                }
             }
         }
         if (sub == 0) {
@@ -340,7 +327,8 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 for (int t = 0; t < T; ++t) { // the part's new tokens
                     const int64_t cn = new_c[t] - c0 - cv0;
                     if (cn >= 0 && cn < cpp) {
-                        const float v = __half2float(vn_s[t*Dv + d]);
+                        const float v = cn == cn0 ? vn0 :
+                            __half2float(__float2half(((const float *) (vc + j*vc_nb1 + t*vc_nb2))[d]));
 #pragma unroll
                         for (int rr = 0; rr < RB; ++rr) {
                             acc[rr] += w_s[(r0 + rr)*HH_CHUNK + cv0 + cn]*v;
@@ -1217,14 +1205,10 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     // programmatic dependent launch unless LLAMA_FASTGEN_CUDA_PDL=0 (a diagnostic: bench_gpu.py's
     // 'diag fastgen no-pdl'); ggml_cuda_kernel_launch also obeys llama.cpp's GGML_CUDA_PDL=0
     static const bool pdl = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_PDL", 1, false, "on") != 0;
-    // chunk 0's K and V loaded with the positions, one round trip less (=0: after them, a diagnostic: bench_gpu.py's
-    // 'diag fastgen no-early')
-    static const bool early = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_EARLY", 1, false, "on") != 0;
     const dim3 grid(n, ns), block(HH_WARPS*WARP_SIZE);
-    // as hh_attn lays it out: queries, weights, the second part's output sums, the new tokens' K and V; coop: + the
-    // chunk's logits, the chunks' weights
-    const size_t smem_chunk = (size_t) (R*D + RP*HH_CHUNK + (2*Dv <= HH_WARPS*WARP_SIZE ? 2*RB*Dv : 0))*sizeof(float) +
-                              (size_t) hh_new_halves(T, D, Dv)*sizeof(half);
+    // as hh_attn lays it out: queries, weights, the second part's output sums; coop: + the chunk's logits,
+    // the chunks' weights
+    const size_t smem_chunk = (size_t) (R*D + RP*HH_CHUNK + (2*Dv <= HH_WARPS*WARP_SIZE ? 2*RB*Dv : 0))*sizeof(float);
     const size_t smem_coop  = smem_chunk + (size_t) (R*HH_CHUNK + ns*R)*sizeof(float);
     auto launch = [&](auto kernel) {
         // every block of a head merges when all blocks of the launch fit on the device at once; else the last
@@ -1241,7 +1225,7 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
             (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data,
             ggml_cuda_fastgen_hh_out(ctx, dst), logits.get(), part_m.get(), part_l.get(), part_o.get(),
             a.U ? (float *) a.U->data : nullptr, a.U ? a.U->nb[2]/(int64_t) sizeof(float) : 0, a.U ? (int) a.U->ne[2] : 1,
-            Dv, C, T, G, scale, coop, pdl, early);
+            Dv, C, T, G, scale, coop, pdl);
         std::apply([&](const auto &... x) {
             if (pdl) {
                 ggml_cuda_kernel_launch(kernel, ggml_cuda_kernel_launch_params(grid, block, smem, ctx.stream()), x...);
