@@ -167,3 +167,93 @@ static inline const ggml_tensor * ggml_fastgen_join_in_place(const ggml_cgraph *
     }
     return FA;
 }
+
+// KV cells up to which a mixed layer's class attention folds into the heavy-hitter op's launch (ggml_fastgen_fold): its
+// extra blocks walk a head's cells one after the other, which at depth 0 beats a second kernel and the fork and join
+// of two streams (session 37), but not flash attention's split over the cells from some length on.
+#define GGML_FASTGEN_FOLD_MAX_KV 1024
+
+// Whether a region whose join can be left out (ggml_fastgen_join_in_place) can also fold its class's flash attention
+// into the heavy-hitter op's launch (ggml-fastgen-fuse.cu; the kernel: hh_attn's fold blocks in ggml-fastgen.cu):
+// the attention spans at most GGML_FASTGEN_FOLD_MAX_KV cells of an F16 cache of one stream, with an F16 mask, no
+// ALiBi, softcap or sinks; its heads have the op's sizes and group (the same model's layer), its queries are F32; K
+// rows are 16-byte aligned (the kernel loads 8 halves at a time); and the nodes between it and the op, in either
+// order, launch nothing, so that one launch at the first of the two can compute both. Returns that flash attention,
+// or nullptr.
+static inline const ggml_tensor * ggml_fastgen_fold(const ggml_cgraph * g, const ggml_fastgen_branches & r) {
+    const ggml_tensor * FA = ggml_fastgen_join_in_place(g, r);
+    if (!FA) {
+        return nullptr;
+    }
+    const ggml_tensor * q = FA->src[0], * k = FA->src[1], * v = FA->src[2], * mask = FA->src[3];
+    const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(r.op);
+    const float max_bias = ggml_get_op_params_f32(FA, 1), softcap = ggml_get_op_params_f32(FA, 2);
+    if (!mask || FA->src[4] || max_bias != 0.0f || softcap != 0.0f || q->type != GGML_TYPE_F32 ||
+            k->type != GGML_TYPE_F16 || v->type != GGML_TYPE_F16 || mask->type != GGML_TYPE_F16) {
+        return nullptr;
+    }
+    if (k->ne[1] > GGML_FASTGEN_FOLD_MAX_KV || k->ne[0] != a.D || q->ne[0] != a.D || v->ne[0] != a.Dv ||
+            q->ne[1] != a.T || q->ne[2] != a.G*k->ne[2] || v->ne[1] != k->ne[1] || v->ne[2] != k->ne[2] ||
+            mask->ne[0] < k->ne[1] || mask->ne[1] < a.T || q->ne[3] != 1 || k->ne[3] != 1 || v->ne[3] != 1 ||
+            mask->ne[2] != 1 || mask->ne[3] != 1) {
+        return nullptr;
+    }
+    if (q->nb[0] != sizeof(float) || k->nb[0] != 2 || v->nb[0] != 2 || mask->nb[0] != 2 ||
+            k->nb[1] % 16 != 0 || k->nb[2] % 16 != 0 || k->view_offs % 16 != 0) {
+        return nullptr;
+    }
+    int iF = -1, iH = -1;
+    for (int i = 0; i < g->n_nodes; ++i) {
+        iF = g->nodes[i] == FA ? i : iF;
+        iH = g->nodes[i] == r.op ? i : iH;
+    }
+    if (iF < 0 || iH < 0) {
+        return nullptr;
+    }
+    for (int i = std::min(iF, iH) + 1; i < std::max(iF, iH); ++i) {
+        if (!ggml_fastgen_noop(g->nodes[i])) {
+            return nullptr;
+        }
+    }
+    return FA;
+}
+
+// At node i, the first of a folded pair: a flash attention marked FA and a heavy-hitter op, in either order with only
+// views between, read by a concat marked FOLD (which ggml_fastgen_fold allowed). Returns the index of the second and
+// sets the three nodes; else -1.
+static inline int ggml_fastgen_fold_pair(const ggml_cgraph * g, int i, const ggml_tensor ** fa, const ggml_tensor ** hh,
+                                         const ggml_tensor ** join) {
+    const ggml_tensor * t = g->nodes[i];
+    const bool t_fa = ggml_fastgen_marked(t, GGML_OP_FLASH_ATTN_EXT, GGML_FASTGEN_MARK_FA);
+    if (!t_fa && t->op != GGML_OP_FASTGEN_HH_ATTN) {
+        return -1;
+    }
+    int m = i + 1;
+    while (m < g->n_nodes && ggml_fastgen_noop(g->nodes[m])) {
+        m++;
+    }
+    if (m >= g->n_nodes) {
+        return -1;
+    }
+    const ggml_tensor * u = g->nodes[m];
+    const ggml_tensor * F = t_fa ? t : u, * H = t_fa ? u : t;
+    if (H->op != GGML_OP_FASTGEN_HH_ATTN || !ggml_fastgen_marked(F, GGML_OP_FLASH_ATTN_EXT, GGML_FASTGEN_MARK_FA)) {
+        return -1;
+    }
+    for (int k = m + 1; k < g->n_nodes; ++k) { // the concat that reads the op
+        const ggml_tensor * J = g->nodes[k];
+        if (J->src[0] != H && J->src[1] != H) {
+            continue;
+        }
+        const ggml_tensor * other = J->src[0] == H ? J->src[1] : J->src[0];
+        if (!ggml_fastgen_marked(J, GGML_OP_CONCAT, GGML_FASTGEN_MARK_FOLD) || !other || other->op != GGML_OP_RESHAPE ||
+                other->src[0] != F) {
+            return -1;
+        }
+        *fa = F;
+        *hh = H;
+        *join = J;
+        return m;
+    }
+    return -1;
+}
