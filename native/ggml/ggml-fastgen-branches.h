@@ -172,12 +172,19 @@ static inline const ggml_tensor * ggml_fastgen_join_in_place(const ggml_cgraph *
 // extra blocks walk a head's cells one after the other, which at depth 0 beats a second kernel and the fork and join
 // of two streams (session 37), but not flash attention's split over the cells from some length on.
 #define GGML_FASTGEN_FOLD_MAX_KV 1024
+// cells a fold block takes at a time (hh_attn's chunk), and the shared memory it may ask for: its queries, a chunk's
+// weights and its output so far, per query row, below the 48 KB a launch gets without raising its limit (the kernel's
+// static shared memory takes about 1.5 KB)
+#define GGML_FASTGEN_FOLD_CELLS 64
+#define GGML_FASTGEN_FOLD_SMEM(R, D, Dv) ((size_t) (R)*((D) + GGML_FASTGEN_FOLD_CELLS + (Dv))*sizeof(float))
+#define GGML_FASTGEN_FOLD_MAX_SMEM (44*1024)
 
 // Whether a region whose join can be left out (ggml_fastgen_join_in_place) can also fold its class's flash attention
 // into the heavy-hitter op's launch (ggml-fastgen-fuse.cu; the kernel: hh_attn's fold blocks in ggml-fastgen.cu):
 // the attention spans at most GGML_FASTGEN_FOLD_MAX_KV cells of an F16 cache of one stream, with an F16 mask, no
 // ALiBi, softcap or sinks; its heads have the op's sizes and group (the same model's layer), its queries are F32; K
-// rows are 16-byte aligned (the kernel loads 8 halves at a time); and the nodes between it and the op, in either
+// rows are 16-byte aligned (the kernel loads 8 halves at a time); its block's shared memory fits (GGML_FASTGEN_FOLD_SMEM
+// up to GGML_FASTGEN_FOLD_MAX_SMEM); and the nodes between it and the op, in either
 // order, launch nothing, so that one launch at the first of the two can compute both. Returns that flash attention,
 // or nullptr.
 static inline const ggml_tensor * ggml_fastgen_fold(const ggml_cgraph * g, const ggml_fastgen_branches & r) {
@@ -195,7 +202,7 @@ static inline const ggml_tensor * ggml_fastgen_fold(const ggml_cgraph * g, const
     if (k->ne[1] > GGML_FASTGEN_FOLD_MAX_KV || k->ne[0] != a.D || q->ne[0] != a.D || v->ne[0] != a.Dv ||
             q->ne[1] != a.T || q->ne[2] != a.G*k->ne[2] || v->ne[1] != k->ne[1] || v->ne[2] != k->ne[2] ||
             mask->ne[0] < k->ne[1] || mask->ne[1] < a.T || q->ne[3] != 1 || k->ne[3] != 1 || v->ne[3] != 1 ||
-            mask->ne[2] != 1 || mask->ne[3] != 1) {
+            mask->ne[2] != 1 || mask->ne[3] != 1 || GGML_FASTGEN_FOLD_SMEM(a.G*a.T, a.D, a.Dv) > GGML_FASTGEN_FOLD_MAX_SMEM) {
         return nullptr;
     }
     if (q->nb[0] != sizeof(float) || k->nb[0] != 2 || v->nb[0] != 2 || mask->nb[0] != 2 ||

@@ -12,7 +12,11 @@
 //    that buffer overlaps none of them (not for a flash attention that converts K and V to F16 into scratch after
 //    its output: graph_optimize marks no such join). Where the streams are not used this step (one stream, no CUDA graph, an eval
 //    callback, events llama.cpp found invalid), each writes its own buffer and the concat runs, as before.
-// LLAMA_FASTGEN_CUDA_FUSE=0 turns both off (to compare); llama.cpp's GGML_CUDA_DISABLE_FUSION=1 the first.
+// Where graph_optimize folded the layer's class attention into the heavy-hitter op (a concat marked FOLD, few cells:
+// ggml_fastgen_fold), try_fuse launches the op with the flash attention's sources at the first of the two nodes, both
+// write their rows into the concat's buffer, and neither the flash attention nor the concat launches.
+// LLAMA_FASTGEN_CUDA_FUSE=0 turns all three off (to compare), LLAMA_FASTGEN_CUDA_FOLD=0 the fold; llama.cpp's
+// GGML_CUDA_DISABLE_FUSION=1 the K and V rows and the fold.
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
 #include "ggml-fastgen-branches.h"

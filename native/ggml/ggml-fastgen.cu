@@ -81,6 +81,7 @@ template <int DL>
 static __device__ __noinline__ void hh_fold_head(const hh_fold & f, const int jc, const int T, const int G, const int Dv, float * smem) {
     constexpr int D = DL*WARP_SIZE;
     static_assert(GGML_FASTGEN_FOLD_MAX_KV <= 32*HH_CHUNK, "a bit per chunk");
+    static_assert(GGML_FASTGEN_FOLD_CELLS == HH_CHUNK, "ggml_fastgen_fold sizes the block's shared memory");
     const int R = G*T;
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
     float * q_s = smem;             // [R][D]
@@ -1369,15 +1370,16 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     const dim3 grid(n + fold.n, ns), block(HH_WARPS*WARP_SIZE);
     // as hh_attn lays it out: queries, weights, the second part's output sums; coop: + the chunk's logits,
     // the chunks' weights
-    // (a folded class: queries, weights, its output so far)
-    const size_t smem_chunk = (size_t) std::max(R*D + RP*HH_CHUNK + (2*Dv <= HH_WARPS*WARP_SIZE ? 2*RB*Dv : 0),
-                                                fold.n ? R*D + R*HH_CHUNK + R*Dv : 0)*sizeof(float);
+    const size_t smem_chunk = (size_t) (R*D + RP*HH_CHUNK + (2*Dv <= HH_WARPS*WARP_SIZE ? 2*RB*Dv : 0))*sizeof(float);
     const size_t smem_coop  = smem_chunk + (size_t) (R*HH_CHUNK + ns*R)*sizeof(float);
+    const size_t smem_fold  = fold.n ? GGML_FASTGEN_FOLD_SMEM(R, D, Dv) : 0; // a folded class's blocks (ggml_fastgen_fold checked it fits)
     auto launch = [&](auto kernel) {
         // every block of a head merges when all blocks of the launch fit on the device at once; else the last
-        // one merges, from the logits kept in a scratch buffer (the only path that needs it)
-        const bool coop = smem_coop <= HH_COOP_MAX_SMEM && hh_coop_fits((const void *) kernel, ctx.device, smem_coop, (n + fold.n)*ns);
-        const size_t smem = coop ? smem_coop : std::max(smem_chunk, (size_t) ns*R*sizeof(float));
+        // one merges, from the logits kept in a scratch buffer (the only path that needs it). A folded class's blocks
+        // wait for nobody: only the op's own count
+        const bool coop = smem_coop <= HH_COOP_MAX_SMEM &&
+                          hh_coop_fits((const void *) kernel, ctx.device, std::max(smem_coop, smem_fold), n*ns);
+        const size_t smem = std::max(coop ? smem_coop : std::max(smem_chunk, (size_t) ns*R*sizeof(float)), smem_fold);
         ggml_cuda_pool_alloc<float> logits(ctx.pool(), coop ? 1 : (size_t) n*R*C);
         ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) n*ns*R);
         ggml_cuda_pool_alloc<float> part_l(ctx.pool(), (size_t) n*ns*R);
