@@ -1327,17 +1327,22 @@ bool ggml_cuda_fastgen_fa_mma(const ggml_tensor * dst) {
 }
 
 // Whether the merge may have every block of a head wait for the others: only if all n*ns blocks of the
-// launch are resident at once (else a waiting block could hold the SM a missing one needs).
+// launch are resident at once (else a waiting block could hold the SM a missing one needs), and its shared memory,
+// with the kernel's static, stays within the 48 KB a launch gets without raising its limit.
 #define HH_COOP_MAX_SMEM (48*1024)
 static bool hh_coop_fits(const void * fn, int device, size_t smem, int blocks) {
-    thread_local std::map<std::pair<const void *, size_t>, int> per_sm; // occupancy per kernel and shared memory
+    thread_local std::map<std::pair<const void *, size_t>, int> per_sm; // occupancy per kernel and shared memory (-1: too much)
     auto it = per_sm.find({ fn, smem });
     if (it == per_sm.end()) {
-        int n = 0;
-        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, HH_WARPS*WARP_SIZE, smem));
+        cudaFuncAttributes attr;
+        CUDA_CHECK(cudaFuncGetAttributes(&attr, fn));
+        int n = -1;
+        if (smem + attr.sharedSizeBytes <= HH_COOP_MAX_SMEM) {
+            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, HH_WARPS*WARP_SIZE, smem));
+        }
         it = per_sm.emplace(std::make_pair(fn, smem), n).first;
     }
-    return blocks <= it->second*ggml_cuda_info().devices[device].nsm;
+    return it->second >= 0 && blocks <= it->second*ggml_cuda_info().devices[device].nsm;
 }
 
 void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst, const ggml_tensor * fa, float * fa_out, float * out) {
@@ -1377,8 +1382,7 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
         // every block of a head merges when all blocks of the launch fit on the device at once; else the last
         // one merges, from the logits kept in a scratch buffer (the only path that needs it). A folded class's blocks
         // wait for nobody: only the op's own count
-        const bool coop = smem_coop <= HH_COOP_MAX_SMEM &&
-                          hh_coop_fits((const void *) kernel, ctx.device, std::max(smem_coop, smem_fold), n*ns);
+        const bool coop = hh_coop_fits((const void *) kernel, ctx.device, std::max(smem_coop, smem_fold), n*ns);
         const size_t smem = std::max(coop ? smem_coop : std::max(smem_chunk, (size_t) ns*R*sizeof(float)), smem_fold);
         ggml_cuda_pool_alloc<float> logits(ctx.pool(), coop ? 1 : (size_t) n*R*C);
         ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) n*ns*R);
