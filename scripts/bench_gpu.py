@@ -289,9 +289,6 @@ def speed(args) -> list:
                ("diag fastgen fa-vec", args.model, [], {"LLAMA_FASTGEN_CUDA_FA_MMA": "0"}),
                # a mixed layer's K and V rows in two launches and its concat launched (ggml-fastgen-fuse.cu: neither)
                ("diag fastgen no-fuse", args.model, [], {"LLAMA_FASTGEN_CUDA_FUSE": "0"}),
-               # a mixed layer's class attention over few cells in its own launch beside the heavy-hitter op (on two
-               # streams), not folded into the op's launch (ggml-fastgen-streams.cu)
-               ("diag fastgen no-fold", args.model, [], {"LLAMA_FASTGEN_CUDA_FOLD": "0"}),
                ("diag fastgen no-graphs", args.model, [], {"GGML_CUDA_DISABLE_GRAPHS": "1"}),
                ("diag full no-graphs", args.model, [], {"LLAMA_FASTGEN_DISABLE": "1", "GGML_CUDA_DISABLE_GRAPHS": "1"})]
     unknown = set(args.configs or []) - {c[0] for c in configs}

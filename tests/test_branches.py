@@ -26,8 +26,7 @@ def _run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def finder(tmp_path_factory):
-    """finder(tokens, beside[, n_kv]) -> (the regions found, the finder's debug lines, the marked rows and their pairs);
-    with fold_pairs=True: (the regions, the folded pairs found once their joins are marked)"""
+    """finder(tokens, beside) -> (the regions found, the finder's debug lines, the marked rows and their pairs)"""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not cxx:
         pytest.fail("no C++ compiler: the build needs one too (CXX or c++)")
@@ -39,11 +38,9 @@ def finder(tmp_path_factory):
           f"-I{tree / 'ggml' / 'include'}", f"-I{tree / 'ggml' / 'src'}", f"-I{REPO / 'native' / 'ggml'}",
           f"-I{REPO / 'native' / 'include'}", f"-L{lib}", "-lggml-base", f"-Wl,-rpath,{lib}", "-o", str(exe)])
 
-    def run(tokens: int, beside: int, n_kv: int = 256, fold_pairs: bool = False):
-        r = _run([str(exe), str(tokens), str(beside), str(n_kv)], env={**os.environ, "DEBUG": "1"})
+    def run(tokens: int, beside: int) -> tuple[list[dict], list[str], list[list[str]]]:
+        r = _run([str(exe), str(tokens), str(beside)], env={**os.environ, "DEBUG": "1"})
         out = json.loads(r.stdout)
-        if fold_pairs:
-            return out["regions"], out["fold_pairs"]
         return out["regions"], [ln for ln in r.stderr.splitlines() if "ggml_fastgen_branch_regions" in ln], out["rows_pairs"]
     return run
 
@@ -98,22 +95,3 @@ def test_a_class_s_k_rows_pair_with_its_v_rows_across_views_only(finder):
     # next node that launches is the flash attention); layer 0's rows are not marked
     _, _, pairs = finder(1, 1)
     assert pairs == [p for il in (4, 5, 6) for p in ([f"k_rows-{il}", f"v_rows-{il}"], [f"v_rows-{il}", ""])]
-
-
-def test_a_flash_attention_over_few_cells_folds_into_the_op_s_launch(finder):
-    # layers 4 and 5 (joins written in place, 256 cells): CUDA computes the class's attention in the op's launch, at
-    # whichever of the two comes first, with only views between (ggml-fastgen-fuse.cu); layer 6's join stays, so does
-    # its attention
-    regions, pairs = finder(1, 1, fold_pairs=True)
-    assert [(r["op"], r["fold"]) for r in regions] == [("kqv_hh-0", ""), ("kqv_hh-4", "fa-4"), ("kqv_hh-5", "fa-5"),
-                                                       ("kqv_hh-6", "")]
-    # layer 4 builds the attention first, layer 5 the op (it is first in the concat)
-    assert pairs == [["fa-4", "kqv_hh-4", "fa-4", "kqv_hh-4", "kqv_out-4"], ["kqv_hh-5", "fa-5", "fa-5", "kqv_hh-5", "kqv_out-5"]]
-    # over more cells than GGML_FASTGEN_FOLD_MAX_KV flash attention keeps its own launch (on a second stream), and
-    # nothing is marked, so no pair is found
-    regions, pairs = finder(1, 1, n_kv=2048, fold_pairs=True)
-    assert [r["in_place"] for r in regions] == [0, 1, 1, 0] and [r["fold"] for r in regions] == ["", "", "", ""]
-    assert pairs == []
-    # a 16-token step's rows interleave: no join in place, no fold
-    regions, _ = finder(16, 1, fold_pairs=True)
-    assert [r["fold"] for r in regions] == ["", "", "", ""]

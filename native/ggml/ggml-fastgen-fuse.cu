@@ -12,11 +12,7 @@
 //    that buffer overlaps none of them (not for a flash attention that converts K and V to F16 into scratch after
 //    its output: graph_optimize marks no such join). Where the streams are not used this step (one stream, no CUDA graph, an eval
 //    callback, events llama.cpp found invalid), each writes its own buffer and the concat runs, as before.
-// Where graph_optimize folded the layer's class attention into the heavy-hitter op (a concat marked FOLD, few cells:
-// ggml_fastgen_fold), try_fuse launches the op with the flash attention's sources at the first of the two nodes, both
-// write their rows into the concat's buffer, and neither the flash attention nor the concat launches.
-// LLAMA_FASTGEN_CUDA_FUSE=0 turns all three off (to compare), LLAMA_FASTGEN_CUDA_FOLD=0 the fold; llama.cpp's
-// GGML_CUDA_DISABLE_FUSION=1 the K and V rows and the fold.
+// LLAMA_FASTGEN_CUDA_FUSE=0 turns both off (to compare); llama.cpp's GGML_CUDA_DISABLE_FUSION=1 the first.
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
 #include "ggml-fastgen-branches.h"
@@ -59,32 +55,7 @@ static bool rows_fit(const ggml_tensor * r) {
            idx->ne[1] == 1 && r->nb[0] == sizeof(half) && src->nb[0] == sizeof(float) && idx->nb[0] == sizeof(int64_t);
 }
 
-bool ggml_cuda_fastgen_fold_on() {
-    // llama.cpp's switch too: graph_optimize marks a fold only where try_fuse (behind GGML_CUDA_DISABLE_FUSION) runs it
-    static const bool on = fuse_on() && ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_FOLD", 1, false, "on") != 0 &&
-                           !(getenv("GGML_CUDA_DISABLE_FUSION") && atoi(getenv("GGML_CUDA_DISABLE_FUSION")));
-    return on;
-}
-
-// where part t (the heavy-hitter op, or the flash attention under its reshape) of concat J along rows begins in J's
-// buffer; nullptr if t is no part of J
-static float * part_of(const ggml_tensor * J, const ggml_tensor * t) {
-    for (int p = 0; p < 2; ++p) {
-        const ggml_tensor * s = J->src[p];
-        if (s == t || (s->op == GGML_OP_RESHAPE && s->src[0] == t)) {
-            return (float *) ((char *) J->data + (p == 0 ? 0 : ggml_nbytes(J->src[0])));
-        }
-    }
-    return nullptr;
-}
-
 int ggml_cuda_fastgen_try_fuse(ggml_backend_cuda_context & ctx, ggml_cgraph * g, int i) {
-    const ggml_tensor * fa = nullptr, * hh = nullptr, * J = nullptr;
-    const int f = ggml_cuda_fastgen_fold_on() ? ggml_fastgen_fold_pair(g, i, &fa, &hh, &J) : -1;
-    if (f > 0) { // a class's attention in the heavy-hitter op's launch, both into the concat's buffer
-        ggml_cuda_fastgen_hh_attn(ctx, const_cast<ggml_tensor *>(hh), fa, part_of(J, fa), part_of(J, hh));
-        return f - i;
-    }
     const int m = fuse_on() ? ggml_fastgen_rows_pair(g, i) : -1;
     if (m < 0 || !rows_fit(g->nodes[i]) || !rows_fit(g->nodes[m])) {
         return 0;
@@ -126,8 +97,14 @@ static bool join_in_place(ggml_backend_cuda_context & ctx, const ggml_tensor * J
 static char * join_slot(ggml_backend_cuda_context & ctx, const ggml_tensor * t) {
     for (const auto & fe : ctx.stream_context().concurrent_events) {
         const ggml_tensor * J = fe.second.join_node;
-        if (float * part = join_marked(J) ? part_of(J, t) : nullptr) {
-            return (char *) part;
+        if (!join_marked(J)) {
+            continue;
+        }
+        for (int p = 0; p < 2; ++p) {
+            const ggml_tensor * s = J->src[p];
+            if (s == t || (s->op == GGML_OP_RESHAPE && s->src[0] == t)) {
+                return (char *) J->data + (p == 0 ? 0 : ggml_nbytes(J->src[0]));
+            }
         }
     }
     return nullptr;
@@ -139,9 +116,6 @@ float * ggml_cuda_fastgen_hh_out(ggml_backend_cuda_context & ctx, const ggml_ten
 }
 
 bool ggml_cuda_fastgen_compute_forward(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
-    if (ggml_fastgen_marked(dst, GGML_OP_CONCAT, GGML_FASTGEN_MARK_FOLD)) {
-        return true; // its parts were written by the folded launch (try_fuse)
-    }
     if (join_marked(dst)) {
         return join_in_place(ctx, dst); // its parts are in place: nothing to launch
     }

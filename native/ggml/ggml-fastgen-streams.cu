@@ -19,11 +19,8 @@
 // Only for the decode kernel (the finder skips prefill ops): there the op is a latency-bound launch that can
 // hide behind the other branch. Beside a prefill ubatch's kernels, which fill the GPU on their own, pp8192
 // ran 1-3.5% slower on two streams (session 31, H100).
-// Where the class's attention spans few cells (depth 0, short chats; ggml_fastgen_fold), its region takes neither
-// stream: the heavy-hitter op's launch computes that attention too (ggml-fastgen-fuse.cu), so the layer has no fork and
-// no join. At depth 0 on an H100 (session 36), B = 0.30's 18 mixed layers cost 3-6% of a token on two streams as on one.
 // LLAMA_FASTGEN_CUDA_STREAMS=0 keeps one stream; =2 also prints per op what the finder decided, and per graph how many
-// regions were folded and how many joins ggml-fastgen-fuse.cu leaves out.
+// joins ggml-fastgen-fuse.cu leaves out.
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
 #include "ggml-fastgen-branches.h"
@@ -40,41 +37,28 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
     sc.reset();
     // 0: one stream; 1 (default): two; 2: two, and one line per op on stderr
     static const int mode = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_STREAMS", 1, true, "two streams in decode");
-    const bool streams = mode != 0 && use_cuda_graph, fold = ggml_cuda_fastgen_fold_on();
-    if ((!streams && !fold) || !params) {
+    if (mode == 0 || !use_cuda_graph || !params) {
         return;
     }
     const std::vector<ggml_fastgen_branches> regions = ggml_fastgen_branch_regions(g, mode == 2);
     if (!regions.empty()) {
         ggml_cuda_set_device(ctx->device); // the events below belong to this device
     }
-    int n_in_place = 0, n_fold = 0, n_streams = 0;
+    int n_in_place = 0;
     for (const ggml_fastgen_branches & r : regions) {
         ggml_tensor * join = g->nodes[r.join];
-        const bool folded = fold && ggml_fastgen_fold(g, r);
-        if (!folded && !streams) {
-            continue;
-        }
-        // written in place either way: nothing the region reads or writes may share the concat's buffer
+        ggml_cuda_concurrent_event ev(2);
+        ev.join_node = join;
+        ev.original_order = r.nodes;
         for (size_t k = 0; k < r.nodes.size(); ++k) {
             const ggml_tensor * t = r.nodes[k];
+            ev.stream_mapping[t] = r.branch[k];
             params->add_alloc_dep(params->user_data, const_cast<ggml_tensor *>(t), join);
             for (int s = 0; s < GGML_MAX_SRC; ++s) { // every source: by now the split's inputs are plain copies
                 if (t->src[s]) {                       // (no INPUT flag), and the allocator keeps what it does not own anyway
                     params->add_alloc_dep(params->user_data, t->src[s], join);
                 }
             }
-        }
-        if (folded) { // one launch, one stream (ggml-fastgen-fuse.cu)
-            ggml_fastgen_mark(join, GGML_FASTGEN_MARK_FOLD);
-            n_fold++;
-            continue;
-        }
-        ggml_cuda_concurrent_event ev(2);
-        ev.join_node = join;
-        ev.original_order = r.nodes;
-        for (size_t k = 0; k < r.nodes.size(); ++k) {
-            ev.stream_mapping[r.nodes[k]] = r.branch[k];
         }
         // its parts written into its buffer (ggml-fastgen-fuse.cu), unless the flash attention keeps F16 copies of K
         // and V after its output (a cache of another type): that scratch is allocated with its own buffer only
@@ -84,12 +68,9 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
             n_in_place++;
         }
         sc.concurrent_events.emplace(g->nodes[r.fork], std::move(ev));
-        n_streams++;
     }
-    GGML_LOG_DEBUG("%s: %d heavy-hitter ops on a second stream beside their layer's other attention, %d with it folded in\n",
-                   __func__, n_streams, n_fold);
+    GGML_LOG_DEBUG("%s: %zu heavy-hitter ops on a second stream beside their layer's other attention\n", __func__, regions.size());
     if (mode == 2) {
-        fprintf(stderr, "%s: %zu regions: %d folded into one launch, %d on two streams, %d of these joins written in place\n",
-                __func__, regions.size(), n_fold, n_streams, n_in_place);
+        fprintf(stderr, "%s: %zu regions, %d of their joins written in place\n", __func__, regions.size(), n_in_place);
     }
 }

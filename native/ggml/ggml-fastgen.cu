@@ -36,7 +36,6 @@
 // and the ubatch's later tokens are skipped) and load the next tile with cp.async while computing one.
 #include "ggml-fastgen.cuh"
 #include "ggml-fastgen.h"
-#include "ggml-fastgen-branches.h"
 #include "llama-fastgen-env.h"
 
 #include "cp-async.cuh"
@@ -63,150 +62,6 @@ static __device__ __forceinline__ void hh_write_undo(float * U, const float * qp
     }
 }
 
-// A class's flash attention folded into the launch (ggml_fastgen_fold, ggml-fastgen-branches.h): at a decode step over
-// few cells, a block per KV head of the class (blocks n .. n + fold.n - 1 of chunk 0) walks its head's cells 64 at a
-// time with a running max, as flash attention does, where a second kernel (or a second stream's fork and join) would
-// cost the layer more than these blocks do beside the op's own.
-struct hh_fold {
-    const char * q;    int64_t q_nbh, q_nbt; // F32 queries: bytes between heads, between tokens
-    const half * k;    int64_t k_sc, k_sh;   // F16 K: elements between cells, between heads (rows 16-byte aligned)
-    const half * v;    int64_t v_sc, v_sh;   // F16 V, rows per cell as K's
-    const half * mask; int64_t mask_st;      // F16, per token a row over the cells: 0 or -inf (elements between tokens)
-    float * dst;                             // [Dv, G*n, T], heads in q order
-    int n, C;                                // KV heads, cells (C <= GGML_FASTGEN_FOLD_MAX_KV)
-    float scale;
-};
-
-template <int DL>
-static __device__ __noinline__ void hh_fold_head(const hh_fold & f, const int jc, const int T, const int G, const int Dv, float * smem) {
-    constexpr int D = DL*WARP_SIZE;
-    static_assert(GGML_FASTGEN_FOLD_MAX_KV <= 32*HH_CHUNK, "a bit per chunk");
-    static_assert(GGML_FASTGEN_FOLD_CELLS == HH_CHUNK, "ggml_fastgen_fold sizes the block's shared memory");
-    const int R = G*T;
-    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-    float * q_s = smem;             // [R][D]
-    float * w_s = q_s + R*D;        // [R][HH_CHUNK]: the chunk's logits, then weights exp(l - m)
-    float * o_s = w_s + R*HH_CHUNK; // [R][Dv]: the output so far, to the running max
-    __shared__ float fm_s[GGML_FASTGEN_HH_MAX_ROWS], fl_s[GGML_FASTGEN_HH_MAX_ROWS], fa_s[GGML_FASTGEN_HH_MAX_ROWS];
-    __shared__ unsigned int seen_s; // chunks some query sees
-    if (threadIdx.x == 0) {
-        seen_s = 0;
-    }
-    for (int i = threadIdx.x; i < R*D; i += blockDim.x) {
-        const int r = i / D, d = i % D;
-        q_s[i] = ((const float *) (f.q + (int64_t) (jc*G + r % G)*f.q_nbh + (int64_t) (r / G)*f.q_nbt))[d];
-    }
-    for (int i = threadIdx.x; i < R*Dv; i += blockDim.x) {
-        o_s[i] = 0.0f;
-    }
-    if (threadIdx.x < R) {
-        fm_s[threadIdx.x] = -INFINITY;
-        fl_s[threadIdx.x] = 0.0f;
-    }
-    __syncthreads();
-    for (int c = threadIdx.x; c < f.C; c += blockDim.x) {
-        bool seen = false;
-        for (int t = 0; t < T; ++t) {
-            seen = seen || !isinf(__half2float(f.mask[(int64_t) t*f.mask_st + c]));
-        }
-        if (seen) {
-            atomicOr(&seen_s, 1u << (c / HH_CHUNK));
-        }
-    }
-    __syncthreads();
-    const unsigned int seen = seen_s;
-    const half * Kh = f.k + (int64_t) jc*f.k_sh, * Vh = f.v + (int64_t) jc*f.v_sh;
-    const int cl = warp*(WARP_SIZE/4) + lane/4, sub = lane % 4;
-    for (int c0 = 0; c0 < f.C; c0 += HH_CHUNK) {
-        if (!(seen & (1u << (c0 / HH_CHUNK)))) {
-            continue;
-        }
-        // logits: this lane's cell (lane `sub` of 4 holds elements (i*4 + sub)*8 .. +8), four query rows at a time
-        const int c = c0 + cl;
-        float k[DL*8];
-#pragma unroll
-        for (int i = 0; i < DL; ++i) {
-            uint4 u = make_uint4(0, 0, 0, 0);
-            if (c < f.C) {
-                u = *(const uint4 *) (Kh + (int64_t) c*f.k_sc + (i*4 + sub)*8);
-            }
-            const half * h = (const half *) &u;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                k[i*8 + e] = __half2float(h[e]);
-            }
-        }
-        for (int r0 = 0; r0 < R; r0 += 4) {
-            float acc[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
-#pragma unroll
-            for (int i = 0; i < DL; ++i) {
-#pragma unroll
-                for (int rr = 0; rr < 4; ++rr) {
-                    const float4 * qa = (const float4 *) (q_s + min(r0 + rr, R - 1)*D + (i*4 + sub)*8);
-                    const float4 x = qa[0], y = qa[1];
-                    const float * ki = k + i*8;
-                    acc[rr] += x.x*ki[0]; acc[rr] += x.y*ki[1]; acc[rr] += x.z*ki[2]; acc[rr] += x.w*ki[3];
-                    acc[rr] += y.x*ki[4]; acc[rr] += y.y*ki[5]; acc[rr] += y.z*ki[6]; acc[rr] += y.w*ki[7];
-                }
-            }
-#pragma unroll
-            for (int rr = 0; rr < 4; ++rr) {
-                acc[rr] += __shfl_xor_sync(0xffffffff, acc[rr], 1);
-                acc[rr] += __shfl_xor_sync(0xffffffff, acc[rr], 2);
-                const int r = r0 + rr;
-                if (sub == 0 && r < R) {
-                    const float mv = c < f.C ? __half2float(f.mask[(int64_t) (r / G)*f.mask_st + c]) : -INFINITY;
-                    w_s[r*HH_CHUNK + cl] = isinf(mv) ? -INFINITY : acc[rr]*f.scale + mv;
-                }
-            }
-        }
-        __syncthreads();
-        // per query row: the new running max, the old sums' rescale, the chunk's weights
-        for (int r = warp; r < R; r += HH_WARPS) {
-            const float m_old = fm_s[r];
-            float m = m_old;
-            for (int i = lane; i < HH_CHUNK; i += WARP_SIZE) {
-                m = fmaxf(m, w_s[r*HH_CHUNK + i]);
-            }
-            m = warp_reduce_max(m);
-            float s = 0.0f;
-            for (int i = lane; i < HH_CHUNK; i += WARP_SIZE) {
-                const float l = w_s[r*HH_CHUNK + i];
-                const float w = l == -INFINITY ? 0.0f : expf(l - m);
-                w_s[r*HH_CHUNK + i] = w;
-                s += w;
-            }
-            s = warp_reduce_sum(s);
-            if (lane == 0) {
-                const float a = m_old == -INFINITY ? 0.0f : expf(m_old - m);
-                fa_s[r] = a;
-                fl_s[r] = fl_s[r]*a + s;
-                fm_s[r] = m;
-            }
-        }
-        __syncthreads();
-        // the output: a thread per (row, V element), over the chunk's cells (a masked cell's V may be anything: 0 x NaN)
-        for (int i = threadIdx.x; i < R*Dv; i += blockDim.x) {
-            const int r = i / Dv, d = i % Dv;
-            const float * w = w_s + r*HH_CHUNK;
-            const half * vd = Vh + (int64_t) c0*f.v_sc + d;
-            const int nc = min(HH_CHUNK, f.C - c0);
-            float acc = 0.0f;
-#pragma unroll 16
-            for (int cc = 0; cc < nc; ++cc) {
-                const float v = __half2float(vd[(int64_t) cc*f.v_sc]);
-                acc += w[cc] != 0.0f ? w[cc]*v : 0.0f;
-            }
-            o_s[i] = o_s[i]*fa_s[r] + acc;
-        }
-        __syncthreads();
-    }
-    for (int i = threadIdx.x; i < R*Dv; i += blockDim.x) {
-        const int r = i / Dv, d = i % Dv, t = r / G, g = r % G;
-        f.dst[((int64_t) t*G*f.n + (int64_t) jc*G + g)*Dv + d] = fl_s[r] > 0.0f ? o_s[i]/fl_s[r] : 0.0f;
-    }
-}
-
 // DL = D / 32: a cell's 4 lanes hold DL x 8 K elements each; RB query rows per register block.
 // No __restrict__: with programmatic dependent launch (below) the compiler could move a load above the
 // wait for the previous kernel. llama.cpp drops it in Hopper builds only (GGML_CUDA_RESTRICT, its PR 24030),
@@ -222,10 +77,9 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         const float * qpos, float * dst,
         float * logits, float * part_m, float * part_l, float * part_o,
         float * U, const int64_t u_s2, const int n_undo,
-        const int Dv, const int C, const int T, const int G, const float scale, const bool coop, const bool pdl,
-        const hh_fold fold) {
+        const int Dv, const int C, const int T, const int G, const float scale, const bool coop, const bool pdl) {
     constexpr int D = DL*WARP_SIZE;
-    const int j = blockIdx.x, sp = blockIdx.y, ns = gridDim.y, c0 = sp*HH_CHUNK, n = gridDim.x - fold.n;
+    const int j = blockIdx.x, sp = blockIdx.y, ns = gridDim.y, c0 = sp*HH_CHUNK, n = gridDim.x;
     const int R = G*T, RP = (R + RB - 1)/RB*RB;
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
 
@@ -266,12 +120,6 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         ggml_cuda_pdl_lc();
     }
     ggml_cuda_pdl_sync();
-    if (j >= n) { // a folded class's head: its block of chunk 0 (the others have nothing to do)
-        if (sp == 0) {
-            hh_fold_head<DL>(fold, j - n, T, G, Dv, smem);
-        }
-        return;
-    }
 
     // Decoding is a chain of memory round trips, not bandwidth: the chunk's work takes two (what the
     // cells hold; then their K and V).
@@ -1345,22 +1193,12 @@ static bool hh_coop_fits(const void * fn, int device, size_t smem, int blocks) {
     return it->second >= 0 && blocks <= it->second*ggml_cuda_info().devices[device].nsm;
 }
 
-void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst, const ggml_tensor * fa, float * fa_out, float * out) {
+void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     GGML_ASSERT(ggml_cuda_fastgen_hh_attn_supported(ctx.device, dst));
     const ggml_fastgen_hh_args a = ggml_fastgen_hh_unpack(dst);
     if (!ggml_fastgen_hh_decode(&a)) {
-        GGML_ASSERT(!fa && "fastgen: only a decode step folds a flash attention in");
         hh_prefill(ctx, a, dst);
         return;
-    }
-    hh_fold fold = {};
-    if (fa) { // ggml_fastgen_fold checked the shapes and strides
-        const ggml_tensor * fq = fa->src[0], * fk = fa->src[1], * fv = fa->src[2], * fm = fa->src[3];
-        fold = hh_fold{ (const char *) fq->data, (int64_t) fq->nb[2], (int64_t) fq->nb[1],
-                        (const half *) fk->data, (int64_t) fk->nb[1]/2, (int64_t) fk->nb[2]/2,
-                        (const half *) fv->data, (int64_t) fv->nb[1]/2, (int64_t) fv->nb[2]/2,
-                        (const half *) fm->data, (int64_t) fm->nb[1]/2, fa_out, (int) fk->ne[2], (int) fk->ne[1],
-                        ggml_get_op_params_f32(fa, 0) };
     }
     const ggml_tensor * q = a.q, * kc = a.k_cur, * vc = a.v_cur, * idxs = a.idxs, * qpos = a.query_pos;
     ggml_tensor * K = a.K, * V = a.V, * S = a.S, * P = a.P;
@@ -1372,18 +1210,16 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     // programmatic dependent launch unless LLAMA_FASTGEN_CUDA_PDL=0 (a diagnostic: bench_gpu.py's
     // 'diag fastgen no-pdl'); ggml_cuda_kernel_launch also obeys llama.cpp's GGML_CUDA_PDL=0
     static const bool pdl = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_PDL", 1, false, "on") != 0;
-    const dim3 grid(n + fold.n, ns), block(HH_WARPS*WARP_SIZE);
+    const dim3 grid(n, ns), block(HH_WARPS*WARP_SIZE);
     // as hh_attn lays it out: queries, weights, the second part's output sums; coop: + the chunk's logits,
     // the chunks' weights
     const size_t smem_chunk = (size_t) (R*D + RP*HH_CHUNK + (2*Dv <= HH_WARPS*WARP_SIZE ? 2*RB*Dv : 0))*sizeof(float);
     const size_t smem_coop  = smem_chunk + (size_t) (R*HH_CHUNK + ns*R)*sizeof(float);
-    const size_t smem_fold  = fold.n ? GGML_FASTGEN_FOLD_SMEM(R, D, Dv) : 0; // a folded class's blocks (ggml_fastgen_fold checked it fits)
     auto launch = [&](auto kernel) {
         // every block of a head merges when all blocks of the launch fit on the device at once; else the last
-        // one merges, from the logits kept in a scratch buffer (the only path that needs it). A folded class's blocks
-        // wait for nobody: only the op's own count
-        const bool coop = hh_coop_fits((const void *) kernel, ctx.device, std::max(smem_coop, smem_fold), n*ns);
-        const size_t smem = std::max(coop ? smem_coop : std::max(smem_chunk, (size_t) ns*R*sizeof(float)), smem_fold);
+        // one merges, from the logits kept in a scratch buffer (the only path that needs it)
+        const bool coop = hh_coop_fits((const void *) kernel, ctx.device, smem_coop, n*ns);
+        const size_t smem = coop ? smem_coop : std::max(smem_chunk, (size_t) ns*R*sizeof(float));
         ggml_cuda_pool_alloc<float> logits(ctx.pool(), coop ? 1 : (size_t) n*R*C);
         ggml_cuda_pool_alloc<float> part_m(ctx.pool(), (size_t) n*ns*R);
         ggml_cuda_pool_alloc<float> part_l(ctx.pool(), (size_t) n*ns*R);
@@ -1392,9 +1228,9 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
             (const char *) q->data, q->nb[1], q->nb[2], (const char *) kc->data, kc->nb[1], kc->nb[2],
             (const char *) vc->data, vc->nb[1], vc->nb[2], (const int64_t *) idxs->data, idxs->nb[1]/sizeof(int64_t), h0,
             (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data,
-            out ? out : ggml_cuda_fastgen_hh_out(ctx, dst), logits.get(), part_m.get(), part_l.get(), part_o.get(),
+            ggml_cuda_fastgen_hh_out(ctx, dst), logits.get(), part_m.get(), part_l.get(), part_o.get(),
             a.U ? (float *) a.U->data : nullptr, a.U ? a.U->nb[2]/(int64_t) sizeof(float) : 0, a.U ? (int) a.U->ne[2] : 1,
-            Dv, C, T, G, scale, coop, pdl, fold);
+            Dv, C, T, G, scale, coop, pdl);
         std::apply([&](const auto &... x) {
             if (pdl) {
                 ggml_cuda_kernel_launch(kernel, ggml_cuda_kernel_launch_params(grid, block, smem, ctx.stream()), x...);

@@ -4,10 +4,7 @@
 
 #include "common.cuh"
 
-// fold (decode only): a flash attention of the same layer computed by the same launch (ggml_fastgen_fold in
-// ggml-fastgen-branches.h), into fold_out; out: where the op's own rows go (nullptr: ggml_cuda_fastgen_hh_out)
-void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst, const ggml_tensor * fold = nullptr,
-                               float * fold_out = nullptr, float * out = nullptr);
+void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
 bool ggml_cuda_fastgen_hh_attn_supported(int device, const ggml_tensor * op);
 
 // fattn.cu (patch 0002): a decode step of this flash attention runs on the MMA kernel instead of the vector kernel;
@@ -28,9 +25,6 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
 // V rows in one launch at its K rows' node i (returns the nodes done after i, else 0); compute_forward: true when it
 // computed dst itself (a class's flash attention into its slot of the layer's concat) or dst needs nothing (that
 // concat); hh_out: where the heavy-hitter op writes its rows (its slot of that concat, else its own buffer)
-// fold_on: graph_optimize may fold a class's attention into the heavy-hitter op's launch, which try_fuse then makes at
-// the first of the two nodes (LLAMA_FASTGEN_CUDA_FOLD=0 or GGML_CUDA_DISABLE_FUSION=1: never)
-bool    ggml_cuda_fastgen_fold_on();
 int     ggml_cuda_fastgen_try_fuse(ggml_backend_cuda_context & ctx, ggml_cgraph * cgraph, int i);
 bool    ggml_cuda_fastgen_compute_forward(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
 float * ggml_cuda_fastgen_hh_out(ggml_backend_cuda_context & ctx, const ggml_tensor * dst);

@@ -112,16 +112,12 @@ static inline bool ggml_fastgen_noop(const struct ggml_tensor * t) {
 //        (ggml-fastgen-fuse.cu; the pair: ggml_fastgen_rows_pair in ggml-fastgen-branches.h);
 //  JOIN: set by ggml-cuda's graph_optimize (ggml-fastgen-streams.cu) on a decode step's concat whose two parts, the
 //        class's flash attention and the heavy-hitter op, are written in place into its buffer: no concat launches
-//        (ggml_fastgen_join_in_place in ggml-fastgen-branches.h);
-//  FOLD: set instead of JOIN where the class's flash attention spans few cells (ggml_fastgen_fold): the heavy-hitter
-//        op's launch computes it too, in extra blocks, and both write their rows into the concat's buffer (no fork,
-//        no join, no flash attention launch; ggml-fastgen-fuse.cu).
+//        (ggml_fastgen_join_in_place in ggml-fastgen-branches.h).
 #define GGML_FASTGEN_MARK_SLOT (GGML_MAX_OP_PARAMS/4 - 1)
 enum ggml_fastgen_mark {
     GGML_FASTGEN_MARK_FA   = 0x41464746, // "FGFA"
     GGML_FASTGEN_MARK_ROWS = 0x564b4746, // "FGKV"
     GGML_FASTGEN_MARK_JOIN = 0x4e4a4746, // "FGJN"
-    GGML_FASTGEN_MARK_FOLD = 0x4f464746, // "FGFO"
 };
 
 static inline void ggml_fastgen_mark(struct ggml_tensor * t, enum ggml_fastgen_mark m) {

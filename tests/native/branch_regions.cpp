@@ -10,10 +10,8 @@
 //   them) and a marked flash attention, whose concat with the op CUDA may leave out (ggml_fastgen_join_in_place);
 //   layer 5 as 4 with the op first in the concat (the frequent class first in class order);
 //   layer 6 as 4, but another node reads the flash attention's output too: its concat stays.
-// Arguments: tokens T (default 1), beside (default 1: no eval callback) and the full class's KV cells (default 256); the
-// finder splits decode steps only (G*T query rows per head up to GGML_FASTGEN_HH_MAX_ROWS) of graphs with beside = 1.
-// Per region also whether its flash attention folds into the op's launch (ggml_fastgen_fold), and, with the folded
-// joins marked as ggml-cuda's graph_optimize marks them, the pairs ggml_fastgen_fold_pair finds at their first node.
+// Arguments: tokens T (default 1) and beside (default 1: no eval callback); the finder splits decode steps only
+// (G*T query rows per head up to GGML_FASTGEN_HH_MAX_ROWS) of graphs with beside = 1.
 // tests/test_branches.py compiles it against ggml-base and checks the output.
 #include "ggml-fastgen.h"
 #include "ggml-fastgen-branches.h"
@@ -35,8 +33,7 @@ static ggml_tensor * heads(ggml_context * ctx, ggml_tensor * t, int64_t h0, int6
 int main(int argc, char ** argv) {
     const int64_t T = argc > 1 ? atoi(argv[1]) : 1;
     const int32_t beside = argc > 2 ? atoi(argv[2]) : 1;
-    const int64_t N_KV = argc > 3 ? atoi(argv[3]) : 256;
-    const int64_t D = 64, H = 4, G = 2, C = 128, n_full = 1, n_hh = H - n_full;
+    const int64_t D = 64, H = 4, G = 2, C = 128, N_KV = 256, n_full = 1, n_hh = H - n_full;
     ggml_init_params ip = { 64u*1024*1024, nullptr, true };
     ggml_context * ctx = ggml_init(ip);
     ggml_cgraph * gf = ggml_new_graph(ctx);
@@ -118,13 +115,8 @@ int main(int argc, char ** argv) {
     printf("{\"regions\": [");
     for (size_t r = 0; r < regions.size(); ++r) {
         const ggml_fastgen_branches & b = regions[r];
-        const ggml_tensor * fold = ggml_fastgen_fold(gf, b);
-        printf("%s{\"op\": \"%s\", \"fork\": \"%s\", \"join\": \"%s\", \"in_place\": %d, \"fold\": \"%s\", \"nodes\": [",
-               r ? ", " : "", b.op->name, gf->nodes[b.fork]->name, gf->nodes[b.join]->name,
-               ggml_fastgen_join_in_place(gf, b) != nullptr ? 1 : 0, fold ? fold->name : "");
-        if (fold) {
-            ggml_fastgen_mark(gf->nodes[b.join], GGML_FASTGEN_MARK_FOLD);
-        }
+        printf("%s{\"op\": \"%s\", \"fork\": \"%s\", \"join\": \"%s\", \"in_place\": %d, \"nodes\": [", r ? ", " : "",
+               b.op->name, gf->nodes[b.fork]->name, gf->nodes[b.join]->name, ggml_fastgen_join_in_place(gf, b) != nullptr ? 1 : 0);
         for (size_t k = 0; k < b.nodes.size(); ++k) {
             printf("%s[\"%s\", %d, %d]", k ? ", " : "", b.nodes[k]->name, b.branch[k], ggml_fastgen_noop(b.nodes[k]) ? 1 : 0);
         }
@@ -135,16 +127,6 @@ int main(int argc, char ** argv) {
         if (ggml_fastgen_marked(gf->nodes[i], GGML_OP_SET_ROWS, GGML_FASTGEN_MARK_ROWS)) {
             const int m = ggml_fastgen_rows_pair(gf, i);
             printf("%s[\"%s\", \"%s\"]", first ? "" : ", ", gf->nodes[i]->name, m < 0 ? "" : gf->nodes[m]->name);
-            first = 0;
-        }
-    }
-    printf("], \"fold_pairs\": [");
-    for (int i = 0, first = 1; i < gf->n_nodes; ++i) { // at each node, the folded pair that starts there
-        const ggml_tensor * fa = nullptr, * hh = nullptr, * join = nullptr;
-        const int m = ggml_fastgen_fold_pair(gf, i, &fa, &hh, &join);
-        if (m >= 0) {
-            printf("%s[\"%s\", \"%s\", \"%s\", \"%s\", \"%s\"]", first ? "" : ", ", gf->nodes[i]->name, gf->nodes[m]->name,
-                   fa->name, hh->name, join->name);
             first = 0;
         }
     }
