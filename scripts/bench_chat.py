@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -26,7 +25,7 @@ from llama_fastgen import schema  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 
 from llama_fastgen.evaluation import tasks as eval_tasks  # noqa: E402
-from llama_fastgen.evaluation.report import commit, machine, spread  # noqa: E402
+from llama_fastgen.evaluation.report import command_line, commit, machine, spread  # noqa: E402
 
 QUESTIONS = ["Summarize the text above in two sentences.", "What is the main argument of the text above?",
              "Which people does the text above mention?", "What advice does the text above give?"]
@@ -122,7 +121,7 @@ def main() -> int:
     print(f"  fastgen / full cache total time: {summary['fastgen']['total_seconds'] / summary['full cache']['total_seconds']:.2f}x;"
           f" identical answers: {same}/{len(ps)}")
     if args.json:
-        out = {"command": shlex.join(sys.argv), "commit": commit(), "machine": machine(), "started": started,
+        out = {"command": command_line(sys.argv), "commit": commit(), "machine": machine(), "started": started,
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
                "summary": summary, "identical_answers": same, "runs": runs}
         Path(args.json).write_text(json.dumps(out, indent=1))

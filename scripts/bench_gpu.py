@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -352,9 +351,6 @@ def speed_table(rows, markdown: bool = False) -> str:
     return "\n".join([title] + ["  " + "".join(f"{x:>22}" for x in line) for line in [head] + lines])
 
 
-RUN_ENV_NOT_SWITCHES = {"LLAMA_FASTGEN_CACHE", "LLAMA_FASTGEN_COMMIT", "LLAMA_FASTGEN_EVAL_CACHE"}
-
-
 def run_info() -> dict:
     """what a GPU results file says about its run: machine, command, commit, start time"""
     try:
@@ -372,11 +368,9 @@ def run_info() -> dict:
                                                  capture_output=True, text=True).stdout.strip() else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    # switches set in the environment change what every config runs (session 37's and 38's A/B runs exported them):
-    # the command names them as the shell line that ran it would; where files go and which commit is built do not count
-    env = [f"{k}={v}" for k, v in sorted(os.environ.items())
-           if k.startswith(("LLAMA_FASTGEN_", "GGML_")) and k not in RUN_ENV_NOT_SWITCHES]
-    return {"machine": gpu, "command": shlex.join(env + [os.path.basename(sys.argv[0])] + sys.argv[1:]), "commit": commit,
+    # switches exported for the whole run change what every config runs: command_line names them
+    from llama_fastgen.evaluation.report import command_line
+    return {"machine": gpu, "command": command_line([os.path.basename(sys.argv[0]), *sys.argv[1:]]), "commit": commit,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 

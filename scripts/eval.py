@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -123,7 +122,7 @@ def main() -> int:
     cfgs = configs.build_configs(model_dir, work, a.thresholds, a.ctx, a.ubatch, a.families, tuple(a.fastgen_args.split()))
     out = {"model": str(model_dir), "n_ctx": a.ctx, "n_ubatch": a.ubatch, "ranges": a.ranges,
            "text": text_source, "machine": report.machine(), "commit": report.commit(),
-           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": "python scripts/eval.py " + shlex.join(sys.argv[1:]),
+           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": report.command_line(["python", "scripts/eval.py", *sys.argv[1:]]),
            "configs": [c.name for c in cfgs]}
     prev = json.loads(a.json.read_text()) if a.resume and a.json and a.json.is_file() else {}
     if prev and (prev["model"], prev["n_ctx"], prev["n_ubatch"], prev.get("text")) != \

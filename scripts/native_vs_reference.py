@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -63,7 +62,7 @@ def main() -> int:
 
     if not a.policies:
         ap.error("--policies is required")
-    from llama_fastgen.evaluation.report import commit as git_commit, machine
+    from llama_fastgen.evaluation.report import command_line, commit as git_commit, machine
     from llama_fastgen import schema
     from llama_fastgen.converter import convert, reference
     from llama_fastgen.converter.calibration import load_texts
@@ -110,7 +109,7 @@ def main() -> int:
         a.json.write_text(json.dumps({
             "model": model_dir.name, "policies": str(a.policies), "tokens": len(ids), "from_position": start,
             "n_ctx": n_ctx, "kv_ratio": st["kv_bytes"] / st["full_bytes"], "classes": [c.label for c in meta.classes],
-            "pairs": rows, "command": "python " + shlex.join(sys.argv), "commit": git_commit(), "machine": machine(),
+            "pairs": rows, "command": command_line(["python", *sys.argv]), "commit": git_commit(), "machine": machine(),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "seconds": round(time.time() - t0)},
             indent=1))
         print("wrote", a.json)

@@ -1,6 +1,7 @@
 """Evaluation harness: its numbers come from real runs (full vs itself is exact, a tiny window is worse)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,19 @@ def test_quick_evaluation_runs_end_to_end_with_fair_baselines(tmp_path):
     assert full["correct"] >= 3
     md = (tmp_path / "quick.md").read_text()
     assert "| fastgen T=0.8 |" in md and "[" in md
+
+
+def test_a_results_files_command_names_the_switches_it_ran_under(monkeypatch):
+    # session 37's and 38's A/B runs exported a switch and their files' commands did not show it
+    from llama_fastgen.evaluation.report import command_line
+
+    for k in [k for k in os.environ if k.startswith(("LLAMA_FASTGEN_", "GGML_"))]:
+        monkeypatch.delenv(k)
+    assert command_line(["python", "scripts/bench_gpu.py", "speed", "--configs", "full f16"]) == \
+        "python scripts/bench_gpu.py speed --configs 'full f16'"
+    monkeypatch.setenv("LLAMA_FASTGEN_CUDA_STREAMS", "0")
+    monkeypatch.setenv("GGML_CUDA_PDL", "0")
+    monkeypatch.setenv("LLAMA_FASTGEN_CACHE", "/tmp/fgcache")  # where the build lives, not a switch
+    monkeypatch.setenv("LLAMA_FASTGEN_COMMIT", "abc")           # the commit measured, recorded on its own
+    assert command_line(["python", "x.py", "--n", "4"]) == \
+        "GGML_CUDA_PDL=0 LLAMA_FASTGEN_CUDA_STREAMS=0 python x.py --n 4"

@@ -161,16 +161,29 @@ def held_out_document(gguf: str, n_tokens: int) -> str:
         probe.close()
 
 
+# where files go and which commit is measured: environment words of that prefix that are not switches of what runs
+_ENV_NOT_SWITCHES = {"LLAMA_FASTGEN_CACHE", "LLAMA_FASTGEN_COMMIT", "LLAMA_FASTGEN_EVAL_CACHE"}
+
+
+def command_line(argv: list[str]) -> str:
+    """argv as the shell line that ran it, for a results file: the LLAMA_FASTGEN_* and GGML_* switches set in the
+    environment first (an A/B run that exported one measured something else, and its file says so)."""
+    import shlex
+
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+           if k.startswith(("LLAMA_FASTGEN_", "GGML_")) and k not in _ENV_NOT_SWITCHES]
+    return shlex.join(env + list(argv))
+
+
 def write_results(path: Path, results: dict, measured: str, t_start: float) -> None:
     """A benchmark's results JSON with where it came from: the command line as typed (shell-quoted), the
     commit measured (taken when the run started), the machine, the start (UTC) and the duration."""
     import json
-    import shlex
     import sys
     import time
     from datetime import datetime, timezone
 
-    out = {**results, "command": "python " + shlex.join(sys.argv), "commit": measured, "machine": machine(),
+    out = {**results, "command": command_line(["python", *sys.argv]), "commit": measured, "machine": machine(),
            "started": datetime.fromtimestamp(t_start, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
            "seconds": round(time.time() - t_start)}
     path.parent.mkdir(parents=True, exist_ok=True)
