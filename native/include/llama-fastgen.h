@@ -37,16 +37,6 @@ LLAMA_API void         llama_fastgen_clear_error(void);
 LLAMA_API void         llama_fastgen_keep_llama_errors(void);
 LLAMA_API const char * llama_fastgen_llama_error(void);
 
-// Number of policy classes in the model's fastgen metadata, 0 if it has none.
-LLAMA_API int32_t llama_fastgen_model_n_class(const struct llama_model * model);
-
-// Use the fastgen cache (true) or the ordinary full cache (false) for contexts created from now
-// on: A/B comparisons in one process. Returns false if the model has no fastgen policy.
-LLAMA_API bool llama_fastgen_model_set_enabled(struct llama_model * model, bool enabled);
-
-// Label of class c, e.g. "full" or "special+punct+local256" ("" if out of range).
-LLAMA_API const char * llama_fastgen_model_class_name(const struct llama_model * model, int32_t c);
-
 // Number of classes of the context's cache: 0 when it is an ordinary cache.
 LLAMA_API int32_t llama_fastgen_ctx_n_class(const struct llama_context * ctx);
 

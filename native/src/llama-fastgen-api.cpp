@@ -146,27 +146,6 @@ void llama_fastgen_clear_error(void) {
     g_llama_error_open = false;
 }
 
-int32_t llama_fastgen_model_n_class(const llama_model * model) {
-    return model && model->fastgen ? (int32_t) model->fastgen->classes.size() : 0;
-}
-
-bool llama_fastgen_model_set_enabled(llama_model * model, bool enabled) {
-    if (!model || !model->fastgen) {
-        return false;
-    }
-    model->fastgen->enabled = enabled;
-    return true;
-}
-
-const char * llama_fastgen_model_class_name(const llama_model * model, int32_t c) {
-    static std::string name;
-    name.clear();
-    if (model && model->fastgen && c >= 0 && (size_t) c < model->fastgen->classes.size()) {
-        name = model->fastgen->describe_class(c);
-    }
-    return name.c_str();
-}
-
 static const llama_kv_cache_fastgen * fastgen_cache(const llama_context * ctx) {
     return ctx ? dynamic_cast<const llama_kv_cache_fastgen *>(llama_get_memory(ctx)) : nullptr;
 }
