@@ -109,3 +109,5 @@ def test_a_results_files_command_names_the_switches_it_ran_under(monkeypatch):
     monkeypatch.setenv("LLAMA_FASTGEN_COMMIT", "abc")           # the commit measured, recorded on its own
     assert command_line(["python", "x.py", "--n", "4"]) == \
         "GGML_CUDA_PDL=0 LLAMA_FASTGEN_CUDA_STREAMS=0 python x.py --n 4"
+    monkeypatch.setenv("GGML_CUDA_PDL", "a b")  # quoted as a shell assignment: GGML_CUDA_PDL='a b'
+    assert command_line(["x.py"]) == "GGML_CUDA_PDL='a b' LLAMA_FASTGEN_CUDA_STREAMS=0 x.py"

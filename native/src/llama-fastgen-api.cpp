@@ -88,10 +88,8 @@ bool llama_fastgen_rpc_serve(const char * endpoint, int32_t n_threads) {
 //
 
 #include "llama-context.h"
-#include "llama-fastgen-model.h"
 #include "llama-fastgen-policy.h"
 #include "llama-kv-cache-fastgen.h"
-#include "llama-model.h"
 
 const char * llama_fastgen_last_error(void) {
     return llama_fastgen_last_error_str().c_str();

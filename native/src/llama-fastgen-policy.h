@@ -49,7 +49,7 @@ struct llama_fastgen_policy {
     std::vector<bool>                 special_tok;       // by token id
     std::vector<bool>                 punct_tok;         // by token id (special ∪ punct for class kinds >= 2)
 
-    // false: contexts get the ordinary full cache (kv override fastgen.enable=false)
+    // false: contexts get the ordinary full cache (kv override fastgen.enable=false, or LLAMA_FASTGEN_DISABLE=1)
     bool enabled = true;
     // the newest tokens the heavy-hitter heads can drop exactly (kv override fastgen.undo_tokens)
     uint32_t undo_tokens = 0;

@@ -170,9 +170,9 @@ def command_line(argv: list[str]) -> str:
     environment first (an A/B run that exported one measured something else, and its file says so)."""
     import shlex
 
-    env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())  # K='a b', not 'K=a b': an assignment
            if k.startswith(("LLAMA_FASTGEN_", "GGML_")) and k not in _ENV_NOT_SWITCHES]
-    return shlex.join(env + list(argv))
+    return " ".join(env + [shlex.join(argv)])
 
 
 def write_results(path: Path, results: dict, measured: str, t_start: float) -> None:
