@@ -38,6 +38,7 @@ import time
 # libllama resolve libstdc++ template symbols into libggml-cuda and crash in llama.cpp's print_info
 from llama_fastgen import llama_cpp  # noqa: F401,E402  (importing llama_fastgen alone no longer loads libllama)
 from llama_fastgen import schema  # noqa: E402
+from llama_fastgen.evaluation.report import command_line  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -369,7 +370,6 @@ def run_info() -> dict:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     # switches exported for the whole run change what every config runs: command_line names them
-    from llama_fastgen.evaluation.report import command_line
     return {"machine": gpu, "command": command_line([os.path.basename(sys.argv[0]), *sys.argv[1:]]), "commit": commit,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
