@@ -274,7 +274,8 @@ def ideal(rows, model, n_gen=64) -> list:
     return out
 
 
-def speed(args) -> list:
+def speed_configs(args) -> list:
+    """(name, GGUF, llama-bench arguments, environment) of every speed config; --configs picks among them"""
     configs = [("fastgen f16", args.model, [], {}),
                ("fastgen composed", args.model, [], {"LLAMA_FASTGEN_HH_FUSED": "0"}),
                ("fastgen hh->full", args.model_nohh, [], {}),
@@ -295,7 +296,11 @@ def speed(args) -> list:
     if unknown:
         raise SystemExit(f"bench_gpu.py speed: no config named {', '.join(sorted(unknown))}; the configs are: "
                          + ", ".join(repr(c[0]) for c in configs))
-    configs = [c for c in configs if c[1] and (c[0] in args.configs if args.configs else not c[0].startswith("diag"))]
+    return [c for c in configs if c[1] and (c[0] in args.configs if args.configs else not c[0].startswith("diag"))]
+
+
+def speed(args) -> list:
+    configs = speed_configs(args)
     rows = []
     depths = ",".join(str(d) for d in args.depths)
     for name, model, extra, env in configs:

@@ -1,20 +1,28 @@
 #!/usr/bin/env python3
-"""Where a decode step's GPU time goes, from scripts/gpu_timeline.cpp's kernel timeline (CUPTI; the GPU machine has no nsys).
+"""Where a decode step's GPU time goes, kernel by kernel, from a CUPTI timeline (scripts/gpu_timeline.cpp; the GPU
+machine has ncu, which times each kernel alone, but no nsys).
 
-    python3 scripts/gpu_timeline.py fastgen.txt [full.txt ...] [--last N]
+    python3 scripts/gpu_timeline.py run --llama-bench BIN --preload gpu_timeline.so --model M.gguf [--model-nohh M2]
+            --depths 0 512 --configs 'fastgen f16' 'full f16' ... [--keep DIR] --json F
+    python3 scripts/gpu_timeline.py files A.txt [B.txt ...]      # timelines recorded by hand
+    python3 scripts/gpu_timeline.py --from-json F                # the tables of a results file
 
-A step is a run of kernels with no gap over --gap µs (decode steps are separated by the host's sampling). Only the
-last N steps count (llama-bench's generation after its depth and warm-up). Per file: the step's wall time, how
-much of it no kernel runs (launch and dependency latency), how much runs two or more kernels at once, and per
-kernel: launches and µs per step (medians over the steps). Several files: one column each, so a fastgen run sits
-beside the full cache's.
+run: one llama-bench generation (-p 0 -n --tokens -d DEPTH -r 1) per config (bench_gpu.py's speed configs) and
+depth under the preloaded tracer. A step is a run of kernels with no gap over --gap µs (decode steps are separated
+by the host's sampling); the last --last steps count. Per config: the step's wall time (median [min-max]), how much
+of it no kernel runs (launch and dependency latency), how much runs two or more kernels at once, and per kernel
+name its launches and µs per step (medians over the steps; overlapping kernels both count).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 
 
 def short(name: str) -> str:
@@ -72,34 +80,89 @@ def step_stats(st):
             "streams": len({k[2] for k in st})}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", nargs="+")
-    ap.add_argument("--gap", type=float, default=20.0, help="µs without a kernel that ends a step (default 20)")
-    ap.add_argument("--last", type=int, default=8, help="steps counted, from the end (default 8)")
-    a = ap.parse_args()
-    cols = []
-    for f in a.files:
-        sts = [s for s in steps(read(f), int(a.gap * 1e3)) if len(s) > 50][-a.last:]
-        if not sts:
-            print(f"{f}: no steps", file=sys.stderr)
-            return 1
-        cols.append((f, [step_stats(s) for s in sts]))
+def summarize(sts) -> dict:
     med = statistics.median
-    print("| per decode step (median µs) | " + " | ".join(f.split("/")[-1] for f, _ in cols) + " |")
-    print("|---" * (len(cols) + 1) + "|")
-    for key in ("wall", "idle", "overlap", "streams"):
-        print(f"| {key} | " + " | ".join(f"{med(s[key] for s in ss):.1f}" for _, ss in cols) + " |")
-    names = sorted({n for _, ss in cols for s in ss for n in s["per"]},
-                   key=lambda n: -max(med(s["per"].get(n, (0, 0))[1] for s in ss) for _, ss in cols))
+    ss = [step_stats(s) for s in sts]
+    walls = [s["wall"] for s in ss]
+    names = {n for s in ss for n in s["per"]}
+    return {"steps": len(ss), "wall_us": med(walls), "wall_min": min(walls), "wall_max": max(walls),
+            "idle_us": med(s["idle"] for s in ss), "overlap_us": med(s["overlap"] for s in ss),
+            "streams": med(s["streams"] for s in ss),
+            "kernels": {n: {"launches": med(s["per"].get(n, (0, 0))[0] for s in ss),
+                            "us": med(s["per"].get(n, (0, 0))[1] for s in ss) / 1e3} for n in names}}
+
+
+def table(cols) -> str:
+    """cols: (title, summary) per column"""
+    lines = ["| per decode step (µs, median over the steps) | " + " | ".join(t for t, _ in cols) + " |",
+             "|---" * (len(cols) + 1) + "|",
+             "| wall [min-max] | " + " | ".join(f"{c['wall_us']:.1f} [{c['wall_min']:.0f}-{c['wall_max']:.0f}]" for _, c in cols) + " |"]
+    for key, label in (("idle_us", "no kernel running"), ("overlap_us", "two or more kernels running"), ("streams", "streams")):
+        lines.append(f"| {label} | " + " | ".join(f"{c[key]:.1f}" if key != "streams" else f"{c[key]:g}" for _, c in cols) + " |")
+    names = sorted({n for _, c in cols for n in c["kernels"]}, key=lambda n: -max(c["kernels"].get(n, {"us": 0})["us"] for _, c in cols))
     for n in names:
         cells = []
-        for _, ss in cols:
-            c = med(s["per"].get(n, (0, 0))[0] for s in ss)
-            t = med(s["per"].get(n, (0, 0))[1] for s in ss) / 1e3
-            cells.append(f"{t:.1f} ({c:g})" if c else "-")
-        print(f"| {n} | " + " | ".join(cells) + " |")
-    print(f"({len(cols[0][1])} steps each; kernel rows: µs summed over the step's launches (launches); overlapping kernels both count)")
+        for _, c in cols:
+            k = c["kernels"].get(n)
+            cells.append(f"{k['us']:.1f} ({k['launches']:g})" if k and k["launches"] else "-")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append(f"(kernel rows: µs per step summed over the launches (launches per step); {cols[0][1]['steps']} steps per column)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="?", choices=["run", "files"])
+    ap.add_argument("files", nargs="*")
+    ap.add_argument("--from-json", type=argparse.FileType(), help="print the tables of a results file")
+    ap.add_argument("--llama-bench")
+    ap.add_argument("--preload", help="gpu_timeline.so (built from scripts/gpu_timeline.cpp)")
+    ap.add_argument("--model")
+    ap.add_argument("--model-nohh", help="for the config 'fastgen hh->full'")
+    ap.add_argument("--configs", nargs="+", default=["fastgen f16", "full f16"])
+    ap.add_argument("--depths", nargs="+", type=int, default=[0, 512])
+    ap.add_argument("--tokens", type=int, default=32, help="tokens generated per run (default 32)")
+    ap.add_argument("--gap", type=float, default=20.0, help="µs without a kernel that ends a step (default 20)")
+    ap.add_argument("--last", type=int, default=16, help="steps counted, from the end (default 16)")
+    ap.add_argument("--keep", help="keep the raw timelines in this folder")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    if a.from_json:
+        res = json.load(a.from_json)
+        for d in sorted({r["depth"] for r in res["rows"]}):
+            print(f"depth {d}\n" + table([(r["config"], r) for r in res["rows"] if r["depth"] == d]) + "\n")
+        return 0
+
+    def count(path):
+        sts = [s for s in steps(read(path), int(a.gap * 1e3)) if len(s) > 50][-a.last:]
+        if not sts:
+            raise SystemExit(f"gpu_timeline.py: no decode steps in {path}")
+        return summarize(sts)
+
+    if a.what == "files":
+        print(table([(f.split("/")[-1], count(f)) for f in a.files]))
+        return 0
+    if a.what != "run" or not (a.llama_bench and a.preload and a.model):
+        ap.error("run needs --llama-bench, --preload and --model (or: files A.txt ..., or --from-json F)")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_gpu import run_info, speed_configs  # beside this script
+
+    res = run_info()
+    res["tokens"], res["rows"] = a.tokens, []
+    a.model_nohh = a.model_nohh or ""
+    keep = a.keep or tempfile.mkdtemp()
+    os.makedirs(keep, exist_ok=True)
+    for d in a.depths:
+        for name, model, extra, env in speed_configs(a):
+            path = os.path.join(keep, f"{name.replace(' ', '_').replace('>', '')}-d{d}.txt")
+            cmd = [a.llama_bench, "-m", model, "-ngl", "99", "-fa", "1", "-r", "1", "-p", "0", "-n", str(a.tokens), "-d", str(d)] + extra
+            subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, **env, GPU_TIMELINE_OUT=path, LD_PRELOAD=a.preload))
+            res["rows"].append({"config": name, "depth": d, **count(path)})
+            print(f"  {name} @ d{d}: {res['rows'][-1]['wall_us']:.1f} µs a step", flush=True)
+        print(f"depth {d}\n" + table([(r["config"], r) for r in res["rows"] if r["depth"] == d]) + "\n", flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
     return 0
 
 
