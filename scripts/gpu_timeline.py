@@ -7,6 +7,10 @@ machine has ncu, which times each kernel alone, but no nsys).
     python3 scripts/gpu_timeline.py files A.txt [B.txt ...]      # timelines recorded by hand
     python3 scripts/gpu_timeline.py --from-json F                # the tables of a results file
 
+Per layer (llama's layout: two rope kernels, Q and K, before a layer's attention) the µs from the second rope's end
+to the attention's end and to the output projection's end, by kind: full (flash attention), hh (the heavy-hitter
+op alone), mixed (both, on two streams).
+
 run: one llama-bench generation (-p 0 -n --tokens -d DEPTH -r 1) per config (bench_gpu.py's speed configs) and
 depth under the preloaded tracer. A step is a run of kernels with no gap over --gap µs (decode steps are separated
 by the host's sampling); the last --last steps count. Per config: the step's wall time (median [min-max]), how much
@@ -80,14 +84,44 @@ def step_stats(st):
             "streams": len({k[2] for k in st})}
 
 
+ATTN = ("hh_attn", "flash_attn_ext_vec", "flash_attn_ext_f16", "flash_attn_combine_results", "concat_cont")
+
+
+def layer_times(st) -> list:
+    """per layer of a llama-style step (two rope kernels, Q and K, before its attention): its kind (full: flash
+    attention only; hh: the heavy-hitter op only; mixed: both), the µs from its second rope's end to its attention's
+    last kernel's end, and to the end of the output projection's matrix-vector kernel after it"""
+    ropes = [i for i, k in enumerate(st) if k[3] == "rope_norm"]
+    out = []
+    for a in range(1, len(ropes), 2):
+        t_r = st[ropes[a]][1]
+        seg = st[ropes[a] + 1:ropes[a + 1] if a + 1 < len(ropes) else len(st)]
+        names = {k[3] for k in seg}
+        att = [k for k in seg if k[3] in ATTN]
+        if not att:
+            continue
+        att_end = max(k[1] for k in att)
+        mm = [k for k in seg if k[3] == "mul_mat_vec_q" and k[1] > att_end]
+        kind = "mixed" if "hh_attn" in names and len(names & set(ATTN[1:3])) else "hh" if "hh_attn" in names else "full"
+        out.append((kind, (att_end - t_r) / 1e3, (mm[0][1] - t_r) / 1e3 if mm else None))
+    return out
+
+
 def summarize(sts) -> dict:
     med = statistics.median
     ss = [step_stats(s) for s in sts]
+    lay = {}
+    for st in sts:
+        for kind, att, outp in layer_times(st):
+            lay.setdefault(kind, []).append((att, outp))
     walls = [s["wall"] for s in ss]
     names = {n for s in ss for n in s["per"]}
     return {"steps": len(ss), "wall_us": med(walls), "wall_min": min(walls), "wall_max": max(walls),
             "idle_us": med(s["idle"] for s in ss), "overlap_us": med(s["overlap"] for s in ss),
             "streams": med(s["streams"] for s in ss),
+            "layers": {k: {"per_step": len(v) / len(ss), "attention_us": med(x[0] for x in v),
+                           "to_out_proj_us": med(x[1] for x in v if x[1] is not None) if any(x[1] for x in v) else None}
+                       for k, v in lay.items()},
             "kernels": {n: {"launches": med(s["per"].get(n, (0, 0))[0] for s in ss),
                             "us": med(s["per"].get(n, (0, 0))[1] for s in ss) / 1e3} for n in names}}
 
@@ -99,6 +133,13 @@ def table(cols) -> str:
              "| wall [min-max] | " + " | ".join(f"{c['wall_us']:.1f} [{c['wall_min']:.0f}-{c['wall_max']:.0f}]" for _, c in cols) + " |"]
     for key, label in (("idle_us", "no kernel running"), ("overlap_us", "two or more kernels running"), ("streams", "streams")):
         lines.append(f"| {label} | " + " | ".join(f"{c[key]:.1f}" if key != "streams" else f"{c[key]:g}" for _, c in cols) + " |")
+    for kind in ("full", "hh", "mixed"):
+        if any(kind in c.get("layers", {}) for _, c in cols):
+            cells = []
+            for _, c in cols:
+                L = c.get("layers", {}).get(kind)
+                cells.append(f"{L['attention_us']:.2f} / {L['to_out_proj_us']:.2f} ({L['per_step']:g})" if L and L["to_out_proj_us"] else "-")
+            lines.append(f"| {kind} layer: rope end to attention end / to output projection end (layers) | " + " | ".join(cells) + " |")
     names = sorted({n for _, c in cols for n in c["kernels"]}, key=lambda n: -max(c["kernels"].get(n, {"us": 0})["us"] for _, c in cols))
     for n in names:
         cells = []
@@ -126,6 +167,7 @@ def main() -> int:
     ap.add_argument("--last", type=int, default=16, help="steps counted, from the end (default 16)")
     ap.add_argument("--keep", help="keep the raw timelines in this folder")
     ap.add_argument("--json")
+    ap.add_argument("--recorded-on", default="", help="files: the machine and build the timelines were recorded on")
     a = ap.parse_args()
     if a.from_json:
         res = json.load(a.from_json)
@@ -140,7 +182,14 @@ def main() -> int:
         return summarize(sts)
 
     if a.what == "files":
-        print(table([(f.split("/")[-1], count(f)) for f in a.files]))
+        cols = [(f.split("/")[-1], count(f)) for f in a.files]
+        print(table(cols))
+        if a.json:  # timelines recorded elsewhere: --recorded-on names the machine, the file records this analysis
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from bench_gpu import run_info  # beside this script
+            res = {**run_info(), "recorded_on": a.recorded_on, "rows": [{"config": t, "depth": 0, **c} for t, c in cols]}
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
         return 0
     if a.what != "run" or not (a.llama_bench and a.preload and a.model):
         ap.error("run needs --llama-bench, --preload and --model (or: files A.txt ..., or --from-json F)")
