@@ -1,0 +1,57 @@
+"""scripts/gpu_timeline.py's accounting of a kernel timeline: steps, idle and overlapping time, per-kernel sums and
+per-layer times, on a timeline built by hand where every figure is known exactly (no GPU needed)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+import gpu_timeline  # noqa: E402
+
+US = 1000  # the timeline is in ns
+
+
+def _layer(t: int, mixed: bool) -> tuple[list, int]:
+    """one layer from t (µs): rope Q, rope K, then either hh_attn alone or hh_attn beside flash attention on another
+    stream, then the output projection; returns its lines and the time it ends"""
+    k = [(t, t + 2, 7, "void rope_norm<true>(float const*)"),
+         (t + 3, t + 5, 7, "void rope_norm<true>(float const*)"),
+         (t + 6, t + 14, 8 if mixed else 7, "void hh_attn<4, 4>(char const*, long)")]
+    if mixed:
+        k += [(t + 6, t + 10, 7, "void flash_attn_ext_vec<128, 1>(char const*)"),
+              (t + 10, t + 12, 7, "void flash_attn_combine_results<128>(float const*)")]
+    k += [(t + 15, t + 20, 7, "void mul_mat_vec_q<(ggml_type)2, 1>(void const*)")]
+    return k, t + 20
+
+
+def test_steps_idle_overlap_and_layers_are_counted_exactly(tmp_path):
+    lines, t = [], 0
+    for _ in range(3):  # three steps of two layers (hh, then mixed), 100 µs apart
+        for mixed in (False, True):
+            k, t = _layer(t, mixed)
+            lines += k
+        t += 100
+    f = tmp_path / "tl.txt"
+    f.write_text("".join(f"{a * US} {b * US} {s} 1 8 1 1 {n}\n" for a, b, s, n in lines))
+
+    ks = gpu_timeline.read(str(f))
+    assert {k[3] for k in ks} == {"rope_norm", "hh_attn", "flash_attn_ext_vec", "flash_attn_combine_results", "mul_mat_vec_q"}
+    sts = gpu_timeline.steps(ks, 20 * US)
+    assert [len(s) for s in sts] == [10, 10, 10]
+
+    st = gpu_timeline.step_stats(sts[0])
+    assert st["wall"] == 40.0
+    # per layer: idle 2-3, 5-6, 14-15 (the mixed layer's attention covers 6-14 as well): 3 µs, twice
+    assert st["idle"] == 6.0
+    # the mixed layer: hh_attn 6-14 beside flash attention 6-10 and its combine 10-12
+    assert st["overlap"] == 6.0
+    assert st["per"]["hh_attn"] == (2, 16 * US)
+    assert st["streams"] == 2
+
+    assert gpu_timeline.layer_times(sts[0]) == [("hh", 9.0, 15.0), ("mixed", 9.0, 15.0)]
+    s = gpu_timeline.summarize(sts)
+    assert s["steps"] == 3 and s["wall_us"] == 40.0
+    assert s["layers"]["mixed"] == {"per_step": 1.0, "attention_us": 9.0, "to_out_proj_us": 15.0}
+    assert s["kernels"]["flash_attn_ext_vec"] == {"launches": 1, "us": 4.0}
+    assert "| mixed layer" in gpu_timeline.table([("x", s)])
