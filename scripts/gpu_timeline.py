@@ -24,7 +24,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -194,18 +193,18 @@ def main() -> int:
     if a.what != "run" or not (a.llama_bench and a.preload and a.model):
         ap.error("run needs --llama-bench, --preload and --model (or: files A.txt ..., or --from-json F)")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_gpu import run_info, speed_configs  # beside this script
+    from bench_gpu import bench, run_info, speed_configs  # beside this script
 
     res = run_info()
     res["tokens"], res["rows"] = a.tokens, []
-    a.model_nohh = a.model_nohh or ""
     keep = a.keep or tempfile.mkdtemp()
     os.makedirs(keep, exist_ok=True)
     for d in a.depths:
         for name, model, extra, env in speed_configs(a):
             path = os.path.join(keep, f"{name.replace(' ', '_').replace('>', '')}-d{d}.txt")
-            cmd = [a.llama_bench, "-m", model, "-ngl", "99", "-fa", "1", "-r", "1", "-p", "0", "-n", str(a.tokens), "-d", str(d)] + extra
-            subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, **env, GPU_TIMELINE_OUT=path, LD_PRELOAD=a.preload))
+            # bench_gpu.py's llama-bench run (its flags), one repetition under the tracer
+            bench(a.llama_bench, model, ["-p", "0", "-n", str(a.tokens), "-d", str(d)] + extra,
+                  {**env, "GPU_TIMELINE_OUT": path, "LD_PRELOAD": a.preload}, 1)
             res["rows"].append({"config": name, "depth": d, **count(path)})
             print(f"  {name} @ d{d}: {res['rows'][-1]['wall_us']:.1f} µs a step", flush=True)
         print(f"depth {d}\n" + table([(r["config"], r) for r in res["rows"] if r["depth"] == d]) + "\n", flush=True)
