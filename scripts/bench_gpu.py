@@ -286,6 +286,10 @@ def speed_configs(args) -> list:
                ("diag fastgen one-stream", args.model, [], {"LLAMA_FASTGEN_CUDA_STREAMS": "0"}),
                # hh_attn launched without programmatic dependent launch (the rest of llama.cpp keeps it)
                ("diag fastgen no-pdl", args.model, [], {"LLAMA_FASTGEN_CUDA_PDL": "0"}),
+               # hh_attn's new-token K row loaded and stored interleaved (the loop before session 40)
+               ("diag fastgen no-kbatch", args.model, [], {"LLAMA_FASTGEN_CUDA_KBATCH": "0"}),
+               # a mixed layer's heavy-hitter op on a side stream too, not on the main one (before session 40)
+               ("diag fastgen hh-side", args.model, [], {"LLAMA_FASTGEN_CUDA_HH_MAIN": "0"}),
                # the classes' flash attention on llama.cpp's own kernel choice (the vector kernel in decode), not MMA
                ("diag fastgen fa-vec", args.model, [], {"LLAMA_FASTGEN_CUDA_FA_MMA": "0"}),
                # a mixed layer's K and V rows in two launches and its concat launched (ggml-fastgen-fuse.cu: neither)

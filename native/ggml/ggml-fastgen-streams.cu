@@ -19,6 +19,13 @@
 // Only for the decode kernel (the finder skips prefill ops): there the op is a latency-bound launch that can
 // hide behind the other branch. Beside a prefill ubatch's kernels, which fill the GPU on their own, pp8192
 // ran 1-3.5% slower on two streams (session 31, H100).
+//
+// Which stream: the heavy-hitter op, the longer branch, stays on the main stream and the rest of the attention goes to
+// a side stream (patch 0002 lets is_valid see a branch on stream 0). The main stream's kernels chain by programmatic
+// dependent launch, which a wait on another stream's event breaks: so the op keeps that overlap with the kernels
+// before and after it, and the join waits for one side stream, not two (session 39's timeline: a mixed layer reached
+// its output projection's end 2.1 us after a heavy-hitter-only layer, its attention only 0.8 us later).
+// LLAMA_FASTGEN_CUDA_HH_MAIN=0 puts both branches on side streams (a diagnostic: bench_gpu.py's 'diag fastgen hh-side').
 // LLAMA_FASTGEN_CUDA_STREAMS=0 keeps one stream; =2 also prints per op what the finder decided, and per graph how many
 // joins ggml-fastgen-fuse.cu leaves out.
 #include "ggml-fastgen.cuh"
@@ -37,6 +44,7 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
     sc.reset();
     // 0: one stream; 1 (default): two; 2: two, and one line per op on stderr
     static const int mode = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_STREAMS", 1, true, "two streams in decode");
+    static const bool hh_main = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_HH_MAIN", 1, false, "the op on the main stream") != 0;
     if (mode == 0 || !use_cuda_graph || !params) {
         return;
     }
@@ -47,12 +55,12 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
     int n_in_place = 0;
     for (const ggml_fastgen_branches & r : regions) {
         ggml_tensor * join = g->nodes[r.join];
-        ggml_cuda_concurrent_event ev(2);
+        ggml_cuda_concurrent_event ev(hh_main ? 1 : 2); // side streams: 1 .. n
         ev.join_node = join;
         ev.original_order = r.nodes;
         for (size_t k = 0; k < r.nodes.size(); ++k) {
             const ggml_tensor * t = r.nodes[k];
-            ev.stream_mapping[t] = r.branch[k];
+            ev.stream_mapping[t] = hh_main ? (r.branch[k] == 2 ? 0 : 1) : r.branch[k];
             params->add_alloc_dep(params->user_data, const_cast<ggml_tensor *>(t), join);
             for (int s = 0; s < GGML_MAX_SRC; ++s) { // every source: by now the split's inputs are plain copies
                 if (t->src[s]) {                       // (no INPUT flag), and the allocator keeps what it does not own anyway

@@ -77,7 +77,8 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         const float * qpos, float * dst,
         float * logits, float * part_m, float * part_l, float * part_o,
         float * U, const int64_t u_s2, const int n_undo,
-        const int Dv, const int C, const int T, const int G, const float scale, const bool coop, const bool pdl) {
+        const int Dv, const int C, const int T, const int G, const float scale, const bool coop, const bool pdl,
+        const bool kbatch) {
     constexpr int D = DL*WARP_SIZE;
     const int j = blockIdx.x, sp = blockIdx.y, ns = gridDim.y, c0 = sp*HH_CHUNK, n = gridDim.x;
     const int R = G*T, RP = (R + RB - 1)/RB*RB;
@@ -170,20 +171,59 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
             pl[r] = 0.0f;
         }
     } else {
-        // 2. K of this lane's cell (a new token's from k_cur: into the store first, rounded as stored)
-        //    and the V row of this thread's output column, all loads in flight together
+        // 2. the V row of this thread's output column, and K of this lane's cell, all loads in flight
+        //    together before the first store (no __restrict__: a store would hold back every load after it).
+        // One thread per V row and part of the chunk's cells (Dv <= the block's threads): V is stored
+        // transposed, so a part's cells are contiguous 16-byte loads (cells past C: 0, and their weights
+        // are 0). Two parts when two rows fit in the block: every warp works. The new tokens of the part:
+        // this thread writes their V into the store (rounded as stored) and takes it from v_cur below.
+        const int cpp = HH_CHUNK/np; // cells per part
+        const int part = threadIdx.x / Dv, d = threadIdx.x % Dv, cv0 = part*cpp;
+        const bool vt = part < np;
+        const int nc8 = min(cpp, C - c0 - cv0)/8; // C % 8 == 0
+        uint4 vu[HH_CHUNK/8];
+        float vn0 = 0.0f; // the first new token of the part: its V
+        int   cn0 = -1;   //   and its cell in the part
+        if (vt) {
+            const uint4 * vrow = (const uint4 *) (Vj + (int64_t) d*C + c0 + cv0);
+#pragma unroll
+            for (int i = 0; i < HH_CHUNK/8; ++i) {
+                vu[i] = i < nc8 ? vrow[i] : make_uint4(0, 0, 0, 0);
+            }
+        }
+        // K of this lane's cell (a new token's from k_cur: into the store, rounded as stored)
         float k[DL*8];
         if (tn >= 0) {
             const float * kr = (const float *) (kc + j*kc_nb1 + tn*kc_nb2);
+            if (kbatch) { // the row's DL*2 float4 loads first, then its stores (kc's rows 16-byte aligned: the host checks)
+                float4 kf[DL*2];
 #pragma unroll
-            for (int i = 0; i < DL; ++i) {
-                __align__(16) half h[8];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    h[e] = __float2half(kr[(i*4 + sub)*8 + e]);
-                    k[i*8 + e] = __half2float(h[e]);
+                for (int i = 0; i < DL; ++i) {
+                    kf[2*i + 0] = ((const float4 *) (kr + (i*4 + sub)*8))[0];
+                    kf[2*i + 1] = ((const float4 *) (kr + (i*4 + sub)*8))[1];
                 }
-                *(uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8) = *(const uint4 *) h;
+#pragma unroll
+                for (int i = 0; i < DL; ++i) {
+                    const float x[8] = { kf[2*i].x, kf[2*i].y, kf[2*i].z, kf[2*i].w, kf[2*i + 1].x, kf[2*i + 1].y, kf[2*i + 1].z, kf[2*i + 1].w };
+                    __align__(16) half h[8];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        h[e] = __float2half(x[e]);
+                        k[i*8 + e] = __half2float(h[e]);
+                    }
+                    *(uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8) = *(const uint4 *) h;
+                }
+            } else { // LLAMA_FASTGEN_CUDA_KBATCH=0: loads and stores interleaved (each store holds the next loads back)
+#pragma unroll
+                for (int i = 0; i < DL; ++i) {
+                    __align__(16) half h[8];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        h[e] = __float2half(kr[(i*4 + sub)*8 + e]);
+                        k[i*8 + e] = __half2float(h[e]);
+                    }
+                    *(uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8) = *(const uint4 *) h;
+                }
             }
             cp = qp_s[tn] - 0.5f;
             if (sub == 0) {
@@ -203,23 +243,7 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
                 }
             }
         }
-        // one thread per V row and part of the chunk's cells (Dv <= the block's threads): V is stored
-        // transposed, so a part's cells are contiguous 16-byte loads (cells past C: 0, and their weights
-        // are 0). Two parts when two rows fit in the block: every warp works. The new tokens of the part:
-        // this thread writes their V into the store (rounded as stored) and takes it from v_cur below.
-        const int cpp = HH_CHUNK/np; // cells per part
-        const int part = threadIdx.x / Dv, d = threadIdx.x % Dv, cv0 = part*cpp;
-        const bool vt = part < np;
-        const int nc8 = min(cpp, C - c0 - cv0)/8; // C % 8 == 0
-        uint4 vu[HH_CHUNK/8];
-        float vn0 = 0.0f; // the first new token of the part: its V
-        int   cn0 = -1;   //   and its cell in the part
-        if (vt) {
-            const uint4 * vrow = (const uint4 *) (Vj + (int64_t) d*C + c0 + cv0);
-#pragma unroll
-            for (int i = 0; i < HH_CHUNK/8; ++i) {
-                vu[i] = i < nc8 ? vrow[i] : make_uint4(0, 0, 0, 0);
-            }
+        if (vt) { // the part's new tokens: this thread writes their V into the store (rounded as stored)
             for (int t = 0; t < T; ++t) {
                 const int64_t cn = new_c[t] - c0 - cv0;
                 if (cn >= 0 && cn < cpp) {
@@ -1210,6 +1234,10 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     // programmatic dependent launch unless LLAMA_FASTGEN_CUDA_PDL=0 (a diagnostic: bench_gpu.py's
     // 'diag fastgen no-pdl'); ggml_cuda_kernel_launch also obeys llama.cpp's GGML_CUDA_PDL=0
     static const bool pdl = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_PDL", 1, false, "on") != 0;
+    // a new token's K row read as float4s before it is stored, where its rows are 16-byte aligned; =0 (a diagnostic:
+    // 'diag fastgen no-kbatch') keeps the loop that interleaves loads and stores
+    static const bool kbatch_on = ggml_cuda_fastgen_env_switch("LLAMA_FASTGEN_CUDA_KBATCH", 1, false, "on") != 0;
+    const bool kbatch = kbatch_on && (uintptr_t) kc->data % 16 == 0 && kc->nb[1] % 16 == 0 && kc->nb[2] % 16 == 0;
     const dim3 grid(n, ns), block(HH_WARPS*WARP_SIZE);
     // as hh_attn lays it out: queries, weights, the second part's output sums; coop: + the chunk's logits,
     // the chunks' weights
@@ -1230,7 +1258,7 @@ void ggml_cuda_fastgen_hh_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
             (half *) K->data, (half *) V->data, (float *) S->data, (float *) P->data, (const float *) qpos->data,
             ggml_cuda_fastgen_hh_out(ctx, dst), logits.get(), part_m.get(), part_l.get(), part_o.get(),
             a.U ? (float *) a.U->data : nullptr, a.U ? a.U->nb[2]/(int64_t) sizeof(float) : 0, a.U ? (int) a.U->ne[2] : 1,
-            Dv, C, T, G, scale, coop, pdl);
+            Dv, C, T, G, scale, coop, pdl, kbatch);
         std::apply([&](const auto &... x) {
             if (pdl) {
                 ggml_cuda_kernel_launch(kernel, ggml_cuda_kernel_launch_params(grid, block, smem, ctx.stream()), x...);
