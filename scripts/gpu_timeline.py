@@ -115,7 +115,13 @@ def summarize(sts) -> dict:
             lay.setdefault(kind, []).append((att, outp))
     walls = [s["wall"] for s in ss]
     names = {n for s in ss for n in s["per"]}
+    # a token's whole period, and the part of it no step runs: the host's work between steps (graph update, sampling,
+    # the cache's bookkeeping), which the step's wall time leaves out and llama-bench's tokens/s counts
+    pairs = list(zip(sts, sts[1:]))
+    period = [(b[0][0] - a[0][0]) / 1e3 for a, b in pairs]
+    between = [(b[0][0] - max(k[1] for k in a)) / 1e3 for a, b in pairs]
     return {"steps": len(ss), "wall_us": med(walls), "wall_min": min(walls), "wall_max": max(walls),
+            "period_us": med(period) if period else None, "between_us": med(between) if between else None,
             "idle_us": med(s["idle"] for s in ss), "overlap_us": med(s["overlap"] for s in ss),
             "streams": med(s["streams"] for s in ss),
             "layers": {k: {"per_step": len(v) / len(ss), "attention_us": med(x[0] for x in v),
@@ -130,6 +136,9 @@ def table(cols) -> str:
     lines = ["| per decode step (µs, median over the steps) | " + " | ".join(t for t, _ in cols) + " |",
              "|---" * (len(cols) + 1) + "|",
              "| wall [min-max] | " + " | ".join(f"{c['wall_us']:.1f} [{c['wall_min']:.0f}-{c['wall_max']:.0f}]" for _, c in cols) + " |"]
+    if any(c.get("period_us") is not None for _, c in cols):  # files written before session 40 have neither
+        lines.append("| a token: step start to the next step's start / of it between steps | " + " | ".join(
+            f"{c['period_us']:.1f} / {c['between_us']:.1f}" if c.get("period_us") is not None else "-" for _, c in cols) + " |")
     for key, label in (("idle_us", "no kernel running"), ("overlap_us", "two or more kernels running"), ("streams", "streams")):
         lines.append(f"| {label} | " + " | ".join(f"{c[key]:.1f}" if key != "streams" else f"{c[key]:g}" for _, c in cols) + " |")
     for kind in ("full", "hh", "mixed"):

@@ -52,6 +52,9 @@ def test_steps_idle_overlap_and_layers_are_counted_exactly(tmp_path):
     assert gpu_timeline.layer_times(sts[0]) == [("hh", 9.0, 15.0), ("mixed", 9.0, 15.0)]
     s = gpu_timeline.summarize(sts)
     assert s["steps"] == 3 and s["wall_us"] == 40.0
+    # steps start at 0, 140, 280 (40 µs of kernels, then 100 with none)
+    assert s["period_us"] == 140.0 and s["between_us"] == 100.0
+    assert "| a token: step start to the next step's start / of it between steps | 140.0 / 100.0 |" in gpu_timeline.table([("x", s)])
     assert s["layers"]["mixed"] == {"per_step": 1.0, "attention_us": 9.0, "to_out_proj_us": 15.0}
     assert s["kernels"]["flash_attn_ext_vec"] == {"launches": 1, "us": 4.0}
     assert "| mixed layer" in gpu_timeline.table([("x", s)])
