@@ -2,6 +2,9 @@
 // program, CUPTI's activity API records every kernel's start and end on the GPU's clock, CUDA graphs' kernels
 // included, without serializing them (CONCURRENT_KERNEL). One line per kernel into $GPU_TIMELINE_OUT:
 //     start_ns end_ns stream graph_id grid_x grid_y grid_z demangled-name
+// and, on the same clock, every CUDA runtime call on the host (how long the caller spent in it) and every copy:
+//     api start_ns end_ns thread_id name
+//     memcpy start_ns end_ns stream bytes copy_kind graph_id
 // scripts/gpu_timeline.py reads it. Build (on the GPU machine; CUPTI ships with the toolkit):
 //     g++ -std=c++17 -shared -fPIC -O2 -I$CUDA/include -I$CUDA/extras/CUPTI/include scripts/gpu_timeline.cpp \
 //         -o /tmp/gpu_timeline.so -L<dir of libcupti.so> -lcupti
@@ -37,6 +40,21 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t * buf, size_t, size_
     std::lock_guard<std::mutex> lock(g_mu);
     CUpti_Activity * rec = nullptr;
     while (cuptiActivityGetNextRecord(buf, valid, &rec) == CUPTI_SUCCESS) {
+        if (rec->kind == CUPTI_ACTIVITY_KIND_RUNTIME && g_out) {
+            const auto * a = (const CUpti_ActivityAPI *) rec;
+            const char * name = nullptr;
+            if (cuptiGetCallbackName(CUPTI_CB_DOMAIN_RUNTIME_API, a->cbid, &name) != CUPTI_SUCCESS || !name) {
+                name = "?";
+            }
+            fprintf(g_out, "api %llu %llu %u %s\n", (unsigned long long) a->start, (unsigned long long) a->end, a->threadId, name);
+            continue;
+        }
+        if (rec->kind == CUPTI_ACTIVITY_KIND_MEMCPY && g_out) {
+            const auto * m = (const CUpti_ActivityMemcpy6 *) rec;
+            fprintf(g_out, "memcpy %llu %llu %u %llu %u %u\n", (unsigned long long) m->start, (unsigned long long) m->end,
+                    m->streamId, (unsigned long long) m->bytes, (unsigned) m->copyKind, m->graphId);
+            continue;
+        }
         if (rec->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && rec->kind != CUPTI_ACTIVITY_KIND_KERNEL) {
             continue;
         }
@@ -80,6 +98,8 @@ __attribute__((constructor)) void start() {
     }
     check(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed), "cuptiActivityRegisterCallbacks");
     check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "cuptiActivityEnable");
+    check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME), "cuptiActivityEnable(RUNTIME)");
+    check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY), "cuptiActivityEnable(MEMCPY)");
     atexit(finish);
 }
 

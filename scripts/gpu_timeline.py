@@ -15,7 +15,10 @@ run: one llama-bench generation (-p 0 -n --tokens -d DEPTH -r 1) per config (ben
 depth under the preloaded tracer. A step is a run of kernels with no gap over --gap µs (decode steps are separated
 by the host's sampling); the last --last steps count. Per config: the step's wall time (median [min-max]), how much
 of it no kernel runs (launch and dependency latency), how much runs two or more kernels at once, and per kernel
-name its launches and µs per step (medians over the steps; overlapping kernels both count).
+name its launches and µs per step (medians over the steps; overlapping kernels both count). A token's period (step
+start to the next step's start) and the part of it between steps: the host's time, which llama-bench's tokens/s
+counts and a step's wall time does not; and per token, each CUDA runtime call's count and the host µs spent inside
+it, and each kind of copy's count and bytes.
 """
 from __future__ import annotations
 
@@ -48,6 +51,62 @@ def read(path: str):
             ks.append((int(p[0]), int(p[1]), int(p[2]), short(p[7])))
     ks.sort()
     return ks
+
+
+COPY_KINDS = {1: "HtoD", 2: "DtoH", 8: "DtoD", 10: "PtoP"}  # CUPTI_ACTIVITY_MEMCPY_KIND_*
+
+
+def read_host(path: str):
+    """the tracer's other lines: CUDA runtime calls (start, end, name) and copies (start, end, bytes, kind)"""
+    api, cp = [], []
+    for ln in open(path):
+        p = ln.split()
+        if p[:1] == ["api"] and len(p) == 5:
+            api.append((int(p[1]), int(p[2]), p[4]))
+        elif p[:1] == ["memcpy"] and len(p) == 7:
+            cp.append((int(p[1]), int(p[2]), int(p[4]), COPY_KINDS.get(int(p[5]), p[5])))
+    return api, cp
+
+
+def host_per_token(sts, api, cp) -> dict:
+    """per token over the counted steps (from the first one's start to the last one's): each runtime call's count and
+    the host µs spent inside it, and each copy kind's count and bytes; calls that end after the window are left out"""
+    if len(sts) < 2:
+        return {}
+    t0, t1, n = sts[0][0][0], sts[-1][0][0], len(sts) - 1
+    calls, copies = {}, {}
+    for a, b, name in api:
+        if t0 <= a and b <= t1:
+            c, us = calls.get(name, (0, 0.0))
+            calls[name] = (c + 1, us + (b - a) / 1e3)
+    for a, b, nbytes, kind in cp:
+        if t0 <= a < t1:
+            c, by = copies.get(kind, (0, 0))
+            copies[kind] = (c + 1, by + nbytes)
+    return {"calls": {k: {"per_token": c / n, "us": us / n} for k, (c, us) in calls.items()},
+            "copies": {k: {"per_token": c / n, "bytes": by / n} for k, (c, by) in copies.items()}}
+
+
+def host_table(cols) -> str:
+    """cols: (title, summary) per column; the runtime calls and copies per token (summaries from session 40 on)"""
+    cols = [(t, c.get("host") or {}) for t, c in cols]
+    names = sorted({n for _, h in cols for n in h.get("calls", {})}, key=lambda n: -max(h.get("calls", {}).get(n, {"us": 0})["us"] for _, h in cols))
+    if not names:
+        return ""
+    lines = ["| per token: host µs inside the call (calls) | " + " | ".join(t for t, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines.append("| every runtime call | " + " | ".join(f"{sum(x['us'] for x in h.get('calls', {}).values()):.1f}" for _, h in cols) + " |")
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(
+            f"{h['calls'][n]['us']:.1f} ({h['calls'][n]['per_token']:g})" if n in h.get("calls", {}) else "-" for _, h in cols) + " |")
+    for kind in sorted({k for _, h in cols for k in h.get("copies", {})}):
+        lines.append(f"| copies {kind}: count, bytes | " + " | ".join(
+            f"{h['copies'][kind]['per_token']:g}, {h['copies'][kind]['bytes']:.0f}" if kind in h.get("copies", {}) else "-" for _, h in cols) + " |")
+    return "\n".join(lines)
+
+
+def tables(cols) -> str:
+    h = host_table(cols)
+    return table(cols) + ("\n\n" + h if h else "")
 
 
 def steps(ks, gap_ns: int):
@@ -180,18 +239,18 @@ def main() -> int:
     if a.from_json:
         res = json.load(a.from_json)
         for d in sorted({r["depth"] for r in res["rows"]}):
-            print(f"depth {d}\n" + table([(r["config"], r) for r in res["rows"] if r["depth"] == d]) + "\n")
+            print(f"depth {d}\n" + tables([(r["config"], r) for r in res["rows"] if r["depth"] == d]) + "\n")
         return 0
 
     def count(path):
         sts = [s for s in steps(read(path), int(a.gap * 1e3)) if len(s) > 50][-a.last:]
         if not sts:
             raise SystemExit(f"gpu_timeline.py: no decode steps in {path}")
-        return summarize(sts)
+        return {**summarize(sts), "host": host_per_token(sts, *read_host(path))}
 
     if a.what == "files":
         cols = [(f.split("/")[-1], count(f)) for f in a.files]
-        print(table(cols))
+        print(tables(cols))
         if a.json:  # timelines recorded elsewhere: --recorded-on names the machine, the file records this analysis
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from bench_gpu import run_info  # beside this script
@@ -216,7 +275,7 @@ def main() -> int:
                   {**env, "GPU_TIMELINE_OUT": path, "LD_PRELOAD": a.preload}, 1)
             res["rows"].append({"config": name, "depth": d, **count(path)})
             print(f"  {name} @ d{d}: {res['rows'][-1]['wall_us']:.1f} µs a step", flush=True)
-        print(f"depth {d}\n" + table([(r["config"], r) for r in res["rows"] if r["depth"] == d]) + "\n", flush=True)
+        print(f"depth {d}\n" + tables([(r["config"], r) for r in res["rows"] if r["depth"] == d]) + "\n", flush=True)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(res, f, indent=1)

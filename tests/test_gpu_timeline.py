@@ -33,7 +33,15 @@ def test_steps_idle_overlap_and_layers_are_counted_exactly(tmp_path):
             lines += k
         t += 100
     f = tmp_path / "tl.txt"
-    f.write_text("".join(f"{a * US} {b * US} {s} 1 8 1 1 {n}\n" for a, b, s, n in lines))
+    # per step the host's calls and copies, on the same clock: a graph launch (2 µs) and two input copies (1 µs each,
+    # 64 and 16 bytes) before each step; the first step's come before the counted window (its start), left out
+    host = []
+    for st in (0, 140, 280):
+        host += [f"api {(st - 10) * US} {(st - 8) * US} 7 cudaGraphLaunch_v10000\n",
+                 f"api {(st - 20) * US} {(st - 19) * US} 7 cudaMemcpyAsync_v3020\n",
+                 f"api {(st - 18) * US} {(st - 17) * US} 7 cudaMemcpyAsync_v3020\n",
+                 f"memcpy {(st - 5) * US} {(st - 4) * US} 13 64 1 0\n", f"memcpy {(st - 4) * US} {(st - 3) * US} 13 16 1 0\n"]
+    f.write_text("".join(f"{a * US} {b * US} {s} 1 8 1 1 {n}\n" for a, b, s, n in lines) + "".join(host))
 
     ks = gpu_timeline.read(str(f))
     assert {k[3] for k in ks} == {"rope_norm", "hh_attn", "flash_attn_ext_vec", "flash_attn_combine_results", "mul_mat_vec_q"}
@@ -55,6 +63,13 @@ def test_steps_idle_overlap_and_layers_are_counted_exactly(tmp_path):
     # steps start at 0, 140, 280 (40 µs of kernels, then 100 with none)
     assert s["period_us"] == 140.0 and s["between_us"] == 100.0
     assert "| a token: step start to the next step's start / of it between steps | 140.0 / 100.0 |" in gpu_timeline.table([("x", s)])
+
+    # the window is [0, 280): the calls and copies of the steps at 140 and 280 fall in it, per token (2 tokens) one each
+    h = gpu_timeline.host_per_token(sts, *gpu_timeline.read_host(str(f)))
+    assert h["calls"] == {"cudaGraphLaunch_v10000": {"per_token": 1.0, "us": 2.0}, "cudaMemcpyAsync_v3020": {"per_token": 2.0, "us": 2.0}}
+    assert h["copies"] == {"HtoD": {"per_token": 2.0, "bytes": 80.0}}
+    t = gpu_timeline.host_table([("x", {**s, "host": h})])
+    assert "| every runtime call | 4.0 |" in t and "| copies HtoD: count, bytes | 2, 80 |" in t
     assert s["layers"]["mixed"] == {"per_step": 1.0, "attention_us": 9.0, "to_out_proj_us": 15.0}
     assert s["kernels"]["flash_attn_ext_vec"] == {"launches": 1, "us": 4.0}
     assert "| mixed layer" in gpu_timeline.table([("x", s)])
