@@ -43,7 +43,9 @@ void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
             continue;
         }
         m->set_input_k_idxs(cls[c].k_idxs, ubatch);
-        m->set_input_v_idxs(cls[c].v_idxs, ubatch);
+        if (cls[c].v_idxs != cls[c].k_idxs) {
+            m->set_input_v_idxs(cls[c].v_idxs, ubatch);
+        }
         set_input_mask((int) c, ubatch);
     }
     if (const auto * cache = mctx_fg->get_cache(); cache->hh_store()) {
@@ -176,7 +178,9 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
             continue;
         }
         inp->cls[c].k_idxs  = mc->build_input_k_idxs(g.ctx0, g.ubatch);
-        inp->cls[c].v_idxs  = mc->build_input_v_idxs(g.ctx0, g.ubatch);
+        // untransposed V: llama.cpp's V indices equal the K ones, and each input costs the scheduler a synchronous
+        // copy to the device per ubatch, so one tensor serves both
+        inp->cls[c].v_idxs  = m->get_cache()->v_transposed() ? mc->build_input_v_idxs(g.ctx0, g.ubatch) : inp->cls[c].k_idxs;
         inp->cls[c].kq_mask = new_kq_mask(g.ctx0, mc, g.ubatch, g.cparams);
     }
     return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));

@@ -20,7 +20,7 @@ public:
 
     struct per_class {
         ggml_tensor * k_idxs  = nullptr;
-        ggml_tensor * v_idxs  = nullptr;
+        ggml_tensor * v_idxs  = nullptr; // k_idxs itself where V is not transposed
         ggml_tensor * kq_mask = nullptr; // [n_kv_c, n_tokens/n_stream, 1, n_stream]
         // a full class: its last decode step's mask, for the next step (set_input)
         struct mask_memo {

@@ -57,6 +57,10 @@ public:
     void state_write(llama_io_write_i & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) const override;
     void state_read (llama_io_read_i  & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) override;
 
+    // V stored transposed (no flash attention): else a class's V rows go where its K rows go, and one index
+    // input serves both (one host-to-device copy less per class and ubatch)
+    bool v_transposed() const { return v_trans; }
+
     // per class: nullptr when no layer has a head of that class (or, for slice(), when it is frequent)
     size_t           n_class()   const { return slices.size(); }
     llama_kv_cache * slice(int c) const { return slices[c].get(); }
@@ -117,6 +121,7 @@ private:
     std::vector<std::map<llama_seq_id, llama_pos>> evicted_upto; // per class: protected tokens dropped below this
 
     size_t   bytes_full = 0;
+    bool     v_trans;
     bool     unified;
     uint32_t n_seq_max;
     uint32_t n_ubatch;
