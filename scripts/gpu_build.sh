@@ -12,9 +12,11 @@ OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 if [ -f .gpu/src.tar ] && [ "$PWD" != /tmp/src ]; then
     export LLAMA_FASTGEN_COMMIT="$(python3 -c 'import sys, tarfile; print(tarfile.open(sys.argv[1]).pax_headers.get("comment", "unknown")[:12])' .gpu/src.tar)"
     rm -rf /tmp/src.new && mkdir /tmp/src.new && tar -C /tmp/src.new -xf .gpu/src.tar && cp -r .gpu /tmp/src.new/
-    # keep /tmp/src's timestamps where the files did not change, so a warm machine rebuilds only those
+    # keep /tmp/src's timestamps where the files did not change, so a warm machine rebuilds only those; a changed
+    # file gets the time of this copy (not the archive's, the commit's: older than the last build's objects, so
+    # ninja would not rebuild it)
     mkdir -p /tmp/src && (cd /tmp/src.new && find . -type f) | while read -r f; do
-        cmp -s "/tmp/src.new/$f" "/tmp/src/$f" || { mkdir -p "$(dirname "/tmp/src/$f")"; cp -p "/tmp/src.new/$f" "/tmp/src/$f"; }
+        cmp -s "/tmp/src.new/$f" "/tmp/src/$f" || { mkdir -p "$(dirname "/tmp/src/$f")"; cp "/tmp/src.new/$f" "/tmp/src/$f"; }
     done
     (cd /tmp/src && find . -type f) | while read -r f; do [ -e "/tmp/src.new/$f" ] || rm -f "/tmp/src/$f"; done
     cd /tmp/src
