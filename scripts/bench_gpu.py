@@ -286,7 +286,8 @@ def speed_configs(args) -> list:
                ("diag fastgen one-stream", args.model, [], {"LLAMA_FASTGEN_CUDA_STREAMS": "0"}),
                # hh_attn launched without programmatic dependent launch (the rest of llama.cpp keeps it)
                ("diag fastgen no-pdl", args.model, [], {"LLAMA_FASTGEN_CUDA_PDL": "0"}),
-               # hh_attn's new-token K row loaded and stored interleaved (the loop before session 40)
+               # hh_attn's new-token K row loaded and stored interleaved, as before session 40 (not the old kernel itself:
+               # V's loads stay first, and one compiled kernel holds both paths, with the larger one's registers)
                ("diag fastgen no-kbatch", args.model, [], {"LLAMA_FASTGEN_CUDA_KBATCH": "0"}),
                # a mixed layer's heavy-hitter op on a side stream too, not on the main one (before session 40)
                ("diag fastgen hh-side", args.model, [], {"LLAMA_FASTGEN_CUDA_HH_MAIN": "0"}),

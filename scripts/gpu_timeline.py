@@ -70,13 +70,15 @@ def read_host(path: str):
 
 def host_per_token(sts, api, cp) -> dict:
     """per token over the counted steps (from the first one's start to the last one's): each runtime call's count and
-    the host µs spent inside it, and each copy kind's count and bytes; calls that end after the window are left out"""
+    the host µs spent inside it, and each copy kind's count and bytes; calls and copies count by their start (a graph
+    launch may still run on the host when its step starts on the GPU). The tracer's own cost per call is in these
+    figures (CUPTI records every runtime call), so they read somewhat above an untraced run's."""
     if len(sts) < 2:
         return {}
     t0, t1, n = sts[0][0][0], sts[-1][0][0], len(sts) - 1
     calls, copies = {}, {}
     for a, b, name in api:
-        if t0 <= a and b <= t1:
+        if t0 <= a < t1:
             c, us = calls.get(name, (0, 0.0))
             calls[name] = (c + 1, us + (b - a) / 1e3)
     for a, b, nbytes, kind in cp:
@@ -181,6 +183,7 @@ def summarize(sts) -> dict:
     between = [(b[0][0] - max(k[1] for k in a)) / 1e3 for a, b in pairs]
     return {"steps": len(ss), "wall_us": med(walls), "wall_min": min(walls), "wall_max": max(walls),
             "period_us": med(period) if period else None, "between_us": med(between) if between else None,
+            "period_min": min(period) if period else None, "period_max": max(period) if period else None,
             "idle_us": med(s["idle"] for s in ss), "overlap_us": med(s["overlap"] for s in ss),
             "streams": med(s["streams"] for s in ss),
             "layers": {k: {"per_step": len(v) / len(ss), "attention_us": med(x[0] for x in v),
@@ -196,8 +199,10 @@ def table(cols) -> str:
              "|---" * (len(cols) + 1) + "|",
              "| wall [min-max] | " + " | ".join(f"{c['wall_us']:.1f} [{c['wall_min']:.0f}-{c['wall_max']:.0f}]" for _, c in cols) + " |"]
     if any(c.get("period_us") is not None for _, c in cols):  # files written before session 40 have neither
-        lines.append("| a token: step start to the next step's start / of it between steps | " + " | ".join(
-            f"{c['period_us']:.1f} / {c['between_us']:.1f}" if c.get("period_us") is not None else "-" for _, c in cols) + " |")
+        # [min-max]: a wide spread says a token's kernels were not one step (a gap over --gap, or a short step left out)
+        lines.append("| a token: step start to the next step's start [min-max] / of it between steps | " + " | ".join(
+            f"{c['period_us']:.1f} [{c['period_min']:.0f}-{c['period_max']:.0f}] / {c['between_us']:.1f}"
+            if c.get("period_us") is not None else "-" for _, c in cols) + " |")
     for key, label in (("idle_us", "no kernel running"), ("overlap_us", "two or more kernels running"), ("streams", "streams")):
         lines.append(f"| {label} | " + " | ".join(f"{c[key]:.1f}" if key != "streams" else f"{c[key]:g}" for _, c in cols) + " |")
     for kind in ("full", "hh", "mixed"):

@@ -33,11 +33,12 @@ def test_steps_idle_overlap_and_layers_are_counted_exactly(tmp_path):
             lines += k
         t += 100
     f = tmp_path / "tl.txt"
-    # per step the host's calls and copies, on the same clock: a graph launch (2 µs) and two input copies (1 µs each,
-    # 64 and 16 bytes) before each step; the first step's come before the counted window (its start), left out
+    # per step the host's calls and copies, on the same clock: a graph launch (11 µs, still running when the step starts
+    # on the GPU) and two input copies (1 µs each, 64 and 16 bytes) before each step; the first step's come before the
+    # counted window (its start), left out; the last step's start inside it and count
     host = []
     for st in (0, 140, 280):
-        host += [f"api {(st - 10) * US} {(st - 8) * US} 7 cudaGraphLaunch_v10000\n",
+        host += [f"api {(st - 10) * US} {(st + 1) * US} 7 cudaGraphLaunch_v10000\n",
                  f"api {(st - 20) * US} {(st - 19) * US} 7 cudaMemcpyAsync_v3020\n",
                  f"api {(st - 18) * US} {(st - 17) * US} 7 cudaMemcpyAsync_v3020\n",
                  f"memcpy {(st - 5) * US} {(st - 4) * US} 13 64 1 0\n", f"memcpy {(st - 4) * US} {(st - 3) * US} 13 16 1 0\n"]
@@ -61,15 +62,15 @@ def test_steps_idle_overlap_and_layers_are_counted_exactly(tmp_path):
     s = gpu_timeline.summarize(sts)
     assert s["steps"] == 3 and s["wall_us"] == 40.0
     # steps start at 0, 140, 280 (40 µs of kernels, then 100 with none)
-    assert s["period_us"] == 140.0 and s["between_us"] == 100.0
-    assert "| a token: step start to the next step's start / of it between steps | 140.0 / 100.0 |" in gpu_timeline.table([("x", s)])
+    assert s["period_us"] == 140.0 and s["between_us"] == 100.0 and s["period_min"] == s["period_max"] == 140.0
+    assert "| a token: step start to the next step's start [min-max] / of it between steps | 140.0 [140-140] / 100.0 |" in gpu_timeline.table([("x", s)])
 
     # the window is [0, 280): the calls and copies of the steps at 140 and 280 fall in it, per token (2 tokens) one each
     h = gpu_timeline.host_per_token(sts, *gpu_timeline.read_host(str(f)))
-    assert h["calls"] == {"cudaGraphLaunch_v10000": {"per_token": 1.0, "us": 2.0}, "cudaMemcpyAsync_v3020": {"per_token": 2.0, "us": 2.0}}
+    assert h["calls"] == {"cudaGraphLaunch_v10000": {"per_token": 1.0, "us": 11.0}, "cudaMemcpyAsync_v3020": {"per_token": 2.0, "us": 2.0}}
     assert h["copies"] == {"HtoD": {"per_token": 2.0, "bytes": 80.0}}
     t = gpu_timeline.host_table([("x", {**s, "host": h})])
-    assert "| every runtime call | 4.0 |" in t and "| copies HtoD: count, bytes | 2, 80 |" in t
+    assert "| every runtime call | 13.0 |" in t and "| copies HtoD: count, bytes | 2, 80 |" in t
     assert s["layers"]["mixed"] == {"per_step": 1.0, "attention_us": 9.0, "to_out_proj_us": 15.0}
     assert s["kernels"]["flash_attn_ext_vec"] == {"launches": 1, "us": 4.0}
     assert "| mixed layer" in gpu_timeline.table([("x", s)])

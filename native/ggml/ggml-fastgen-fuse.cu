@@ -3,7 +3,7 @@
 //
 // At depth 0 on an H100 (session 30, ncu, the B = 0.30 mix) such a layer launched K rows, V rows, flash attention,
 // its combine, the heavy-hitter op and a concat, where the full cache launches V rows, flash attention and its
-// combine (llama.cpp writes K in its rope). With the op on a second stream (ggml-fastgen-streams.cu), two launches
+// combine (llama.cpp writes K in its rope). With the op and the class attention on two streams (ggml-fastgen-streams.cu), two launches
 // stay on the layer's path that the full cache does not make:
 //  - the class's K rows: written here together with its V rows, in one launch (the nodes: ggml_fastgen_rows_pair);
 //  - the concat: in a one-token step whose concat joins the two streams (ggml_fastgen_join_in_place, which marks it in

@@ -77,7 +77,7 @@ void ggml_cuda_fastgen_graph_optimize(ggml_backend_cuda_context * ctx, ggml_cgra
         }
         sc.concurrent_events.emplace(g->nodes[r.fork], std::move(ev));
     }
-    GGML_LOG_DEBUG("%s: %zu heavy-hitter ops on a second stream beside their layer's other attention\n", __func__, regions.size());
+    GGML_LOG_DEBUG("%s: %zu heavy-hitter ops beside their layer's other attention on a side stream\n", __func__, regions.size());
     if (mode == 2) {
         fprintf(stderr, "%s: %zu regions, %d of their joins written in place\n", __func__, regions.size(), n_in_place);
     }
