@@ -5,7 +5,9 @@ Random weights are enough for speed, memory and CPU-vs-CUDA agreement (quality n
 weights). The policy mix comes from a converter report (OUT.fastgen.json): its per-head policies
 are mapped onto the target's layers (nearest layer) and KV heads (head h takes source head
 h mod n_src), so the share of each class follows the profile. --frequent-as-full writes the same
-mix with the heavy-hitter heads full: the baseline that isolates what those heads cost or save.
+mix with the heavy-hitter heads full: the baseline that isolates what those heads cost or save;
+--full-as-frequent the same mix with every full head heavy-hitter (the profile's most common frequent policy), so no
+layer mixes the two (the GPU runs' 'every head heavy-hitter' GGUF).
 
     python scripts/make_random_gguf.py --shape llama3-8b --profile REPORT.json --tree TREE --out M.gguf
 """
@@ -29,16 +31,24 @@ SHAPES = {
 }
 
 
-def policy_from_report(report: dict, n_layer: int, n_kv: int, frequent_as_full: bool = False):
+def policy_from_report(report: dict, n_layer: int, n_kv: int, frequent_as_full: bool = False,
+                       full_as_frequent: bool = False):
     """The report's per-head policies stretched over n_layer x n_kv heads: (classes in the
-    converter's class order, per-layer head counts per class)."""
+    converter's class order, per-layer head counts per class). frequent_as_full: every frequent head
+    full; full_as_frequent: every full head takes the report's most common frequent policy."""
     src = report["policies"]                         # [L_src][H_src] labels, original head order
     L_src, H_src = len(src), len(src[0])
+    labels = [lab for row in src for lab in row]
+    freq = [lab for lab in labels if HeadPolicy.from_label(lab).kind == Kind.FREQUENT]
+    if full_as_frequent and not freq:
+        raise SystemExit("make_random_gguf.py: --full-as-frequent needs a profile with a frequent head")
+    common = HeadPolicy.from_label(max(set(freq), key=freq.count)) if freq else None
     heads = []
     for l in range(n_layer):
         ls = round(l * (L_src - 1) / max(n_layer - 1, 1))
         row = [HeadPolicy.from_label(src[ls][h % H_src]) for h in range(n_kv)]
-        heads.append([HeadPolicy(Kind.FULL) if frequent_as_full and c.kind == Kind.FREQUENT else c for c in row])
+        row = [HeadPolicy(Kind.FULL) if frequent_as_full and c.kind == Kind.FREQUENT else c for c in row]
+        heads.append([common if full_as_frequent and c.kind == Kind.FULL else c for c in row])
     classes = sorted({c for row in heads for c in row}, key=class_order)
     counts = [[row.count(c) for c in classes] for row in heads]
     return classes, counts
@@ -59,6 +69,8 @@ def main() -> int:
     ap.add_argument("--profile", type=Path, help="converter report JSON (none: no fastgen metadata)")
     ap.add_argument("--frequent-as-full", action="store_true",
                     help="same mix with every frequent head full (the speed baseline for heavy hitters)")
+    ap.add_argument("--full-as-frequent", action="store_true",
+                    help="same mix with every full head heavy-hitter (its most common frequent policy): no mixed layer")
     ap.add_argument("--tree", type=Path, required=True, help="pinned llama.cpp tree (gguf-py, vocab)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
@@ -92,7 +104,7 @@ def main() -> int:
                 w.add_key_value(key, field.contents(), vtype)
     if a.profile:
         report = json.loads(a.profile.read_text())
-        classes, counts = policy_from_report(report, n_layer, n_kv, a.frequent_as_full)
+        classes, counts = policy_from_report(report, n_layer, n_kv, a.frequent_as_full, a.full_as_frequent)
         meta = FastgenMetadata(threshold=float(report["threshold"]), n_sink=DEFAULT_N_SINK, classes=classes, layer_class_heads=counts,
                                head_perm=[list(range(n_kv))] * n_layer, special_token_ids=[], punct_token_ids=[],
                                protected_frac=float(report["protected_frac"]),
