@@ -6,12 +6,13 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-# .gpu/src.tar (pack_gpu.sh: git archive of a commit): build and run exactly that commit from /tmp/src,
-# not the copied working tree (which carries whatever is uncommitted, a helper's half-done edit too);
-# results then record its id. Without it, the working tree as copied.
-if [ -f .gpu/src.tar ] && [ "$PWD" != /tmp/src ]; then
-    export LLAMA_FASTGEN_COMMIT="$(python3 -c 'import sys, tarfile; print(tarfile.open(sys.argv[1]).pax_headers.get("comment", "unknown")[:12])' .gpu/src.tar)"
-    rm -rf /tmp/src.new && mkdir /tmp/src.new && tar -C /tmp/src.new -xf .gpu/src.tar && cp -r .gpu /tmp/src.new/
+# .gpu/src.tar (pack_gpu.sh: git archive of a commit; GPU_SRC_TAR names another, as gpu_ab.sh does): build and run
+# exactly that commit from /tmp/src, not the copied working tree (which carries whatever is uncommitted, a helper's
+# half-done edit too); results then record its id. Without it, the working tree as copied.
+SRC_TAR="${GPU_SRC_TAR:-.gpu/src.tar}"
+if [ -f "$SRC_TAR" ] && [ "$PWD" != /tmp/src ]; then
+    export LLAMA_FASTGEN_COMMIT="$(python3 -c 'import sys, tarfile; print(tarfile.open(sys.argv[1]).pax_headers.get("comment", "unknown")[:12])' "$SRC_TAR")"
+    rm -rf /tmp/src.new && mkdir /tmp/src.new && tar -C /tmp/src.new -xf "$SRC_TAR" && cp -r .gpu /tmp/src.new/
     # keep /tmp/src's timestamps where the files did not change, so a warm machine rebuilds only those; a changed
     # file gets the time of this copy (not the archive's, the commit's: older than the last build's objects, so
     # ninja would not rebuild it)
@@ -20,7 +21,7 @@ if [ -f .gpu/src.tar ] && [ "$PWD" != /tmp/src ]; then
     done
     (cd /tmp/src && find . -type f) | while read -r f; do [ -e "/tmp/src.new/$f" ] || rm -f "/tmp/src/$f"; done
     cd /tmp/src
-    echo "building commit $LLAMA_FASTGEN_COMMIT from .gpu/src.tar"
+    echo "building commit $LLAMA_FASTGEN_COMMIT from $SRC_TAR"
 fi
 export LLAMA_FASTGEN_CACHE=/tmp/fgcache PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 if [ -f .gpu/base/tree.tar.xz ] && [ ! -d $LLAMA_FASTGEN_CACHE/pristine-0c1e57098 ]; then

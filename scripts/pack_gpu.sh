@@ -7,6 +7,7 @@
 #   .gpu/src.tar HEAD as `git archive` writes it: the GPU machine builds that commit (carry it too)
 #   .gpu/parts/  with --model NAME...: each model's original GGUF in parts of PART_MB (default 58)
 #                MB, carried over several calls (scripts/gpu_eval.sh joins them; prints sha256)
+#   .gpu/src-ID.tar  with --commits REV...: each commit's archive, for scripts/gpu_ab.sh (several builds in one call)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
@@ -25,6 +26,14 @@ if [ ! -f .gpu/base/tree.tar.xz ]; then
 fi
 # the commit the GPU machine builds (gpu_build.sh), whatever else the working tree holds
 git archive -o .gpu/src.tar HEAD && echo ".gpu/src.tar: $(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD || echo ' (uncommitted changes not in it)')"
+if [ "${1:-}" = "--commits" ]; then
+    shift
+    for rev in "$@"; do
+        id="$(git rev-parse --short=12 "$rev")"
+        git archive -o ".gpu/src-$id.tar" "$id" && echo ".gpu/src-$id.tar: $(git log -1 --format='%h %s' "$id" | cut -c1-80)"
+    done
+    set --
+fi
 if [ "${1:-}" = "--model" ]; then
     shift
     mkdir -p .gpu/parts
