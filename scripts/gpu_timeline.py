@@ -43,29 +43,32 @@ def short(name: str) -> str:
     return re.sub(r"^.*::", "", s) or base
 
 
-def read(path: str):
-    ks = []
-    for ln in open(path):
-        p = ln.rstrip("\n").split(" ", 7)
-        if len(p) == 8:
-            ks.append((int(p[0]), int(p[1]), int(p[2]), short(p[7])))
-    ks.sort()
-    return ks
-
-
 COPY_KINDS = {1: "HtoD", 2: "DtoH", 8: "DtoD", 10: "PtoP"}  # CUPTI_ACTIVITY_MEMCPY_KIND_*
 
 
-def read_host(path: str):
-    """the tracer's other lines: CUDA runtime calls (start, end, name) and copies (start, end, bytes, kind)"""
-    api, cp = [], []
+def read_all(path: str):
+    """one pass over a tracer file: kernels (start, end, stream, short name), sorted; CUDA runtime calls (start, end,
+    name); copies (start, end, bytes, kind)"""
+    ks, api, cp = [], [], []
     for ln in open(path):
-        p = ln.split()
-        if p[:1] == ["api"] and len(p) == 5:
+        p = ln.rstrip("\n").split(" ", 7)
+        if p[0] == "api" and len(p) == 5:
             api.append((int(p[1]), int(p[2]), p[4]))
-        elif p[:1] == ["memcpy"] and len(p) == 7:
+        elif p[0] == "memcpy" and len(p) == 7:
             cp.append((int(p[1]), int(p[2]), int(p[4]), COPY_KINDS.get(int(p[5]), p[5])))
-    return api, cp
+        elif len(p) == 8:
+            ks.append((int(p[0]), int(p[1]), int(p[2]), short(p[7])))
+    ks.sort()
+    return ks, api, cp
+
+
+def read(path: str):
+    return read_all(path)[0]
+
+
+def read_host(path: str):
+    """the tracer's other lines: CUDA runtime calls and copies"""
+    return read_all(path)[1:]
 
 
 def host_per_token(sts, api, cp) -> dict:
@@ -248,10 +251,11 @@ def main() -> int:
         return 0
 
     def count(path):
-        sts = [s for s in steps(read(path), int(a.gap * 1e3)) if len(s) > 50][-a.last:]
+        ks, api, cp = read_all(path)
+        sts = [s for s in steps(ks, int(a.gap * 1e3)) if len(s) > 50][-a.last:]
         if not sts:
             raise SystemExit(f"gpu_timeline.py: no decode steps in {path}")
-        return {**summarize(sts), "host": host_per_token(sts, *read_host(path))}
+        return {**summarize(sts), "host": host_per_token(sts, api, cp)}
 
     if a.what == "files":
         cols = [(f.split("/")[-1], count(f)) for f in a.files]

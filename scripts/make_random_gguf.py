@@ -38,11 +38,12 @@ def policy_from_report(report: dict, n_layer: int, n_kv: int, frequent_as_full: 
     full; full_as_frequent: every full head takes the report's most common frequent policy."""
     src = report["policies"]                         # [L_src][H_src] labels, original head order
     L_src, H_src = len(src), len(src[0])
-    labels = [lab for row in src for lab in row]
-    freq = [lab for lab in labels if HeadPolicy.from_label(lab).kind == Kind.FREQUENT]
-    if full_as_frequent and not freq:
-        raise SystemExit("make_random_gguf.py: --full-as-frequent needs a profile with a frequent head")
-    common = HeadPolicy.from_label(max(set(freq), key=freq.count)) if freq else None
+    common = None
+    if full_as_frequent:
+        freq = [lab for row in src for lab in row if HeadPolicy.from_label(lab).kind == Kind.FREQUENT]
+        if not freq:
+            raise SystemExit("make_random_gguf.py: --full-as-frequent needs a profile with a frequent head")
+        common = HeadPolicy.from_label(max(set(freq), key=freq.count))
     heads = []
     for l in range(n_layer):
         ls = round(l * (L_src - 1) / max(n_layer - 1, 1))
