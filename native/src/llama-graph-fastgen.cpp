@@ -10,16 +10,59 @@
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 static ggml_tensor * new_kq_mask(ggml_context * ctx, const llama_kv_cache_context * mctx,
                                  const llama_ubatch & ubatch, const llama_cparams & cparams) {
     const auto n_stream = cparams.kv_unified ? 1 : ubatch.n_seqs_unq;
-    ggml_tensor * res = ggml_new_tensor_4d(ctx, cparams.flash_attn ? GGML_TYPE_F16 : GGML_TYPE_F32,
+    return ggml_new_tensor_4d(ctx, cparams.flash_attn ? GGML_TYPE_F16 : GGML_TYPE_F32,
             mctx->get_n_kv(), ubatch.n_tokens/n_stream, 1, n_stream);
-    ggml_set_input(res);
-    ggml_set_name(res, "attn_inp_kq_mask_fastgen");
-    return res;
 }
+
+// Every fastgen input of a ubatch is a typed view into one host input tensor, the blob: the scheduler copies each
+// graph input to the device on its own, with a synchronous copy and a stream sync per ubatch
+// (ggml_backend_sched_compute_splits), and a class adds two to three inputs, the heavy-hitter stores two to four.
+// On a device the graph reads views of the blob's one device copy (a CONT: a device-to-device memcpy); on the host,
+// and where the cache spans host and device (each view copied on its own, as separate inputs were), the blob's own.
+namespace {
+struct input_blob {
+    struct part {
+        ggml_tensor ** dst;
+        std::string    name;
+        ggml_type      type;
+        int64_t        ne[4];
+        size_t         offs;
+    };
+    std::vector<part> parts;
+    size_t size = 0;
+
+    // *dst becomes a view of like's type and shape (like: a tensor outside the graph, for its shape only)
+    void add(ggml_tensor ** dst, const ggml_tensor * like, std::string name) {
+        const size_t n = ggml_nbytes(like);
+        parts.push_back({ dst, std::move(name), like->type, { like->ne[0], like->ne[1], like->ne[2], like->ne[3] }, size });
+        size += GGML_PAD(n, 256); // each view aligned as a tensor of its own would be
+    }
+
+    ggml_tensor * build(ggml_context * ctx, bool on_device) const {
+        ggml_tensor * blob = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) (size/sizeof(int32_t)));
+        ggml_set_input(blob);
+        ggml_set_name(blob, "attn_inp_fastgen");
+        ggml_tensor * src = on_device ? ggml_cont(ctx, blob) : blob;
+        for (const part & p : parts) {
+            ggml_tensor * v = ggml_view_1d(ctx, src, (int64_t) (GGML_PAD(ggml_row_size(p.type, p.ne[0])*p.ne[1]*p.ne[2]*p.ne[3], 4)/4), p.offs);
+            v->type  = p.type; // the same bytes read as the part's type: a view cannot change it, so set it here
+            v->nb[0] = ggml_type_size(p.type);
+            for (int i = 0; i < 4; ++i) {
+                v->ne[i] = p.ne[i];
+                v->nb[i] = i == 0 ? ggml_type_size(p.type) : v->nb[i - 1]*p.ne[i - 1];
+            }
+            ggml_set_name(v, p.name.c_str());
+            *p.dst = v;
+        }
+        return blob;
+    }
+};
+} // namespace
 
 // nullptr when every class is frequent (the base class only keeps the pointer)
 static const llama_kv_cache_context * first_ctx(const llama_kv_cache_fastgen_context * m) {
@@ -36,15 +79,26 @@ llm_graph_input_attn_kv_fastgen::llm_graph_input_attn_kv_fastgen(
     llm_graph_input_attn_kv(hparams, cparams, first_ctx(mctx)), mctx_fg(mctx) {
 }
 
+ggml_tensor llm_graph_input_attn_kv_fastgen::host(const ggml_tensor * t) const {
+    ggml_tensor h = *t;
+    h.data      = (char *) blob->data + t->view_offs; // a view of the blob or of its device copy: same offsets
+    h.buffer    = blob->buffer;
+    h.view_src  = nullptr;
+    h.view_offs = 0;
+    return h;
+}
+
 void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
     for (size_t c = 0; c < cls.size(); ++c) {
         const auto * m = mctx_fg->get((int) c);
         if (!m) {
             continue;
         }
-        m->set_input_k_idxs(cls[c].k_idxs, ubatch);
+        ggml_tensor k_idxs = host(cls[c].k_idxs);
+        m->set_input_k_idxs(&k_idxs, ubatch);
         if (cls[c].v_idxs != cls[c].k_idxs) {
-            m->set_input_v_idxs(cls[c].v_idxs, ubatch);
+            ggml_tensor v_idxs = host(cls[c].v_idxs);
+            m->set_input_v_idxs(&v_idxs, ubatch);
         }
         set_input_mask((int) c, ubatch);
     }
@@ -52,14 +106,16 @@ void llm_graph_input_attn_kv_fastgen::set_input(const llama_ubatch * ubatch) {
         // a fused ubatch's eviction and placement, which may wait for the device: last, so that the host
         // work before it overlaps the previous ubatch's compute
         mctx_fg->hh_place();
+        ggml_tensor idxs = host(hh.idxs), query_pos = host(hh.query_pos);
         for (uint32_t g = 0; g < hh_n_groups(*ubatch); ++g) {
-            cache->hh_store(hh_group_seq(*ubatch, g))->set_input_idxs(hh.idxs, g*(ubatch->n_tokens/hh_n_groups(*ubatch)));
+            cache->hh_store(hh_group_seq(*ubatch, g))->set_input_idxs(&idxs, g*(ubatch->n_tokens/hh_n_groups(*ubatch)));
         }
-        llama_fastgen_hh_store::set_input_query_pos(hh.query_pos, *ubatch);
+        llama_fastgen_hh_store::set_input_query_pos(&query_pos, *ubatch);
         if (hh.keep) { // composed ubatch: one sequence
             const auto * st = cache->hh_store(hh_group_seq(*ubatch, 0));
-            st->set_input_keep(hh.keep);
-            st->set_input_cell_pos(hh.cell_pos);
+            ggml_tensor keep = host(hh.keep), cell_pos = host(hh.cell_pos);
+            st->set_input_keep(&keep);
+            st->set_input_cell_pos(&cell_pos);
         }
     }
     llama_fastgen_timing_record().inputs_set(); // LLAMA_FASTGEN_TIMING=1
@@ -74,7 +130,8 @@ void llm_graph_input_attn_kv_fastgen::set_input_mask(int c, const llama_ubatch *
     static const bool check = llama_fastgen_env_flag_or_unset(LLAMA_FASTGEN_SWITCH_CHECK_MASK);
     const auto * cache = mctx_fg->get_cache();
     const auto * m     = mctx_fg->get(c);
-    ggml_tensor * mask = cls[c].kq_mask;
+    ggml_tensor   host_mask = host(cls[c].kq_mask), host_k_idxs = host(cls[c].k_idxs);
+    ggml_tensor * mask = &host_mask;
     auto & memo = cls[c].memo;
     const bool step = cache->get_policy().classes[c].kind == LLAMA_FASTGEN_FULL && cparams.causal_attn &&
             !hparams.use_alibi && ubatch->n_tokens == 1 && ubatch->n_seq_id[0] == 1 && !ubatch->is_pos_2d() &&
@@ -82,7 +139,7 @@ void llm_graph_input_attn_kv_fastgen::set_input_mask(int c, const llama_ubatch *
     const llama_seq_id seq = step ? ubatch->seq_id[0][0] : -1;
     const llama_pos    pos = step ? ubatch->pos[0] : -1;
     // the new token's cell in its stream (a cache of one stream per sequence offsets the others' indices)
-    const int64_t     cell = step ? ((const int64_t *) cls[c].k_idxs->data)[0] % cache->class_cells(c) : -1;
+    const int64_t     cell = step ? ((const int64_t *) host_k_idxs.data)[0] % cache->class_cells(c) : -1;
     const size_t        es = ggml_element_size(mask);
     llama_fastgen_timing & timing = llama_fastgen_timing_record(); // LLAMA_FASTGEN_TIMING=1
     auto                t0 = timing.on ? llama_fastgen_timing::clock::now() : llama_fastgen_timing::clock::time_point();
@@ -155,21 +212,18 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
     auto inp = std::make_unique<llm_graph_input_attn_kv_fastgen>(g.hparams, g.cparams, m);
     inp->cls.resize(m->get_cache()->n_class());
     const int64_t n_tokens = g.ubatch.n_tokens;
+    input_blob blob;
     if (const auto * st = m->get_cache()->hh_store()) {
         auto & in = inp->hh;
         const int64_t C = m->hh_n_active(), H = st->n_head_total();
-        in.idxs      = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_I64, n_tokens, H);
-        in.query_pos = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, 1, n_tokens, 1, 1);
-        ggml_set_input(in.idxs);
-        ggml_set_input(in.query_pos);
+        blob.add(&in.idxs,      ggml_new_tensor_2d(g.ctx0, GGML_TYPE_I64, n_tokens, H), "attn_inp_hh_idxs");
+        blob.add(&in.query_pos, ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, 1, n_tokens, 1, 1), "attn_inp_hh_query_pos");
         for (uint32_t gr = 0; gr < hh_n_groups(g.ubatch); ++gr) {
             in.seqs.push_back(hh_group_seq(g.ubatch, gr));
         }
         if (!st->fused((uint32_t) n_tokens)) {
-            in.keep     = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, C, H);
-            in.cell_pos = ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, C, 1, 1, H);
-            ggml_set_input(in.keep);
-            ggml_set_input(in.cell_pos);
+            blob.add(&in.keep,     ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, C, H), "attn_inp_hh_keep");
+            blob.add(&in.cell_pos, ggml_new_tensor_4d(g.ctx0, GGML_TYPE_F32, C, 1, 1, H), "attn_inp_hh_cell_pos");
         }
     }
     for (size_t c = 0; c < inp->cls.size(); ++c) {
@@ -177,11 +231,17 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
         if (!mc) {
             continue;
         }
-        inp->cls[c].k_idxs  = mc->build_input_k_idxs(g.ctx0, g.ubatch);
-        // untransposed V: llama.cpp's V indices equal the K ones, and each input costs the scheduler a synchronous
-        // copy to the device per ubatch, so one tensor serves both
-        inp->cls[c].v_idxs  = m->get_cache()->v_transposed() ? mc->build_input_v_idxs(g.ctx0, g.ubatch) : inp->cls[c].k_idxs;
-        inp->cls[c].kq_mask = new_kq_mask(g.ctx0, mc, g.ubatch, g.cparams);
+        blob.add(&inp->cls[c].k_idxs, mc->build_input_k_idxs(g.ctx0, g.ubatch), "attn_inp_k_idxs_c" + std::to_string(c));
+        // untransposed V: llama.cpp's V indices equal the K ones, one view serves both (set after build())
+        if (m->get_cache()->v_transposed()) {
+            blob.add(&inp->cls[c].v_idxs, mc->build_input_v_idxs(g.ctx0, g.ubatch), "attn_inp_v_idxs_c" + std::to_string(c));
+        }
+        blob.add(&inp->cls[c].kq_mask, new_kq_mask(g.ctx0, mc, g.ubatch, g.cparams), "attn_inp_kq_mask_c" + std::to_string(c));
+    }
+    // shapes only: the tensors above are not in the graph
+    inp->blob = blob.build(g.ctx0, m->get_cache()->on_device());
+    for (auto & cl : inp->cls) {
+        cl.v_idxs = cl.v_idxs ? cl.v_idxs : cl.k_idxs;
     }
     return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
 }

@@ -1,4 +1,4 @@
-// llama-fastgen: graph side of the per-class cache. One input (indices + mask) per class; per
+// llama-fastgen: graph side of the per-class cache. Indices + mask per class (views of one input); per
 // layer, attention runs once per class on its contiguous head range and the outputs are
 // concatenated before the output projection (heads are in class order thanks to the converter).
 #pragma once
@@ -44,6 +44,11 @@ public:
         std::vector<llama_seq_id> seqs;    // the sequence of each token group (hh_group): its store's tensors are in the graph
     };
     per_hh hh; // members stay nullptr without frequent classes
+
+    // the one graph input every tensor above is a view of (llama-graph-fastgen.cpp, input_blob)
+    ggml_tensor * blob = nullptr;
+    // t (a view of the blob, or of its device copy) as a tensor over the blob's host memory, for set_input to write
+    ggml_tensor host(const ggml_tensor * t) const;
 
     const llama_kv_cache_fastgen_context * mctx_fg;
 };
