@@ -711,7 +711,8 @@ def test_chat_says_when_a_context_is_too_small_for_the_policy_to_save_memory(tin
     assert said[256][0] <= 0 and said[256][1] and said[4096][0] > 0 and not said[4096][1], said
 
 
-@pytest.mark.parametrize("name", ["LLAMA_FASTGEN_HH_FUSED", "LLAMA_FASTGEN_TIMING", "LLAMA_FASTGEN_CHECK_MASK"])
+@pytest.mark.parametrize("name", ["LLAMA_FASTGEN_HH_FUSED", "LLAMA_FASTGEN_TIMING", "LLAMA_FASTGEN_CHECK_MASK",
+                                  "LLAMA_FASTGEN_INPUT_COPY"])
 def test_every_switch_refuses_a_value_it_does_not_know_at_load(name, tiny_model_dir, tmp_path):
     """The switches read mid-run (once per process) are checked at load, with LLAMA_FASTGEN_DISABLE's words:
     a fresh process, since a switch read once keeps its first value."""

@@ -126,7 +126,7 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_load
             policy->enabled = false;
         }
         // read where they act (once per process, mid-run); a typo fails the load here instead
-        for (const auto & sw : { LLAMA_FASTGEN_SWITCH_HH_FUSED, LLAMA_FASTGEN_SWITCH_TIMING, LLAMA_FASTGEN_SWITCH_CHECK_MASK }) {
+        for (const auto & sw : { LLAMA_FASTGEN_SWITCH_HH_FUSED, LLAMA_FASTGEN_SWITCH_TIMING, LLAMA_FASTGEN_SWITCH_CHECK_MASK, LLAMA_FASTGEN_SWITCH_INPUT_COPY }) {
             llama_fastgen_env_flag(sw);
         }
         LLAMA_LOG_INFO("%s: fastgen policy: %zu classes, T = %.2f, %u sinks%s\n", __func__, policy->classes.size(),

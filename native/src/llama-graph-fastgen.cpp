@@ -23,7 +23,8 @@ static ggml_tensor * new_kq_mask(ggml_context * ctx, const llama_kv_cache_contex
 // graph input to the device on its own, with a synchronous copy and a stream sync per ubatch
 // (ggml_backend_sched_compute_splits), and a class adds two to three inputs, the heavy-hitter stores two to four.
 // On a device the graph reads views of the blob's one device copy (a CONT: a device-to-device memcpy); on the host,
-// and where the cache spans host and device (each view copied on its own, as separate inputs were), the blob's own.
+// where the cache spans host and device, and with LLAMA_FASTGEN_INPUT_COPY=0 (for A/B runs), views of the blob itself,
+// which the scheduler copies to a device one by one, as it did separate inputs.
 namespace {
 struct input_blob {
     struct part {
@@ -239,7 +240,8 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
         blob.add(&inp->cls[c].kq_mask, new_kq_mask(g.ctx0, mc, g.ubatch, g.cparams), "attn_inp_kq_mask_c" + std::to_string(c));
     }
     // shapes only: the tensors above are not in the graph
-    inp->blob = blob.build(g.ctx0, m->get_cache()->on_device());
+    static const bool copy = llama_fastgen_env_flag_or_unset(LLAMA_FASTGEN_SWITCH_INPUT_COPY);
+    inp->blob = blob.build(g.ctx0, copy && m->get_cache()->on_device());
     for (auto & cl : inp->cls) {
         cl.v_idxs = cl.v_idxs ? cl.v_idxs : cl.k_idxs;
     }
