@@ -19,46 +19,51 @@ static ggml_tensor * new_kq_mask(ggml_context * ctx, const llama_kv_cache_contex
             mctx->get_n_kv(), ubatch.n_tokens/n_stream, 1, n_stream);
 }
 
-// Every fastgen input of a ubatch is a typed view into one host input tensor, the blob: the scheduler copies each
-// graph input to the device on its own, with a synchronous copy and a stream sync per ubatch
-// (ggml_backend_sched_compute_splits), and a class adds two to three inputs, the heavy-hitter stores two to four.
-// On a device the graph reads views of the blob's one device copy (a CONT: a device-to-device memcpy); on the host,
-// where the cache spans host and device, and with LLAMA_FASTGEN_INPUT_COPY=0 (for A/B runs), views of the blob itself,
-// which the scheduler copies to a device one by one, as it did separate inputs.
+// On a device, every fastgen input of a ubatch is a typed view of one graph input, the blob, read through its one
+// device copy (a CONT: a device-to-device memcpy): llama.cpp's scheduler copies each graph input to the device on its
+// own, with a synchronous copy and stream syncs per ubatch (ggml_backend_sched_compute_splits), and a class adds two
+// to three inputs, the heavy-hitter stores two to four. On the host (nothing to copy), where the cache spans host and
+// device, and with LLAMA_FASTGEN_INPUT_COPY=0 (for A/B runs), each stays a graph input of its own.
 namespace {
 struct input_blob {
     struct part {
         ggml_tensor ** dst;
+        ggml_tensor *  like;
         std::string    name;
-        ggml_type      type;
-        int64_t        ne[4];
         size_t         offs;
     };
     std::vector<part> parts;
     size_t size = 0;
 
-    // *dst becomes a view of like's type and shape (like: a tensor outside the graph, for its shape only)
-    void add(ggml_tensor ** dst, const ggml_tensor * like, std::string name) {
-        const size_t n = ggml_nbytes(like);
-        parts.push_back({ dst, std::move(name), like->type, { like->ne[0], like->ne[1], like->ne[2], like->ne[3] }, size });
-        size += GGML_PAD(n, 256); // each view aligned as a tensor of its own would be
+    // *dst becomes a tensor of like's type and shape: like itself (an input of its own) or a view of the blob
+    void add(ggml_tensor ** dst, ggml_tensor * like, std::string name) {
+        parts.push_back({ dst, like, std::move(name), size });
+        size += GGML_PAD(ggml_nbytes(like), 256); // each view aligned as a tensor of its own would be
     }
 
-    ggml_tensor * build(ggml_context * ctx, bool on_device) const {
-        ggml_tensor * blob = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) (size/sizeof(int32_t)));
-        ggml_set_input(blob);
-        ggml_set_name(blob, "attn_inp_fastgen");
-        ggml_tensor * src = on_device ? ggml_cont(ctx, blob) : blob;
+    // the blob, or nullptr where each part is an input of its own
+    ggml_tensor * build(ggml_context * ctx, bool blob_on_device) const {
+        ggml_tensor * blob = nullptr, * copy = nullptr;
+        if (blob_on_device) {
+            blob = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) (size/sizeof(int32_t)));
+            ggml_set_input(blob);
+            ggml_set_name(blob, "attn_inp_fastgen");
+            copy = ggml_cont(ctx, blob);
+        }
         for (const part & p : parts) {
-            ggml_tensor * v = ggml_view_1d(ctx, src, (int64_t) (GGML_PAD(ggml_row_size(p.type, p.ne[0])*p.ne[1]*p.ne[2]*p.ne[3], 4)/4), p.offs);
-            v->type  = p.type; // the same bytes read as the part's type: a view cannot change it, so set it here
-            v->nb[0] = ggml_type_size(p.type);
-            for (int i = 0; i < 4; ++i) {
-                v->ne[i] = p.ne[i];
-                v->nb[i] = i == 0 ? ggml_type_size(p.type) : v->nb[i - 1]*p.ne[i - 1];
+            ggml_tensor * t = p.like;
+            if (copy) {
+                t = ggml_view_1d(ctx, copy, (int64_t) (GGML_PAD(ggml_nbytes(p.like), 4)/4), p.offs);
+                t->type = p.like->type; // the same bytes read as the part's type: a view cannot change it, so set it here
+                for (int i = 0; i < GGML_MAX_DIMS; ++i) {
+                    t->ne[i] = p.like->ne[i];
+                    t->nb[i] = p.like->nb[i];
+                }
+            } else {
+                ggml_set_input(t);
             }
-            ggml_set_name(v, p.name.c_str());
-            *p.dst = v;
+            ggml_set_name(t, p.name.c_str());
+            *p.dst = t;
         }
         return blob;
     }
@@ -82,6 +87,9 @@ llm_graph_input_attn_kv_fastgen::llm_graph_input_attn_kv_fastgen(
 
 ggml_tensor llm_graph_input_attn_kv_fastgen::host(const ggml_tensor * t) const {
     ggml_tensor h = *t;
+    if (!blob) {
+        return h; // an input of its own
+    }
     h.data      = (char *) blob->data + t->view_offs; // a view of the blob or of its device copy: same offsets
     h.buffer    = blob->buffer;
     h.view_src  = nullptr;
@@ -239,7 +247,6 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
         }
         blob.add(&inp->cls[c].kq_mask, new_kq_mask(g.ctx0, mc, g.ubatch, g.cparams), "attn_inp_kq_mask_c" + std::to_string(c));
     }
-    // shapes only: the tensors above are not in the graph
     static const bool copy = llama_fastgen_env_flag_or_unset(LLAMA_FASTGEN_SWITCH_INPUT_COPY);
     inp->blob = blob.build(g.ctx0, copy && m->get_cache()->on_device());
     for (auto & cl : inp->cls) {

@@ -45,9 +45,10 @@ public:
     };
     per_hh hh; // members stay nullptr without frequent classes
 
-    // the one graph input every tensor above is a view of (llama-graph-fastgen.cpp, input_blob)
+    // on a device, the one graph input every tensor above is a view of (through its device copy; llama-graph-fastgen.cpp,
+    // input_blob); nullptr where each is an input of its own
     ggml_tensor * blob = nullptr;
-    // t (a view of the blob, or of its device copy) as a tensor over the blob's host memory, for set_input to write
+    // t over host memory, for set_input to write: t itself, or (a view of the blob's device copy) the blob's bytes
     ggml_tensor host(const ggml_tensor * t) const;
 
     const llama_kv_cache_fastgen_context * mctx_fg;
