@@ -339,7 +339,7 @@ static ggml_tensor * build_attn_hh(const llm_graph_context & g, const llama_kv_c
     ggml_tensor * q4 = ggml_view_4d(ctx0, q, D, n_group, n, T, q->nb[1], n_group*q->nb[1], q->nb[2], 0);
     ggml_tensor * qp = ggml_cont(ctx0, ggml_permute(ctx0, q4, 0, 2, 3, 1));
     ggml_tensor * kq = ggml_mul_mat(ctx0, Ks, qp);
-    ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
     kq = ggml_soft_max_ext(ctx0, kq, mask, kq_scale, 0.0f);
     g.cb(kq, "kq_soft_max_hh", il);
 
