@@ -120,8 +120,8 @@ def test_frequent_heads_decoded_token_by_token_match_the_reference(real_fastgen_
 
 
 def _logits_in_subprocess(gguf, ids, n_batch, env, tmp_path):
-    """teacher_forced in a fresh process: LLAMA_FASTGEN_HH_FUSED is read once per process."""
-    out = tmp_path / f"logits-{n_batch}-{env.get('LLAMA_FASTGEN_HH_FUSED', '1')}.npy"
+    """teacher_forced in a fresh process: the LLAMA_FASTGEN_* switches are read once per process."""
+    out = tmp_path / ("logits-%d-%s.npy" % (n_batch, "-".join(f"{k}={v}" for k, v in sorted(env.items()))))
     code = ("import sys, numpy as np; from llama_fastgen.logits import teacher_forced; "
             f"np.save(sys.argv[1], teacher_forced(sys.argv[2], {list(ids)!r}, n_ctx=1024, n_batch={n_batch})[0])")
     subprocess.run([sys.executable, "-c", code, str(out), str(gguf)], check=True, env={**os.environ, **env})
@@ -150,6 +150,21 @@ def test_fused_heavy_hitter_op_equals_the_composed_ggml_path(n_batch, real_fastg
     nat = _logits_in_subprocess(real_fastgen_gguf, ids, 8, {}, tmp_path)
     ref, full = _reference(model_dir, real_fastgen_gguf, ids, 8, 1024)
     _agrees(nat[start:], ref[start:], full[start:])
+
+
+@pytest.mark.parametrize("n_batch,fused", [(1, "1"), (64, "1"), (64, "0")])
+def test_inputs_as_views_of_one_graph_input_give_the_same_logits(n_batch, fused, real_fastgen_gguf, long_ids, tmp_path):
+    """LLAMA_FASTGEN_INPUT_COPY=1: every fastgen input a typed view of one graph input's copy (llama-graph-fastgen.cpp,
+    input_blob), written through the blob's host bytes. The same ops read the same values, so the logits equal those of
+    an input each to the bit: decode steps (the fused op, full-class masks updated from the last step's), ubatches of 64
+    (the fused op's prefill) and the composed path (its keep and cell positions too), evictions included."""
+    meta = schema.read(real_fastgen_gguf)
+    ids = long_ids[: 1 + max(c.budget for c in meta.classes) + 160]
+    env = {"LLAMA_FASTGEN_HH_FUSED": fused}
+    apart = _logits_in_subprocess(real_fastgen_gguf, ids, n_batch, env, tmp_path)
+    blob = _logits_in_subprocess(real_fastgen_gguf, ids, n_batch, {**env, "LLAMA_FASTGEN_INPUT_COPY": "1"}, tmp_path)
+    assert apart.shape == (len(ids), blob.shape[1]) and np.isfinite(apart).all()
+    assert np.array_equal(apart, blob)
 
 
 _MASK_SCRIPT = """

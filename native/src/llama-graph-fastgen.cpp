@@ -19,11 +19,11 @@ static ggml_tensor * new_kq_mask(ggml_context * ctx, const llama_kv_cache_contex
             mctx->get_n_kv(), ubatch.n_tokens/n_stream, 1, n_stream);
 }
 
-// On a device, every fastgen input of a ubatch is a typed view of one graph input, the blob, read through its one
-// device copy (a CONT: a device-to-device memcpy): llama.cpp's scheduler copies each graph input to the device on its
-// own, with a synchronous copy and stream syncs per ubatch (ggml_backend_sched_compute_splits), and a class adds two
-// to three inputs, the heavy-hitter stores two to four. On the host (nothing to copy), where the cache spans host and
-// device, and with LLAMA_FASTGEN_INPUT_COPY=0 (for A/B runs), each stays a graph input of its own.
+// With LLAMA_FASTGEN_INPUT_COPY=1, every fastgen input of a ubatch is a typed view of one graph input, the blob, read
+// through its one copy (a CONT; on a device a device-to-device memcpy): llama.cpp's scheduler copies each graph input to
+// a device on its own, with a synchronous copy and stream syncs per ubatch (ggml_backend_sched_compute_splits), and a
+// class adds two to three inputs, the heavy-hitter stores two to four. Off by default until a GPU run has measured it
+// and checked it against the CPU; on the CPU it is the same ops on the same values (tests/test_native.py).
 namespace {
 struct input_blob {
     struct part {
@@ -42,9 +42,9 @@ struct input_blob {
     }
 
     // the blob, or nullptr where each part is an input of its own
-    ggml_tensor * build(ggml_context * ctx, bool blob_on_device) const {
+    ggml_tensor * build(ggml_context * ctx, bool one_input) const {
         ggml_tensor * blob = nullptr, * copy = nullptr;
-        if (blob_on_device) {
+        if (one_input) {
             blob = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) (size/sizeof(int32_t)));
             ggml_set_input(blob);
             ggml_set_name(blob, "attn_inp_fastgen");
@@ -248,7 +248,7 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
         blob.add(&inp->cls[c].kq_mask, new_kq_mask(g.ctx0, mc, g.ubatch, g.cparams), "attn_inp_kq_mask_c" + std::to_string(c));
     }
     static const bool copy = llama_fastgen_env_flag_or_unset(LLAMA_FASTGEN_SWITCH_INPUT_COPY);
-    inp->blob = blob.build(g.ctx0, copy && m->get_cache()->on_device());
+    inp->blob = blob.build(g.ctx0, copy);
     for (auto & cl : inp->cls) {
         cl.v_idxs = cl.v_idxs ? cl.v_idxs : cl.k_idxs;
     }

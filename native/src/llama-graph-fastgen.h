@@ -45,10 +45,10 @@ public:
     };
     per_hh hh; // members stay nullptr without frequent classes
 
-    // on a device, the one graph input every tensor above is a view of (through its device copy; llama-graph-fastgen.cpp,
-    // input_blob); nullptr where each is an input of its own
+    // LLAMA_FASTGEN_INPUT_COPY=1: the one graph input every tensor above is a view of (through its copy;
+    // llama-graph-fastgen.cpp, input_blob); nullptr where each is an input of its own
     ggml_tensor * blob = nullptr;
-    // t over host memory, for set_input to write: t itself, or (a view of the blob's device copy) the blob's bytes
+    // t over host memory, for set_input to write: t itself, or (a view of the blob's copy) the blob's bytes
     ggml_tensor host(const ggml_tensor * t) const;
 
     const llama_kv_cache_fastgen_context * mctx_fg;

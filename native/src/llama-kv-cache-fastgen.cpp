@@ -393,11 +393,6 @@ std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_fastgen::memory_brea
     return mb;
 }
 
-bool llama_kv_cache_fastgen::on_device() const {
-    const auto mb = memory_breakdown();
-    return !mb.empty() && std::none_of(mb.begin(), mb.end(), [](const auto & b) { return ggml_backend_buft_is_host(b.first); });
-}
-
 llama_memory_context_ptr llama_kv_cache_fastgen::init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {
     GGML_UNUSED(embd_all);
 

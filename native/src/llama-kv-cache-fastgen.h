@@ -60,8 +60,6 @@ public:
     // V stored transposed (no flash attention): else a class's V rows go where its K rows go, and one index
     // input serves both (one host-to-device copy less per class and ubatch)
     bool v_transposed() const { return v_trans; }
-    // every slice and store in device memory (none in host memory): the graph reads its inputs from one device copy
-    bool on_device() const;
 
     // per class: nullptr when no layer has a head of that class (or, for slice(), when it is frequent)
     size_t           n_class()   const { return slices.size(); }
