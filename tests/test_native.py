@@ -119,11 +119,12 @@ def test_frequent_heads_decoded_token_by_token_match_the_reference(real_fastgen_
     _agrees(nat[start:], ref[start:], full[start:])
 
 
-def _logits_in_subprocess(gguf, ids, n_batch, env, tmp_path):
+def _logits_in_subprocess(gguf, ids, n_batch, env, tmp_path, flash_attn=False):
     """teacher_forced in a fresh process: the LLAMA_FASTGEN_* switches are read once per process."""
-    out = tmp_path / ("logits-%d-%s.npy" % (n_batch, "-".join(f"{k}={v}" for k, v in sorted(env.items()))))
+    out = tmp_path / ("logits-%d-%d-%s.npy" % (n_batch, flash_attn, "-".join(f"{k}={v}" for k, v in sorted(env.items()))))
     code = ("import sys, numpy as np; from llama_fastgen.logits import teacher_forced; "
-            f"np.save(sys.argv[1], teacher_forced(sys.argv[2], {list(ids)!r}, n_ctx=1024, n_batch={n_batch})[0])")
+            f"np.save(sys.argv[1], teacher_forced(sys.argv[2], {list(ids)!r}, n_ctx=1024, n_batch={n_batch}, "
+            f"flash_attn={flash_attn})[0])")
     subprocess.run([sys.executable, "-c", code, str(out), str(gguf)], check=True, env={**os.environ, **env})
     return np.load(out)
 
@@ -152,17 +153,21 @@ def test_fused_heavy_hitter_op_equals_the_composed_ggml_path(n_batch, real_fastg
     _agrees(nat[start:], ref[start:], full[start:])
 
 
-@pytest.mark.parametrize("n_batch,fused", [(1, "1"), (64, "1"), (64, "0")])
-def test_inputs_as_views_of_one_graph_input_give_the_same_logits(n_batch, fused, real_fastgen_gguf, long_ids, tmp_path):
+@pytest.mark.parametrize("n_batch,fused,flash_attn", [(1, "1", False), (1, "1", True), (64, "1", False), (64, "0", False)])
+def test_inputs_as_views_of_one_graph_input_give_the_same_logits(n_batch, fused, flash_attn, real_fastgen_gguf, long_ids,
+                                                                  tmp_path):
     """LLAMA_FASTGEN_INPUT_COPY=1: every fastgen input a typed view of one graph input's copy (llama-graph-fastgen.cpp,
     input_blob), written through the blob's host bytes. The same ops read the same values, so the logits equal those of
-    an input each to the bit: decode steps (the fused op, full-class masks updated from the last step's), ubatches of 64
-    (the fused op's prefill) and the composed path (its keep and cell positions too), evictions included."""
+    an input each to the bit: decode steps (the fused op, full-class masks updated from the last step's; with flash
+    attention F16 masks and one index view for K and V, as on a GPU), ubatches of 64 (the fused op's prefill) and the
+    composed path (its keep and cell positions too), evictions included."""
     meta = schema.read(real_fastgen_gguf)
     ids = long_ids[: 1 + max(c.budget for c in meta.classes) + 160]
-    env = {"LLAMA_FASTGEN_HH_FUSED": fused}
-    apart = _logits_in_subprocess(real_fastgen_gguf, ids, n_batch, env, tmp_path)
-    blob = _logits_in_subprocess(real_fastgen_gguf, ids, n_batch, {**env, "LLAMA_FASTGEN_INPUT_COPY": "1"}, tmp_path)
+    env = {"LLAMA_FASTGEN_HH_FUSED": fused, "LLAMA_FASTGEN_DISABLE": "0"}
+    apart = _logits_in_subprocess(real_fastgen_gguf, ids, n_batch, {**env, "LLAMA_FASTGEN_INPUT_COPY": "0"}, tmp_path,
+                                  flash_attn)
+    blob = _logits_in_subprocess(real_fastgen_gguf, ids, n_batch, {**env, "LLAMA_FASTGEN_INPUT_COPY": "1"}, tmp_path,
+                                 flash_attn)
     assert apart.shape == (len(ids), blob.shape[1]) and np.isfinite(apart).all()
     assert np.array_equal(apart, blob)
 

@@ -1,4 +1,4 @@
-// llama-fastgen: graph side of the per-class cache. Indices + mask per class (views of one input); per
+// llama-fastgen: graph side of the per-class cache. Indices + mask per class (inputs, or views of one); per
 // layer, attention runs once per class on its contiguous head range and the outputs are
 // concatenated before the output projection (heads are in class order thanks to the converter).
 #pragma once
