@@ -90,7 +90,7 @@ ggml_tensor llm_graph_input_attn_kv_fastgen::host(const ggml_tensor * t) const {
     if (!blob) {
         return h; // an input of its own
     }
-    h.data      = (char *) blob->data + t->view_offs; // a view of the blob or of its device copy: same offsets
+    h.data      = (char *) blob->data + t->view_offs; // a view of the blob's copy: the blob's own offsets
     h.buffer    = blob->buffer;
     h.view_src  = nullptr;
     h.view_offs = 0;
