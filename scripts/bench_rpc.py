@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Decode speed with every layer on one local llama.cpp RPC server (`llama-fastgen rpc-server`): a device
+backend that the CPU dev machine has, with a round trip per graph input copied to it, per graph computed
+and per result read back. Compares the fastgen cache reading each ubatch's fastgen inputs as one graph
+input (the default where the cache is in device memory; llama-graph-fastgen.cpp, input_blob) with an
+input each (LLAMA_FASTGEN_INPUT_COPY=0) and with the full cache of the same GGUF (LLAMA_FASTGEN_DISABLE=1).
+Each repetition is a fresh client process: a prompt of --depth tokens, then --steps single-token decodes.
+
+    python scripts/bench_rpc.py --gguf M.fastgen.gguf --json docs/results/rpc-inputs-cpu.json
+    python scripts/bench_rpc.py --from-json docs/results/rpc-inputs-cpu.json     # the markdown table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {"fastgen": {}, "fastgen inputs apart": {"LLAMA_FASTGEN_INPUT_COPY": "0"}, "full": {"LLAMA_FASTGEN_DISABLE": "1"}}
+
+CHILD = """
+import random, sys, time
+import llama_fastgen
+from llama_fastgen import rpc
+import llama_cpp
+from llama_cpp import Llama
+gguf, endpoint, depth, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rpc.add_servers([endpoint])
+llm = Llama(model_path=gguf, n_ctx=depth + steps + 256, n_batch=512, n_ubatch=512, n_gpu_layers=-1, verbose=False)
+rng, n_vocab = random.Random(depth), llm.n_vocab()
+t0 = time.perf_counter()
+llm.eval([rng.randrange(n_vocab) for _ in range(depth)])
+llama_cpp.llama_synchronize(llm._ctx.ctx)  # eval reads no logits of a prompt: the compute may still run
+t1 = time.perf_counter()
+for _ in range(steps):
+    llm.eval([rng.randrange(n_vocab)])
+llama_cpp.llama_synchronize(llm._ctx.ctx)
+print("TOKS", depth/(t1 - t0), steps/(time.perf_counter() - t1), flush=True)
+"""
+
+
+def start_server(threads: int):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port", str(port), "--threads",
+                             str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.time() - t0 > 60:
+                sys.exit("the RPC server did not start (llama-fastgen rpc-server)")
+            time.sleep(0.2)
+
+
+def run(gguf: str, endpoint: str, env: dict, depth: int, steps: int) -> dict:
+    r = subprocess.run([sys.executable, "-c", CHILD, gguf, endpoint, str(depth), str(steps)], capture_output=True,
+                       text=True, env={**os.environ, **env})
+    m = re.search(r"TOKS ([\d.]+) ([\d.]+)", r.stdout)
+    if r.returncode or not m:
+        sys.exit(f"the client failed (rc {r.returncode}):\n{r.stderr[-2000:]}")
+    return {"prefill_tps": float(m.group(1)), "decode_tps": float(m.group(2))}
+
+
+def table(res: dict) -> str:
+    rows = [f"| config | prefill tok/s ({res['depth']} tokens) | decode tok/s | decode / full |", "|---|---|---|---|"]
+    full = res["configs"]["full"]["summary"]["decode_tps"]["median"]
+    for name, c in res["configs"].items():
+        s = c["summary"]
+        f = lambda k: f"{s[k]['median']:.1f} [{s[k]['min']:.1f}-{s[k]['max']:.1f}]"
+        rows.append(f"| {name} | {f('prefill_tps')} | {f('decode_tps')} | {s['decode_tps']['median'] / full:.2f}x |")
+    return ("\n".join(rows) + f"\n\nmedian of {res['reps']} processes [min-max], taken in turn; {res['gguf']}, every layer "
+            f"on one local RPC server ({res['server_threads']} threads), {res['steps']} decode steps")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", help="a fastgen GGUF")
+    ap.add_argument("--depth", type=int, default=256, help="prompt tokens before the decode steps (default 256)")
+    ap.add_argument("--steps", type=int, default=128, help="decode steps (default 128)")
+    ap.add_argument("--reps", type=int, default=5, help="processes per config (default 5)")
+    ap.add_argument("--server-threads", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--from-json", type=Path, help="print the markdown table of a results file")
+    a = ap.parse_args()
+    if a.from_json:
+        print(table(json.loads(a.from_json.read_text())))
+        return 0
+    if not a.gguf or not Path(a.gguf).is_file():
+        ap.error("--gguf: a fastgen GGUF file is needed (converter/convert.py --profile)")
+    from llama_fastgen.evaluation.report import commit, spread, write_results
+
+    t_start, measured = time.time(), commit()
+    proc, endpoint = start_server(a.server_threads)
+    runs = {name: [] for name in CONFIGS}
+    try:
+        for rep in range(a.reps):  # configs in turn, so that a slow spell of the machine hits each
+            for name, env in CONFIGS.items():
+                runs[name].append(run(a.gguf, endpoint, env, a.depth, a.steps))
+                print(f"rep {rep + 1} {name}: decode {runs[name][-1]['decode_tps']:.1f} tok/s", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    res = {"gguf": Path(a.gguf).name, "depth": a.depth, "steps": a.steps, "reps": a.reps, "server_threads": a.server_threads,
+           "configs": {name: {"env": CONFIGS[name], "runs": r,
+                              "summary": {k: spread([x[k] for x in r]) for k in ("prefill_tps", "decode_tps")}}
+                       for name, r in runs.items()}}
+    print(table(res))
+    if a.json:
+        write_results(a.json, res, measured, t_start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
