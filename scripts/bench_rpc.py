@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Decode speed with every layer on one local llama.cpp RPC server (`llama-fastgen rpc-server`): a device
 backend that the CPU dev machine has, with a round trip per graph input copied to it, per graph computed
-and per result read back. Compares the fastgen cache reading each ubatch's fastgen inputs as one graph
-input (the default where the cache is in device memory; llama-graph-fastgen.cpp, input_blob) with an
-input each (LLAMA_FASTGEN_INPUT_COPY=0) and with the full cache of the same GGUF (LLAMA_FASTGEN_DISABLE=1).
+and per result read back. Compares the fastgen cache as shipped (a graph input per fastgen input) with
+every fastgen input of a ubatch a view of one graph input, copied to the server once
+(LLAMA_FASTGEN_INPUT_COPY=1; llama-graph-fastgen.cpp, input_blob) and with the full cache of the same GGUF
+(LLAMA_FASTGEN_DISABLE=1).
 Each repetition is a fresh client process: a prompt of --depth tokens, then --steps single-token decodes.
 
     python scripts/bench_rpc.py --gguf M.fastgen.gguf --json docs/results/rpc-inputs-cpu.json
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = {"fastgen": {}, "fastgen inputs apart": {"LLAMA_FASTGEN_INPUT_COPY": "0"}, "full": {"LLAMA_FASTGEN_DISABLE": "1"}}
+CONFIGS = {"fastgen": {}, "fastgen one input": {"LLAMA_FASTGEN_INPUT_COPY": "1"}, "full": {"LLAMA_FASTGEN_DISABLE": "1"}}
 
 CHILD = """
 import random, sys, time

@@ -5,6 +5,7 @@ or concurrent, and the server's cache must be the fastgen one."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -392,17 +393,18 @@ def test_undo_tokens_out_of_range_is_refused_with_the_reason(three_class_d32_ggu
 # ---------------------------------------------------------------- layers split over RPC servers
 
 RPC_CLIENT = """
-import json, sys
+import json, os, sys
 import numpy as np
 import llama_fastgen
 from llama_cpp import Llama
 gguf, out, ids, endpoints = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:]
+verbose = os.environ.get("RPC_CLIENT_VERBOSE") == "1"   # llama.cpp's log on stderr
 kw = {}
 if endpoints:
     from llama_fastgen import rpc
     rpc.add_servers(endpoints)
     kw["n_gpu_layers"] = -1
-llm = Llama(model_path=gguf, n_ctx=512, n_batch=64, n_ubatch=64, logits_all=True, verbose=False, **kw)
+llm = Llama(model_path=gguf, n_ctx=512, n_batch=64, n_ubatch=64, logits_all=True, verbose=verbose, **kw)
 llm.eval(ids[:300])        # ubatches of 64: the composed heavy-hitter path; every class evicts
 for t in ids[300:316]:     # one token per call: the fused heavy-hitter op
     llm.eval([t])
@@ -411,10 +413,12 @@ print(json.dumps(llama_fastgen.native.cache_stats(llm)))
 """
 
 
-def _rpc_run(gguf, out, ids, *endpoints):
+def _rpc_run(gguf, out, ids, *endpoints, env=None, log=None):
     r = subprocess.run([sys.executable, "-c", RPC_CLIENT, str(gguf), str(out), json.dumps(ids), *endpoints],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert r.returncode == 0, r.stderr[-3000:]
+    if log is not None:
+        log.append(r.stderr)
     return json.loads(r.stdout.strip().splitlines()[-1]), np.load(out)
 
 
@@ -462,6 +466,32 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
     assert split_stats == one_stats and len(one_stats["classes"]) == 3
     assert (split.argmax(1) == one.argmax(1)).all()
     assert np.abs(split - one).max() <= 1e-5 * np.abs(one).max()
+
+
+def test_inputs_as_one_graph_input_copied_to_a_device_give_the_same_logits(three_class_gguf, long_ids, tmp_path):
+    """LLAMA_FASTGEN_INPUT_COPY=1 with every layer on one RPC server: each slice and heavy-hitter store is in device
+    memory, so the one graph input (every fastgen input of a ubatch a view of it, llama-graph-fastgen.cpp) is copied
+    to the device once and its copy and views run there, as they would on a GPU; the log says the switch is on.
+    The same server computes the same ops on the same values as with an input each: the same logits to the bit,
+    prefill (composed heavy-hitter path) and single-token decodes (fused op). tests/test_native.py checks it on
+    the CPU."""
+    port, proc, _ = _start_rpc_server(tmp_path)
+    logs, on = [], "fastgen inputs (indices, masks) are one graph input (LLAMA_FASTGEN_INPUT_COPY=1)"
+    try:
+        ids = long_ids[:316]
+        apart_stats, apart = _rpc_run(three_class_gguf, tmp_path / "apart.npy", ids, f"127.0.0.1:{port}",
+                                      env={"RPC_CLIENT_VERBOSE": "1"}, log=logs)
+        one_stats, one = _rpc_run(three_class_gguf, tmp_path / "one.npy", ids, f"127.0.0.1:{port}",
+                                  env={"RPC_CLIENT_VERBOSE": "1", "LLAMA_FASTGEN_INPUT_COPY": "1"}, log=logs)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "instead of" in logs[0] and on not in logs[0], logs[0][-3000:]
+    assert on in logs[1], logs[1][-3000:]
+    by_buffer = one_stats["kv_bytes_by_buffer"]
+    assert by_buffer and all(name.startswith("RPC") for name in by_buffer), by_buffer
+    assert one_stats == apart_stats and len(one_stats["classes"]) == 3
+    assert np.array_equal(one, apart)
 
 
 RPC_GONE = """

@@ -31,7 +31,8 @@ inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_DISABLE    = { "LLAMA
 inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_HH_FUSED   = { "LLAMA_FASTGEN_HH_FUSED",   true  };
 inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_TIMING     = { "LLAMA_FASTGEN_TIMING",     false };
 inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_CHECK_MASK = { "LLAMA_FASTGEN_CHECK_MASK", false };
-// 1: every fastgen input a view of one graph input's copy (llama-graph-fastgen.cpp; off until measured on a GPU)
+// 1: every fastgen input a view of one graph input's copy (llama-graph-fastgen.cpp; the cache reads it at construction;
+// off until a GPU run shows a gain)
 inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_INPUT_COPY = { "LLAMA_FASTGEN_INPUT_COPY", false };
 
 // a switch's value: 1/true/yes/on or 0/false/no/off, its `unset` when unset or empty; anything else

@@ -247,8 +247,7 @@ llm_graph_input_attn_kv * llama_fastgen_build_attn_inp(const llm_graph_context &
         }
         blob.add(&inp->cls[c].kq_mask, new_kq_mask(g.ctx0, mc, g.ubatch, g.cparams), "attn_inp_kq_mask_c" + std::to_string(c));
     }
-    static const bool copy = llama_fastgen_env_flag_or_unset(LLAMA_FASTGEN_SWITCH_INPUT_COPY);
-    inp->blob = blob.build(g.ctx0, copy);
+    inp->blob = blob.build(g.ctx0, m->get_cache()->one_input());
     for (auto & cl : inp->cls) {
         cl.v_idxs = cl.v_idxs ? cl.v_idxs : cl.k_idxs;
     }

@@ -126,6 +126,11 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
         LLAMA_LOG_WARN("%s: at n_ctx %u the classes' cells (windows and budgets, padded for a ubatch) reach the context: "
                 "this policy saves no memory here, only at a larger n_ctx\n", __func__, kv_size);
     }
+    one_input_ = llama_fastgen_env_flag(LLAMA_FASTGEN_SWITCH_INPUT_COPY);
+    if (one_input_) {
+        LLAMA_LOG_INFO("%s: each ubatch's fastgen inputs (indices, masks) are one graph input (LLAMA_FASTGEN_INPUT_COPY=1)\n",
+                __func__);
+    }
     if (!hh.empty() && hh.get()->undo_tokens() > 0) {
         LLAMA_LOG_INFO("%s: heavy-hitter heads keep the attention of the newest %u tokens (%s), which can be removed "
                 "again exactly; counted in their classes' MiB\n", __func__, hh.get()->undo_tokens(),

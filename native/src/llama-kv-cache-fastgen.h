@@ -60,6 +60,9 @@ public:
     // V stored transposed (no flash attention): else a class's V rows go where its K rows go, and one index
     // input serves both (one host-to-device copy less per class and ubatch)
     bool v_transposed() const { return v_trans; }
+    // the graph's fastgen inputs of a ubatch as views of one graph input (llama-graph-fastgen.cpp, input_blob):
+    // LLAMA_FASTGEN_INPUT_COPY=1, read once at construction and logged
+    bool one_input() const { return one_input_; }
 
     // per class: nullptr when no layer has a head of that class (or, for slice(), when it is frequent)
     size_t           n_class()   const { return slices.size(); }
@@ -122,6 +125,7 @@ private:
 
     size_t   bytes_full = 0;
     bool     v_trans;
+    bool     one_input_ = false;
     bool     unified;
     uint32_t n_seq_max;
     uint32_t n_ubatch;
