@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Decode speed with every layer on one local llama.cpp RPC server (`llama-fastgen rpc-server`): a device
-backend that the CPU dev machine has, with a round trip per graph input copied to it, per graph computed
-and per result read back. Compares the fastgen cache as shipped (a graph input per fastgen input) with
+backend that the CPU dev machine has. Its client queues each input copy and each graph as a message without
+a reply (only reads wait for the server), so it is a weak stand-in for a GPU, where each input copy is a
+copy plus a stream sync. Compares the fastgen cache as shipped (a graph input per fastgen input) with
 every fastgen input of a ubatch a view of one graph input, copied to the server once
 (LLAMA_FASTGEN_INPUT_COPY=1; llama-graph-fastgen.cpp, input_blob) and with the full cache of the same GGUF
 (LLAMA_FASTGEN_DISABLE=1).
-Each repetition is a fresh client process: a prompt of --depth tokens, then --steps single-token decodes.
+Each repetition is a fresh client process: a warm-up, then a prompt of --depth tokens, then --steps
+single-token decodes, each waiting for its logits as sampling would.
 
-    python scripts/bench_rpc.py --gguf M.fastgen.gguf --json docs/results/rpc-inputs-cpu.json
-    python scripts/bench_rpc.py --from-json docs/results/rpc-inputs-cpu.json     # the markdown table
+    python scripts/bench_rpc.py --gguf M.fastgen.gguf --json docs/results/rpc-inputs-smollm2-cpu.json
+    python scripts/bench_rpc.py --from-json docs/results/rpc-inputs-smollm2-cpu.json     # the markdown table
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = {"fastgen": {}, "fastgen one input": {"LLAMA_FASTGEN_INPUT_COPY": "1"}, "full": {"LLAMA_FASTGEN_DISABLE": "1"}}
+CONFIGS = {"fastgen": {"LLAMA_FASTGEN_DISABLE": "0", "LLAMA_FASTGEN_INPUT_COPY": "0"},
+           "fastgen one input": {"LLAMA_FASTGEN_DISABLE": "0", "LLAMA_FASTGEN_INPUT_COPY": "1"},
+           "full": {"LLAMA_FASTGEN_DISABLE": "1"}}
 
 CHILD = """
 import random, sys, time
@@ -33,14 +37,19 @@ from llama_cpp import Llama
 gguf, endpoint, depth, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rpc.add_servers([endpoint])
 llm = Llama(model_path=gguf, n_ctx=depth + steps + 256, n_batch=512, n_ubatch=512, n_gpu_layers=-1, verbose=False)
-rng, n_vocab = random.Random(depth), llm.n_vocab()
+ctx, rng, n_vocab = llm._ctx.ctx, random.Random(depth), llm.n_vocab()
+prompt, tokens = [rng.randrange(n_vocab) for _ in range(depth)], [rng.randrange(n_vocab) for _ in range(steps)]
+llm.eval(prompt[:32])  # warm-up: the first graphs sent to the server, its buffers touched
+llama_cpp.llama_synchronize(ctx)
+llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+llm.reset()
 t0 = time.perf_counter()
-llm.eval([rng.randrange(n_vocab) for _ in range(depth)])
-llama_cpp.llama_synchronize(llm._ctx.ctx)  # eval reads no logits of a prompt: the compute may still run
+llm.eval(prompt)
+llama_cpp.llama_synchronize(ctx)  # eval reads no logits here (logits_all off): the compute may still run
 t1 = time.perf_counter()
-for _ in range(steps):
-    llm.eval([rng.randrange(n_vocab)])
-llama_cpp.llama_synchronize(llm._ctx.ctx)
+for t in tokens:
+    llm.eval([t])
+    llama_cpp.llama_get_logits_ith(ctx, -1)  # waits for the step, as sampling its token would
 print("TOKS", depth/(t1 - t0), steps/(time.perf_counter() - t1), flush=True)
 """
 
@@ -65,7 +74,7 @@ def start_server(threads: int):
 
 def run(gguf: str, endpoint: str, env: dict, depth: int, steps: int) -> dict:
     r = subprocess.run([sys.executable, "-c", CHILD, gguf, endpoint, str(depth), str(steps)], capture_output=True,
-                       text=True, env={**os.environ, **env})
+                       text=True, env={**os.environ, **env}, timeout=600)
     m = re.search(r"TOKS ([\d.]+) ([\d.]+)", r.stdout)
     if r.returncode or not m:
         sys.exit(f"the client failed (rc {r.returncode}):\n{r.stderr[-2000:]}")
@@ -80,7 +89,7 @@ def table(res: dict) -> str:
         f = lambda k: f"{s[k]['median']:.1f} [{s[k]['min']:.1f}-{s[k]['max']:.1f}]"
         rows.append(f"| {name} | {f('prefill_tps')} | {f('decode_tps')} | {s['decode_tps']['median'] / full:.2f}x |")
     return ("\n".join(rows) + f"\n\nmedian of {res['reps']} processes [min-max], taken in turn; {res['gguf']}, every layer "
-            f"on one local RPC server ({res['server_threads']} threads), {res['steps']} decode steps")
+            f"on one local RPC server (server threads: {res['server_threads']}), {res['steps']} decode steps")
 
 
 def main() -> int:

@@ -734,8 +734,8 @@ def test_chat_says_when_a_context_is_too_small_for_the_policy_to_save_memory(tin
 @pytest.mark.parametrize("name", ["LLAMA_FASTGEN_HH_FUSED", "LLAMA_FASTGEN_TIMING", "LLAMA_FASTGEN_CHECK_MASK",
                                   "LLAMA_FASTGEN_INPUT_COPY"])
 def test_every_switch_refuses_a_value_it_does_not_know_at_load(name, tiny_model_dir, tmp_path):
-    """The switches read mid-run (once per process) are checked at load, with LLAMA_FASTGEN_DISABLE's words:
-    a fresh process, since a switch read once keeps its first value."""
+    """The switches read mid-run (once per process; LLAMA_FASTGEN_INPUT_COPY per context) are checked at load, with
+    LLAMA_FASTGEN_DISABLE's words: a fresh process, since a switch read once keeps its first value."""
     g = gguf_export.convert(tiny_model_dir, tmp_path / "t.gguf", "f32", extra_kv=TINY_BASE)
     code = ("import llama_fastgen, sys\nfrom llama_cpp import Llama\n"
             "try:\n    Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)\nexcept ValueError as e:\n    print(e)\n")

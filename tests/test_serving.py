@@ -471,18 +471,20 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
 def test_inputs_as_one_graph_input_copied_to_a_device_give_the_same_logits(three_class_gguf, long_ids, tmp_path):
     """LLAMA_FASTGEN_INPUT_COPY=1 with every layer on one RPC server: each slice and heavy-hitter store is in device
     memory, so the one graph input (every fastgen input of a ubatch a view of it, llama-graph-fastgen.cpp) is copied
-    to the device once and its copy and views run there, as they would on a GPU; the log says the switch is on.
+    to that device and read there by the ops on it, as on a GPU (where the scheduler places the CONT is not
+    asserted); the log says the switch is on.
     The same server computes the same ops on the same values as with an input each: the same logits to the bit,
     prefill (composed heavy-hitter path) and single-token decodes (fused op). tests/test_native.py checks it on
     the CPU."""
     port, proc, _ = _start_rpc_server(tmp_path)
     logs, on = [], "fastgen inputs (indices, masks) are one graph input (LLAMA_FASTGEN_INPUT_COPY=1)"
+    pinned = {"RPC_CLIENT_VERBOSE": "1", "LLAMA_FASTGEN_DISABLE": "0", "LLAMA_FASTGEN_HH_FUSED": "1"}  # the paths named above
     try:
         ids = long_ids[:316]
         apart_stats, apart = _rpc_run(three_class_gguf, tmp_path / "apart.npy", ids, f"127.0.0.1:{port}",
-                                      env={"RPC_CLIENT_VERBOSE": "1"}, log=logs)
+                                      env={**pinned, "LLAMA_FASTGEN_INPUT_COPY": "0"}, log=logs)
         one_stats, one = _rpc_run(three_class_gguf, tmp_path / "one.npy", ids, f"127.0.0.1:{port}",
-                                  env={"RPC_CLIENT_VERBOSE": "1", "LLAMA_FASTGEN_INPUT_COPY": "1"}, log=logs)
+                                  env={**pinned, "LLAMA_FASTGEN_INPUT_COPY": "1"}, log=logs)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

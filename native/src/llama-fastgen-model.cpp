@@ -125,7 +125,7 @@ std::shared_ptr<llama_fastgen_policy> llama_fastgen_load_policy(llama_model_load
         if (llama_fastgen_env_flag(LLAMA_FASTGEN_SWITCH_DISABLE)) { // 1: the full cache, for any program
             policy->enabled = false;
         }
-        // read where they act (once per process, mid-run); a typo fails the load here instead
+        // read where they act (once per process mid-run, INPUT_COPY per context); a typo fails the load here instead
         for (const auto & sw : { LLAMA_FASTGEN_SWITCH_HH_FUSED, LLAMA_FASTGEN_SWITCH_TIMING, LLAMA_FASTGEN_SWITCH_CHECK_MASK, LLAMA_FASTGEN_SWITCH_INPUT_COPY }) {
             llama_fastgen_env_flag(sw);
         }

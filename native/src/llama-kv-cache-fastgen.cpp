@@ -25,6 +25,7 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
                  uint32_t   kv_size,
                  uint32_t   n_seq_max,
                  uint32_t   n_ubatch) : policy(policy_->for_context(kv_size)), v_trans(v_trans), unified(unified), n_seq_max(n_seq_max), n_ubatch(n_ubatch) {
+    one_input_ = llama_fastgen_env_flag(LLAMA_FASTGEN_SWITCH_INPUT_COPY); // first: a bad value fails before any allocation
     const auto & hp = model.hparams;
     const int n_layer = (int) hp.n_layer();
     tags.reserve(policy->classes.size()); // c_str()s handed to the slices stay valid
@@ -126,7 +127,6 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
         LLAMA_LOG_WARN("%s: at n_ctx %u the classes' cells (windows and budgets, padded for a ubatch) reach the context: "
                 "this policy saves no memory here, only at a larger n_ctx\n", __func__, kv_size);
     }
-    one_input_ = llama_fastgen_env_flag(LLAMA_FASTGEN_SWITCH_INPUT_COPY);
     if (one_input_) {
         LLAMA_LOG_INFO("%s: each ubatch's fastgen inputs (indices, masks) are one graph input (LLAMA_FASTGEN_INPUT_COPY=1)\n",
                 __func__);
