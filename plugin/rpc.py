@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 
 from ._lib import load, native
 
@@ -78,10 +80,31 @@ def _probe(endpoint: str) -> None:
                        "llama-fastgen rpc-server --port PORT")
 
 
+def start_local(threads: int = 1, log=None, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """Start `llama-fastgen rpc-server` on a free 127.0.0.1 port in a child process and wait until it listens
+    (tests and benchmarks: a device backend on one machine). Returns the process, which the caller stops,
+    and its "host:port"; the server's output goes to ``log`` (an open file) or nowhere."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = log if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port", str(port),
+                             "--threads", str(threads)], stdout=out, stderr=subprocess.STDOUT)
+    t0 = time.time()
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.time() - t0 > timeout:
+                proc.kill()
+                raise RpcError(f"llama-fastgen rpc-server on port {port} did not start listening "
+                               f"(exit code {proc.poll()})") from None
+            time.sleep(0.2)
+
+
 def serve(host: str = "127.0.0.1", port: int = 50052, threads: int = 0) -> None:
     """Serve this machine's CPU backend until the process ends (what llama.cpp's rpc-server does)."""
-    import socket
-
     # llama.cpp's server only says that it stopped: name the reason first (an unknown host, a port in use)
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -52,24 +51,6 @@ for t in tokens:
     llama_cpp.llama_get_logits_ith(ctx, -1)  # waits for the step, as sampling its token would
 print("TOKS", depth/(t1 - t0), steps/(time.perf_counter() - t1), flush=True)
 """
-
-
-def start_server(threads: int):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port", str(port), "--threads",
-                             str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, f"127.0.0.1:{port}"
-        except OSError:
-            if proc.poll() is not None or time.time() - t0 > 60:
-                sys.exit("the RPC server did not start (llama-fastgen rpc-server)")
-            time.sleep(0.2)
 
 
 def run(gguf: str, endpoint: str, env: dict, depth: int, steps: int) -> dict:
@@ -110,7 +91,12 @@ def main() -> int:
     from llama_fastgen.evaluation.report import commit, spread, write_results
 
     t_start, measured = time.time(), commit()
-    proc, endpoint = start_server(a.server_threads)
+    from llama_fastgen import rpc
+
+    try:
+        proc, endpoint = rpc.start_local(a.server_threads)
+    except rpc.RpcError as e:
+        sys.exit(str(e))
     runs = {name: [] for name in CONFIGS}
     try:
         for rep in range(a.reps):  # configs in turn, so that a slow spell of the machine hits each

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -296,8 +294,6 @@ def test_a_failed_ubatch_leaves_the_native_cache_as_if_never_evaluated(three_cla
     """llama.cpp removes the positions of a ubatch whose compute failed. Here llama_set_abort_callback stops
     one after half of its graph's nodes, so the heavy-hitter op ran for some layers only: the store takes
     out what those added and nothing else. Oracle: a cache that never saw the failed tokens."""
-    import ctypes
-
     import llama_cpp
     from llama_fastgen import checkpoints
     from llama_fastgen._lib import native
@@ -423,19 +419,12 @@ def _rpc_run(gguf, out, ids, *endpoints, env=None, log=None):
 
 
 def _start_rpc_server(tmp_path):
-    port = free_port()
-    log = tmp_path / f"rpc-{port}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port", str(port), "--threads", "1"],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    t0 = time.time()
-    while True:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return port, proc, log
-        except OSError:
-            assert time.time() - t0 < 60, f"rpc server on {port} not listening"
-            time.sleep(0.2)
+    from llama_fastgen import rpc
+
+    log = tmp_path / f"rpc-{len(list(tmp_path.glob('rpc-*.log')))}.log"
+    with log.open("w") as out:
+        proc, endpoint = rpc.start_local(threads=1, log=out)
+    return int(endpoint.rsplit(":", 1)[1]), proc, log
 
 
 def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_class_gguf, long_ids, tmp_path):

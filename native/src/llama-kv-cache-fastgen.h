@@ -115,6 +115,8 @@ private:
     bool dropped_protected = false; // by the batch being applied
     std::map<llama_seq_id, llama_pos> drop_floor; // no tail removal below: protected tokens were dropped for a batch there
 
+    // LLAMA_FASTGEN_INPUT_COPY, read first (declared before everything the constructor allocates): a bad value fails early
+    const bool one_input_;
     std::shared_ptr<const llama_fastgen_policy> policy;
 
     std::vector<std::unique_ptr<llama_hparams>>  hparams_c; // referenced by the slices: stable addresses
@@ -125,7 +127,6 @@ private:
 
     size_t   bytes_full = 0;
     bool     v_trans;
-    bool     one_input_ = false;
     bool     unified;
     uint32_t n_seq_max;
     uint32_t n_ubatch;
