@@ -10,8 +10,6 @@ a prompt of --depth random tokens, then --steps decode steps; the first step fil
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import subprocess
@@ -58,20 +56,12 @@ def table(res: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", help="a fastgen GGUF with a full class")
-    ap.add_argument("--depths", type=int, nargs="+", default=[4096, 16384])
-    ap.add_argument("--steps", type=int, default=64, help="decode steps after the prompt (default 64)")
-    ap.add_argument("--reps", type=int, default=3, help="processes per depth (default 3)")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--from-json", type=Path, help="print the markdown table of a results file")
-    a = ap.parse_args()
-    if a.from_json:
-        print(table(json.loads(a.from_json.read_text())))
+    from llama_fastgen.evaluation.report import commit, decode_bench_args, spread, write_results
+
+    a = decode_bench_args(__doc__, steps=64, reps=3, table=table, extra=lambda ap: ap.add_argument(
+        "--depths", type=int, nargs="+", default=[4096, 16384], help="prompt tokens before the decode steps"))
+    if a is None:
         return 0
-    if not a.gguf or not Path(a.gguf).is_file():
-        ap.error("--gguf: a fastgen GGUF file is needed")
-    from llama_fastgen.evaluation.report import commit, spread, write_results
 
     t_start, measured = time.time(), commit()
     res = {"gguf": Path(a.gguf).name, "steps": a.steps, "reps": a.reps, "depths": []}

@@ -14,8 +14,6 @@ single-token decodes, each waiting for its logits as sampling would.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import subprocess
@@ -74,21 +72,15 @@ def table(res: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", help="a fastgen GGUF")
-    ap.add_argument("--depth", type=int, default=256, help="prompt tokens before the decode steps (default 256)")
-    ap.add_argument("--steps", type=int, default=128, help="decode steps (default 128)")
-    ap.add_argument("--reps", type=int, default=5, help="processes per config (default 5)")
-    ap.add_argument("--server-threads", type=int, default=2)
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--from-json", type=Path, help="print the markdown table of a results file")
-    a = ap.parse_args()
-    if a.from_json:
-        print(table(json.loads(a.from_json.read_text())))
+    from llama_fastgen.evaluation.report import commit, decode_bench_args, spread, write_results
+
+    def extra(ap):
+        ap.add_argument("--depth", type=int, default=256, help="prompt tokens before the decode steps (default 256)")
+        ap.add_argument("--server-threads", type=int, default=2, help="the RPC server's threads (default 2)")
+
+    a = decode_bench_args(__doc__, steps=128, reps=5, table=table, extra=extra)
+    if a is None:
         return 0
-    if not a.gguf or not Path(a.gguf).is_file():
-        ap.error("--gguf: a fastgen GGUF file is needed (converter/convert.py --profile)")
-    from llama_fastgen.evaluation.report import commit, spread, write_results
 
     t_start, measured = time.time(), commit()
     from llama_fastgen import rpc

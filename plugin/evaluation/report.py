@@ -141,6 +141,32 @@ def document_bench_args(description: str, doc_tokens: int, ctx: int, reps: int, 
     return ap, a
 
 
+def decode_bench_args(description: str, steps: int, reps: int, table, extra=None):
+    """The command line of a decode benchmark over fresh processes (bench_masks.py, bench_rpc.py): --gguf,
+    --steps, --reps, --json and --from-json, plus extra(ap)'s arguments. With --from-json, prints
+    table(results) and returns None; otherwise the parsed arguments, the GGUF checked."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", help="a fastgen GGUF (convert.py --profile)")
+    ap.add_argument("--steps", type=int, default=steps, help=f"decode steps after the prompt (default {steps})")
+    ap.add_argument("--reps", type=int, default=reps, help=f"processes per configuration (default {reps})")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--from-json", type=Path, help="print the markdown table of a results file")
+    if extra:
+        extra(ap)
+    a = ap.parse_args()
+    if a.from_json:
+        print(table(json.loads(a.from_json.read_text())))
+        return None
+    if not a.gguf:
+        ap.error("--gguf: a fastgen GGUF is needed (converter/convert.py --profile), or --from-json")
+    if not Path(a.gguf).is_file():
+        ap.error(f"{a.gguf} does not exist: convert a model first (converter/convert.py --profile)")
+    return a
+
+
 def document_bench_preamble(r: dict, *details: str) -> str:
     """The line above a one-document benchmark's table (bench_reuse.py, bench_spec.py): what ran, where, when, how."""
     return ", ".join([f"{r['gguf']}, document {r['doc_tokens']} tokens (prompt {r['rows'][0]['prompt_tokens']})",
