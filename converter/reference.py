@@ -26,7 +26,6 @@ import torch
 
 from llama_fastgen.schema import FREQUENT_EVICT_BATCH, Kind
 
-from .architectures import shape
 from .policies import HeadPolicy, TokenContext, to_policy
 
 _NAME = "fastgen_reference"

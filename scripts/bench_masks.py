@@ -2,7 +2,7 @@
 """Host time of a decode step's class masks at depth: llama.cpp's fill over every cell against the update
 from the last step's (llm_graph_input_attn_kv_fastgen::set_input_mask), as LLAMA_FASTGEN_TIMING=1 reports
 them, and the decode speed around them. Each repetition is a fresh process (the timing prints at exit):
-a prompt of --depth random tokens, then --steps decode steps; the first step fills, the others update
+a prompt of each of --depths random tokens, then --steps decode steps; the first step fills, the others update
 (as long as n_kv, padded by llama.cpp, does not grow: then the graph is rebuilt and the next step fills).
 
     python scripts/bench_masks.py --gguf M.gguf --depths 4096 16384 --json docs/results/masks-cpu.json

@@ -24,7 +24,8 @@ if [ -f "$SRC_TAR" ] && [ "$PWD" != /tmp/src ]; then
     echo "building commit $LLAMA_FASTGEN_COMMIT from $SRC_TAR"
 fi
 export LLAMA_FASTGEN_CACHE=/tmp/fgcache PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-if [ -f .gpu/base/tree.tar.xz ] && [ ! -d $LLAMA_FASTGEN_CACHE/pristine-0c1e57098 ]; then
+PIN=$(python3 native/llama_cpp_tree.py commit)   # the llama.cpp commit pinned by llama-cpp-python 0.3.36
+if [ -f .gpu/base/tree.tar.xz ] && [ ! -d $LLAMA_FASTGEN_CACHE/pristine-$PIN ]; then
     mkdir -p $LLAMA_FASTGEN_CACHE && tar -C $LLAMA_FASTGEN_CACHE -xJf .gpu/base/tree.tar.xz
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/base/*.whl
 fi
@@ -36,6 +37,6 @@ echo "CUDA build: $(( $(date +%s) - t0 )) s"
 mkdir -p /tmp/site/llama_fastgen/lib /tmp/site/llama_fastgen/converter
 cp -r plugin/* native/include/llama-fastgen-contract.h native/include/llama-fastgen.h /tmp/site/llama_fastgen/ && cp -r converter/* /tmp/site/llama_fastgen/converter/
 find /tmp/build -name 'lib*.so*' -exec cp -P {} /tmp/site/llama_fastgen/lib/ \;
-T=$LLAMA_FASTGEN_CACHE/patched-0c1e57098   # the pinned HF->GGUF converter, as CMakeLists.txt installs it
+T=$LLAMA_FASTGEN_CACHE/patched-$PIN   # the pinned HF->GGUF converter, as CMakeLists.txt installs it
 mkdir -p /tmp/site/llama_fastgen/llama_cpp_convert && cp -r $T/convert_hf_to_gguf.py $T/conversion $T/gguf-py /tmp/site/llama_fastgen/llama_cpp_convert/
 python3 -m llama_fastgen --version

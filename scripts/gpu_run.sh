@@ -2,7 +2,7 @@
 # On the GPU machine (device tool, no registry): build libllama + llama-bench with CUDA for sm_90
 # (gpu_build.sh), then run scripts/bench_gpu.py. Usage: scripts/gpu_run.sh [bench_gpu.py args...]; results go to $OUT.
 GPU_TARGETS=llama-bench source "$(dirname "$0")/gpu_build.sh"
-TREE=$LLAMA_FASTGEN_CACHE/pristine-0c1e57098
+TREE=$LLAMA_FASTGEN_CACHE/pristine-$PIN
 t0=$(date +%s)
 for shape in small small-d128 llama3-8b; do
     [ -f /tmp/$shape.gguf ] || python3 scripts/make_random_gguf.py --shape $shape --profile .gpu/profile.json \

@@ -62,15 +62,6 @@ def read_all(path: str):
     return ks, api, cp
 
 
-def read(path: str):
-    return read_all(path)[0]
-
-
-def read_host(path: str):
-    """the tracer's other lines: CUDA runtime calls and copies"""
-    return read_all(path)[1:]
-
-
 def host_per_token(sts, api, cp) -> dict:
     """per token over the counted steps (from the first one's start to the last one's): each runtime call's count and
     the host µs spent inside it, and each copy kind's count and bytes; calls and copies count by their start (a graph

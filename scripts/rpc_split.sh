@@ -2,7 +2,7 @@
 # Issue 15: a fastgen GGUF with its layers split across two RPC servers (llama.cpp's own ggml-rpc-server and
 # --rpc, nothing home-made) against the same GGUF in one process: llama-perplexity's KL-divergence mode over
 # the pinned essays, at an n_ctx past the heavy-hitter budgets (eviction runs) and a ubatch small enough
-# for the fused op. Builds the two tools with GGML_RPC in their own folder (the package build has no RPC).
+# for the fused op. Builds the two tools in their own folder (scripts/build_tools.sh).
 #   scripts/rpc_split.sh MODEL.gguf [OUT.json]          (RPC_BUILD=dir reuses a build)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -44,7 +44,7 @@ def test_steps_idle_overlap_and_layers_are_counted_exactly(tmp_path):
                  f"memcpy {(st - 5) * US} {(st - 4) * US} 13 64 1 0\n", f"memcpy {(st - 4) * US} {(st - 3) * US} 13 16 1 0\n"]
     f.write_text("".join(f"{a * US} {b * US} {s} 1 8 1 1 {n}\n" for a, b, s, n in lines) + "".join(host))
 
-    ks = gpu_timeline.read(str(f))
+    ks = gpu_timeline.read_all(str(f))[0]
     assert {k[3] for k in ks} == {"rope_norm", "hh_attn", "flash_attn_ext_vec", "flash_attn_combine_results", "mul_mat_vec_q"}
     sts = gpu_timeline.steps(ks, 20 * US)
     assert [len(s) for s in sts] == [10, 10, 10]
@@ -66,7 +66,7 @@ def test_steps_idle_overlap_and_layers_are_counted_exactly(tmp_path):
     assert "| a token: step start to the next step's start [min-max] / of it between steps | 140.0 [140-140] / 100.0 |" in gpu_timeline.table([("x", s)])
 
     # the window is [0, 280): the calls and copies of the steps at 140 and 280 fall in it, per token (2 tokens) one each
-    h = gpu_timeline.host_per_token(sts, *gpu_timeline.read_host(str(f)))
+    h = gpu_timeline.host_per_token(sts, *gpu_timeline.read_all(str(f))[1:])
     assert h["calls"] == {"cudaGraphLaunch_v10000": {"per_token": 1.0, "us": 11.0}, "cudaMemcpyAsync_v3020": {"per_token": 2.0, "us": 2.0}}
     assert h["copies"] == {"HtoD": {"per_token": 2.0, "bytes": 80.0}}
     t = gpu_timeline.host_table([("x", {**s, "host": h})])

@@ -16,7 +16,6 @@ from llama_fastgen import schema
 from llama_fastgen.logits import teacher_forced
 from llama_fastgen.schema import Kind
 from llama_fastgen.converter import convert, gguf_export, reference
-from llama_fastgen.converter.calibration import load_texts
 from llama_fastgen.converter.profiling import token_context
 from llama_cpp import Llama
 

@@ -13,7 +13,7 @@ import torch
 from llama_fastgen import schema
 from llama_fastgen.converter import calibration, convert, protect, tokens
 from llama_fastgen.converter.probes import copy_paste, induction, tasks
-from llama_fastgen.converter.profiling import allocate, profile, select, token_context
+from llama_fastgen.converter.profiling import allocate, profile, token_context
 from llama_fastgen.schema import HeadPolicy, Kind
 
 N_KV = 3  # SmolLM2: 3 KV heads of 3 query heads

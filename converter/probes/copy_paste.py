@@ -15,18 +15,6 @@ from .tasks import NeedlePrompt
 
 
 @torch.no_grad()
-def answers(model, prompts: list[NeedlePrompt]) -> list[bool]:
-    """Whether the full model's greedy answer starts with each prompt's key (one forward each)."""
-    dev = next(model.parameters()).device
-    out = []
-    for p in prompts:
-        ids = p.ids + p.answer
-        logits = model(torch.tensor([ids], device=dev), use_cache=False).logits[0]
-        out.append(bool((logits[len(p.ids) - 1:-1].argmax(-1).cpu() == torch.tensor(p.answer)).all()))
-    return out
-
-
-@torch.no_grad()
 def scores(model, prompts: list[NeedlePrompt]) -> tuple[np.ndarray, list[bool]]:
     """([L, Hq] share of answer tokens each query head copied from the needle, answered flags).
     Prompts the model gets wrong contribute nothing (their copying is not retrieval)."""

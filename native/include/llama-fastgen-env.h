@@ -1,5 +1,6 @@
 // The words llama-fastgen's environment switches take, defined once: libllama (llama-fastgen-model.cpp) and
-// ggml-cuda (ggml_cuda_fastgen_env_switch in ggml-fastgen.cu: LLAMA_FASTGEN_CUDA_STREAMS, _PDL, _FA_MMA and _FUSE;
+// ggml-cuda (ggml_cuda_fastgen_env_switch in ggml-fastgen.cu: LLAMA_FASTGEN_CUDA_STREAMS, _PDL, _KBATCH,
+// _FA_MMA, _FUSE and _HH_MAIN;
 // it does not link libllama) both parse them here. Header-only C.
 #pragma once
 
