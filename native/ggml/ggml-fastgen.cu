@@ -195,35 +195,26 @@ static __global__ void __launch_bounds__(HH_WARPS*WARP_SIZE) hh_attn(
         float k[DL*8];
         if (tn >= 0) {
             const float * kr = (const float *) (kc + j*kc_nb1 + tn*kc_nb2);
-            if (kbatch) { // the row's DL*2 float4 loads first, then its stores (kc's rows 16-byte aligned: the host checks)
-                float4 kf[DL*2];
+            // kbatch: the row's DL*2 float4 loads first, then its stores (kc's rows 16-byte aligned: the host checks);
+            // LLAMA_FASTGEN_CUDA_KBATCH=0: loads and stores interleaved (each store holds the next loads back)
+            float4 kf[DL*2];
+            if (kbatch) {
 #pragma unroll
                 for (int i = 0; i < DL; ++i) {
                     kf[2*i + 0] = ((const float4 *) (kr + (i*4 + sub)*8))[0];
                     kf[2*i + 1] = ((const float4 *) (kr + (i*4 + sub)*8))[1];
                 }
+            }
 #pragma unroll
-                for (int i = 0; i < DL; ++i) {
-                    const float x[8] = { kf[2*i].x, kf[2*i].y, kf[2*i].z, kf[2*i].w, kf[2*i + 1].x, kf[2*i + 1].y, kf[2*i + 1].z, kf[2*i + 1].w };
-                    __align__(16) half h[8];
+            for (int i = 0; i < DL; ++i) {
+                __align__(16) half h[8];
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) {
-                        h[e] = __float2half(x[e]);
-                        k[i*8 + e] = __half2float(h[e]);
-                    }
-                    *(uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8) = *(const uint4 *) h;
+                for (int e = 0; e < 8; ++e) {
+                    const float x = kbatch ? (e < 4 ? (&kf[2*i].x)[e] : (&kf[2*i + 1].x)[e - 4]) : kr[(i*4 + sub)*8 + e];
+                    h[e] = __float2half(x);
+                    k[i*8 + e] = __half2float(h[e]);
                 }
-            } else { // LLAMA_FASTGEN_CUDA_KBATCH=0: loads and stores interleaved (each store holds the next loads back)
-#pragma unroll
-                for (int i = 0; i < DL; ++i) {
-                    __align__(16) half h[8];
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) {
-                        h[e] = __float2half(kr[(i*4 + sub)*8 + e]);
-                        k[i*8 + e] = __half2float(h[e]);
-                    }
-                    *(uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8) = *(const uint4 *) h;
-                }
+                *(uint4 *) (Kj + (int64_t) c*D + (i*4 + sub)*8) = *(const uint4 *) h;
             }
             cp = qp_s[tn] - 0.5f;
             if (sub == 0) {
