@@ -295,9 +295,9 @@ def speed_configs(args) -> list:
                ("diag fastgen fa-vec", args.model, [], {"LLAMA_FASTGEN_CUDA_FA_MMA": "0"}),
                # a mixed layer's K and V rows in two launches and its concat launched (ggml-fastgen-fuse.cu: neither)
                ("diag fastgen no-fuse", args.model, [], {"LLAMA_FASTGEN_CUDA_FUSE": "0"}),
-               # every fastgen input a view of one graph input's device copy (llama-graph-fastgen.cpp), not a graph
-               # input each that the scheduler copies to the device on its own
-               ("diag fastgen input-copy", args.model, [], {"LLAMA_FASTGEN_INPUT_COPY": "1"}),
+               # a graph input each that the scheduler copies to the device on its own, not every fastgen input a view
+               # of one graph input's device copy (llama-graph-fastgen.cpp; the default where the cache is on the device)
+               ("diag fastgen inputs-apart", args.model, [], {"LLAMA_FASTGEN_INPUT_COPY": "0"}),
                ("diag fastgen no-graphs", args.model, [], {"GGML_CUDA_DISABLE_GRAPHS": "1"}),
                ("diag full no-graphs", args.model, [], {"LLAMA_FASTGEN_DISABLE": "1", "GGML_CUDA_DISABLE_GRAPHS": "1"})]
     unknown = set(args.configs or []) - {c[0] for c in configs}

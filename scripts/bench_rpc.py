@@ -2,10 +2,11 @@
 """Decode speed with every layer on one local llama.cpp RPC server (`llama-fastgen rpc-server`): a device
 backend that the CPU dev machine has. Its client queues each input copy and each graph as a message without
 a reply (only reads wait for the server), so it is a weak stand-in for a GPU, where each input copy is a
-copy plus a stream sync. Compares the fastgen cache as shipped (a graph input per fastgen input) with
-every fastgen input of a ubatch a view of one graph input, copied to the server once
-(LLAMA_FASTGEN_INPUT_COPY=1; llama-graph-fastgen.cpp, input_blob) and with the full cache of the same GGUF
-(LLAMA_FASTGEN_DISABLE=1).
+copy plus a stream sync. Compares the fastgen cache as shipped (its cache on the server: every fastgen input
+of a ubatch a view of one graph input, copied to the server once; llama-graph-fastgen.cpp, input_blob) with
+a graph input per fastgen input (LLAMA_FASTGEN_INPUT_COPY=0) and with the full cache of the same GGUF
+(LLAMA_FASTGEN_DISABLE=1). Results files before session 43 name the configs "fastgen" (inputs apart) and
+"fastgen one input".
 Each repetition is a fresh client process: a warm-up, then a prompt of --depth tokens, then --steps
 single-token decodes, each waiting for its logits as sampling would.
 
@@ -21,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = {"fastgen": {"LLAMA_FASTGEN_DISABLE": "0", "LLAMA_FASTGEN_INPUT_COPY": "0"},
-           "fastgen one input": {"LLAMA_FASTGEN_DISABLE": "0", "LLAMA_FASTGEN_INPUT_COPY": "1"},
+CONFIGS = {"fastgen": {"LLAMA_FASTGEN_DISABLE": "0", "LLAMA_FASTGEN_INPUT_COPY": ""},   # one input: the cache is on the server
+           "fastgen inputs apart": {"LLAMA_FASTGEN_DISABLE": "0", "LLAMA_FASTGEN_INPUT_COPY": "0"},
            "full": {"LLAMA_FASTGEN_DISABLE": "1"}}
 
 CHILD = """

@@ -457,32 +457,47 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
     assert np.abs(split - one).max() <= 1e-5 * np.abs(one).max()
 
 
-def test_inputs_as_one_graph_input_copied_to_a_device_give_the_same_logits(three_class_gguf, long_ids, tmp_path):
-    """LLAMA_FASTGEN_INPUT_COPY=1 with every layer on one RPC server: each slice and heavy-hitter store is in device
-    memory, so the one graph input (every fastgen input of a ubatch a view of it, llama-graph-fastgen.cpp) is copied
-    to that device and read there by the ops on it, as on a GPU (where the scheduler places the CONT is not
-    asserted); the log says the switch is on.
-    The same server computes the same ops on the same values as with an input each: the same logits to the bit,
-    prefill (composed heavy-hitter path) and single-token decodes (fused op). tests/test_native.py checks it on
-    the CPU."""
+ONE_INPUT_LOG = "fastgen inputs (indices, masks) are one graph input"
+
+
+def test_a_cache_in_device_memory_reads_its_inputs_as_one_graph_input_with_the_same_logits(three_class_gguf, long_ids,
+                                                                                           tmp_path):
+    """Every layer on one RPC server: each slice and heavy-hitter store is in device memory, so by default every
+    fastgen input of a ubatch is a view of one graph input (llama-graph-fastgen.cpp, input_blob), copied to that device
+    once and read there by the ops on it, as on a GPU (where the scheduler places the CONT is not asserted); the log
+    says so. LLAMA_FASTGEN_INPUT_COPY=0 keeps an input each. The same server computes the same ops on the same
+    values: the same logits to the bit, prefill (composed heavy-hitter path) and single-token decodes (fused op).
+    tests/test_native.py checks the views on the CPU."""
     port, proc, _ = _start_rpc_server(tmp_path)
-    logs, on = [], "fastgen inputs (indices, masks) are one graph input (LLAMA_FASTGEN_INPUT_COPY=1)"
+    logs = []
     pinned = {"RPC_CLIENT_VERBOSE": "1", "LLAMA_FASTGEN_DISABLE": "0", "LLAMA_FASTGEN_HH_FUSED": "1"}  # the paths named above
     try:
         ids = long_ids[:316]
+        one_stats, one = _rpc_run(three_class_gguf, tmp_path / "one.npy", ids, f"127.0.0.1:{port}",
+                                  env={**pinned, "LLAMA_FASTGEN_INPUT_COPY": ""}, log=logs)
         apart_stats, apart = _rpc_run(three_class_gguf, tmp_path / "apart.npy", ids, f"127.0.0.1:{port}",
                                       env={**pinned, "LLAMA_FASTGEN_INPUT_COPY": "0"}, log=logs)
-        one_stats, one = _rpc_run(three_class_gguf, tmp_path / "one.npy", ids, f"127.0.0.1:{port}",
-                                  env={**pinned, "LLAMA_FASTGEN_INPUT_COPY": "1"}, log=logs)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert "instead of" in logs[0] and on not in logs[0], logs[0][-3000:]
-    assert on in logs[1], logs[1][-3000:]
+    assert ONE_INPUT_LOG + ", copied once to the device" in logs[0], logs[0][-3000:]
+    assert "instead of" in logs[1] and ONE_INPUT_LOG not in logs[1], logs[1][-3000:]
     by_buffer = one_stats["kv_bytes_by_buffer"]
     assert by_buffer and all(name.startswith("RPC") for name in by_buffer), by_buffer
     assert one_stats == apart_stats and len(one_stats["classes"]) == 3
     assert np.array_equal(one, apart)
+
+
+def test_a_cache_in_host_memory_keeps_an_input_each_unless_told(three_class_gguf, long_ids, tmp_path):
+    """On the CPU (host memory) the default keeps llama.cpp's graph input per fastgen input: a copy buys nothing
+    there. =1 forces the one input on any backend (its views are what tests/test_native.py checks to the bit)."""
+    logs = []
+    ids = long_ids[:300]
+    for name, value in (("cpu.npy", ""), ("cpu1.npy", "1")):
+        _rpc_run(three_class_gguf, tmp_path / name, ids, env={"RPC_CLIENT_VERBOSE": "1", "LLAMA_FASTGEN_INPUT_COPY": value},
+                 log=logs)
+    assert "instead of" in logs[0] and ONE_INPUT_LOG not in logs[0], logs[0][-3000:]
+    assert ONE_INPUT_LOG + " (LLAMA_FASTGEN_INPUT_COPY=1)" in logs[1], logs[1][-3000:]
 
 
 RPC_GONE = """

@@ -77,6 +77,11 @@ bool llama_fastgen_env_flag(const llama_fastgen_switch & sw) {
     return w == 1;
 }
 
+int llama_fastgen_env_tristate(const llama_fastgen_switch & sw) {
+    const char * e = std::getenv(sw.name);
+    return e && *e ? (int) llama_fastgen_env_flag(sw) : -1;
+}
+
 bool llama_fastgen_env_flag_or_unset(const llama_fastgen_switch & sw) noexcept {
     try {
         return llama_fastgen_env_flag(sw);

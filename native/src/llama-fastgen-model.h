@@ -31,8 +31,8 @@ inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_DISABLE    = { "LLAMA
 inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_HH_FUSED   = { "LLAMA_FASTGEN_HH_FUSED",   true  };
 inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_TIMING     = { "LLAMA_FASTGEN_TIMING",     false };
 inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_CHECK_MASK = { "LLAMA_FASTGEN_CHECK_MASK", false };
-// 1: every fastgen input a view of one graph input's copy (llama-graph-fastgen.cpp; the cache reads it at construction;
-// off until a GPU run shows a gain)
+// every fastgen input a view of one graph input's copy (llama-graph-fastgen.cpp): 1 on any backend, 0 never; unset,
+// where the whole cache is in device memory (the cache's constructor decides, llama-kv-cache-fastgen.cpp)
 inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_INPUT_COPY = { "LLAMA_FASTGEN_INPUT_COPY", false };
 
 // a switch's value: 1/true/yes/on or 0/false/no/off, its `unset` when unset or empty; anything else
@@ -41,6 +41,8 @@ bool llama_fastgen_env_flag(const llama_fastgen_switch & sw);
 // the same where nothing may throw (a static initializer, a graph build inside llama_decode): `unset` for a
 // value the load refuses anyway
 bool llama_fastgen_env_flag_or_unset(const llama_fastgen_switch & sw) noexcept;
+// 1 or 0 as llama_fastgen_env_flag, -1 when unset or empty (where unset means "decide from something else")
+int llama_fastgen_env_tristate(const llama_fastgen_switch & sw);
 
 // message of the last policy error (empty if none), for llama_fastgen_last_error()
 const std::string & llama_fastgen_last_error_str();

@@ -25,7 +25,7 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
                  uint32_t   kv_size,
                  uint32_t   n_seq_max,
                  uint32_t   n_ubatch) :
-        one_input_(llama_fastgen_env_flag(LLAMA_FASTGEN_SWITCH_INPUT_COPY)), policy(policy_->for_context(kv_size)),
+        input_copy_env(llama_fastgen_env_tristate(LLAMA_FASTGEN_SWITCH_INPUT_COPY)), policy(policy_->for_context(kv_size)),
         v_trans(v_trans), unified(unified), n_seq_max(n_seq_max), n_ubatch(n_ubatch) {
     const auto & hp = model.hparams;
     const int n_layer = (int) hp.n_layer();
@@ -128,9 +128,16 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
         LLAMA_LOG_WARN("%s: at n_ctx %u the classes' cells (windows and budgets, padded for a ubatch) reach the context: "
                 "this policy saves no memory here, only at a larger n_ctx\n", __func__, kv_size);
     }
+    // one copy to the device per ubatch instead of one per input (each with a stream sync) where the whole cache is in
+    // device memory; elsewhere (host memory, layers split with the CPU) the one copy could land on another backend than
+    // its readers: more copies, not fewer. =1 forces it on any backend (the CPU tests cover its views), =0 never.
+    const auto mb = memory_breakdown();
+    const bool on_device = !mb.empty() &&
+            std::none_of(mb.begin(), mb.end(), [](const auto & b) { return ggml_backend_buft_is_host(b.first); });
+    one_input_ = input_copy_env < 0 ? on_device : input_copy_env == 1;
     if (one_input_) {
-        LLAMA_LOG_INFO("%s: each ubatch's fastgen inputs (indices, masks) are one graph input (LLAMA_FASTGEN_INPUT_COPY=1)\n",
-                __func__);
+        LLAMA_LOG_INFO("%s: each ubatch's fastgen inputs (indices, masks) are one graph input%s\n", __func__,
+                input_copy_env == 1 ? " (LLAMA_FASTGEN_INPUT_COPY=1)" : ", copied once to the device");
     }
     if (!hh.empty() && hh.get()->undo_tokens() > 0) {
         LLAMA_LOG_INFO("%s: heavy-hitter heads keep the attention of the newest %u tokens (%s), which can be removed "
