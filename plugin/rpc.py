@@ -91,16 +91,24 @@ def start_local(threads: int = 1, log=None, timeout: float = 60) -> tuple[subpro
     proc = subprocess.Popen([sys.executable, "-m", "llama_fastgen", "rpc-server", "--port", str(port),
                              "--threads", str(threads)], stdout=out, stderr=subprocess.STDOUT)
     t0 = time.time()
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, f"127.0.0.1:{port}"
-        except OSError:
-            if proc.poll() is not None or time.time() - t0 > timeout:
-                proc.kill()
-                raise RpcError(f"llama-fastgen rpc-server on port {port} did not start listening "
-                               f"(exit code {proc.poll()})") from None
-            time.sleep(0.2)
+    try:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return proc, f"127.0.0.1:{port}"
+            except OSError:
+                if proc.poll() is not None or time.time() - t0 > timeout:
+                    break
+                time.sleep(0.2)
+    except BaseException:   # interrupted while waiting: the server goes too
+        proc.kill()
+        proc.wait()
+        raise
+    running = proc.poll() is None
+    proc.kill()
+    rc = proc.wait()
+    raise RpcError(f"llama-fastgen rpc-server on port {port} "
+                   + (f"did not listen within {timeout:.0f} s" if running else f"exited with code {rc}"))
 
 
 def serve(host: str = "127.0.0.1", port: int = 50052, threads: int = 0) -> None:

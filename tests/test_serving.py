@@ -422,8 +422,11 @@ def _start_rpc_server(tmp_path):
     from llama_fastgen import rpc
 
     log = tmp_path / f"rpc-{len(list(tmp_path.glob('rpc-*.log')))}.log"
-    with log.open("w") as out:
-        proc, endpoint = rpc.start_local(threads=1, log=out)
+    try:
+        with log.open("w") as out:
+            proc, endpoint = rpc.start_local(threads=1, log=out)
+    except rpc.RpcError as e:
+        pytest.fail(f"{e}\n{log.read_text()[-2000:]}")
     return int(endpoint.rsplit(":", 1)[1]), proc, log
 
 
@@ -439,8 +442,10 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
         logs = [log for _, _, log in servers]
         ids = long_ids[:316]
         one_stats, one = _rpc_run(three_class_gguf, tmp_path / "one.npy", ids)
+        client_log = []
         split_stats, split = _rpc_run(three_class_gguf, tmp_path / "split.npy", ids,
-                                      *(f"127.0.0.1:{p}" for p, _, _ in servers))
+                                      *(f"127.0.0.1:{p}" for p, _, _ in servers),
+                                      env={"RPC_CLIENT_VERBOSE": "1", "LLAMA_FASTGEN_INPUT_COPY": ""}, log=client_log)
     finally:
         for _, proc, _ in servers:
             proc.terminate()
@@ -455,6 +460,8 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
     assert split_stats == one_stats and len(one_stats["classes"]) == 3
     assert (split.argmax(1) == one.argmax(1)).all()
     assert np.abs(split - one).max() <= 1e-5 * np.abs(one).max()
+    # a cache over two devices keeps an input each by default: one copy would land on one device only
+    assert "instead of" in client_log[0] and ONE_INPUT_LOG not in client_log[0], client_log[0][-3000:]
 
 
 ONE_INPUT_LOG = "fastgen inputs (indices, masks) are one graph input"
@@ -494,8 +501,8 @@ def test_a_cache_in_host_memory_keeps_an_input_each_unless_told(three_class_gguf
     logs = []
     ids = long_ids[:300]
     for name, value in (("cpu.npy", ""), ("cpu1.npy", "1")):
-        _rpc_run(three_class_gguf, tmp_path / name, ids, env={"RPC_CLIENT_VERBOSE": "1", "LLAMA_FASTGEN_INPUT_COPY": value},
-                 log=logs)
+        _rpc_run(three_class_gguf, tmp_path / name, ids, log=logs,
+                 env={"RPC_CLIENT_VERBOSE": "1", "LLAMA_FASTGEN_DISABLE": "0", "LLAMA_FASTGEN_INPUT_COPY": value})
     assert "instead of" in logs[0] and ONE_INPUT_LOG not in logs[0], logs[0][-3000:]
     assert ONE_INPUT_LOG + " (LLAMA_FASTGEN_INPUT_COPY=1)" in logs[1], logs[1][-3000:]
 

@@ -32,7 +32,7 @@ inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_HH_FUSED   = { "LLAMA
 inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_TIMING     = { "LLAMA_FASTGEN_TIMING",     false };
 inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_CHECK_MASK = { "LLAMA_FASTGEN_CHECK_MASK", false };
 // every fastgen input a view of one graph input's copy (llama-graph-fastgen.cpp): 1 on any backend, 0 never; unset,
-// where the whole cache is in device memory (the cache's constructor decides, llama-kv-cache-fastgen.cpp)
+// where the whole cache is in one device's memory (the cache's constructor decides, llama-kv-cache-fastgen.cpp)
 inline constexpr llama_fastgen_switch LLAMA_FASTGEN_SWITCH_INPUT_COPY = { "LLAMA_FASTGEN_INPUT_COPY", false };
 
 // a switch's value: 1/true/yes/on or 0/false/no/off, its `unset` when unset or empty; anything else

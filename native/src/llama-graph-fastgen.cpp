@@ -19,7 +19,7 @@ static ggml_tensor * new_kq_mask(ggml_context * ctx, const llama_kv_cache_contex
             mctx->get_n_kv(), ubatch.n_tokens/n_stream, 1, n_stream);
 }
 
-// Where the cache says so (one_input(): it is in device memory, or LLAMA_FASTGEN_INPUT_COPY=1), every fastgen input of a
+// Where the cache says so (one_input(): it is in one device's memory, or LLAMA_FASTGEN_INPUT_COPY=1), every fastgen input of a
 // ubatch is a typed view of one graph input, the blob, read through its one copy (a CONT; on a device a device-to-device
 // memcpy): llama.cpp's scheduler copies each graph input to a device on its own, with a synchronous copy and stream syncs
 // per ubatch (ggml_backend_sched_compute_splits), and a class adds two to three inputs, the heavy-hitter stores two to

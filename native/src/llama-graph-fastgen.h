@@ -45,7 +45,7 @@ public:
     };
     per_hh hh; // members stay nullptr without frequent classes
 
-    // LLAMA_FASTGEN_INPUT_COPY=1: the one graph input every tensor above is a view of (through its copy;
+    // the cache's one_input(): the one graph input every tensor above is a view of (through its copy;
     // llama-graph-fastgen.cpp, input_blob); nullptr where each is an input of its own
     ggml_tensor * blob = nullptr;
     // t over host memory, for set_input to write: t itself, or (a view of the blob's copy) the blob's bytes

@@ -129,11 +129,11 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
                 "this policy saves no memory here, only at a larger n_ctx\n", __func__, kv_size);
     }
     // one copy to the device per ubatch instead of one per input (each with a stream sync) where the whole cache is in
-    // device memory; elsewhere (host memory, layers split with the CPU) the one copy could land on another backend than
-    // its readers: more copies, not fewer. =1 forces it on any backend (the CPU tests cover its views), =0 never.
+    // one device's memory; elsewhere (host memory, layers split with the CPU or over several devices) the one copy
+    // could land on another backend than most of its readers: more copies, not fewer. =1 forces it on any backend
+    // (the CPU tests cover its views), =0 never.
     const auto mb = memory_breakdown();
-    const bool on_device = !mb.empty() &&
-            std::none_of(mb.begin(), mb.end(), [](const auto & b) { return ggml_backend_buft_is_host(b.first); });
+    const bool on_device = mb.size() == 1 && !ggml_backend_buft_is_host(mb.begin()->first);
     one_input_ = input_copy_env < 0 ? on_device : input_copy_env == 1;
     if (one_input_) {
         LLAMA_LOG_INFO("%s: each ubatch's fastgen inputs (indices, masks) are one graph input%s\n", __func__,

@@ -60,8 +60,8 @@ public:
     // V stored transposed (no flash attention): else a class's V rows go where its K rows go, and one index
     // input serves both (one host-to-device copy less per class and ubatch)
     bool v_transposed() const { return v_trans; }
-    // the graph's fastgen inputs of a ubatch as views of one graph input (llama-graph-fastgen.cpp, input_blob):
-    // LLAMA_FASTGEN_INPUT_COPY=1, read once at construction and logged
+    // the graph's fastgen inputs of a ubatch as views of one graph input (llama-graph-fastgen.cpp, input_blob): where
+    // the whole cache is in one device's memory, or LLAMA_FASTGEN_INPUT_COPY=1; decided at construction and logged
     bool one_input() const { return one_input_; }
 
     // per class: nullptr when no layer has a head of that class (or, for slice(), when it is frequent)
