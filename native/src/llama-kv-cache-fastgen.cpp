@@ -24,9 +24,9 @@ llama_kv_cache_fastgen::llama_kv_cache_fastgen(
                      bool   unified,
                  uint32_t   kv_size,
                  uint32_t   n_seq_max,
-                 uint32_t   n_ubatch) :
-        input_copy_env(llama_fastgen_env_tristate(LLAMA_FASTGEN_SWITCH_INPUT_COPY)), policy(policy_->for_context(kv_size)),
-        v_trans(v_trans), unified(unified), n_seq_max(n_seq_max), n_ubatch(n_ubatch) {
+                 uint32_t   n_ubatch) : policy(policy_->for_context(kv_size)), v_trans(v_trans), unified(unified), n_seq_max(n_seq_max), n_ubatch(n_ubatch) {
+    // 1, 0, or -1 when unset; read before the slices are allocated (the load has checked the word already)
+    const int input_copy_env = llama_fastgen_env_tristate(LLAMA_FASTGEN_SWITCH_INPUT_COPY);
     const auto & hp = model.hparams;
     const int n_layer = (int) hp.n_layer();
     tags.reserve(policy->classes.size()); // c_str()s handed to the slices stay valid

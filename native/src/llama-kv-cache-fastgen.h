@@ -115,10 +115,7 @@ private:
     bool dropped_protected = false; // by the batch being applied
     std::map<llama_seq_id, llama_pos> drop_floor; // no tail removal below: protected tokens were dropped for a batch there
 
-    // LLAMA_FASTGEN_INPUT_COPY: 1, 0, or -1 when unset; read first (declared before everything the constructor
-    // allocates): a bad value fails early
-    const int input_copy_env;
-    bool      one_input_ = false; // decided at the constructor's end, from the switch or where the cache lives
+    bool one_input_ = false; // decided at the constructor's end, from LLAMA_FASTGEN_INPUT_COPY or where the cache lives
     std::shared_ptr<const llama_fastgen_policy> policy;
 
     std::vector<std::unique_ptr<llama_hparams>>  hparams_c; // referenced by the slices: stable addresses
