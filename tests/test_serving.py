@@ -427,7 +427,7 @@ def _start_rpc_server(tmp_path):
             proc, endpoint = rpc.start_local(threads=1, log=out)
     except rpc.RpcError as e:
         pytest.fail(f"{e}\n{log.read_text()[-2000:]}")
-    return int(endpoint.rsplit(":", 1)[1]), proc, log
+    return endpoint, proc, log
 
 
 def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_class_gguf, long_ids, tmp_path):
@@ -444,7 +444,7 @@ def test_layers_split_over_two_rpc_servers_give_the_logits_of_one_process(three_
         one_stats, one = _rpc_run(three_class_gguf, tmp_path / "one.npy", ids)
         client_log = []
         split_stats, split = _rpc_run(three_class_gguf, tmp_path / "split.npy", ids,
-                                      *(f"127.0.0.1:{p}" for p, _, _ in servers),
+                                      *(e for e, _, _ in servers),
                                       env={"RPC_CLIENT_VERBOSE": "1", "LLAMA_FASTGEN_INPUT_COPY": ""}, log=client_log)
     finally:
         for _, proc, _ in servers:
@@ -475,14 +475,14 @@ def test_a_cache_in_device_memory_reads_its_inputs_as_one_graph_input_with_the_s
     says so. LLAMA_FASTGEN_INPUT_COPY=0 keeps an input each. The same server computes the same ops on the same
     values: the same logits to the bit, prefill (composed heavy-hitter path) and single-token decodes (fused op).
     tests/test_native.py checks the views on the CPU."""
-    port, proc, _ = _start_rpc_server(tmp_path)
+    endpoint, proc, _ = _start_rpc_server(tmp_path)
     logs = []
     pinned = {"RPC_CLIENT_VERBOSE": "1", "LLAMA_FASTGEN_DISABLE": "0", "LLAMA_FASTGEN_HH_FUSED": "1"}  # the paths named above
     try:
         ids = long_ids[:316]
-        one_stats, one = _rpc_run(three_class_gguf, tmp_path / "one.npy", ids, f"127.0.0.1:{port}",
+        one_stats, one = _rpc_run(three_class_gguf, tmp_path / "one.npy", ids, endpoint,
                                   env={**pinned, "LLAMA_FASTGEN_INPUT_COPY": ""}, log=logs)
-        apart_stats, apart = _rpc_run(three_class_gguf, tmp_path / "apart.npy", ids, f"127.0.0.1:{port}",
+        apart_stats, apart = _rpc_run(three_class_gguf, tmp_path / "apart.npy", ids, endpoint,
                                       env={**pinned, "LLAMA_FASTGEN_INPUT_COPY": "0"}, log=logs)
     finally:
         proc.terminate()
@@ -526,15 +526,15 @@ except rpc.RpcError as e:
 def test_a_model_load_after_an_rpc_server_stopped_is_refused_not_aborted(three_class_gguf, tmp_path):
     """llama.cpp's RPC client aborts the process when a registered server is gone; every model load asks the
     registered servers first, so the caller gets the reason instead."""
-    port, proc, _ = _start_rpc_server(tmp_path)
+    endpoint, proc, _ = _start_rpc_server(tmp_path)
     try:
-        r = subprocess.run([sys.executable, "-c", RPC_GONE, str(three_class_gguf), f"127.0.0.1:{port}", str(proc.pid)],
+        r = subprocess.run([sys.executable, "-c", RPC_GONE, str(three_class_gguf), endpoint, str(proc.pid)],
                            capture_output=True, text=True, timeout=300)
     finally:
         proc.kill()
         proc.wait(timeout=30)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"refused: no RPC server answers at 127.0.0.1:{port}" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert f"refused: no RPC server answers at {endpoint}" in r.stdout, r.stdout + r.stderr[-2000:]
 
 
 def test_an_rpc_server_that_does_not_answer_is_refused_with_the_reason():
