@@ -122,22 +122,32 @@ def commit() -> str:
     return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def document_bench_args(description: str, doc_tokens: int, ctx: int, reps: int, extra=None):
-    """The command line of a benchmark on one long document (bench_reuse.py, bench_spec.py): --gguf,
-    --doc-tokens, --ctx, --reps and --json, plus extra(ap)'s arguments; parsed, the GGUF checked."""
+def _bench_parser(description: str, reps: int, gguf_required: bool):
+    """A benchmark's command line: --gguf, --reps and --json (the rest is the caller's)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", required=True, help="a fastgen GGUF (convert.py --profile)")
-    ap.add_argument("--doc-tokens", type=int, default=doc_tokens, help=f"document length in tokens (default {doc_tokens})")
-    ap.add_argument("--ctx", type=int, default=ctx, help=f"n_ctx (default {ctx})")
+    ap.add_argument("--gguf", required=gguf_required, help="a fastgen GGUF (convert.py --profile)")
     ap.add_argument("--reps", type=int, default=reps, help=f"repetitions per configuration (default {reps})")
     ap.add_argument("--json", type=Path, help="write the results here")
+    return ap
+
+
+def _check_gguf(ap, gguf: str) -> None:
+    if not Path(gguf).is_file():
+        ap.error(f"{gguf} does not exist: convert a model first (converter/convert.py --profile)")
+
+
+def document_bench_args(description: str, doc_tokens: int, ctx: int, reps: int, extra=None):
+    """The command line of a benchmark on one long document (bench_reuse.py, bench_spec.py): --gguf,
+    --doc-tokens, --ctx, --reps and --json, plus extra(ap)'s arguments; parsed, the GGUF checked."""
+    ap = _bench_parser(description, reps, gguf_required=True)
+    ap.add_argument("--doc-tokens", type=int, default=doc_tokens, help=f"document length in tokens (default {doc_tokens})")
+    ap.add_argument("--ctx", type=int, default=ctx, help=f"n_ctx (default {ctx})")
     if extra:
         extra(ap)
     a = ap.parse_args()
-    if not Path(a.gguf).is_file():
-        ap.error(f"{a.gguf} does not exist: convert a model first (converter/convert.py --profile)")
+    _check_gguf(ap, a.gguf)
     return ap, a
 
 
@@ -145,14 +155,10 @@ def decode_bench_args(description: str, steps: int, reps: int, table, extra=None
     """The command line of a decode benchmark over fresh processes (bench_masks.py, bench_rpc.py): --gguf,
     --steps, --reps, --json and --from-json, plus extra(ap)'s arguments. With --from-json, prints
     table(results) and returns None; otherwise the parsed arguments, the GGUF checked."""
-    import argparse
     import json
 
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", help="a fastgen GGUF (convert.py --profile)")
+    ap = _bench_parser(description, reps, gguf_required=False)   # not with --from-json
     ap.add_argument("--steps", type=int, default=steps, help=f"decode steps after the prompt (default {steps})")
-    ap.add_argument("--reps", type=int, default=reps, help=f"processes per configuration (default {reps})")
-    ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--from-json", type=Path, help="print the markdown table of a results file")
     if extra:
         extra(ap)
@@ -162,8 +168,7 @@ def decode_bench_args(description: str, steps: int, reps: int, table, extra=None
         return None
     if not a.gguf:
         ap.error("--gguf: a fastgen GGUF is needed (converter/convert.py --profile), or --from-json")
-    if not Path(a.gguf).is_file():
-        ap.error(f"{a.gguf} does not exist: convert a model first (converter/convert.py --profile)")
+    _check_gguf(ap, a.gguf)
     return a
 
 
